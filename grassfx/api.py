@@ -1,0 +1,87 @@
+"""``grassfx.compile``: the one-line entry point."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from .config import GrassConfig
+from .errors import ConfigError
+from .model import GrassModel
+from .targets import find_targets
+
+__all__ = ["compile"]
+
+
+def compile(  # noqa: A001 - the promised public name
+    model: nn.Module,
+    rank=256,
+    *,
+    selection: str = "top_r",
+    update_freq: int = 200,
+    scale: float = 1.0,
+    proj_dim: str = "auto",
+    targets=None,
+    exclude=None,
+    seed: int = 0,
+    backend: str = "inductor",
+    mode=None,
+    moments: str = "reset",
+    dynamic=None,
+    options: dict | None = None,
+) -> GrassModel:
+    """Make ``model`` train by Grass: only r rows of each weight gradient are computed.
+
+    Args:
+        model: any ``nn.Module`` (Hugging Face models included); it is not edited.
+        rank: rows kept per weight (int >= 1; ``rank >= rows`` keeps all) or a fraction
+            of the rows (float in (0, 1]).
+        selection: ``"top_r"``, ``"multinorm"``, ``"multinorm_nr"`` or ``"uniform"``.
+        update_freq: optimizer steps between refreshes of the selected rows.
+        scale: the update scale alpha applied by grassfx.optim.
+        proj_dim: ``"rows"`` (dim 0 of the weight), ``"cols"`` (dim 1) or ``"auto"``
+            (the larger dim, which keeps the optimizer state smaller).
+        targets / exclude: name globs or predicates ``f(name, param)`` choosing weights.
+        seed: seeds the stochastic selectors (same seed -> same rows in every process).
+        backend: ``"inductor"`` (compiled, rewritten), ``"aot_eager"`` (rewritten graphs
+            without Inductor) or ``"eager"`` (no compilation; dense fallback).
+        mode: passed to ``torch.compile``.
+        moments: ``"reset"`` (zero optimizer moments at a refresh) or ``"keep_overlap"``
+            (keep the moments of rows selected before and after).
+        dynamic: passed to ``torch.compile``.
+        options: extra Inductor options passed to ``torch.compile``.
+
+    Returns:
+        A :class:`grassfx.GrassModel`, called like ``model``.
+
+    Example:
+        >>> import torch, grassfx
+        >>> m = grassfx.compile(torch.nn.Linear(64, 64), rank=8, backend="eager")
+        >>> [tuple(s.handle.shape) for s in m.sites]
+        [(8, 64)]
+    """
+    if not isinstance(model, nn.Module):
+        raise ConfigError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
+    if isinstance(model, GrassModel):
+        raise ConfigError("model is already a grassfx model; call grassfx.unwrap(model) first")
+    if options is not None and not isinstance(options, dict):
+        raise ConfigError(f"options={options!r}: expected a dict of Inductor options")
+    config = GrassConfig(
+        rank=rank,
+        selection=selection,
+        update_freq=update_freq,
+        scale=scale,
+        proj_dim=proj_dim,
+        seed=seed,
+        backend=backend,
+        mode=mode,
+        moments=moments,
+        dynamic=dynamic,
+        compile_options=dict(options or {}),
+    )
+    specs = find_targets(model, targets=targets, exclude=exclude)
+    grass_model = GrassModel(model, specs, config)
+    if config.backend != "eager":
+        from .backend import install_compiled_runner
+
+        install_compiled_runner(grass_model)
+    return grass_model

@@ -1,0 +1,78 @@
+"""Validated settings of one ``grassfx.compile`` call."""
+
+from __future__ import annotations
+
+import math
+import numbers
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import ConfigError
+from .select import SELECTORS
+
+__all__ = ["GrassConfig", "PROJ_DIMS", "BACKENDS", "MOMENT_POLICIES"]
+
+PROJ_DIMS = ("auto", "rows", "cols")
+BACKENDS = ("inductor", "aot_eager", "eager")
+MOMENT_POLICIES = ("reset", "keep_overlap")
+
+
+def _check_choice(name: str, value: Any, allowed: tuple) -> None:
+    if not isinstance(value, str) or value not in allowed:
+        raise ConfigError(f"{name}={value!r} is not supported; allowed values: {', '.join(allowed)}")
+
+
+@dataclass(frozen=True)
+class GrassConfig:
+    """Everything ``grassfx.compile`` was asked for, checked once."""
+
+    rank: Any = 256
+    selection: str = "top_r"
+    update_freq: int = 200
+    scale: float = 1.0
+    proj_dim: str = "auto"
+    seed: int = 0
+    backend: str = "inductor"
+    mode: Any = None
+    moments: str = "reset"
+    dynamic: Any = None
+    compile_options: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        rank = self.rank
+        if isinstance(rank, bool) or not isinstance(rank, (numbers.Integral, numbers.Real)):
+            raise ConfigError(
+                f"rank={rank!r}: expected an int >= 1 (rows kept per weight) or a float in (0, 1] "
+                "(a fraction of the rows)"
+            )
+        if isinstance(rank, numbers.Integral):
+            if rank < 1:
+                raise ConfigError(f"rank={rank}: must be >= 1 (or a float fraction in (0, 1])")
+        elif not (0.0 < float(rank) <= 1.0) or math.isnan(float(rank)):
+            raise ConfigError(f"rank={rank}: a float rank is a fraction of the rows and must lie in (0, 1]")
+        _check_choice("selection", self.selection, SELECTORS)
+        _check_choice("proj_dim", self.proj_dim, PROJ_DIMS)
+        _check_choice("backend", self.backend, BACKENDS)
+        _check_choice("moments", self.moments, MOMENT_POLICIES)
+        if isinstance(self.update_freq, bool) or not isinstance(self.update_freq, numbers.Integral):
+            raise ConfigError(f"update_freq={self.update_freq!r}: expected an int >= 1")
+        if self.update_freq < 1:
+            raise ConfigError(f"update_freq={self.update_freq}: must be >= 1 (steps between refreshes)")
+        if isinstance(self.scale, bool) or not isinstance(self.scale, numbers.Real) or not math.isfinite(self.scale):
+            raise ConfigError(f"scale={self.scale!r}: expected a finite float (the update scale alpha)")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, numbers.Integral):
+            raise ConfigError(f"seed={self.seed!r}: expected an int")
+
+    def rows_kept(self, rows: int) -> int:
+        """The number of rows ``r`` kept out of ``rows`` (``rank >= rows`` keeps all)."""
+        if isinstance(self.rank, numbers.Integral):
+            return min(int(self.rank), rows)
+        return max(1, min(rows, math.ceil(float(self.rank) * rows)))
+
+    def select_dim(self, shape: tuple) -> int:
+        """Which dim of a 2-D weight is sampled: 0 (rows) or 1 (columns)."""
+        if self.proj_dim == "rows":
+            return 0
+        if self.proj_dim == "cols":
+            return 1
+        return 0 if shape[0] >= shape[1] else 1

@@ -1,0 +1,278 @@
+"""The instrumented model: anchors, handles, selections and refreshes.
+
+``GrassModel`` wraps the user's module without editing it. Each target weight ``W``
+(m x n) is frozen, and gets a :class:`Site` holding
+
+* ``handle`` — a zero parameter of the compressed gradient's shape ((r, n) for row
+  selection, (m, r) for columns); its ``.grad`` receives ``C = rho * G[idx]``,
+* ``idx`` / ``rho`` — buffers: the selected rows and their scales,
+* ``decay_pending`` — decoupled weight decay owed by rows outside ``idx`` (see optim).
+
+The forward swaps each ``W`` for an anchor's view of it with
+``torch.func.functional_call``, so the module's code and ``state_dict`` keys are
+untouched. Every ``update_freq`` optimizer steps, the first forward with gradients on
+is a *refresh*: its backward picks new rows from the dense gradient's row norms and the
+compressed gradient of that same step already uses them.
+"""
+
+from __future__ import annotations
+
+import weakref
+
+import torch
+from torch import nn
+from torch.func import functional_call
+
+from . import select as _select
+from .config import GrassConfig
+from .errors import GrassError, OptimizerMisuseError
+from .ops import Anchor, RefreshAnchor
+from .targets import TargetSpec
+
+__all__ = ["Site", "GrassModel", "FullAnchor"]
+
+
+class FullAnchor(torch.autograd.Function):
+    """``rank >= rows``: every row is kept, the handle receives the dense gradient."""
+
+    @staticmethod
+    def forward(ctx, weight, handle):
+        ctx.handle_dtype = handle.dtype
+        return weight.view_as(weight)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return None, grad.to(ctx.handle_dtype)
+
+
+class Site(nn.Module):
+    """Grass state of one projected weight (see the module docstring)."""
+
+    def __init__(self, spec: TargetSpec, index: int, weight: torch.Tensor, config: GrassConfig):
+        super().__init__()
+        self.name = spec.name
+        self.module_name = spec.module_name
+        self.attr = spec.attr
+        self.kind = spec.kind
+        self.index = index
+        self.dim = config.select_dim(tuple(weight.shape))
+        self.rows = int(weight.shape[self.dim])
+        self.rank = config.rows_kept(self.rows)
+        self.full = self.rank >= self.rows
+        self.method = config.selection
+        shape = list(weight.shape)
+        shape[self.dim] = self.rank
+        self.handle = nn.Parameter(torch.zeros(shape, dtype=weight.dtype, device=weight.device))
+        self.register_buffer("idx", torch.arange(self.rank, device=weight.device))
+        self.register_buffer("rho", torch.ones(self.rank, device=weight.device))
+        self.register_buffer("decay_pending", torch.ones((), dtype=torch.float64, device=weight.device))
+        self.handle._grassfx_site = self  # lets grassfx.optim find the site of a handle
+        self.prev_idx = None  # rows selected before the last refresh (set when one commits)
+        self.refreshed = False  # a refresh committed and the optimizer has not seen it yet
+        self.handle_version = self.handle._version
+
+    @property
+    def needs_norms(self) -> bool:
+        return not self.full and self.method in _select.NEEDS_NORMS
+
+    def extra_repr(self) -> str:
+        axis = "rows" if self.dim == 0 else "cols"
+        return f"{self.name!r}, {axis} {self.rank}/{self.rows}, selection={self.method}"
+
+    def commit(self, idx: torch.Tensor, rho: torch.Tensor) -> None:
+        """Install a new selection (called by a refresh)."""
+        self.prev_idx = self.idx.clone()
+        with torch.no_grad():
+            self.idx.copy_(idx.to(self.idx.device))
+            self.rho.copy_(rho.to(self.rho.device))
+        self.refreshed = True
+
+
+class GrassModel(nn.Module):
+    """A model whose target weights train by Grass. Made by :func:`grassfx.compile`."""
+
+    def __init__(self, module: nn.Module, specs: list, config: GrassConfig):
+        super().__init__()
+        self.module = module
+        self.grass_config = config
+        sites = []
+        for i, spec in enumerate(specs):
+            weight = module.get_parameter(spec.name)
+            sites.append(Site(spec, i, weight, config))
+        self.sites = nn.ModuleList(sites)
+        self.register_buffer("grass_step", torch.zeros((), dtype=torch.int64))
+        self.register_buffer("grass_refreshed_at", torch.full((), -1, dtype=torch.int64))
+        self._frozen_flags = {}
+        for site in self.sites:
+            w = self.weight_of(site)
+            self._frozen_flags[site.name] = w.requires_grad
+            w.requires_grad_(False)
+            w._grassfx_target = weakref.ref(site)  # lets grassfx.optim spot a missing handle
+            site._model_ref = weakref.ref(self)
+        self._pending = set()  # indices of sites whose refresh backward has not run yet
+        self._runner = self._run
+        self.compile_stats = None  # filled by grassfx.backend for compiled backends
+
+    # -- access -------------------------------------------------------------------------
+    def __getattr__(self, name):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name in ("module", "sites") or name.startswith("_"):
+                raise
+            return getattr(self.module, name)
+
+    def weight_of(self, site: Site) -> torch.Tensor:
+        return getattr(self.module.get_submodule(site.module_name), site.attr)
+
+    def site(self, name: str) -> Site:
+        for s in self.sites:
+            if s.name == name:
+                return s
+        raise KeyError(f"{name!r} is not a projected weight; projected: {[s.name for s in self.sites]}")
+
+    @property
+    def step(self) -> int:
+        return int(self.grass_step)
+
+    # -- forward ------------------------------------------------------------------------
+    def forward(self, *args, **kwargs):
+        self._check_handles_untouched()
+        refresh = None
+        if torch.is_grad_enabled():
+            refresh = self._begin_refresh_if_due()
+        return self._runner(refresh, args, kwargs)
+
+    def _run(self, refresh, args, kwargs):
+        """The traced region: anchored weights swapped into the user's module."""
+        anchored = {}
+        for i, site in enumerate(self.sites):
+            w = getattr(self.module.get_submodule(site.module_name), site.attr)
+            if site.full:
+                anchored[site.name] = FullAnchor.apply(w, site.handle)
+            elif refresh is not None and refresh[i] is not None:
+                probe, noise = refresh[i]
+                anchored[site.name] = RefreshAnchor.apply(
+                    w, site.handle, probe, noise, site.dim, site.rank, site.method
+                )
+            else:
+                anchored[site.name] = Anchor.apply(w, site.handle, site.idx, site.rho, site.dim)
+        return functional_call(self.module, anchored, args, kwargs)
+
+    def _refresh_due(self) -> bool:
+        step = int(self.grass_step)
+        return step % self.grass_config.update_freq == 0 and int(self.grass_refreshed_at) != step
+
+    def _begin_refresh_if_due(self):
+        if self._pending:
+            raise GrassError(
+                "a refresh step's forward ran but its backward() has not: at a refresh step "
+                f"(every update_freq={self.grass_config.update_freq} optimizer steps) call "
+                "backward() on the first forward's loss before another forward with gradients "
+                "on, or call model.cancel_refresh() to discard it"
+            )
+        if not self._refresh_due():
+            return None
+        step = int(self.grass_step)
+        cfg = self.grass_config
+        plan = [None] * len(self.sites)
+        for i, site in enumerate(self.sites):
+            if site.full:
+                continue
+            gen = _select.site_generator(cfg.seed, site.index, step)
+            if site.method == "uniform":
+                site.commit(*_select.draw_uniform(site.rows, site.rank, gen))
+                continue
+            noise = _select.draw_noise(site.method, site.rows, site.rank, gen).to(site.idx.device)
+            probe = torch.zeros(2, site.rank, dtype=torch.float64, device=site.idx.device, requires_grad=True)
+            probe.register_post_accumulate_grad_hook(self._make_commit_hook(i))
+            plan[i] = (probe, noise)
+            self._pending.add(i)
+        if not self._pending:
+            self.grass_refreshed_at.fill_(step)
+            return None
+        return plan
+
+    def _make_commit_hook(self, i: int):
+        def hook(probe: torch.Tensor) -> None:
+            record = probe.grad
+            probe.grad = None
+            if i not in self._pending:
+                return  # cancelled refresh
+            self.sites[i].commit(record[0].round().long(), record[1].float())
+            self._pending.discard(i)
+            if not self._pending:
+                self.grass_refreshed_at.fill_(int(self.grass_step))
+
+        return hook
+
+    def cancel_refresh(self) -> None:
+        """Discard a refresh whose forward ran but whose backward will not run."""
+        self._pending.clear()
+
+    # -- misuse checks ------------------------------------------------------------------
+    def _check_handles_untouched(self) -> None:
+        for site in self.sites:
+            if site.handle._version != site.handle_version:
+                raise OptimizerMisuseError(
+                    f"the gradient handle of {site.name!r} was modified in place: an optimizer that "
+                    "is not grassfx-aware (e.g. torch.optim.AdamW) is stepping this model's "
+                    "parameters, which would train none of the projected weights. Use "
+                    "grassfx.optim.AdamW / SGD / Adafactor with model.parameters()"
+                )
+
+    def _snapshot_handle_versions(self) -> None:
+        for site in self.sites:
+            site.handle_version = site.handle._version
+
+    def _apply(self, fn, *args, **kwargs):
+        out = super()._apply(fn, *args, **kwargs)
+        if "sites" in self._modules:
+            self._snapshot_handle_versions()
+        return out
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        result = super().load_state_dict(state_dict, strict=strict, assign=assign)
+        self._pending.clear()
+        for site in self.sites:
+            site.prev_idx, site.refreshed = None, False
+        self._snapshot_handle_versions()
+        return result
+
+    # -- leaving grassfx ----------------------------------------------------------------
+    @torch.no_grad()
+    def materialize_weight_decay(self) -> None:
+        """Apply the weight decay still owed by unselected rows (see grassfx.optim)."""
+        for site in self.sites:
+            factor = float(site.decay_pending)
+            if factor != 1.0:
+                w = self.weight_of(site)
+                keep = torch.zeros(site.rows, dtype=torch.bool, device=w.device)
+                keep[site.idx] = True
+                scale = torch.where(keep, 1.0, factor).to(w.dtype)
+                w.mul_(scale.unsqueeze(1 - site.dim))
+                site.decay_pending.fill_(1.0)
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The original module with its trained weights and none of grassfx's state.
+
+    Owed weight decay is applied and each weight's ``requires_grad`` is restored. The
+    returned module's ``state_dict()`` has exactly its original keys. The grassfx model
+    stays usable (it shares the weights).
+
+    Example:
+        >>> net = nn.Sequential(nn.Linear(8, 8))
+        >>> inner = unwrap(grassfx.compile(net, rank=2, backend="eager"))
+        >>> inner is net
+        True
+    """
+    if not isinstance(model, GrassModel):
+        raise GrassError(f"unwrap() takes a model returned by grassfx.compile, got {type(model).__name__}")
+    model.materialize_weight_decay()
+    for site in model.sites:
+        w = model.weight_of(site)
+        w.requires_grad_(model._frozen_flags.get(site.name, True))
+        if hasattr(w, "_grassfx_target"):
+            del w._grassfx_target
+    return model.module

@@ -1,0 +1,89 @@
+"""The marker op and the anchors that route a weight's gradient through it.
+
+``grassfx::rowsel(grad, idx, rho, dim)`` is the contract between eager mode and the
+compiler: eagerly it selects ``idx`` along ``dim`` of a dense gradient and scales by
+``rho`` (the dense fallback); the ``sparsify_wgrad`` pass finds it in the backward graph
+and pushes the selection into the GEMM that produced ``grad``, so the dense gradient is
+never formed.
+
+Anchors are autograd Functions. Their forward returns a view of the frozen weight; their
+backward hands the weight's gradient to ``rowsel`` and returns the result as the gradient
+of a small *handle* parameter. The refresh anchor additionally computes row norms, picks
+new rows with :mod:`grassfx.select`, and reports the new selection as the gradient of a
+float64 *probe* parameter (a pure function of its inputs, so it traces and compiles).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import select as _select
+
+__all__ = ["rowsel", "Anchor", "RefreshAnchor", "broadcast_along"]
+
+
+def broadcast_along(vec: torch.Tensor, ndim: int, dim: int) -> torch.Tensor:
+    """View a 1-D ``vec`` so that it broadcasts along ``dim`` of an ``ndim``-D tensor."""
+    shape = [1] * ndim
+    shape[dim] = -1
+    return vec.reshape(shape)
+
+
+@torch.library.custom_op("grassfx::rowsel", mutates_args=())
+def rowsel(grad: torch.Tensor, idx: torch.Tensor, rho: torch.Tensor, dim: int) -> torch.Tensor:
+    """``rho * grad.index_select(dim, idx)`` (rho broadcast along ``dim``)."""
+    picked = grad.index_select(dim, idx)
+    return picked * broadcast_along(rho, grad.dim(), dim).to(picked.dtype)
+
+
+@rowsel.register_fake
+def _rowsel_fake(grad, idx, rho, dim):
+    shape = list(grad.shape)
+    shape[dim] = idx.shape[0]
+    return grad.new_empty(shape)
+
+
+class Anchor(torch.autograd.Function):
+    """Forward: a view of ``weight``. Backward: ``rowsel`` of its gradient -> ``handle``."""
+
+    @staticmethod
+    def forward(ctx, weight, handle, idx, rho, dim: int):
+        ctx.save_for_backward(idx, rho)
+        ctx.dim = dim
+        ctx.handle_dtype = handle.dtype
+        return weight.view_as(weight)
+
+    @staticmethod
+    def backward(ctx, grad):
+        idx, rho = ctx.saved_tensors
+        compressed = rowsel(grad, idx, rho, ctx.dim).to(ctx.handle_dtype)
+        return None, compressed, None, None, None
+
+
+class RefreshAnchor(torch.autograd.Function):
+    """Anchor used on a refresh step: the dense gradient picks the new rows.
+
+    Backward: row norms of the dense gradient (reduced at once to a vector), new
+    ``(idx, rho)`` from the selector, the compressed gradient for those new rows, and
+    ``stack([idx, rho])`` (float64) as the gradient of ``probe``. Only this layer's dense
+    gradient is alive while it runs.
+    """
+
+    @staticmethod
+    def forward(ctx, weight, handle, probe, noise, dim: int, rank: int, method: str):
+        ctx.save_for_backward(noise)
+        ctx.dim, ctx.rank, ctx.method = dim, rank, method
+        ctx.handle_dtype = handle.dtype
+        return weight.view_as(weight)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (noise,) = ctx.saved_tensors
+        g32 = grad.float()
+        other = 1 - ctx.dim
+        sq_norms = (g32 * g32).sum(dim=other)  # (m,) squared norms along the selected dim
+        idx, rho = _select.select_rows(sq_norms, noise, ctx.rank, ctx.method)
+        compressed = grad.index_select(ctx.dim, idx)
+        compressed = compressed * broadcast_along(rho, grad.dim(), ctx.dim).to(grad.dtype)
+        record = torch.stack([idx.to(torch.float64), rho.to(torch.float64)])  # (2, r)
+        return None, compressed.to(ctx.handle_dtype), record, None, None, None, None

@@ -1,0 +1,97 @@
+"""Row selectors: which r of m rows a projected weight trains until the next refresh.
+
+Every selector is a pure function of the row norms and of pre-drawn noise, written in
+torch ops so that it runs inside a compiled backward graph (the refresh graph) and gives
+the same rows in eager mode. The noise comes from a ``torch.Generator`` seeded by
+``(seed, site, step)``, so every process that holds the same norms picks the same rows.
+
+======================  =========================  ==============  =================
+name                    rows                        rho             noise
+======================  =========================  ==============  =================
+``top_r``               r largest row norms         1               none
+``multinorm``           r i.i.d. draws, q ∝ ‖G_i‖   1/sqrt(r q_i)   r uniforms
+``multinorm_nr``        r distinct draws ∝ ‖G_i‖    1               m Gumbels
+``uniform``             r i.i.d. uniform draws      sqrt(m / r)     (drawn on host)
+======================  =========================  ==============  =================
+
+``multinorm`` and ``uniform`` are unbiased: ``E[P Pᵀ] = I`` with ``P = [rho_j e_idx_j]``.
+Indices are returned sorted ascending (rows stay in memory order for the gathers).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+__all__ = ["SELECTORS", "NEEDS_NORMS", "select_rows", "draw_noise", "draw_uniform", "site_generator"]
+
+SELECTORS = ("top_r", "multinorm", "multinorm_nr", "uniform")
+#: selectors that need the dense gradient's row norms at a refresh
+NEEDS_NORMS = frozenset({"top_r", "multinorm", "multinorm_nr"})
+
+_MIX = (1_000_003, 998_244_353, (1 << 61) - 1)
+
+
+def site_generator(seed: int, site: int, step: int) -> torch.Generator:
+    """A CPU generator seeded by ``(seed, site, step)``: identical in every process."""
+    a, b, mod = _MIX
+    key = ((int(seed) * a + int(site)) * b + int(step)) % mod
+    gen = torch.Generator(device="cpu")
+    gen.manual_seed(key)
+    return gen
+
+
+def draw_noise(method: str, m: int, r: int, gen: torch.Generator) -> torch.Tensor:
+    """Noise that :func:`select_rows` turns into rows; shape depends on ``method``."""
+    if method == "top_r":
+        return torch.zeros(0)
+    if method == "multinorm":
+        return torch.rand(r, generator=gen, dtype=torch.float64)
+    if method == "multinorm_nr":
+        u = torch.rand(m, generator=gen, dtype=torch.float64).clamp_(1e-300, 1.0 - 1e-16)
+        return -torch.log(-torch.log(u))  # standard Gumbel
+    raise ValueError(f"selector {method!r} draws no noise")
+
+
+def draw_uniform(m: int, r: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """``uniform``: r i.i.d. uniform rows (with replacement), rho = sqrt(m / r)."""
+    idx = torch.randint(m, (r,), generator=gen).sort().values
+    rho = torch.full((r,), math.sqrt(m / r))
+    return idx, rho
+
+
+def _probabilities(sq_norms: torch.Tensor) -> torch.Tensor:
+    """q_i ∝ ‖G_i‖₂, falling back to uniform when every row is zero (float64)."""
+    norms = sq_norms.to(torch.float64).clamp_min(0).sqrt()
+    total = norms.sum()
+    uniform = torch.full_like(norms, 1.0 / norms.shape[0])
+    return torch.where(total > 0, norms / total.clamp_min(1e-300), uniform)
+
+
+def select_rows(sq_norms: torch.Tensor, noise: torch.Tensor, r: int, method: str):
+    """Pick ``r`` rows from squared row norms ``sq_norms`` (m,).
+
+    Returns ``(idx, rho)``: int64 (r,) sorted ascending, float32 (r,).
+
+    Example:
+        >>> idx, rho = select_rows(torch.tensor([1.0, 9.0, 4.0]), torch.zeros(0), 2, "top_r")
+        >>> idx.tolist(), rho.tolist()
+        ([1, 2], [1.0, 1.0])
+    """
+    if method == "top_r":
+        idx = torch.topk(sq_norms.float(), r, sorted=False).indices.sort().values
+        return idx, torch.ones(r, dtype=torch.float32, device=sq_norms.device)
+    if method == "multinorm":
+        q = _probabilities(sq_norms)
+        cdf = torch.cumsum(q, 0)
+        picks = torch.searchsorted(cdf, noise.to(cdf) * cdf[-1], right=True)
+        idx = picks.clamp_max(q.shape[0] - 1).sort().values
+        rho = torch.rsqrt(r * q[idx])
+        return idx, rho.float()
+    if method == "multinorm_nr":
+        q = _probabilities(sq_norms)
+        keys = torch.where(q > 0, torch.log(q.clamp_min(1e-300)), torch.full_like(q, -math.inf))
+        idx = torch.topk(keys + noise.to(keys), r, sorted=False).indices.sort().values
+        return idx, torch.ones(r, dtype=torch.float32, device=sq_norms.device)
+    raise ValueError(f"select_rows: unknown selector {method!r}; choose one of {SELECTORS}")

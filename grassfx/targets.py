@@ -1,0 +1,154 @@
+"""Finding the weights Grass projects.
+
+A *target* is a 2-D parameter whose gradient comes from a matmul-like use:
+
+* ``nn.Linear.weight`` (layout ``(out, in)``),
+* Hugging Face ``Conv1D.weight`` (GPT-2; layout ``(in, out)``: ``y = x @ W + b``),
+* a 2-D parameter of any other module whose ``forward`` source reads ``self.<name>`` on a
+  line that calls ``linear``/``matmul``/``mm``/``bmm``/``einsum`` or uses ``@``.
+
+Never targeted automatically: embeddings (their backward is a scatter) and any weight
+tied to one (for example a tied LM head), parameters with fewer or more than 2 dims
+(biases, norms, convolution kernels). ``targets=`` / ``exclude=`` take name globs
+(matched against the parameter's and its module's qualified names) or predicates
+``f(name, param) -> bool``; ``targets=`` chooses among all 2-D parameters.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import inspect
+import re
+from dataclasses import dataclass
+from typing import Callable, Iterable, Sequence, Union
+
+import torch
+from torch import nn
+
+from .errors import ConfigError, UnsupportedModelError
+
+__all__ = ["TargetSpec", "find_targets", "NameFilter"]
+
+NameFilter = Union[str, Callable[[str, torch.Tensor], bool], Sequence[Union[str, Callable]]]
+
+_MATMUL_LINE = re.compile(r"(linear\s*\(|matmul\s*\(|\bmm\s*\(|bmm\s*\(|einsum\s*\(|@)")
+
+
+@dataclass(frozen=True)
+class TargetSpec:
+    """One projected weight: where it lives and how it is laid out."""
+
+    name: str  # qualified parameter name, e.g. "model.layers.0.mlp.up_proj.weight"
+    module_name: str
+    attr: str
+    shape: tuple
+    kind: str  # "linear" | "conv1d" | "matmul" | "explicit"
+
+
+def _is_conv1d(module: nn.Module) -> bool:
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
+
+
+def _embedding_param_ids(model: nn.Module) -> set:
+    ids = set()
+    for mod in model.modules():
+        if isinstance(mod, (nn.Embedding, nn.EmbeddingBag)):
+            ids.add(id(mod.weight))
+    return ids
+
+
+def _forward_uses_matmul(module: nn.Module, attr: str) -> bool:
+    try:
+        source = inspect.getsource(type(module).forward)
+    except (OSError, TypeError):
+        return False
+    pattern = re.compile(r"self\." + re.escape(attr) + r"\b")
+    return any(pattern.search(line) and _MATMUL_LINE.search(line) for line in source.splitlines())
+
+
+def _as_filters(spec, arg: str) -> list:
+    if spec is None:
+        return []
+    items = [spec] if isinstance(spec, str) or callable(spec) else list(spec)
+    for item in items:
+        if not (isinstance(item, str) or callable(item)):
+            raise ConfigError(
+                f"{arg}= takes name globs (str) or predicates f(name, param) -> bool, "
+                f"got {type(item).__name__}"
+            )
+    return items
+
+
+def _matches(filters: list, name: str, module_name: str, param: torch.Tensor) -> bool:
+    for f in filters:
+        if isinstance(f, str):
+            if fnmatch.fnmatchcase(name, f) or fnmatch.fnmatchcase(module_name, f):
+                return True
+        elif f(name, param):
+            return True
+    return False
+
+
+def _auto_kind(module: nn.Module, attr: str, param: torch.Tensor, embedding_ids: set):
+    if param.dim() != 2 or id(param) in embedding_ids:
+        return None
+    if isinstance(module, nn.Linear) and attr == "weight":
+        return "linear"
+    if _is_conv1d(module) and attr == "weight":
+        return "conv1d"
+    if isinstance(module, (nn.Embedding, nn.EmbeddingBag)):
+        return None
+    if _forward_uses_matmul(module, attr):
+        return "matmul"
+    return None
+
+
+def _iter_params(model: nn.Module) -> Iterable:
+    seen = set()
+    for module_name, module in model.named_modules():
+        for attr, param in module.named_parameters(recurse=False):
+            if param is None or id(param) in seen:
+                continue
+            seen.add(id(param))
+            name = f"{module_name}.{attr}" if module_name else attr
+            yield name, module_name, module, attr, param
+
+
+def find_targets(model: nn.Module, targets: NameFilter = None, exclude: NameFilter = None) -> list:
+    """List the weights to project, in module order.
+
+    Example:
+        >>> m = nn.Sequential(nn.Embedding(10, 4), nn.Linear(4, 8), nn.LayerNorm(8))
+        >>> [t.name for t in find_targets(m)]
+        ['1.weight']
+    """
+    include = _as_filters(targets, "targets")
+    drop = _as_filters(exclude, "exclude")
+    embedding_ids = _embedding_param_ids(model)
+    found = []
+    for name, module_name, module, attr, param in _iter_params(model):
+        if include:
+            if not _matches(include, name, module_name, param):
+                continue
+            if param.dim() != 2:
+                raise ConfigError(
+                    f"targets= matched {name!r} of shape {tuple(param.shape)}: only 2-D "
+                    "weights can be projected; narrow the glob or predicate"
+                )
+            kind = _auto_kind(module, attr, param, embedding_ids) or "explicit"
+        else:
+            kind = _auto_kind(module, attr, param, embedding_ids)
+            if kind is None:
+                continue
+        if _matches(drop, name, module_name, param):
+            continue
+        if not param.is_floating_point():
+            raise ConfigError(f"target {name!r} has dtype {param.dtype}; only floating weights train")
+        found.append(TargetSpec(name, module_name, attr, tuple(param.shape), kind))
+    if not found:
+        raise UnsupportedModelError(
+            f"no target weights found in {type(model).__name__}: grassfx projects 2-D weights "
+            "used by a matmul (nn.Linear, Conv1D, F.linear/matmul/einsum on self.<weight>); "
+            "pass targets='glob' or a predicate to choose weights explicitly"
+        )
+    return found
