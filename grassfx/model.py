@@ -110,6 +110,7 @@ class GrassModel(nn.Module):
             w._grassfx_target = weakref.ref(site)  # lets grassfx.optim spot a missing handle
             site._model_ref = weakref.ref(self)
         self._pending = set()  # indices of sites whose refresh backward has not run yet
+        self._pending_ok = True  # False once a pending refresh saw a non-finite gradient
         self._runner = self._run
         self.compile_stats = None  # filled by grassfx.backend for compiled backends
 
@@ -188,6 +189,7 @@ class GrassModel(nn.Module):
             probe.register_post_accumulate_grad_hook(self._make_commit_hook(i))
             plan[i] = (probe, noise)
             self._pending.add(i)
+        self._pending_ok = True
         if not self._pending:
             self.grass_refreshed_at.fill_(step)
             return None
@@ -199,9 +201,17 @@ class GrassModel(nn.Module):
             probe.grad = None
             if i not in self._pending:
                 return  # cancelled refresh
-            self.sites[i].commit(record[0].round().long(), record[1].float())
             self._pending.discard(i)
-            if not self._pending:
+            site = self.sites[i]
+            if not self._pending_ok:
+                return
+            if not bool(torch.isfinite(record).all()) or not bool((record[1] > 0).all()):
+                # NaN/Inf gradient: keep the old rows and refresh again on the next forward
+                # (the optimizer refuses this step's non-finite compressed gradient).
+                self._pending_ok = False
+                return
+            site.commit(record[0].round().long().clamp_(0, site.rows - 1), record[1].float())
+            if not self._pending and self._pending_ok:
                 self.grass_refreshed_at.fill_(int(self.grass_step))
 
         return hook

@@ -85,5 +85,6 @@ class RefreshAnchor(torch.autograd.Function):
         idx, rho = _select.select_rows(sq_norms, noise, ctx.rank, ctx.method)
         compressed = grad.index_select(ctx.dim, idx)
         compressed = compressed * broadcast_along(rho, grad.dim(), ctx.dim).to(grad.dtype)
-        record = torch.stack([idx.to(torch.float64), rho.to(torch.float64)])  # (2, r)
+        poison = sq_norms.sum().to(torch.float64) * 0.0  # NaN iff any norm is NaN/Inf
+        record = torch.stack([idx.to(torch.float64), rho.to(torch.float64) + poison])  # (2, r)
         return None, compressed.to(ctx.handle_dtype), record, None, None, None, None

@@ -69,7 +69,12 @@ def _forward_uses_matmul(module: nn.Module, attr: str) -> bool:
 def _as_filters(spec, arg: str) -> list:
     if spec is None:
         return []
-    items = [spec] if isinstance(spec, str) or callable(spec) else list(spec)
+    if isinstance(spec, str) or callable(spec):
+        items = [spec]
+    elif isinstance(spec, (list, tuple, set, frozenset)):
+        items = list(spec)
+    else:
+        items = [spec]
     for item in items:
         if not (isinstance(item, str) or callable(item)):
             raise ConfigError(

@@ -1,0 +1,554 @@
+"""Pretrain a small LLaMA on real text and compare optimizers side by side.
+
+Every run starts from the same initial weights, sees the same batches in the
+same order and follows the same learning-rate schedule (linear warmup over the
+first 10% of the steps, then cosine decay to 10% of the peak); only the
+optimizer differs:
+
+* ``adamw``  -- ``torch.optim.AdamW`` on every parameter (full-rank baseline);
+* ``galore`` -- ``GaLoreAdamW`` from the ``galore-torch`` package (SVD projection
+  of the attention/MLP weight gradients);
+* ``grass``  -- the model goes through ``grassfx.compile`` (structured sparse
+  projection of those gradients inside the backward graph) and is trained with
+  ``grassfx.optim.AdamW``.
+
+Usage::
+
+    python -m grassfx.train --demo                 # adamw vs galore vs grass, tiny model, < 10 min on 2 CPU cores
+    python -m grassfx.train --compare --preset small --steps 2000
+    python -m grassfx.train --optimizer grass --selection top_r --selection multinorm
+    python -m grassfx.train --data my_texts/ --optimizer adamw
+
+Writes ``metrics.jsonl``, ``summary.json``, ``config.json`` and ``loss.png``
+into ``--out`` (default ``runs/<timestamp>``) and prints a results table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import logging
+import math
+import os
+import resource
+import sys
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from . import data as data_mod
+from . import presets as presets_mod
+
+OPTIMIZERS = ("adamw", "galore", "grass")
+SELECTIONS = ("top_r", "multinorm", "multinorm_nr", "uniform")
+BACKENDS = ("eager", "aot_eager", "inductor")
+WARMUP_FRACTION = 0.1
+MIN_LR_RATIO = 0.1
+
+# What --demo stands for; flags given next to --demo override these.
+DEMO_DEFAULTS = dict(
+    preset="tiny",
+    compare=True,
+    steps=300,
+    batch_size=4,
+    seq_len=128,
+    eval_every=50,
+    eval_batches=8,
+    update_freq=100,
+    backend="eager",
+    threads=2,
+)
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """One training run of the comparison: a name, an optimizer and (for grass) a selection."""
+
+    name: str
+    optimizer: str
+    selection: str | None = None
+
+
+# ----------------------------------------------------------------------------- command line
+
+
+def _positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    """argparse type: a float > 0."""
+    value = float(text)
+    if not value > 0 or not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command-line parser of ``grassfx train``."""
+    p = argparse.ArgumentParser(
+        prog="grassfx train",
+        description="Pretrain a LLaMA-architecture causal LM from scratch and compare optimizers "
+                    "(same data, same init, same schedule).")
+    p.add_argument("--demo", action="store_true",
+                   help="adamw vs galore vs grass on the tiny preset, sized to finish in under "
+                        "10 minutes on 2 CPU cores (other flags override its settings)")
+    p.add_argument("--optimizer", action="append", choices=OPTIMIZERS, dest="optimizers",
+                   help="optimizer to run (repeatable; default: grass)")
+    p.add_argument("--compare", action="store_true", help="run adamw, galore and grass")
+    p.add_argument("--preset", default="tiny", choices=list(presets_mod.PRESETS),
+                   help="model size (default: tiny)")
+    p.add_argument("--rank", type=_positive_int, default=None,
+                   help="projection rank of galore and grass (default: the preset's, 64 for tiny)")
+    p.add_argument("--selection", action="append", choices=SELECTIONS, dest="selections",
+                   help="grass row selection (repeatable: one grass run per selection; default: top_r)")
+    p.add_argument("--update-freq", type=_positive_int, default=200,
+                   help="steps between projection updates of galore and grass (default: 200)")
+    p.add_argument("--scale", type=_positive_float, default=1.0,
+                   help="update scale alpha of galore and grass (default: 1.0)")
+    p.add_argument("--steps", type=_positive_int, default=1000, help="optimizer steps per run")
+    p.add_argument("--lr", type=_positive_float, default=1e-3, help="peak learning rate (default: 1e-3)")
+    p.add_argument("--weight-decay", type=float, default=0.0, help="decoupled weight decay (default: 0)")
+    p.add_argument("--batch-size", type=_positive_int, default=8, help="sequences per step")
+    p.add_argument("--seq-len", type=_positive_int, default=256, help="tokens per sequence")
+    p.add_argument("--eval-every", type=_positive_int, default=100, help="steps between evaluations")
+    p.add_argument("--eval-batches", type=_positive_int, default=20, help="batches per evaluation")
+    p.add_argument("--backend", default="eager", choices=BACKENDS,
+                   help="torch.compile backend (grass: passed to grassfx.compile; the baselines are "
+                        "compiled with the same backend unless it is eager)")
+    p.add_argument("--data", default=None,
+                   help="text file or folder of .txt/.md files (default: Shakespeare's plays)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the init weights and the batches")
+    p.add_argument("--device", default="auto", help="cpu, cuda, ... (default: cuda if available)")
+    p.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads")
+    p.add_argument("--out", default=None, help="output folder (default: runs/<timestamp>)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    return p
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Parse ``argv``; ``--demo`` supplies defaults that explicit flags still override."""
+    parser = build_parser()
+    first = parser.parse_args(argv)
+    if first.demo:
+        parser.set_defaults(**DEMO_DEFAULTS)
+        args = parser.parse_args(argv)
+    else:
+        args = first
+    if args.selections and not ({"grass"} & set(run_optimizers(args))):
+        parser.error("--selection only applies to grass runs (add --optimizer grass or --compare)")
+    if args.seq_len + 1 > presets_mod.get_preset(args.preset).max_position_embeddings:
+        parser.error(f"--seq-len {args.seq_len} is too long for preset {args.preset!r}")
+    return args
+
+
+def run_optimizers(args: argparse.Namespace) -> list[str]:
+    """The optimizers to run, in order, without repeats."""
+    chosen = list(OPTIMIZERS) if args.compare else []
+    chosen += args.optimizers or []
+    chosen = chosen or ["grass"]
+    return list(dict.fromkeys(chosen))
+
+
+def run_specs(args: argparse.Namespace) -> list[RunSpec]:
+    """Expand the optimizers and grass selections into the list of runs."""
+    selections = list(dict.fromkeys(args.selections or ["top_r"]))
+    specs = []
+    for opt in run_optimizers(args):
+        if opt != "grass":
+            specs.append(RunSpec(opt, opt))
+        elif len(selections) == 1:
+            specs.append(RunSpec("grass", "grass", selections[0]))
+        else:
+            specs.extend(RunSpec(f"grass-{s}", "grass", s) for s in selections)
+    return specs
+
+
+# ----------------------------------------------------------------------------- measuring
+
+
+def tensor_nbytes(obj, _seen: set | None = None) -> int:
+    """Bytes held by every tensor reachable from ``obj`` (dicts, sequences, object attributes).
+
+    Applied to ``optimizer.state`` it counts the moments, projection matrices and
+    any other per-parameter state, whatever container an optimizer keeps them in.
+    Each tensor is counted once.
+    """
+    seen = set() if _seen is None else _seen
+    if id(obj) in seen:
+        return 0
+    seen.add(id(obj))
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(tensor_nbytes(v, seen) for v in obj.values())
+    if isinstance(obj, (list, tuple, set, frozenset)):
+        return sum(tensor_nbytes(v, seen) for v in obj)
+    if isinstance(obj, (str, bytes, int, float, bool, type(None), torch.nn.Module)):
+        return 0
+    attrs = getattr(obj, "__dict__", None)
+    return tensor_nbytes(attrs, seen) if isinstance(attrs, dict) else 0
+
+
+def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
+    """Total bytes of the tensors in ``optimizer.state`` (the same measure for every optimizer)."""
+    return tensor_nbytes(dict(optimizer.state))
+
+
+def _proc_status_kib(field: str) -> int | None:
+    """A ``VmXXX`` field of /proc/self/status in KiB, or None where there is no such file."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+class PeakMemory:
+    """Peak memory of one run: CUDA allocator peak on GPU, else the process's peak RSS.
+
+    On Linux the RSS high-water mark is reset at the start of the run (through
+    /proc/self/clear_refs) so that each run reports its own peak; where that is
+    not possible the peak of the whole process so far is reported.
+    """
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self._sampled = 0
+        if self.cuda:
+            torch.cuda.reset_peak_memory_stats(device)
+        else:
+            try:
+                with open("/proc/self/clear_refs", "w") as f:
+                    f.write("5")
+            except OSError:
+                pass
+        self.device = device
+
+    def peak(self) -> int:
+        """Peak bytes so far in this run."""
+        if self.cuda:
+            return int(torch.cuda.max_memory_allocated(self.device))
+        hwm = _proc_status_kib("VmHWM")
+        if hwm is not None:
+            return max(hwm * 1024, self._sampled)
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return int(rss if sys.platform == "darwin" else rss * 1024)
+
+
+def _fmt_bytes(n: float) -> str:
+    """Human-readable byte count (KiB/MiB/GiB)."""
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GiB"
+
+
+def _sync(device: torch.device) -> None:
+    """Wait for queued device work, so wall-clock timings are honest."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+# ----------------------------------------------------------------------------- optimizers
+
+
+def lr_lambda(steps: int, warmup_fraction: float = WARMUP_FRACTION, min_ratio: float = MIN_LR_RATIO):
+    """Multiplier of the peak lr at each step: linear warmup, then cosine decay to ``min_ratio``."""
+    warmup = max(1, int(round(warmup_fraction * steps)))
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, steps - warmup))
+        return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return factor
+
+
+def lowrank_weights(model: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:
+    """The 2-D weights of the attention and MLP linear layers (what GaLore and Grass project)."""
+    return [(n, p) for n, p in model.named_parameters()
+            if p.ndim == 2 and (".self_attn." in n or ".mlp." in n)]
+
+
+def import_galore():
+    """Import ``GaLoreAdamW`` or raise an error that says how to install it."""
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            from galore_torch import GaLoreAdamW
+    except ImportError as exc:
+        raise RuntimeError(
+            "--optimizer galore needs the galore-torch package (which imports bitsandbytes): "
+            "pip install galore-torch==1.0 bitsandbytes  "
+            f"(import failed: {exc})") from exc
+    return GaLoreAdamW
+
+
+def make_galore(model: torch.nn.Module, args: argparse.Namespace) -> torch.optim.Optimizer:
+    """GaLoreAdamW with the attention/MLP weights in a projected group, the rest in a plain one."""
+    galore_adamw = import_galore()
+    lowrank = {id(p) for _, p in lowrank_weights(model)}
+    galore_params = [p for p in model.parameters() if id(p) in lowrank]
+    other_params = [p for p in model.parameters() if id(p) not in lowrank]
+    groups = [
+        {"params": other_params},
+        {"params": galore_params, "rank": args.rank, "update_proj_gap": args.update_freq,
+         "scale": args.scale, "proj_type": "std"},
+    ]
+    return galore_adamw(groups, lr=args.lr, betas=(0.9, 0.999), eps=1e-8,
+                        weight_decay=args.weight_decay, no_deprecation_warning=True)
+
+
+def make_grass(model: torch.nn.Module, spec: RunSpec, args: argparse.Namespace):
+    """``grassfx.compile`` the model and build ``grassfx.optim.AdamW`` on it."""
+    import grassfx
+    import grassfx.optim
+
+    model = grassfx.compile(model, rank=args.rank, selection=spec.selection,
+                            update_freq=args.update_freq, scale=args.scale,
+                            seed=args.seed, backend=args.backend)
+    opt = grassfx.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.999), eps=1e-8,
+                              weight_decay=args.weight_decay)
+    return model, opt
+
+
+def make_optimizer(model: torch.nn.Module, spec: RunSpec, args: argparse.Namespace):
+    """Return ``(model, optimizer)`` for ``spec``; the model may come back wrapped or compiled."""
+    if spec.optimizer == "grass":
+        return make_grass(model, spec, args)
+    if args.backend != "eager":
+        model = torch.compile(model, backend=args.backend)
+    if spec.optimizer == "galore":
+        return model, make_galore(model, args)
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.999), eps=1e-8,
+                            weight_decay=args.weight_decay)
+    return model, opt
+
+
+# ----------------------------------------------------------------------------- training
+
+
+@torch.no_grad()
+def evaluate(model, batches: list[torch.Tensor], device: torch.device) -> float:
+    """Mean next-token loss of ``model`` over ``batches``."""
+    losses = [float(model(input_ids=b.to(device), labels=b.to(device)).loss) for b in batches]
+    return sum(losses) / len(losses)
+
+
+def train_run(spec: RunSpec, corpus, eval_set, args, device, log) -> dict:
+    """Train one run and return its summary; each step's record is passed to ``log``."""
+    from tqdm.auto import tqdm
+
+    preset = presets_mod.get_preset(args.preset)
+    gc.collect()
+    model = presets_mod.build_model(preset, args.seed, vocab_size=corpus.vocab_size).to(device)
+    params = presets_mod.count_params(model)
+    mem = PeakMemory(device)
+    model, opt = make_optimizer(model, spec, args)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(args.steps))
+    sampler = data_mod.BatchSampler(corpus.train, args.batch_size, args.seq_len, seed=args.seed)
+    tokens_per_step = args.batch_size * args.seq_len
+
+    bar = tqdm(total=args.steps, desc=f"{spec.name:>8}", unit="step", dynamic_ncols=True,
+               disable=args.no_progress, mininterval=0.5, file=sys.stderr)
+    smooth, eval_loss, train_time, first_step_s, last_eval = None, float("nan"), 0.0, 0.0, None
+    for step in range(1, args.steps + 1):
+        x = next(sampler).to(device)
+        lr = opt.param_groups[0]["lr"]
+        _sync(device)
+        t0 = time.perf_counter()
+        loss = model(input_ids=x, labels=x).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        sched.step()
+        loss_value = float(loss)
+        _sync(device)
+        dt = time.perf_counter() - t0
+        if step == 1:
+            first_step_s = dt
+        if step > 1 or args.steps == 1:
+            train_time += dt
+        if not math.isfinite(loss_value):
+            raise FloatingPointError(f"{spec.name}: the training loss became {loss_value} at step {step}")
+        smooth = loss_value if smooth is None else 0.95 * smooth + 0.05 * loss_value
+        record = dict(run=spec.name, step=step, loss=loss_value, lr=lr, tokens_per_s=tokens_per_step / dt)
+        if step % args.eval_every == 0 or step == args.steps:
+            eval_loss = evaluate(model, eval_set, device)
+            record["eval_loss"] = eval_loss
+            last_eval = f"eval {eval_loss:.3f}"
+        log(record)
+        bar.set_postfix_str(
+            f"loss {smooth:.3f}" + (f", {last_eval}" if last_eval else "")
+            + f", {tokens_per_step / dt:,.0f} tok/s, mem {_fmt_bytes(mem.peak())}", refresh=False)
+        bar.update(1)
+    bar.close()
+
+    timed_steps = args.steps - 1 if args.steps > 1 else 1
+    summary = dict(
+        optimizer=spec.optimizer,
+        eval_loss=eval_loss,
+        eval_ppl=math.exp(min(eval_loss, 700.0)),
+        train_loss=smooth,
+        tokens_per_s=timed_steps * tokens_per_step / max(train_time, 1e-9),
+        peak_mem_bytes=mem.peak(),
+        optimizer_state_bytes=optimizer_state_bytes(opt),
+        steps=args.steps,
+        tokens=args.steps * tokens_per_step,
+        params=params,
+        train_time_s=train_time + first_step_s,
+        first_step_s=first_step_s,
+    )
+    if spec.optimizer != "adamw":
+        summary.update(rank=args.rank, update_freq=args.update_freq, scale=args.scale)
+    if spec.selection:
+        summary["selection"] = spec.selection
+    del model, opt, sched
+    gc.collect()
+    return summary
+
+
+# ----------------------------------------------------------------------------- reporting
+
+
+def _ema(values: list[float], alpha: float) -> list[float]:
+    """Exponential moving average with bias correction (so the start is not pulled to 0)."""
+    out, avg = [], 0.0
+    for i, v in enumerate(values, 1):
+        avg = alpha * avg + (1 - alpha) * v
+        out.append(avg / (1 - alpha ** i))
+    return out
+
+
+def plot_losses(records: list[dict], path: Path, title: str) -> None:
+    """Save smoothed train-loss and eval-loss curves of every run to ``path`` (PNG)."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    runs = list(dict.fromkeys(r["run"] for r in records))
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for i, run in enumerate(runs):
+        rows = [r for r in records if r["run"] == run]
+        color = f"C{i}"
+        steps = [r["step"] for r in rows]
+        alpha = 1 - 1 / max(2.0, len(rows) / 20)
+        ax.plot(steps, _ema([r["loss"] for r in rows], alpha), color=color, lw=1.5, label=f"{run} train")
+        ev = [(r["step"], r["eval_loss"]) for r in rows if "eval_loss" in r]
+        if ev:
+            ax.plot(*zip(*ev), color=color, ls="--", marker="o", ms=4, label=f"{run} eval")
+    ax.set_xlabel("step")
+    ax.set_ylabel("cross-entropy loss")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def results_table(summary: dict) -> str:
+    """The final comparison as a plain-text table with aligned columns."""
+    head = ["run", "eval loss", "eval ppl", "train loss", "tokens/s", "peak mem", "opt state", "params", "steps"]
+    rows = [[name, f"{s['eval_loss']:.4f}", f"{s['eval_ppl']:.1f}", f"{s['train_loss']:.4f}",
+             f"{s['tokens_per_s']:,.0f}", _fmt_bytes(s["peak_mem_bytes"]),
+             _fmt_bytes(s["optimizer_state_bytes"]), f"{s['params']:,}", str(s["steps"])]
+            for name, s in summary.items()]
+    widths = [max(len(r[i]) for r in [head] + rows) for i in range(len(head))]
+
+    def line(cells):
+        return "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+
+    return "\n".join([line(head), "  ".join("-" * w for w in widths)] + [line(r) for r in rows])
+
+
+def _json_default(obj):
+    """JSON for the odd non-builtin value (paths, numpy/torch scalars)."""
+    if hasattr(obj, "item"):
+        return obj.item()
+    return str(obj)
+
+
+# ----------------------------------------------------------------------------- entry point
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` -> cuda when available, else cpu; anything else is taken as given."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        return torch.device(name)
+    except RuntimeError as exc:
+        raise SystemExit(f"grassfx train: error: bad --device {name!r}: {exc}") from None
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """Run the comparison described by ``argv`` and return the summary dict."""
+    t_start = time.perf_counter()
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = resolve_device(args.device)
+    preset = presets_mod.get_preset(args.preset)
+    if args.rank is None:
+        args.rank = preset.rank
+    specs = run_specs(args)
+    out = Path(args.out or os.path.join("runs", time.strftime("%Y%m%d-%H%M%S")))
+    out.mkdir(parents=True, exist_ok=True)
+
+    try:
+        corpus = data_mod.load_corpus(args.data, vocab_size=preset.vocab_size)
+    except data_mod.DataUnavailableError as exc:
+        raise SystemExit(f"grassfx train: error: {exc}") from None
+    eval_set = data_mod.eval_batches(corpus.eval, args.eval_batches, args.batch_size,
+                                     min(args.seq_len, corpus.eval.numel() - 1), seed=args.seed + 1)
+    print(f"data: {corpus.source}: {corpus.train.numel():,} train / {corpus.eval.numel():,} eval tokens, "
+          f"vocab {corpus.vocab_size} ({time.perf_counter() - t_start:.1f} s)")
+    print(f"model: {preset.name} LLaMA; runs: {', '.join(s.name for s in specs)}; {args.steps} steps x "
+          f"{args.batch_size} x {args.seq_len} tokens; device {device}, {torch.get_num_threads()} threads; "
+          f"out {out}")
+    config = {k: v for k, v in vars(args).items()}
+    config.update(runs=[s.name for s in specs], corpus=corpus.source, corpus_key=corpus.key,
+                  train_tokens=corpus.train.numel(), eval_tokens=corpus.eval.numel(),
+                  vocab_size=corpus.vocab_size, device=str(device), threads=torch.get_num_threads())
+    (out / "config.json").write_text(json.dumps(config, indent=2, default=_json_default) + "\n")
+
+    records: list[dict] = []
+    summary: dict = {}
+    with open(out / "metrics.jsonl", "w") as metrics:
+        def log(record: dict) -> None:
+            records.append(record)
+            metrics.write(json.dumps(record) + "\n")
+
+        for spec in specs:
+            summary[spec.name] = train_run(spec, corpus, eval_set, args, device, log)
+            metrics.flush()
+            (out / "summary.json").write_text(json.dumps(summary, indent=2, default=_json_default) + "\n")
+
+    plot_losses(records, out / "loss.png",
+                f"{preset.name} LLaMA ({summary[specs[0].name]['params'] / 1e6:.1f}M params) on "
+                f"{Path(corpus.source).name if args.data else 'Shakespeare'}")
+    print()
+    print(results_table(summary))
+    print(f"\nwrote {out}/metrics.jsonl, summary.json, loss.png  (total {time.perf_counter() - t_start:.0f} s)")
+    return summary
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,176 @@
+"""Optimizer behaviour (accumulation, schedulers, clipping, save/resume) and bad input."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+import torch
+from torch import nn
+
+import grassfx
+
+from conftest import make_mlp
+
+
+def _loss(model, x):
+    return model(x).pow(2).mean()
+
+
+def _train(model, opt, xs, sched=None):
+    for x in xs:
+        _loss(model, x).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        if sched is not None:
+            sched.step()
+        opt.zero_grad()
+
+
+def _batches(seed, n):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(6, 12, generator=g) for _ in range(n)]
+
+
+def _fresh(selection="multinorm", opt_cls=grassfx.optim.AdamW, **opt_kw):
+    model = grassfx.compile(make_mlp(), rank=4, selection=selection, update_freq=3, moments="keep_overlap", backend="eager")
+    opt = opt_cls(model.parameters(), **({"lr": 1e-2} | opt_kw))
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=20)
+    return model, opt, sched
+
+
+@pytest.mark.parametrize("opt_cls", [grassfx.optim.AdamW, grassfx.optim.SGD, grassfx.optim.Adafactor])
+def test_save_resume_is_bit_exact(opt_cls, tmp_path):
+    extra = {"momentum": 0.9} if opt_cls is grassfx.optim.SGD else {"weight_decay": 0.1}
+    xs = _batches(0, 8)
+    model, opt, sched = _fresh(opt_cls=opt_cls, **extra)
+    _train(model, opt, xs[:4], sched)
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict()}, tmp_path / "ckpt.pt")
+    _train(model, opt, xs[4:], sched)
+    expect = {k: v.clone() for k, v in model.state_dict().items()}
+
+    ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    model2, opt2, sched2 = _fresh(opt_cls=opt_cls, **extra)
+    model2.load_state_dict(ckpt["model"])
+    opt2.load_state_dict(ckpt["opt"])
+    sched2.load_state_dict(ckpt["sched"])
+    _train(model2, opt2, xs[4:], sched2)
+    got = model2.state_dict()
+    assert expect.keys() == got.keys()
+    for k in expect:
+        assert torch.equal(expect[k], got[k]), k
+
+
+def test_gradient_accumulation_sums_compressed_grads():
+    xs = _batches(1, 2)
+    model, opt, _ = _fresh(selection="top_r")
+    for x in xs:
+        _loss(model, x).backward()  # the first backward is the refresh
+    acc = [s.handle.grad.clone() for s in model.sites]
+    opt.zero_grad()
+    for s, a in zip(model.sites, acc):
+        one = []
+        for x in xs:
+            _loss(model, x).backward()
+            one.append(s.handle.grad.clone())
+            opt.zero_grad()
+        torch.testing.assert_close(a, one[0] + one[1])
+
+
+def test_plain_torch_optimizer_is_detected():
+    model = grassfx.compile(make_mlp(), rank=4, backend="eager")
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    x = torch.randn(4, 12)
+    _loss(model, x).backward()
+    opt.step()
+    with pytest.raises(grassfx.OptimizerMisuseError, match="grassfx.optim"):
+        model(x)
+
+
+def test_missing_handles_are_refused():
+    model = grassfx.compile(make_mlp(), rank=4, backend="eager")
+    with pytest.raises(grassfx.ConfigError, match="handle"):
+        grassfx.optim.AdamW(model.module.parameters())
+
+
+@pytest.mark.parametrize("mode", ["raise", "skip"])
+def test_nonfinite_gradients_never_reach_weights(mode):
+    model = grassfx.compile(make_mlp(), rank=4, backend="eager")
+    opt = grassfx.optim.AdamW(model.parameters(), lr=1e-2, nonfinite=mode)
+    x = torch.randn(4, 12)
+    x[0, 0] = float("nan")
+    before = {k: v.clone() for k, v in model.module.state_dict().items()}
+    _loss(model, x).backward()
+    if mode == "raise":
+        with pytest.raises(grassfx.NonFiniteGradientError, match="NaN or Inf"):
+            opt.step()
+    else:
+        opt.step()
+        assert opt.skipped_steps == 1
+    after = model.module.state_dict()
+    assert all(torch.equal(after[k], before[k]) for k in before)
+    assert not opt.state and int(model.grass_step) == 0
+    assert all(torch.isfinite(s.rho).all() for s in model.sites)  # no NaN selection kept
+    assert int(model.grass_refreshed_at) == -1  # the refresh is retried on the next forward
+
+
+@pytest.mark.parametrize(
+    "kw, match",
+    [
+        (dict(rank=0), "rank"),
+        (dict(rank=-3), "rank"),
+        (dict(rank=1.5), "rank"),
+        (dict(rank="8"), "rank"),
+        (dict(rank=True), "rank"),
+        (dict(rank=4, selection="random"), "selection.*top_r"),
+        (dict(rank=4, proj_dim="diag"), "proj_dim.*rows"),
+        (dict(rank=4, update_freq=0), "update_freq"),
+        (dict(rank=4, update_freq=2.5), "update_freq"),
+        (dict(rank=4, backend="tvm"), "backend"),
+        (dict(rank=4, scale=float("nan")), "scale"),
+        (dict(rank=4, targets=3), "targets"),
+    ],
+)
+def test_bad_arguments(kw, match):
+    with pytest.raises(grassfx.ConfigError, match=match) as info:
+        grassfx.compile(make_mlp(), backend=kw.pop("backend", "eager"), **kw)
+    assert isinstance(info.value, ValueError) and isinstance(info.value, grassfx.GrassError)
+
+
+def test_model_without_targets():
+    with pytest.raises(grassfx.UnsupportedModelError, match="no target weights"):
+        grassfx.compile(nn.Sequential(nn.Embedding(4, 4), nn.LayerNorm(4)), rank=2, backend="eager")
+    with pytest.raises(grassfx.ConfigError, match="nn.Module"):
+        grassfx.compile(lambda x: x, rank=2)
+
+
+def test_bad_optimizer_arguments():
+    model = grassfx.compile(make_mlp(), rank=4, backend="eager")
+    for kw in (dict(lr=-1), dict(betas=(1.0, 0.9)), dict(eps=float("inf")), dict(nonfinite="ignore")):
+        with pytest.raises(grassfx.ConfigError):
+            grassfx.optim.AdamW(model.parameters(), **kw)
+    with pytest.raises(grassfx.ConfigError, match="nesterov"):
+        grassfx.optim.SGD(model.parameters(), lr=0.1, nesterov=True)
+
+
+def test_second_forward_during_refresh_is_refused():
+    model = grassfx.compile(make_mlp(), rank=4, backend="eager")
+    x = torch.randn(4, 12)
+    loss = _loss(model, x)
+    with torch.no_grad():
+        model(x)  # evaluation in between is fine
+    with pytest.raises(grassfx.GrassError, match="backward"):
+        model(x)
+    loss.backward()
+    model(x)  # refresh committed: fine again
+    model.cancel_refresh()
+
+
+def test_state_dict_is_tensors_and_numbers():
+    model, opt, _ = _fresh()
+    _train(model, opt, _batches(2, 2))
+    buf = io.BytesIO()
+    torch.save(opt.state_dict(), buf)
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=True)
+    assert set(loaded["state"]) == set(opt.state_dict()["state"])
