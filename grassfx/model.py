@@ -157,7 +157,7 @@ class GrassModel(nn.Module):
                     w, site.handle, probe, noise, site.dim, site.rank, site.method
                 )
             else:
-                anchored[site.name] = Anchor.apply(w, site.handle, site.idx, site.rho, site.dim)
+                anchored[site.name] = Anchor.apply(w, site.handle, site.idx, site.rho, site.dim, site.name)
         return functional_call(self.module, anchored, args, kwargs)
 
     def _refresh_due(self) -> bool:

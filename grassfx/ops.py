@@ -30,14 +30,17 @@ def broadcast_along(vec: torch.Tensor, ndim: int, dim: int) -> torch.Tensor:
 
 
 @torch.library.custom_op("grassfx::rowsel", mutates_args=())
-def rowsel(grad: torch.Tensor, idx: torch.Tensor, rho: torch.Tensor, dim: int) -> torch.Tensor:
-    """``rho * grad.index_select(dim, idx)`` (rho broadcast along ``dim``)."""
+def rowsel(grad: torch.Tensor, idx: torch.Tensor, rho: torch.Tensor, dim: int, name: str) -> torch.Tensor:
+    """``rho * grad.index_select(dim, idx)`` (rho broadcast along ``dim``).
+
+    ``name`` is the weight's qualified name; it only labels the graph node.
+    """
     picked = grad.index_select(dim, idx)
     return picked * broadcast_along(rho, grad.dim(), dim).to(picked.dtype)
 
 
 @rowsel.register_fake
-def _rowsel_fake(grad, idx, rho, dim):
+def _rowsel_fake(grad, idx, rho, dim, name):
     shape = list(grad.shape)
     shape[dim] = idx.shape[0]
     return grad.new_empty(shape)
@@ -47,17 +50,17 @@ class Anchor(torch.autograd.Function):
     """Forward: a view of ``weight``. Backward: ``rowsel`` of its gradient -> ``handle``."""
 
     @staticmethod
-    def forward(ctx, weight, handle, idx, rho, dim: int):
+    def forward(ctx, weight, handle, idx, rho, dim: int, name: str):
         ctx.save_for_backward(idx, rho)
-        ctx.dim = dim
+        ctx.dim, ctx.name = dim, name
         ctx.handle_dtype = handle.dtype
         return weight.view_as(weight)
 
     @staticmethod
     def backward(ctx, grad):
         idx, rho = ctx.saved_tensors
-        compressed = rowsel(grad, idx, rho, ctx.dim).to(ctx.handle_dtype)
-        return None, compressed, None, None, None
+        compressed = rowsel(grad, idx, rho, ctx.dim, ctx.name).to(ctx.handle_dtype)
+        return None, compressed, None, None, None, None
 
 
 class RefreshAnchor(torch.autograd.Function):

@@ -377,7 +377,7 @@ def train_run(spec: RunSpec, corpus, eval_set, args, device, log) -> dict:
         opt.step()
         opt.zero_grad(set_to_none=True)
         sched.step()
-        loss_value = float(loss)
+        loss_value = loss.detach().item()
         _sync(device)
         dt = time.perf_counter() - t0
         if step == 1:

@@ -1,0 +1,17 @@
+"""The grassfx pass pipeline (shipped as ``grassfx.passes``).
+
+Passes run on each post-grad graph (Inductor) or AOTAutograd graph (``aot_eager``), in
+this order. ``GRASSFX_DISABLE=name,...`` skips passes by name.
+"""
+
+from __future__ import annotations
+
+from .infra import Change, PassContext, PassResult, Settings, Skip, settings
+from .sparsify_wgrad import sparsify_wgrad
+
+# The pipeline, in order.
+#  1. sparsify_wgrad must run first: it replaces every grassfx::rowsel marker (later
+#     passes and Inductor lowering never see the marker op).
+PIPELINE = (sparsify_wgrad,)
+
+__all__ = ["PIPELINE", "Change", "PassContext", "PassResult", "Settings", "Skip", "settings", "sparsify_wgrad"]

@@ -1,0 +1,246 @@
+"""The torch.compile backends: the grassfx pass pipeline inside Inductor or aot_eager.
+
+This is the one module that touches ``torch._inductor`` / ``torch._dynamo`` /
+``torch._functorch`` internals, so a torch upgrade changes one file.
+
+* ``inductor``: ``compile_fx`` with ``post_grad_custom_pre_pass`` set *per compile*
+  through ``config_patches`` (Inductor's global hook is never assigned); a user's own
+  pass in that slot is chained after ours.
+* ``aot_eager``: AOTAutograd with forward/backward compilers that run the same pipeline
+  on the joint-partitioned graphs and then execute them without Inductor.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import inspect
+import itertools
+import os
+import weakref
+from dataclasses import dataclass, field
+
+import torch
+import torch.fx as fx
+
+from grassfx import passes as _passes
+from grassfx.passes import PassContext, settings
+
+__all__ = ["GraphRecord", "Stage", "op_summary", "CompileStats", "install_compiled_runner", "run_pipeline", "pipeline_uuid"]
+
+_DUMP_COUNTER = itertools.count()
+
+
+@dataclass
+class GraphRecord:
+    """One compiled graph: its code before/after each pass and the pass results."""
+
+    graph_id: str
+    kind: str
+    stages: list = field(default_factory=list)  # [Stage]
+
+    def results(self) -> list:
+        return [st.result for st in self.stages]
+
+
+@dataclass
+class Stage:
+    """One pass applied to one graph: code and op summary before/after, and the result."""
+
+    pass_name: str
+    before: str
+    after: str
+    ops_before: list  # [(op name, output shape)] of every call_function node
+    ops_after: list
+    result: object
+
+
+@dataclass
+class CompileStats:
+    """What the backend saw for one GrassModel."""
+
+    frames: int = 0  # Dynamo frames compiled (graphs handed to the backend)
+    graphs: list = field(default_factory=list)  # GraphRecord per AOT graph
+
+
+def _graph_code(graph: fx.Graph) -> str:
+    try:
+        return graph.python_code("self").src
+    except Exception:  # pragma: no cover - a graph python_code cannot print
+        return str(graph)
+
+
+def op_summary(graph: fx.Graph) -> list:
+    """``[(op, shape)]`` for every call_function node (shape None when not a tensor)."""
+    out = []
+    for node in graph.nodes:
+        if node.op != "call_function":
+            continue
+        val = node.meta.get("val")
+        shape = tuple(int(s) if isinstance(s, int) else str(s) for s in val.shape) if isinstance(val, torch.Tensor) else None
+        target = node.target
+        name = str(getattr(target, "overloadpacket", target)).replace("aten.", "")
+        out.append((name, shape))
+    return out
+
+
+def _dump(record: GraphRecord, pass_name: str, before: str, after: str, dump_dir: str) -> None:
+    os.makedirs(dump_dir, exist_ok=True)
+    n = next(_DUMP_COUNTER)
+    stem = os.path.join(dump_dir, f"{n:03d}_{record.graph_id}_{pass_name}")
+    with open(stem + ".before.py", "w") as f:
+        f.write(before)
+    with open(stem + ".after.py", "w") as f:
+        f.write(after)
+    with open(stem + ".diff", "w") as f:
+        f.writelines(difflib.unified_diff(before.splitlines(True), after.splitlines(True), "before", "after"))
+
+
+def run_pipeline(graph: fx.Graph, record: GraphRecord) -> list:
+    """Run every pass of ``grassfx.passes.PIPELINE`` on ``graph`` and record it."""
+    cfg = settings()
+    ctx = PassContext(record.graph_id, record.kind, cfg)
+    results = []
+    for fn in _passes.PIPELINE:
+        name = fn.__name__
+        before = _graph_code(graph)
+        ops_before = op_summary(graph)
+        if name in cfg.disabled:
+            res = _passes.PassResult(name, graph, disabled=True)
+        else:
+            res = fn(graph, ctx)
+            if res.modified:
+                graph.lint()
+                if cfg.debug >= 1:
+                    _verify(graph, name)
+        after = _graph_code(graph) if res.modified else before
+        ops_after = op_summary(graph) if res.modified else ops_before
+        record.stages.append(Stage(name, before, after, ops_before, ops_after, res))
+        if cfg.dump_dir:
+            _dump(record, name, before, after, cfg.dump_dir)
+        results.append(res)
+    return results
+
+
+def _verify(graph: fx.Graph, pass_name: str) -> None:
+    from grassfx.errors import PassError
+
+    for node in graph.nodes:
+        if node.op == "call_function" and "val" not in node.meta:
+            raise PassError(pass_name, node.name, "created node has no meta['val']")
+
+
+def pipeline_uuid(extra: str = "") -> str:
+    """Hash of every pass module's source and the settings that change the graphs."""
+    h = hashlib.sha256()
+    import grassfx.ops
+
+    for mod in (_passes, _passes.infra, _passes.sparsify_wgrad, grassfx.ops):
+        h.update(inspect.getsource(mod).encode())
+    cfg = settings()
+    h.update(repr((sorted(cfg.disabled), cfg.debug)).encode())
+    h.update(extra.encode())
+    return h.hexdigest()
+
+
+def _custom_pass_class():
+    from torch._inductor.custom_graph_pass import CustomGraphPass
+
+    class GrassPostGradPass(CustomGraphPass):
+        """Inductor hook object: runs the pipeline, then a user's pass if one was set."""
+
+        def __init__(self, stats_ref, frame_id, chained=None):
+            self.stats_ref = stats_ref
+            self.frame_id = frame_id
+            self.chained = chained
+            self.count = 0
+
+        def __call__(self, graph: fx.Graph) -> None:
+            stats = self.stats_ref()
+            kind = _graph_kind(graph)
+            record = GraphRecord(f"g{self.frame_id}.{kind}{self.count}", kind)
+            self.count += 1
+            run_pipeline(graph, record)
+            if stats is not None:
+                stats.graphs.append(record)
+            if self.chained is not None:
+                self.chained(graph)
+
+        def uuid(self):
+            chained = ""
+            if self.chained is not None:
+                chained = str(self.chained.uuid()) if hasattr(self.chained, "uuid") else repr(self.chained)
+            return pipeline_uuid(chained)
+
+    return GrassPostGradPass
+
+
+def _graph_kind(graph: fx.Graph) -> str:
+    names = [n.name for n in graph.nodes if n.op == "placeholder"]
+    if any(n.startswith("tangents") for n in names):
+        return "backward"
+    if any(n.startswith("primals") for n in names):
+        return "forward"
+    return "inference"
+
+
+def _inductor_backend(model, stats: CompileStats):
+    from torch._inductor import config as inductor_config
+    from torch._inductor.compile_fx import compile_fx
+
+    pass_cls = _custom_pass_class()
+    cfg = model.grass_config
+    patches = {}
+    if cfg.mode is not None:
+        patches.update(torch._inductor.list_mode_options(cfg.mode, cfg.dynamic))
+    patches.update(cfg.compile_options)
+
+    def backend(gm: fx.GraphModule, example_inputs):
+        frame = stats.frames
+        stats.frames += 1
+        user_pass = inductor_config.post_grad_custom_pre_pass
+        hook = pass_cls(weakref.ref(stats), frame, chained=user_pass)
+        return compile_fx(gm, example_inputs, config_patches={**patches, "post_grad_custom_pre_pass": hook})
+
+    return backend
+
+
+def _aot_eager_backend(model, stats: CompileStats):
+    from functorch.compile import make_boxed_func
+    from torch._dynamo.backends.common import aot_autograd
+
+    def compiler_for(frame):
+        counter = itertools.count()
+
+        def compiler(gm: fx.GraphModule, example_inputs):
+            kind = _graph_kind(gm.graph)
+            record = GraphRecord(f"g{frame}.{kind}{next(counter)}", kind)
+            results = run_pipeline(gm.graph, record)
+            stats.graphs.append(record)
+            if any(r.modified for r in results):
+                gm.recompile()
+            return make_boxed_func(gm)
+
+        return compiler
+
+    def backend(gm: fx.GraphModule, example_inputs):
+        frame = stats.frames
+        stats.frames += 1
+        compiler = compiler_for(frame)
+        return aot_autograd(fw_compiler=compiler, bw_compiler=compiler, inference_compiler=compiler)(gm, example_inputs)
+
+    return backend
+
+
+def install_compiled_runner(model) -> None:
+    """Compile ``model._run`` with the grassfx backend chosen by its config."""
+    cfg = model.grass_config
+    stats = CompileStats()
+    model.compile_stats = stats
+    if cfg.backend == "inductor":
+        backend = _inductor_backend(model, stats)
+    elif cfg.backend == "aot_eager":
+        backend = _aot_eager_backend(model, stats)
+    else:  # pragma: no cover - validated by GrassConfig
+        raise ValueError(cfg.backend)
+    model._runner = torch.compile(model._run, backend=backend, dynamic=cfg.dynamic)
