@@ -71,7 +71,11 @@ def _graph_code(graph: fx.Graph) -> str:
 
 
 def op_summary(graph: fx.Graph) -> list:
-    """``[(op, shape)]`` for every call_function node (shape None when not a tensor)."""
+    """``[(op, shape, made_by)]`` for every call_function node.
+
+    ``shape`` is None for non-tensors; ``made_by`` is the creating pass's tag
+    (``"sparsify_wgrad:<weight>"``) or None for nodes that came from tracing.
+    """
     out = []
     for node in graph.nodes:
         if node.op != "call_function":
@@ -80,7 +84,8 @@ def op_summary(graph: fx.Graph) -> list:
         shape = tuple(int(s) if isinstance(s, int) else str(s) for s in val.shape) if isinstance(val, torch.Tensor) else None
         target = node.target
         name = str(getattr(target, "overloadpacket", target)).replace("aten.", "")
-        out.append((name, shape))
+        tag = node.meta.get("grassfx")
+        out.append((name, shape, f"{tag['pass']}:{tag['weight']}" if tag else None))
     return out
 
 

@@ -8,20 +8,24 @@
 * ``idx`` / ``rho`` — buffers: the selected rows and their scales,
 * ``decay_pending`` — decoupled weight decay owed by rows outside ``idx`` (see optim).
 
-The forward swaps each ``W`` for an anchor's view of it with
-``torch.func.functional_call``, so the module's code and ``state_dict`` keys are
-untouched. Every ``update_freq`` optimizer steps, the first forward with gradients on
+Each module that owns a target weight gets a generated subclass (its class is swapped
+per instance, as ``torch.nn.utils.parametrize`` does) whose ``weight`` property returns
+the anchored view made for the current forward; the parameter itself stays in
+``_parameters``, so the module's code and ``state_dict`` keys are untouched. One anchor
+per weight per forward: a weight read twice (shared layers, tied modules) is one node.
+In eager mode the anchors stay readable after the forward, so activation checkpointing
+recomputes with them; in compiled code they are cleared before the traced region ends. Every ``update_freq`` optimizer steps, the first forward with gradients on
 is a *refresh*: its backward picks new rows from the dense gradient's row norms and the
 compressed gradient of that same step already uses them.
 """
 
 from __future__ import annotations
 
+import copy
 import weakref
 
 import torch
 from torch import nn
-from torch.func import functional_call
 
 from . import select as _select
 from .config import GrassConfig
@@ -30,6 +34,61 @@ from .ops import Anchor, RefreshAnchor
 from .targets import TargetSpec
 
 __all__ = ["Site", "GrassModel", "FullAnchor"]
+
+
+class AnchorSlot:
+    """Shared between a GrassModel and its swapped modules: this forward's anchors."""
+
+    def __init__(self):
+        self.anchors = None  # {weight name: anchored tensor} while a forward is live
+        self.versions = None  # eager only: {weight name: weight._version at the forward}
+
+    def __deepcopy__(self, memo):
+        return AnchorSlot()  # a copy starts between forwards
+
+
+_SUBCLASSES: dict = {}
+
+
+def _anchored_read(attr: str):
+    def read(module):
+        params = module.__dict__["_parameters"]
+        slot = module.__dict__["_grassfx_slot"]
+        if slot.anchors is None:
+            return params[attr]
+        name = module.__dict__["_grassfx_names"][attr]
+        if slot.versions is not None and slot.versions[name] != params[attr]._version:
+            return params[attr]  # the weight changed since that forward: its anchor is stale
+        return slot.anchors[name]
+
+    return read
+
+
+def _swapped_class(cls: type, attrs: tuple) -> type:
+    """A subclass of ``cls`` whose ``attrs`` read the current anchors (cached per class)."""
+    key = (cls, attrs)
+    if key not in _SUBCLASSES:
+        props = {a: property(_anchored_read(a)) for a in attrs}
+        props["_grassfx_original_class"] = cls
+        _SUBCLASSES[key] = type(f"Grass{cls.__name__}", (cls,), props)
+    return _SUBCLASSES[key]
+
+
+def _install(module: nn.Module, attr: str, name: str, slot: AnchorSlot) -> None:
+    names = dict(module.__dict__.get("_grassfx_names", {}))
+    names[attr] = name
+    base = getattr(type(module), "_grassfx_original_class", type(module))
+    module.__dict__["_grassfx_names"] = names
+    module.__dict__["_grassfx_slot"] = slot
+    module.__class__ = _swapped_class(base, tuple(sorted(names)))
+
+
+def _uninstall(module: nn.Module) -> None:
+    base = getattr(type(module), "_grassfx_original_class", None)
+    if base is not None:
+        module.__class__ = base
+    module.__dict__.pop("_grassfx_names", None)
+    module.__dict__.pop("_grassfx_slot", None)
 
 
 class FullAnchor(torch.autograd.Function):
@@ -66,7 +125,6 @@ class Site(nn.Module):
         self.register_buffer("idx", torch.arange(self.rank, device=weight.device))
         self.register_buffer("rho", torch.ones(self.rank, device=weight.device))
         self.register_buffer("decay_pending", torch.ones((), dtype=torch.float64, device=weight.device))
-        self.handle._grassfx_site = self  # lets grassfx.optim find the site of a handle
         self.prev_idx = None  # rows selected before the last refresh (set when one commits)
         self.refreshed = False  # a refresh committed and the optimizer has not seen it yet
         self.handle_version = self.handle._version
@@ -107,8 +165,14 @@ class GrassModel(nn.Module):
             w = self.weight_of(site)
             self._frozen_flags[site.name] = w.requires_grad
             w.requires_grad_(False)
-            w._grassfx_target = weakref.ref(site)  # lets grassfx.optim spot a missing handle
-            site._model_ref = weakref.ref(self)
+        self._slot = AnchorSlot()
+        self._unwrapped = False
+        by_id = {id(self.weight_of(site)): site for site in self.sites}
+        for mod in module.modules():
+            for attr, p in list(mod._parameters.items()):
+                if p is not None and id(p) in by_id:
+                    _install(mod, attr, by_id[id(p)].name, self._slot)
+        self._link()
         self._pending = set()  # indices of sites whose refresh backward has not run yet
         self._pending_ok = True  # False once a pending refresh saw a non-finite gradient
         self._runner = self._run
@@ -124,7 +188,8 @@ class GrassModel(nn.Module):
             return getattr(self.module, name)
 
     def weight_of(self, site: Site) -> torch.Tensor:
-        return getattr(self.module.get_submodule(site.module_name), site.attr)
+        """The projected weight itself (the Parameter, never an anchored view)."""
+        return self.module.get_submodule(site.module_name)._parameters[site.attr]
 
     def site(self, name: str) -> Site:
         for s in self.sites:
@@ -132,23 +197,48 @@ class GrassModel(nn.Module):
                 return s
         raise KeyError(f"{name!r} is not a projected weight; projected: {[s.name for s in self.sites]}")
 
+    def _link(self) -> None:
+        """Point sites, handles and weights at this model (after init or a deep copy)."""
+        for site in self.sites:
+            object.__setattr__(site, "model", self)  # not a submodule: no cycle in modules()
+            site.handle._grassfx_site = site  # lets grassfx.optim find the site of a handle
+            self.weight_of(site)._grassfx_target = weakref.ref(site)  # spots a missing handle
+
+    def __deepcopy__(self, memo):
+        new = type(self).__new__(type(self))
+        memo[id(self)] = new
+        skip = ("_runner", "compile_stats")
+        for key, value in self.__dict__.items():
+            if key not in skip:
+                new.__dict__[key] = copy.deepcopy(value, memo)
+        new._link()
+        new._runner, new.compile_stats = new._run, None
+        if new.grass_config.backend != "eager":
+            from .backend import install_compiled_runner
+
+            install_compiled_runner(new)
+        return new
+
     @property
     def step(self) -> int:
         return int(self.grass_step)
 
     # -- forward ------------------------------------------------------------------------
     def forward(self, *args, **kwargs):
+        if self._unwrapped:
+            raise GrassError("this grassfx model was unwrapped; use the module grassfx.unwrap returned")
         self._check_handles_untouched()
+        self._slot.anchors = None
         refresh = None
         if torch.is_grad_enabled():
             refresh = self._begin_refresh_if_due()
         return self._runner(refresh, args, kwargs)
 
     def _run(self, refresh, args, kwargs):
-        """The traced region: anchored weights swapped into the user's module."""
+        """The traced region: anchor every target weight once, then run the module."""
         anchored = {}
         for i, site in enumerate(self.sites):
-            w = getattr(self.module.get_submodule(site.module_name), site.attr)
+            w = self.module.get_submodule(site.module_name)._parameters[site.attr]
             if site.full:
                 anchored[site.name] = FullAnchor.apply(w, site.handle)
             elif refresh is not None and refresh[i] is not None:
@@ -158,7 +248,14 @@ class GrassModel(nn.Module):
                 )
             else:
                 anchored[site.name] = Anchor.apply(w, site.handle, site.idx, site.rho, site.dim, site.name)
-        return functional_call(self.module, anchored, args, kwargs)
+        self._slot.anchors = anchored
+        if not torch.compiler.is_compiling():
+            self._slot.versions = {s.name: self.weight_of(s)._version for s in self.sites}
+        try:
+            return self.module(*args, **kwargs)
+        finally:
+            if torch.compiler.is_compiling() or not torch.is_grad_enabled():
+                self._slot.anchors = None
 
     def _refresh_due(self) -> bool:
         step = int(self.grass_step)
@@ -268,8 +365,8 @@ def unwrap(model: nn.Module) -> nn.Module:
     """The original module with its trained weights and none of grassfx's state.
 
     Owed weight decay is applied and each weight's ``requires_grad`` is restored. The
-    returned module's ``state_dict()`` has exactly its original keys. The grassfx model
-    stays usable (it shares the weights).
+    returned module's ``state_dict()`` has exactly its original keys and its modules their
+    original classes. The grassfx model must not be used afterwards.
 
     Example:
         >>> net = nn.Sequential(nn.Linear(8, 8))
@@ -280,6 +377,10 @@ def unwrap(model: nn.Module) -> nn.Module:
     if not isinstance(model, GrassModel):
         raise GrassError(f"unwrap() takes a model returned by grassfx.compile, got {type(model).__name__}")
     model.materialize_weight_decay()
+    model._slot.anchors = None
+    model._unwrapped = True
+    for mod in model.module.modules():
+        _uninstall(mod)
     for site in model.sites:
         w = model.weight_of(site)
         w.requires_grad_(model._frozen_flags.get(site.name, True))

@@ -87,7 +87,7 @@ class GrassOptimizer(torch.optim.Optimizer):
                 site = getattr(p, "_grassfx_site", None)
                 if site is not None:
                     sites[id(p)] = site
-                    model = site._model_ref()
+                    model = site.model
                     if model is not None:
                         models[id(model)] = model
         self._models = list(models.values())
@@ -164,7 +164,7 @@ class GrassOptimizer(torch.optim.Optimizer):
 
     # -- refresh ------------------------------------------------------------------------
     def _on_refresh(self, handle, site, group) -> None:
-        model = site._model_ref()
+        model = site.model
         self._settle_decay(site, model)
         state = self.state[handle]
         policy = model.grass_config.moments if model is not None else "reset"
@@ -222,7 +222,7 @@ class GrassOptimizer(torch.optim.Optimizer):
 
     @staticmethod
     def _weight(site):
-        return site._model_ref().weight_of(site)
+        return site.model.weight_of(site)
 
     def _update_dense(self, p, group):  # pragma: no cover - abstract
         raise NotImplementedError
@@ -291,7 +291,7 @@ class AdamW(GrassOptimizer):
         weight = self._weight(site)
         self._decay_selected(site, weight, 1 - group["lr"] * group["weight_decay"])
         num, denom, step_size = self._direction(self._moments(handle, handle), handle.grad, group)
-        scale = site._model_ref().grass_config.scale
+        scale = site.model.grass_config.scale
         self._apply_projected(site, weight, num / denom, -step_size * scale)
 
 
@@ -343,7 +343,7 @@ class SGD(GrassOptimizer):
             rows = weight.index_select(site.dim, site.idx)
             rows = rows * _bcast(site.rho, rows.dim(), site.dim).to(rows.dtype)
             grad = grad.add(rows, alpha=group["weight_decay"])
-        scale = site._model_ref().grass_config.scale
+        scale = site.model.grass_config.scale
         self._apply_projected(site, weight, self._direction(handle, grad, group), -group["lr"] * scale)
 
 
@@ -429,5 +429,5 @@ class Adafactor(GrassOptimizer):
         alpha = self._step_size(group, state, self._rms(rows))
         self._decay_selected(site, weight, 1 - group["lr"] * group["weight_decay"])
         update, inv_clip = self._direction(state, handle.grad, group)
-        scale = site._model_ref().grass_config.scale
+        scale = site.model.grass_config.scale
         self._apply_projected(site, weight, update, -alpha * inv_clip * scale)

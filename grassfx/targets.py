@@ -4,8 +4,9 @@ A *target* is a 2-D parameter whose gradient comes from a matmul-like use:
 
 * ``nn.Linear.weight`` (layout ``(out, in)``),
 * Hugging Face ``Conv1D.weight`` (GPT-2; layout ``(in, out)``: ``y = x @ W + b``),
-* a 2-D parameter of any other module whose ``forward`` source reads ``self.<name>`` on a
-  line that calls ``linear``/``matmul``/``mm``/``bmm``/``einsum`` or uses ``@``.
+* a 2-D parameter of any other module whose ``forward`` source reads ``self.<name>`` (or
+  a local that is a reshaped/transposed view of it, e.g. ``w = self.qkv.view(...)``) on a line that calls
+  ``linear``/``matmul``/``mm``/``bmm``/``einsum`` or uses ``@``.
 
 Never targeted automatically: embeddings (their backward is a scatter) and any weight
 tied to one (for example a tied LM head), parameters with fewer or more than 2 dims
@@ -62,8 +63,20 @@ def _forward_uses_matmul(module: nn.Module, attr: str) -> bool:
         source = inspect.getsource(type(module).forward)
     except (OSError, TypeError):
         return False
-    pattern = re.compile(r"self\." + re.escape(attr) + r"\b")
-    return any(pattern.search(line) and _MATMUL_LINE.search(line) for line in source.splitlines())
+    # the weight itself, or a local bound from it (``w = self.qkv.view(...)``), on a line
+    # that multiplies
+    names = [r"self\." + re.escape(attr) + r"\b"]
+    layout_of_weight = re.compile(
+        r"\s*self\." + re.escape(attr) + r"((\.(view|reshape|t|T|mT|transpose|permute|unflatten|contiguous|to))"
+        r"(\([^()]*(\([^()]*\)[^()]*)*\))?)*\s*(#.*)?$"
+    )
+    lines = source.splitlines()
+    for line in lines:
+        m = re.match(r"\s*([A-Za-z_]\w*)\s*=(?!=)(.*)", line)
+        if m and layout_of_weight.match(m.group(2)):
+            names.append(r"\b" + re.escape(m.group(1)) + r"\b")
+    pattern = re.compile("|".join(names))
+    return any(pattern.search(line) and _MATMUL_LINE.search(line) for line in lines)
 
 
 def _as_filters(spec, arg: str) -> list:

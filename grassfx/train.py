@@ -53,14 +53,12 @@ MIN_LR_RATIO = 0.1
 DEMO_DEFAULTS = dict(
     preset="tiny",
     compare=True,
-    steps=300,
+    steps=500,
     batch_size=4,
     seq_len=128,
     eval_every=50,
     eval_batches=8,
-    update_freq=100,
     backend="eager",
-    threads=2,
 )
 
 
@@ -225,7 +223,6 @@ class PeakMemory:
 
     def __init__(self, device: torch.device):
         self.cuda = device.type == "cuda"
-        self._sampled = 0
         if self.cuda:
             torch.cuda.reset_peak_memory_stats(device)
         else:
@@ -242,7 +239,7 @@ class PeakMemory:
             return int(torch.cuda.max_memory_allocated(self.device))
         hwm = _proc_status_kib("VmHWM")
         if hwm is not None:
-            return max(hwm * 1024, self._sampled)
+            return hwm * 1024
         rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         return int(rss if sys.platform == "darwin" else rss * 1024)
 
@@ -350,76 +347,84 @@ def evaluate(model, batches: list[torch.Tensor], device: torch.device) -> float:
     return sum(losses) / len(losses)
 
 
+def train_step(model, opt, sched, x: torch.Tensor) -> float:
+    """One ordinary optimizer step on batch ``x``; returns the loss."""
+    loss = model(input_ids=x, labels=x).loss
+    loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    sched.step()
+    return loss.detach().item()
+
+
+class Throughput:
+    """Training time and tokens/s, leaving out the first step (compilation, allocator warmup)."""
+
+    def __init__(self, tokens_per_step: int):
+        self.tokens_per_step, self.steps, self.seconds, self.first_step_s = tokens_per_step, 0, 0.0, 0.0
+
+    def add(self, dt: float) -> None:
+        """Account one step that took ``dt`` seconds."""
+        if self.first_step_s == 0.0:
+            self.first_step_s = dt
+        else:
+            self.steps, self.seconds = self.steps + 1, self.seconds + dt
+
+    @property
+    def tokens_per_s(self) -> float:
+        """Mean tokens/s over the timed steps (over the first one when there is no other)."""
+        if self.steps == 0:
+            return self.tokens_per_step / max(self.first_step_s, 1e-9)
+        return self.steps * self.tokens_per_step / max(self.seconds, 1e-9)
+
+
 def train_run(spec: RunSpec, corpus, eval_set, args, device, log) -> dict:
-    """Train one run and return its summary; each step's record is passed to ``log``."""
+    """Train one run from the shared init and batches; ``log`` gets each step's record."""
     from tqdm.auto import tqdm
 
-    preset = presets_mod.get_preset(args.preset)
     gc.collect()
+    mem = PeakMemory(device)
+    preset = presets_mod.get_preset(args.preset)
     model = presets_mod.build_model(preset, args.seed, vocab_size=corpus.vocab_size).to(device)
     params = presets_mod.count_params(model)
-    mem = PeakMemory(device)
     model, opt = make_optimizer(model, spec, args)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(args.steps))
     sampler = data_mod.BatchSampler(corpus.train, args.batch_size, args.seq_len, seed=args.seed)
-    tokens_per_step = args.batch_size * args.seq_len
-
+    speed = Throughput(args.batch_size * args.seq_len)
     bar = tqdm(total=args.steps, desc=f"{spec.name:>8}", unit="step", dynamic_ncols=True,
                disable=args.no_progress, mininterval=0.5, file=sys.stderr)
-    smooth, eval_loss, train_time, first_step_s, last_eval = None, float("nan"), 0.0, 0.0, None
+    smooth, eval_loss = None, float("nan")
     for step in range(1, args.steps + 1):
         x = next(sampler).to(device)
         lr = opt.param_groups[0]["lr"]
         _sync(device)
         t0 = time.perf_counter()
-        loss = model(input_ids=x, labels=x).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        sched.step()
-        loss_value = loss.detach().item()
+        loss = train_step(model, opt, sched, x)
         _sync(device)
         dt = time.perf_counter() - t0
-        if step == 1:
-            first_step_s = dt
-        if step > 1 or args.steps == 1:
-            train_time += dt
-        if not math.isfinite(loss_value):
-            raise FloatingPointError(f"{spec.name}: the training loss became {loss_value} at step {step}")
-        smooth = loss_value if smooth is None else 0.95 * smooth + 0.05 * loss_value
-        record = dict(run=spec.name, step=step, loss=loss_value, lr=lr, tokens_per_s=tokens_per_step / dt)
+        speed.add(dt)
+        if not math.isfinite(loss):
+            raise FloatingPointError(f"{spec.name}: the training loss became {loss} at step {step}")
+        smooth = loss if smooth is None else 0.95 * smooth + 0.05 * loss
+        record = dict(run=spec.name, step=step, loss=loss, lr=lr, tokens_per_s=speed.tokens_per_step / dt)
         if step % args.eval_every == 0 or step == args.steps:
-            eval_loss = evaluate(model, eval_set, device)
-            record["eval_loss"] = eval_loss
-            last_eval = f"eval {eval_loss:.3f}"
+            eval_loss = record["eval_loss"] = evaluate(model, eval_set, device)
         log(record)
-        bar.set_postfix_str(
-            f"loss {smooth:.3f}" + (f", {last_eval}" if last_eval else "")
-            + f", {tokens_per_step / dt:,.0f} tok/s, mem {_fmt_bytes(mem.peak())}", refresh=False)
+        shown_eval = f"eval {eval_loss:.3f}, " if math.isfinite(eval_loss) else ""
+        bar.set_postfix_str(f"loss {smooth:.3f}, {shown_eval}{speed.tokens_per_s:,.0f} tok/s, "
+                            f"mem {_fmt_bytes(mem.peak())}", refresh=False)
         bar.update(1)
     bar.close()
-
-    timed_steps = args.steps - 1 if args.steps > 1 else 1
     summary = dict(
-        optimizer=spec.optimizer,
-        eval_loss=eval_loss,
-        eval_ppl=math.exp(min(eval_loss, 700.0)),
-        train_loss=smooth,
-        tokens_per_s=timed_steps * tokens_per_step / max(train_time, 1e-9),
-        peak_mem_bytes=mem.peak(),
-        optimizer_state_bytes=optimizer_state_bytes(opt),
-        steps=args.steps,
-        tokens=args.steps * tokens_per_step,
-        params=params,
-        train_time_s=train_time + first_step_s,
-        first_step_s=first_step_s,
-    )
+        optimizer=spec.optimizer, eval_loss=eval_loss, eval_ppl=math.exp(min(eval_loss, 700.0)),
+        train_loss=smooth, tokens_per_s=speed.tokens_per_s, peak_mem_bytes=mem.peak(),
+        optimizer_state_bytes=optimizer_state_bytes(opt), steps=args.steps,
+        tokens=args.steps * speed.tokens_per_step, params=params,
+        train_time_s=speed.seconds + speed.first_step_s, first_step_s=speed.first_step_s)
     if spec.optimizer != "adamw":
         summary.update(rank=args.rank, update_freq=args.update_freq, scale=args.scale)
     if spec.selection:
         summary["selection"] = spec.selection
-    del model, opt, sched
-    gc.collect()
     return summary
 
 

@@ -12,8 +12,10 @@ Rows of a GEMM output come from the left operand's rows; columns from the right
 operand's columns (HF ``Conv1D``, ``proj_dim="cols"``); a bmm's batch dim from both.
 
 Pushes through: permute / t / transpose, view / reshape / _unsafe_view / squeeze /
-unsqueeze (when the selected dim survives as one dim), alias / clone, dtype casts,
-mul / div by a scalar, add / sub (a weight used twice), sum over other dims.
+unsqueeze, alias / clone, dtype casts, mul / div by a scalar, add / sub (a weight used
+twice), sum over other dims. The selection travels as a contiguous *group* of dims, so
+a weight viewed with merged or split head dims (``qkv.view(3, heads, hd, d)``) pushes
+through as long as its rows stay contiguous and in order.
 Never through elementwise ops with tensor operands (that would duplicate work).
 
 Guarantees: the graph computes exactly ``rho * grad.index_select(dim, idx)``. A site it
@@ -57,12 +59,15 @@ _ADD = {aten.add, aten.sub}
 
 @dataclass
 class Push:
-    """How to produce ``node.index_select(dim, idx)`` without computing ``node`` densely."""
+    """How to produce ``node`` with the dims ``group`` (a contiguous range, flattened)
+    selected by ``idx`` without computing ``node`` densely. The result has ``node``'s
+    shape with ``group`` replaced by one dim of size r."""
 
     node: fx.Node
-    dim: int
-    kind: str  # "gemm" | "layout" | "view" | "same" | "scale" | "add" | "sum"
-    children: list = field(default_factory=list)  # (operand name, Push) pairs
+    group: tuple  # (start, end) of the selected, flattened dims of node's output
+    kind: str  # "gemm" | "permute" | "view" | "squeeze" | "same" | "scale" | "add" | "sum"
+    children: list = field(default_factory=list)  # (operand name, Push or None, operand group)
+    eaten: tuple = ()  # permute only: size-1 input dims swallowed by the group
 
 
 @dataclass
@@ -89,12 +94,16 @@ def _shape(node) -> Optional[tuple]:
     return tuple(val.shape) if isinstance(val, torch.Tensor) else None
 
 
-def _view_in_dim(in_shape, out_shape, out_dim) -> Optional[int]:
-    """The input dim that becomes ``out_dim`` unchanged through a view, if any."""
-    want_before = prod(out_shape[:out_dim])
-    for d in range(len(in_shape)):
-        if same_size(in_shape[d], out_shape[out_dim]) and same_size(prod(in_shape[:d]), want_before):
-            return d
+def _view_in_group(in_shape, out_shape, group) -> Optional[tuple]:
+    """The input dims that flatten to the same elements as ``group`` of the output."""
+    s, e = group
+    before, size = prod(out_shape[:s]), prod(out_shape[s:e])
+    for a in range(len(in_shape)):
+        if not same_size(prod(in_shape[:a]), before):
+            continue
+        for b in range(a + 1, len(in_shape) + 1):
+            if same_size(prod(in_shape[a:b]), size):
+                return (a, b)
     return None
 
 
@@ -105,78 +114,119 @@ def _is_scalar(x) -> bool:
     return isinstance(val, torch.Tensor) and val.dim() == 0
 
 
-def _plan(node, dim: int, root: bool) -> Union[Push, str]:
-    """Analyse ``node`` selected along ``dim``: a Push tree, or a short reason."""
+def _wrap(node, group, kind, operand, sub_group) -> Union[Push, str]:
+    sub = _plan(operand[1], sub_group, False)
+    return sub if isinstance(sub, str) else Push(node, group, kind, [(operand[0], sub, sub_group)])
+
+
+def _plan_gemm(node, group, args, pk) -> Union[Push, str]:
+    s, e = group
+    if pk is aten.mm:
+        if group == (0, 1):
+            return Push(node, group, "gemm", [("self", None, (0, 1))])
+        if group == (1, 2):
+            return Push(node, group, "gemm", [("mat2", None, (1, 2))])
+        return "selected rows span both GEMM dims"
+    batch = _shape(node)[0]
+    if group == (0, 1):
+        return Push(node, group, "gemm", [("self", None, (0, 1)), ("mat2", None, (0, 1))])
+    if group == (1, 2):
+        return Push(node, group, "gemm", [("self", None, (1, 2))])
+    if group == (2, 3):
+        return Push(node, group, "gemm", [("mat2", None, (2, 3))])
+    if group == (0, 2) and same_size(batch, 1):
+        return Push(node, group, "gemm", [("self", None, (1, 2))])  # a bmm of batch 1: an mm
+    return "selected rows span a batched GEMM's batch dim"
+
+
+def _plan(node, group: tuple, root: bool) -> Union[Push, str]:
+    """Analyse ``node`` with dims ``group`` selected: a Push tree, or a short reason."""
     if not isinstance(node, fx.Node):
         return "not a graph value"
     if not root and len(node.users) != 1:
         return "dense gradient has other users"
     pk = _packet(node)
+    if node.op == "placeholder":
+        return "gradient computed in another graph (graph break)"
     if pk is None:
         return f"not a GEMM: {node.op} {node.target}"
     args = norm_args(node)
     shape = _shape(node)
-    if pk is aten.mm:
-        child = ("self", None) if dim == 0 else ("mat2", None)
-        return Push(node, dim, "gemm", [child])
-    if pk is aten.bmm:
-        if dim == 0:
-            return Push(node, dim, "gemm", [("self", None), ("mat2", None)])
-        return Push(node, dim, "gemm", [("self", None)] if dim == 1 else [("mat2", None)])
-    if pk is aten.permute:
-        dims = [d % len(shape) for d in args["dims"]]
-        sub = _plan(args["self"], dims[dim], False)
-        return sub if isinstance(sub, str) else Push(node, dim, "layout", [("self", sub)])
-    if pk is aten.t:
-        sub = _plan(args["self"], 1 - dim if len(shape) == 2 else dim, False)
-        return sub if isinstance(sub, str) else Push(node, dim, "layout", [("self", sub)])
-    if pk is aten.transpose:
-        d0, d1 = args["dim0"] % len(shape), args["dim1"] % len(shape)
-        in_dim = d1 if dim == d0 else d0 if dim == d1 else dim
-        sub = _plan(args["self"], in_dim, False)
-        return sub if isinstance(sub, str) else Push(node, dim, "layout", [("self", sub)])
+    s, e = group
+    if pk in (aten.mm, aten.bmm):
+        return _plan_gemm(node, group, args, pk)
+    if pk in (aten.permute, aten.t, aten.transpose):
+        perm = _as_perm(pk, args, len(shape))
+        in_shape = _shape(args["self"])
+        src = perm[s:e]
+        lo, hi = min(src), max(src) + 1
+        # size-1 input dims inside [lo, hi) that are not in the group do not change the
+        # flattened order; they are "eaten" and restored by a reshape
+        eaten = tuple(d for d in range(lo, hi) if d not in src)
+        big = [d for d in src if not same_size(in_shape[d], 1)]
+        if any(not same_size(in_shape[d], 1) for d in eaten) or big != sorted(big):
+            return "selected dims reordered by a permute"
+        if eaten and not all(isinstance(x, int) for x in shape):
+            return "permute with symbolic shape"
+        push = _wrap(node, group, "permute", ("self", args["self"]), (lo, hi))
+        if not isinstance(push, str):
+            push.eaten = eaten
+        return push
     if pk in _VIEWS:
-        in_dim = _view_in_dim(_shape(args["self"]), shape, dim)
-        if in_dim is None:
-            return "selected dim merged or split by a reshape"
-        sub = _plan(args["self"], in_dim, False)
-        return sub if isinstance(sub, str) else Push(node, dim, "view", [("self", sub)])
+        in_group = _view_in_group(_shape(args["self"]), shape, group)
+        if in_group is None:
+            return "selected dims mixed with others by a reshape"
+        if pk in (aten.squeeze, aten.unsqueeze) and (in_group[1] - in_group[0]) != (e - s):
+            return "squeeze inside the selected dims"
+        return _wrap(node, group, "view", ("self", args["self"]), in_group)
     if pk in _SAME:
-        sub = _plan(args["self"], dim, False)
-        return sub if isinstance(sub, str) else Push(node, dim, "same", [("self", sub)])
+        return _wrap(node, group, "same", ("self", args["self"]), group)
     if pk in _SCALE:
         if not _is_scalar(args["other"]) or _shape(args["self"]) != shape:
             return "elementwise op with a tensor operand"
-        sub = _plan(args["self"], dim, False)
-        return sub if isinstance(sub, str) else Push(node, dim, "scale", [("self", sub)])
+        return _wrap(node, group, "scale", ("self", args["self"]), group)
     if pk in _ADD:
         kids = []
         for name in ("self", "other"):
             if _shape(args[name]) != shape:
                 return "add with broadcasting"
-            sub = _plan(args[name], dim, False)
+            sub = _plan(args[name], group, False)
             if isinstance(sub, str):
                 return sub
-            kids.append((name, sub))
-        return Push(node, dim, "add", kids)
-    if pk is aten.sum and args.get("dim") is not None:
+            kids.append((name, sub, group))
+        return Push(node, group, "add", kids)
+    if pk is aten.sum and args.get("dim"):
         in_shape = _shape(args["self"])
         reduced = sorted(d % len(in_shape) for d in args["dim"])
-        if args.get("keepdim"):
-            in_dim = dim
-        else:
-            kept = [d for d in range(len(in_shape)) if d not in reduced]
-            in_dim = kept[dim]
-        if in_dim in reduced:
-            return "selected dim is reduced"
-        sub = _plan(args["self"], in_dim, False)
-        return sub if isinstance(sub, str) else Push(node, dim, "sum", [("self", sub)])
-    return f"not a GEMM: {pk._qualified_op_name if hasattr(pk, '_qualified_op_name') else pk}"
+        kept = list(range(len(in_shape))) if args.get("keepdim") else [d for d in range(len(in_shape)) if d not in reduced]
+        src = kept[s:e]
+        if any(d in reduced for d in src) or any(src[i] != src[0] + i for i in range(len(src))):
+            return "selected dims are reduced"
+        return _wrap(node, group, "sum", ("self", args["self"]), (src[0], src[-1] + 1))
+    name = getattr(pk, "_qualified_op_name", str(pk)).replace("::", ".")
+    return f"not a GEMM: {name}"
+
+
+def _as_perm(pk, args, ndim) -> list:
+    if pk is aten.permute:
+        return [d % ndim for d in args["dims"]]
+    perm = list(range(ndim))
+    if pk is aten.t:
+        return perm[::-1] if ndim == 2 else perm
+    d0, d1 = args["dim0"] % ndim, args["dim1"] % ndim
+    perm[d0], perm[d1] = perm[d1], perm[d0]
+    return perm
+
+
+def _collapse(ndim: int, group: tuple) -> list:
+    """Map each old dim to its index once ``group`` is collapsed into one dim."""
+    s, e = group
+    return [d if d < s else s if d < e else d - (e - s - 1) for d in range(ndim)]
 
 
 def _count_gemms(plan: Push) -> int:
     own = 1 if plan.kind == "gemm" else 0
-    return own + sum(_count_gemms(c) for _, c in plan.children if c is not None)
+    return own + sum(_count_gemms(c) for _, c, _ in plan.children if c is not None)
 
 
 def find_weight_grad_sites(graph: fx.Graph) -> list:
@@ -191,7 +241,7 @@ def find_weight_grad_sites(graph: fx.Graph) -> list:
         if len(grad.users) != 1:
             site.reason = "dense gradient has other users"
         else:
-            plan = _plan(grad, dim, True)
+            plan = _plan(grad, (dim, dim + 1), True)
             if isinstance(plan, str):
                 site.reason = plan
             else:
@@ -219,19 +269,54 @@ class _Emitter:
 
     def emit(self, plan: Push) -> fx.Node:
         node, args = plan.node, norm_args(plan.node)
+        pk = node.target.overloadpacket
+        s, e = plan.group
         if plan.kind == "gemm":
+            if pk is aten.bmm and plan.group == (0, 2):  # batch-1 bmm: an mm on rows
+                left = self.gather(self.node(aten.squeeze.dim, (args["self"], 0)), 0)
+                right = self.node(aten.squeeze.dim, (args["mat2"], 0))
+                return self.node(aten.mm.default, (left, right))  # (r, n) = (r, k) @ (k, n)
             new = {"self": args["self"], "mat2": args["mat2"]}
-            for operand, _ in plan.children:
-                # mm rows come from self's dim 0, columns from mat2's dim 1; a bmm's
-                # dim d (0: batch, 1: rows, 2: cols) lives at dim d of its operand(s).
-                new[operand] = self.gather(args[operand], plan.dim)
-            return self.node(node.target, (new["self"], new["mat2"]))
-        inner = {name: self.emit(child) for name, child in plan.children}
+            for operand, _, (os_, _oe) in plan.children:
+                new[operand] = self.gather(args[operand], os_)
+            return self.node(node.target, (new["self"], new["mat2"]))  # (r, n) = (r, k) @ (k, n)
+        inner = {name: self.emit(child) for name, child, _ in plan.children}
+        x = inner.get("self")
+        if plan.kind == "permute":
+            (_, _, in_group), = plan.children
+            out_shape = _shape(node)
+            ndim = len(out_shape)
+            perm = _as_perm(pk, args, ndim)
+            in_map = _collapse(ndim, in_group)
+            new_perm = [in_map[perm[j]] for j in range(ndim)
+                        if not (s < j < e) and perm[j] not in plan.eaten]
+            out = self.node(aten.permute.default, (x, new_perm))
+            if plan.eaten:  # put the swallowed size-1 dims back where they were
+                size = [int(d) for d in out_shape[:s]] + [self.r] + [int(d) for d in out_shape[e:]]
+                out = self.node(aten.reshape.default, (out, size))
+            return out
         if plan.kind == "view":
-            size = list(args.get("size", args.get("shape", [])) or [])
-            if node.target.overloadpacket in (aten.view, aten.reshape, aten._unsafe_view):
-                size[plan.dim] = self.r
-                return self.node(node.target, (inner["self"], size))
+            out_shape = _shape(node)
+            if pk in (aten.view, aten.reshape, aten._unsafe_view):
+                size = list(args.get("size", args.get("shape")))
+                return self.node(node.target, (x, size[:s] + [self.r] + size[e:]))
+            (_, _, in_group), = plan.children
+            dim_arg = args["dim"]
+            if pk is aten.unsqueeze:
+                return self.node(aten.unsqueeze.default, (x, _collapse(len(out_shape), plan.group)[dim_arg % len(out_shape)]))
+            in_nd = len(_shape(args["self"]))
+            in_map = _collapse(in_nd, in_group)
+            dims = dim_arg if isinstance(dim_arg, (list, tuple)) else [dim_arg]
+            return self.node(aten.squeeze.dims, (x, [in_map[d % in_nd] for d in dims]))
+        if plan.kind == "sum":
+            (_, _, in_group), = plan.children
+            in_nd = len(_shape(args["self"]))
+            in_map = _collapse(in_nd, in_group)
+            dims = sorted({in_map[d % in_nd] for d in args["dim"]})
+            return self.node(aten.sum.dim_IntList, (x, dims, bool(args.get("keepdim"))), {"dtype": args["dtype"]} if args.get("dtype") is not None else None)
+        if plan.kind == "add":
+            extra = {"alpha": args["alpha"]} if args.get("alpha", 1) != 1 else None
+            return self.node(node.target, (inner["self"], inner["other"]), extra)
         new_args = [inner.get(a.name, args.get(a.name)) for a in node.target._schema.arguments
                     if a.name in args and not a.kwarg_only]
         new_kwargs = {a.name: args[a.name] for a in node.target._schema.arguments

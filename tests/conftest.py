@@ -61,18 +61,17 @@ def make_llama(seed=0, **overrides):
 
     torch.manual_seed(seed)
     model = LlamaForCausalLM(tiny_llama_config(**overrides))
-    model.config.loss_type = "ForCausalLM"
     return model.eval()  # no dropout anywhere numbers are compared
 
 
-def make_gpt2(seed=0):
+def make_gpt2(seed=0, vocab=80):
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(seed)
-    cfg = GPT2Config(vocab_size=96, n_positions=64, n_embd=32, n_layer=2, n_head=4,
+    cfg = GPT2Config(vocab_size=vocab, n_positions=64, n_embd=32, n_layer=2, n_head=4,
                      resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0)
     model = GPT2LMHeadModel(cfg)
-    model.config.loss_type = "ForCausalLM"
+    model.loss_type = "ForCausalLM"  # else transformers' warning_once graph-breaks
     return model.eval()
 
 

