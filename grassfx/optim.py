@@ -150,17 +150,24 @@ class GrassOptimizer(torch.optim.Optimizer):
         if not self._all_finite():
             self.skipped_steps += 1
             return loss
+        work = []
         for group, p in self._grads():
             site = getattr(p, "_grassfx_site", None)
-            if site is None:
-                self._update_dense(p, group)
-                continue
-            if site.refreshed:
+            if site is not None and site.refreshed:
                 self._on_refresh(p, site, group)
-            self._update_projected(p, site, group)
+            work.append((group, p, site))
+        self._apply(work)
         for model in self._models:
             model.grass_step.add_(1)
         return loss
+
+    def _apply(self, work) -> None:
+        """Update every ``(group, param, site)``; subclasses may fuse and compile this."""
+        for group, p, site in work:
+            if site is None:
+                self._update_dense(p, group)
+            else:
+                self._update_projected(p, site, group)
 
     # -- refresh ------------------------------------------------------------------------
     def _on_refresh(self, handle, site, group) -> None:
@@ -248,8 +255,13 @@ class AdamW(GrassOptimizer):
         [(4, 32), (4, 32)]
     """
 
-    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, *, nonfinite="raise"):
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, *, nonfinite="raise",
+                 compiled=None):
         _check_number("lr", lr, low=0.0)
+        if compiled not in (None, True, False):
+            raise ConfigError(f"compiled={compiled!r}: expected None (follow the model's backend), True or False")
+        self._compiled_flag = compiled
+        self._fused = None
         if not (isinstance(betas, (tuple, list)) and len(betas) == 2):
             raise ConfigError(f"betas={betas!r}: expected a pair (beta1, beta2)")
         _check_number("betas[0]", betas[0], low=0.0, high=1.0)
@@ -293,6 +305,99 @@ class AdamW(GrassOptimizer):
         num, denom, step_size = self._direction(self._moments(handle, handle), handle.grad, group)
         scale = site.model.grass_config.scale
         self._apply_projected(site, weight, num / denom, -step_size * scale)
+
+    # -- the compiled step ----------------------------------------------------------------
+    def _use_compiled(self) -> bool:
+        if self._compiled_flag is not None:
+            return self._compiled_flag
+        return any(m.grass_config.backend == "inductor" for m in self._models)
+
+    def _apply(self, work) -> None:
+        if not self._use_compiled() or not work:
+            return super()._apply(work)
+        betas = {tuple(g["betas"]) for g, _, _ in work}
+        epss = {g["eps"] for g, _, _ in work}
+        if len(betas) > 1 or len(epss) > 1:  # the fused step bakes betas/eps in
+            return super()._apply(work)
+        (beta1, beta2), eps = betas.pop(), epss.pop()
+        dense, proj = _FusedLists(), _FusedLists()
+        for group, p, site in work:
+            lists = dense if site is None or site.full else proj
+            target = p if site is None else self._weight(site)
+            state = self._moments(p, p)
+            state["step"] += 1
+            t = state["step"]
+            scale = 1.0 if site is None else site.model.grass_config.scale
+            lists.add(target, p.grad, state["exp_avg"], state["exp_avg_sq"],
+                      step=-group["lr"] * scale / (1 - beta1**t), bc2=math.sqrt(1 - beta2**t),
+                      decay=1 - group["lr"] * group["weight_decay"], site=None if site is None or site.full else site)
+        if self._fused is None:
+            self._fused = torch.compile(_fused_adamw, dynamic=False, fullgraph=True)
+        self._fused(dense.as_args(), proj.as_args(), beta1, beta2, eps)
+        if proj.pendings:
+            # 0-d buffers stay outside the compiled region: torch 2.13's Inductor drops
+            # in-place updates of 0-d CPU float64 inputs there.
+            torch._foreach_mul_(proj.pendings, proj.decays)
+
+
+class _FusedLists:
+    """Flat lists for :func:`_fused_adamw` (one entry per parameter)."""
+
+    def __init__(self):
+        self.params, self.grads, self.exp_avgs, self.exp_avg_sqs = [], [], [], []
+        self.steps, self.bc2s, self.decays = [], [], []
+        self.dims, self.idxs, self.rhos, self.pendings = [], [], [], []
+
+    def add(self, param, grad, exp_avg, exp_avg_sq, *, step, bc2, decay, site):
+        self.params.append(param)
+        self.grads.append(grad)
+        self.exp_avgs.append(exp_avg)
+        self.exp_avg_sqs.append(exp_avg_sq)
+        self.steps.append(step)
+        self.bc2s.append(bc2)
+        self.decays.append(decay)
+        if site is not None:
+            self.dims.append(site.dim)
+            self.idxs.append(site.idx)
+            self.rhos.append(site.rho)
+            self.pendings.append(site.decay_pending)
+
+    def as_args(self):
+        """Per-step numbers travel as tensors, so changing values never recompiles."""
+        nums = torch.tensor([self.steps, self.bc2s, self.decays], dtype=torch.float64) if self.params else None
+        return (self.params, self.grads, self.exp_avgs, self.exp_avg_sqs, nums,
+                tuple(self.dims), self.idxs, self.rhos, self.pendings)
+
+
+def _fused_adamw(dense, proj, beta1: float, beta2: float, eps: float) -> None:
+    """One AdamW step over flat lists; compiled once per parameter set.
+
+    ``dense``: parameters updated in full (including fully selected weights).
+    ``proj``: projected weights; grads and moments are (r, n) (or (m, r)), the update
+    goes to the selected rows, and decoupled decay hits the selected rows (the caller
+    multiplies the others' debt into ``decay_pending``, settled at the next refresh).
+    """
+    params, grads, exp_avgs, exp_avg_sqs, nums, _, _, _, _ = dense
+    for i in range(len(params)):
+        step, bc2, decay = nums[0, i].float(), nums[1, i].float(), nums[2, i].float()
+        params[i].mul_(decay)
+        exp_avgs[i].lerp_(grads[i], 1 - beta1)
+        exp_avg_sqs[i].mul_(beta2).addcmul_(grads[i], grads[i], value=1 - beta2)
+        denom = (exp_avg_sqs[i].sqrt() / bc2).add_(eps)
+        params[i].add_(exp_avgs[i] / denom * step)
+    weights, grads, exp_avgs, exp_avg_sqs, nums, dims, idxs, rhos, pendings = proj
+    for i in range(len(weights)):
+        w, dim, idx = weights[i], dims[i], idxs[i]
+        step, bc2, decay = nums[0, i].float(), nums[1, i].float(), nums[2, i].float()
+        rho = rhos[i].unsqueeze(1 - dim)  # broadcast along the selected dim
+        # decay each selected row once, even when it was drawn several times
+        counts = torch.zeros(w.shape[dim], device=w.device).index_add_(0, idx, torch.ones_like(rhos[i]))
+        share = ((decay - 1) / counts[idx]).unsqueeze(1 - dim)
+        w.index_add_(dim, idx, w.index_select(dim, idx) * share.to(w.dtype))
+        exp_avgs[i].lerp_(grads[i], 1 - beta1)
+        exp_avg_sqs[i].mul_(beta2).addcmul_(grads[i], grads[i], value=1 - beta2)
+        denom = (exp_avg_sqs[i].sqrt() / bc2).add_(eps)
+        w.index_add_(dim, idx, (exp_avgs[i] / denom * (step * rho)).to(w.dtype))  # (r, n) rows into (m, n)
 
 
 class SGD(GrassOptimizer):
