@@ -5,6 +5,7 @@ from __future__ import annotations
 from torch import nn
 
 from .config import GrassConfig
+from .distributed import check_not_fsdp
 from .errors import ConfigError
 from .model import GrassModel
 from .targets import find_targets
@@ -28,6 +29,7 @@ def compile(  # noqa: A001 - the promised public name
     moments: str = "reset",
     dynamic=None,
     options: dict | None = None,
+    data_parallel=None,
 ) -> GrassModel:
     """Make ``model`` train by Grass: only r rows of each weight gradient are computed.
 
@@ -49,6 +51,10 @@ def compile(  # noqa: A001 - the promised public name
             (keep the moments of rows selected before and after).
         dynamic: passed to ``torch.compile``.
         options: extra Inductor options passed to ``torch.compile``.
+        data_parallel: ``None`` (default): average gradients across ranks whenever
+            ``torch.distributed`` is initialised with more than one process, sending only
+            compressed gradients for projected weights (see ``grassfx.distributed``);
+            ``False``: never communicate.
 
     Returns:
         A :class:`grassfx.GrassModel`, called like ``model``.
@@ -77,7 +83,9 @@ def compile(  # noqa: A001 - the promised public name
         moments=moments,
         dynamic=dynamic,
         compile_options=dict(options or {}),
+        data_parallel=data_parallel,
     )
+    check_not_fsdp(model)
     specs = find_targets(model, targets=targets, exclude=exclude)
     grass_model = GrassModel(model, specs, config)
     if config.backend != "eager":

@@ -16,7 +16,9 @@ import difflib
 import hashlib
 import inspect
 import itertools
+import logging
 import os
+import types
 import weakref
 from dataclasses import dataclass, field
 
@@ -29,6 +31,7 @@ from grassfx.passes import PassContext, settings
 __all__ = ["GraphRecord", "Stage", "op_summary", "CompileStats", "install_compiled_runner", "run_pipeline", "pipeline_uuid"]
 
 _DUMP_COUNTER = itertools.count()
+_log = logging.getLogger("grassfx")
 
 
 @dataclass
@@ -123,6 +126,10 @@ def run_pipeline(graph: fx.Graph, record: GraphRecord) -> list:
         record.stages.append(Stage(name, before, after, ops_before, ops_after, res))
         if cfg.dump_dir:
             _dump(record, name, before, after, cfg.dump_dir)
+        if cfg.debug >= 2:
+            _log.info("%s %s: modified=%s, %d change(s), %d skip(s)%s", record.graph_id, name, res.modified,
+                      len(res.changes), len(res.skipped),
+                      "".join(f"\n  skipped {k.weight}: {k.reason}" for k in res.skipped))
         results.append(res)
     return results
 
@@ -248,4 +255,16 @@ def install_compiled_runner(model) -> None:
         backend = _aot_eager_backend(model, stats)
     else:  # pragma: no cover - validated by GrassConfig
         raise ValueError(cfg.backend)
-    model._runner = torch.compile(model._run, backend=backend, dynamic=cfg.dynamic)
+    model._runner = torch.compile(_own_code(model._run), backend=backend, dynamic=cfg.dynamic)
+
+
+def _own_code(method):
+    """``method`` bound to a private copy of its code object.
+
+    Dynamo keeps compiled entries, and the recompile limit (8), per code object. Every
+    GrassModel shares ``GrassModel._run``, so without this the fifth compiled model in a
+    process (2 frames each) would silently run uncompiled.
+    """
+    fn = method.__func__
+    fresh = types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)
+    return types.MethodType(fresh, method.__self__)

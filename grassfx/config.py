@@ -37,6 +37,7 @@ class GrassConfig:
     moments: str = "reset"
     dynamic: Any = None
     compile_options: dict = field(default_factory=dict)
+    data_parallel: Any = None  # None: when torch.distributed is initialised; False: never
 
     def __post_init__(self):
         rank = self.rank
@@ -60,6 +61,8 @@ class GrassConfig:
             raise ConfigError(f"update_freq={self.update_freq}: must be >= 1 (steps between refreshes)")
         if isinstance(self.scale, bool) or not isinstance(self.scale, numbers.Real) or not math.isfinite(self.scale):
             raise ConfigError(f"scale={self.scale!r}: expected a finite float (the update scale alpha)")
+        if self.data_parallel not in (None, True, False):
+            raise ConfigError(f"data_parallel={self.data_parallel!r}: expected None (auto), True or False")
         if isinstance(self.seed, bool) or not isinstance(self.seed, numbers.Integral):
             raise ConfigError(f"seed={self.seed!r}: expected an int")
 

@@ -177,6 +177,8 @@ class GrassModel(nn.Module):
         self._pending_ok = True  # False once a pending refresh saw a non-finite gradient
         self._runner = self._run
         self.compile_stats = None  # filled by grassfx.backend for compiled backends
+        self._dp = None  # grassfx.distributed.DataParallel once a process group is seen
+        self._dp_checked = False
 
     # -- access -------------------------------------------------------------------------
     def __getattr__(self, name):
@@ -207,12 +209,13 @@ class GrassModel(nn.Module):
     def __deepcopy__(self, memo):
         new = type(self).__new__(type(self))
         memo[id(self)] = new
-        skip = ("_runner", "compile_stats")
+        skip = ("_runner", "compile_stats", "_dp", "_dp_checked")
         for key, value in self.__dict__.items():
             if key not in skip:
                 new.__dict__[key] = copy.deepcopy(value, memo)
         new._link()
         new._runner, new.compile_stats = new._run, None
+        new._dp, new._dp_checked = None, False
         if new.grass_config.backend != "eager":
             from .backend import install_compiled_runner
 
@@ -231,8 +234,30 @@ class GrassModel(nn.Module):
         self._slot.anchors = None
         refresh = None
         if torch.is_grad_enabled():
+            dp = self.data_parallel()
             refresh = self._begin_refresh_if_due()
+            if dp is not None and refresh is not None:
+                dp.refresh_backward = True
         return self._runner(refresh, args, kwargs)
+
+    def data_parallel(self):
+        """The gradient reducer when training data-parallel, else None."""
+        if not self._dp_checked:
+            from .distributed import DataParallel, world
+
+            group, size = world()
+            if size > 1 and self.grass_config.data_parallel is not False:
+                self._dp = DataParallel(self, group, size)
+            self._dp_checked = True
+        if self._dp is not None:
+            self._dp.first_forward()
+        return self._dp
+
+    def no_sync(self):
+        """Skip gradient averaging (for all but the last micro-batch of an accumulation)."""
+        import contextlib
+
+        return self._dp.no_sync() if self._dp is not None else contextlib.nullcontext()
 
     def _run(self, refresh, args, kwargs):
         """The traced region: anchor every target weight once, then run the module."""
@@ -243,8 +268,9 @@ class GrassModel(nn.Module):
                 anchored[site.name] = FullAnchor.apply(w, site.handle)
             elif refresh is not None and refresh[i] is not None:
                 probe, noise = refresh[i]
+                group, size = self._dp_group()
                 anchored[site.name] = RefreshAnchor.apply(
-                    w, site.handle, probe, noise, site.dim, site.rank, site.method
+                    w, site.handle, probe, noise, site.dim, site.rank, site.method, group, size
                 )
             else:
                 anchored[site.name] = Anchor.apply(w, site.handle, site.idx, site.rho, site.dim, site.name)
@@ -256,6 +282,12 @@ class GrassModel(nn.Module):
         finally:
             if torch.compiler.is_compiling() or not torch.is_grad_enabled():
                 self._slot.anchors = None
+
+    def _dp_group(self):
+        dp = self._dp
+        if dp is None:
+            return "", 1
+        return dp.group.group_name, dp.size
 
     def _refresh_due(self) -> bool:
         step = int(self.grass_step)
@@ -320,13 +352,19 @@ class GrassModel(nn.Module):
     # -- misuse checks ------------------------------------------------------------------
     def _check_handles_untouched(self) -> None:
         for site in self.sites:
-            if site.handle._version != site.handle_version:
-                raise OptimizerMisuseError(
-                    f"the gradient handle of {site.name!r} was modified in place: an optimizer that "
-                    "is not grassfx-aware (e.g. torch.optim.AdamW) is stepping this model's "
-                    "parameters, which would train none of the projected weights. Use "
-                    "grassfx.optim.AdamW / SGD / Adafactor with model.parameters()"
-                )
+            if site.handle._version == site.handle_version:
+                continue
+            # written in place since the last check: harmless if it still holds zeros
+            # (e.g. DDP's initial broadcast); a foreign optimizer step leaves nonzeros
+            if not bool(site.handle.detach().any()):
+                site.handle_version = site.handle._version
+                continue
+            raise OptimizerMisuseError(
+                f"the gradient handle of {site.name!r} was modified in place: an optimizer that "
+                "is not grassfx-aware (e.g. torch.optim.AdamW) is stepping this model's "
+                "parameters, which would train none of the projected weights. Use "
+                "grassfx.optim.AdamW / SGD / Adafactor with model.parameters()"
+            )
 
     def _snapshot_handle_versions(self) -> None:
         for site in self.sites:

@@ -73,15 +73,20 @@ class RefreshAnchor(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, weight, handle, probe, noise, dim: int, rank: int, method: str):
+    def forward(ctx, weight, handle, probe, noise, dim: int, rank: int, method: str, group: str, world: int):
         ctx.save_for_backward(noise)
         ctx.dim, ctx.rank, ctx.method = dim, rank, method
+        ctx.group, ctx.world = group, world
         ctx.handle_dtype = handle.dtype
         return weight.view_as(weight)
 
     @staticmethod
     def backward(ctx, grad):
         (noise,) = ctx.saved_tensors
+        if ctx.world > 1:  # data parallel: select from the exact global gradient
+            import torch.distributed._functional_collectives as fcol
+
+            grad = fcol.all_reduce(grad, "sum", ctx.group) / ctx.world
         g32 = grad.float()
         other = 1 - ctx.dim
         sq_norms = (g32 * g32).sum(dim=other)  # (m,) squared norms along the selected dim
@@ -90,4 +95,4 @@ class RefreshAnchor(torch.autograd.Function):
         compressed = compressed * broadcast_along(rho, grad.dim(), ctx.dim).to(grad.dtype)
         poison = sq_norms.sum().to(torch.float64) * 0.0  # NaN iff any norm is NaN/Inf
         record = torch.stack([idx.to(torch.float64), rho.to(torch.float64) + poison])  # (2, r)
-        return None, compressed.to(ctx.handle_dtype), record, None, None, None, None
+        return None, compressed.to(ctx.handle_dtype), record, None, None, None, None, None, None

@@ -150,12 +150,17 @@ class GrassOptimizer(torch.optim.Optimizer):
         if not self._all_finite():
             self.skipped_steps += 1
             return loss
-        work = []
+        work, refreshed = [], False
         for group, p in self._grads():
             site = getattr(p, "_grassfx_site", None)
             if site is not None and site.refreshed:
                 self._on_refresh(p, site, group)
+                refreshed = True
             work.append((group, p, site))
+        if refreshed:
+            for model in self._models:
+                if model._dp is not None:
+                    model._dp.check_selection()
         self._apply(work)
         for model in self._models:
             model.grass_step.add_(1)

@@ -146,17 +146,8 @@ def test_changing_idx_never_recompiles():
 
 
 def test_unpushable_use_is_reported_and_correct():
-    class Sliced(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.w = nn.Parameter(torch.randn(16, 8))
-            self.fc = nn.Linear(8, 8)
-
-        def forward(self, x):
-            return torch.matmul(x, self.w[:8].t()).sum() + self.fc(x).sum()
-
     torch.manual_seed(0)
-    eager, compiled = _pair(Sliced(), "aot_eager", rank=4, targets=["w", "fc.weight"], update_freq=2)
+    eager, compiled = _pair(zoo.Sliced(), "aot_eager", rank=4, targets=["w", "fc.weight"], update_freq=2)
     g = torch.Generator().manual_seed(0)
     _run_steps(eager, compiled, [torch.randn(5, 8, generator=g) for _ in range(2)], lambda m, x: m(x))
     projected, rewritten, fallback = _all_rewritten(compiled)

@@ -70,6 +70,18 @@ class Checkpointed(nn.Module):
         return self.head(checkpoint(self._inner, x, use_reentrant=False))
 
 
+class Sliced(nn.Module):
+    """A weight sliced before its matmul: its gradient cannot be pushed into a GEMM."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(16, 8))
+        self.fc = nn.Linear(8, 8)
+
+    def forward(self, x):
+        return torch.matmul(x, self.w[:8].t()).sum() + self.fc(x).sum()
+
+
 class Zoo(nn.Module):
     """Everything above in one model, so one compile covers every pattern."""
 

@@ -1,0 +1,211 @@
+"""Data parallelism for grassfx models: only compressed gradients cross the network.
+
+With ``torch.distributed`` initialised (world size > 1), ``grassfx.compile``'s model trains
+data-parallel with no wrapper:
+
+* **Normal steps.** Gradients are averaged across ranks by bucketed asynchronous
+  all-reduces launched from post-accumulate-grad hooks while the backward still runs
+  (as DDP does): the (r x n) compressed gradient of each projected weight and the dense
+  gradient of every other trainable parameter. Compiled models instead all-reduce the
+  compressed gradients inside the backward graph (pass ``compress_allreduce``), and the
+  hooks skip them. Projected weights therefore send r/m of a dense all-reduce.
+* **Refresh steps** (every ``update_freq`` steps). Each projected weight's dense
+  gradient is all-reduced once, inside the refresh backward, one layer at a time, so
+  row norms and the selection come from the exact global gradient and every rank picks
+  the same rows; the compressed gradient is then already global. Amortised, this adds
+  1/update_freq of a dense all-reduce per step.
+* **Checks.** The first forward all-gathers a fingerprint of the grassfx configuration
+  (rank, selector, update_freq, seed, scale, targets and shapes) and raises
+  :class:`grassfx.GrassError` if ranks differ. With ``GRASSFX_CHECK_RANKS=1`` every
+  refresh all-gathers a hash of each weight's ``idx`` and raises, naming the weight, if
+  ranks disagree.
+* **Gradient accumulation**: wrap all but the last micro-batch in ``model.no_sync()``.
+* Wrapping the model in ``DistributedDataParallel`` also works: grassfx notices the
+  wrapper and leaves the reduction to DDP, which sees only the handles (r x n) and the
+  unprojected parameters, because projected weights are frozen. FSDP is not supported
+  and is refused with a clear error.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import sys
+
+import torch
+
+from .errors import GrassError, UnsupportedModelError
+
+__all__ = ["DataParallel", "world", "check_not_fsdp", "BUCKET_BYTES"]
+
+BUCKET_BYTES = 25 * 2**20
+
+
+def world():
+    """``(process group, world size)`` when data-parallel training applies, else ``(None, 1)``."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return None, 1
+    size = dist.get_world_size()
+    return (dist.group.WORLD, size) if size > 1 else (None, 1)
+
+
+def check_not_fsdp(model) -> None:
+    """Refuse FSDP-wrapped models (FSDP1 wrappers or FSDP2 ``fully_shard`` modules)."""
+    for mod in model.modules():
+        names = {c.__name__ for c in type(mod).__mro__}
+        if names & {"FullyShardedDataParallel", "FSDPModule"}:
+            raise UnsupportedModelError(
+                "grassfx does not support FSDP yet: projected weights are frozen and updated "
+                "row-wise by grassfx.optim, which FSDP's sharded parameters cannot take. Use "
+                "data parallelism (grassfx trains data-parallel by itself under torchrun) or "
+                "DistributedDataParallel"
+            )
+
+
+def _wrapped_by(kind: str, depth: int = 12) -> bool:
+    frame = sys._getframe(2)
+    for _ in range(depth):
+        if frame is None:
+            return False
+        owner = frame.f_locals.get("self")
+        if owner is not None and any(c.__name__ == kind for c in type(owner).__mro__):
+            return True
+        frame = frame.f_back
+    return False
+
+
+def _idx_hash(idx: torch.Tensor) -> int:
+    return int.from_bytes(hashlib.sha256(idx.detach().cpu().numpy().tobytes()).digest()[:7], "little")
+
+
+class DataParallel:
+    """The gradient reducer of one GrassModel (see the module docstring)."""
+
+    def __init__(self, model, group, size: int, bucket_bytes: int = BUCKET_BYTES):
+        self.model, self.group, self.size = model, group, size
+        self.bucket_bytes = bucket_bytes
+        self.enabled = True  # False under DDP: DDP reduces
+        self.sync = True
+        self.refresh_backward = False
+        self.reduced_in_graph = set()  # weight names whose compressed grads the graph reduces
+        self.bytes_sent = {"projected": 0, "dense": 0, "refresh_dense": 0}
+        self.check_ranks = os.environ.get("GRASSFX_CHECK_RANKS", "0") not in ("", "0")
+        self._bucket, self._bucket_size, self._pending = [], 0, []
+        self._callback_queued = False
+        self._checked = False
+        self._handles = {id(s.handle): s for s in model.sites}
+        self._hooks = []
+        for p in self._trainable():
+            self._hooks.append(p.register_post_accumulate_grad_hook(self._ready))
+
+    def _trainable(self):
+        frozen = {id(self.model.weight_of(s)) for s in self.model.sites}
+        for _, p in self.model.named_parameters():
+            if p.requires_grad and id(p) not in frozen:
+                yield p
+
+    # -- first forward --------------------------------------------------------------------
+    def first_forward(self) -> None:
+        if self._checked:
+            return
+        self._checked = True
+        if _wrapped_by("DistributedDataParallel"):
+            self.enabled = False
+        if _wrapped_by("FullyShardedDataParallel") or _wrapped_by("FSDPModule"):
+            check_not_fsdp(self.model)  # pragma: no cover - FSDP wraps before forward
+            raise UnsupportedModelError("grassfx does not support FSDP yet")
+        self._check_same_config()
+
+    def _fingerprint(self) -> str:
+        cfg = self.model.grass_config
+        sites = [(s.name, tuple(self.model.weight_of(s).shape), s.dim, s.rank) for s in self.model.sites]
+        key = (cfg.rank, cfg.selection, cfg.update_freq, cfg.seed, cfg.scale, cfg.proj_dim, cfg.moments, sites)
+        return hashlib.sha256(repr(key).encode()).hexdigest()
+
+    def _check_same_config(self) -> None:
+        import torch.distributed as dist
+
+        mine = self._fingerprint()
+        everyone = [None] * self.size
+        dist.all_gather_object(everyone, mine, group=self.group)
+        if len(set(everyone)) != 1:
+            cfg = self.model.grass_config
+            raise GrassError(
+                f"ranks compiled different grassfx configurations (this rank: rank={cfg.rank}, "
+                f"selection={cfg.selection!r}, update_freq={cfg.update_freq}, seed={cfg.seed}, "
+                f"{len(self.model.sites)} projected weights); every rank must call "
+                "grassfx.compile with the same arguments on the same model"
+            )
+
+    # -- hooks and buckets ----------------------------------------------------------------
+    def _ready(self, p: torch.Tensor) -> None:
+        if not (self.enabled and self.sync) or p.grad is None:
+            return
+        site = self._handles.get(id(p))
+        if site is not None and (self.refresh_backward or site.name in self.reduced_in_graph):
+            return  # already global (refresh) or reduced inside the compiled graph
+        if not self._callback_queued:
+            torch.autograd.Variable._execution_engine.queue_callback(self.finish)
+            self._callback_queued = True
+        self._bucket.append((p, "projected" if site is not None else "dense"))
+        self._bucket_size += p.grad.numel() * p.grad.element_size()
+        if self._bucket_size >= self.bucket_bytes:
+            self._launch()
+
+    def _launch(self) -> None:
+        import torch.distributed as dist
+
+        if not self._bucket:
+            return
+        bucket, self._bucket, self._bucket_size = self._bucket, [], 0
+        grads = [p.grad for p, _ in bucket]
+        flat = torch.cat([g.reshape(-1).to(torch.float32) for g in grads])
+        for p, kind in bucket:
+            self.bytes_sent[kind] += p.grad.numel() * 4
+        work = dist.all_reduce(flat, group=self.group, async_op=True)
+        self._pending.append((work, flat, bucket))
+
+    def finish(self) -> None:
+        """Wait for every bucket and write the averaged gradients back."""
+        self._launch()
+        for work, flat, bucket in self._pending:
+            work.wait()
+            flat.div_(self.size)
+            offset = 0
+            for p, _ in bucket:
+                n = p.grad.numel()
+                p.grad.copy_(flat[offset:offset + n].view_as(p.grad))
+                offset += n
+        self._pending.clear()
+        self._callback_queued = False
+        self.refresh_backward = False
+
+    @contextlib.contextmanager
+    def no_sync(self):
+        previous, self.sync = self.sync, False
+        try:
+            yield
+        finally:
+            self.sync = previous
+
+    # -- checks -----------------------------------------------------------------------------
+    def check_selection(self) -> None:
+        """All-gather a hash of every site's idx; raise naming the first disagreeing weight."""
+        import torch.distributed as dist
+
+        if not self.check_ranks:
+            return
+        mine = [_idx_hash(s.idx) for s in self.model.sites]
+        everyone = [None] * self.size
+        dist.all_gather_object(everyone, mine, group=self.group)
+        for i, site in enumerate(self.model.sites):
+            values = {h[i] for h in everyone}
+            if len(values) != 1:
+                raise GrassError(
+                    f"ranks selected different rows for {site.name!r} (idx hashes differ across "
+                    f"{self.size} ranks): their weights would diverge. Every rank must compile with "
+                    "the same seed and selector and see the same refresh steps"
+                )

@@ -1,0 +1,75 @@
+"""Worker processes for tests/test_distributed.py (spawned, gloo, CPU)."""
+
+from __future__ import annotations
+
+import os
+import traceback
+
+import torch
+from torch import nn
+
+import grassfx
+
+STEPS, GLOBAL_BATCH, UPDATE_FREQ = 5, 8, 2
+
+
+def make_net():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(12, 24), nn.Tanh(), nn.LayerNorm(24), nn.Linear(24, 6))
+
+
+def batch(step):
+    g = torch.Generator().manual_seed(100 + step)
+    return torch.randn(GLOBAL_BATCH, 12, generator=g)
+
+
+def train(model, opt, shard, on_step=None):
+    for step in range(STEPS):
+        x = batch(step)[shard]
+        model(x).pow(2).mean().backward()
+        if on_step is not None:
+            on_step(step, model)
+        opt.step()
+        opt.zero_grad()
+
+
+def worker(rank, world, port, out_dir, opts):
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), GRASSFX_CHECK_RANKS="1")
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    result = {}
+    try:
+        kw = dict(rank=opts.get("rank", 4), selection=opts.get("selection", "multinorm"),
+                  update_freq=UPDATE_FREQ, backend=opts.get("backend", "eager"))
+        if opts.get("mismatch") and rank == 1:
+            kw["rank"] = 8
+        net = make_net()
+        if opts.get("ddp"):
+            model = grassfx.compile(net, **kw)
+            wrapped = torch.nn.parallel.DistributedDataParallel(model)
+        else:
+            model = wrapped = grassfx.compile(net, **kw)
+        opt = grassfx.optim.AdamW(model.parameters(), lr=1e-2)
+        per = GLOBAL_BATCH // world
+        shard = slice(rank * per, (rank + 1) * per)
+
+        def corrupt(step, m):
+            if opts.get("corrupt") and rank == 1 and step == UPDATE_FREQ:
+                m.sites[0].idx[0] = (m.sites[0].idx[0] + 1) % m.sites[0].rows
+
+        train(wrapped, opt, shard, corrupt)
+        result["state"] = {k: v.clone() for k, v in model.module.state_dict().items()}
+        result["bytes"] = dict(model._dp.bytes_sent) if model._dp is not None else None
+        result["ddp_disabled_hooks"] = model._dp is not None and not model._dp.enabled
+        result["handle_numel"] = sum(s.handle.numel() for s in model.sites)
+        result["weight_numel"] = sum(model.weight_of(s).numel() for s in model.sites)
+    except Exception as exc:  # reported to the test, which asserts on it
+        result["error"] = f"{type(exc).__name__}: {exc}"
+        result["trace"] = traceback.format_exc()
+    torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
+    try:
+        dist.destroy_process_group()
+    except Exception:
+        pass
