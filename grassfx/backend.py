@@ -104,10 +104,21 @@ def _dump(record: GraphRecord, pass_name: str, before: str, after: str, dump_dir
         f.writelines(difflib.unified_diff(before.splitlines(True), after.splitlines(True), "before", "after"))
 
 
-def run_pipeline(graph: fx.Graph, record: GraphRecord) -> list:
+def _distributed(model):
+    """``(group name, world size)`` when the compiled graphs should reduce gradients."""
+    dp = getattr(model, "_dp", None) if model is not None else None
+    if dp is None or not dp.enabled:
+        return None
+    return dp.group.group_name, dp.size
+
+
+def run_pipeline(graph: fx.Graph, record: GraphRecord, model=None) -> list:
     """Run every pass of ``grassfx.passes.PIPELINE`` on ``graph`` and record it."""
     cfg = settings()
     ctx = PassContext(record.graph_id, record.kind, cfg)
+    dist_info = _distributed(model)
+    if dist_info is not None:
+        ctx.group_name, ctx.world_size = dist_info
     results = []
     for fn in _passes.PIPELINE:
         name = fn.__name__
@@ -131,7 +142,18 @@ def run_pipeline(graph: fx.Graph, record: GraphRecord) -> list:
                       len(res.changes), len(res.skipped),
                       "".join(f"\n  skipped {k.weight}: {k.reason}" for k in res.skipped))
         results.append(res)
+        if name == "compress_allreduce" and res.modified:
+            _note_in_graph_reduction(model, res)
     return results
+
+
+def _note_in_graph_reduction(model, res) -> None:
+    """Tell the eager reducer which compressed gradients the graph already averages."""
+    dp = model._dp
+    for change in res.changes:
+        site = model.site(change.weight)
+        dp.reduced_in_graph.add(change.weight)
+        dp.in_graph_bytes[change.weight] = site.handle.numel() * site.handle.element_size()
 
 
 def _verify(graph: fx.Graph, pass_name: str) -> None:
@@ -142,15 +164,15 @@ def _verify(graph: fx.Graph, pass_name: str) -> None:
             raise PassError(pass_name, node.name, "created node has no meta['val']")
 
 
-def pipeline_uuid(extra: str = "") -> str:
+def pipeline_uuid(extra: str = "", model=None) -> str:
     """Hash of every pass module's source and the settings that change the graphs."""
     h = hashlib.sha256()
     import grassfx.ops
 
-    for mod in (_passes, _passes.infra, _passes.sparsify_wgrad, grassfx.ops):
+    for mod in (_passes, _passes.infra, _passes.sparsify_wgrad, _passes.compress_allreduce, grassfx.ops):
         h.update(inspect.getsource(mod).encode())
     cfg = settings()
-    h.update(repr((sorted(cfg.disabled), cfg.debug)).encode())
+    h.update(repr((sorted(cfg.disabled), cfg.debug, _distributed(model))).encode())
     h.update(extra.encode())
     return h.hexdigest()
 
@@ -161,8 +183,9 @@ def _custom_pass_class():
     class GrassPostGradPass(CustomGraphPass):
         """Inductor hook object: runs the pipeline, then a user's pass if one was set."""
 
-        def __init__(self, stats_ref, frame_id, chained=None):
+        def __init__(self, stats_ref, frame_id, chained=None, model_ref=None):
             self.stats_ref = stats_ref
+            self.model_ref = model_ref
             self.frame_id = frame_id
             self.chained = chained
             self.count = 0
@@ -172,7 +195,7 @@ def _custom_pass_class():
             kind = _graph_kind(graph)
             record = GraphRecord(f"g{self.frame_id}.{kind}{self.count}", kind)
             self.count += 1
-            run_pipeline(graph, record)
+            run_pipeline(graph, record, self.model_ref() if self.model_ref is not None else None)
             if stats is not None:
                 stats.graphs.append(record)
             if self.chained is not None:
@@ -182,7 +205,7 @@ def _custom_pass_class():
             chained = ""
             if self.chained is not None:
                 chained = str(self.chained.uuid()) if hasattr(self.chained, "uuid") else repr(self.chained)
-            return pipeline_uuid(chained)
+            return pipeline_uuid(chained, self.model_ref() if self.model_ref is not None else None)
 
     return GrassPostGradPass
 
@@ -211,13 +234,14 @@ def _inductor_backend(model, stats: CompileStats):
         frame = stats.frames
         stats.frames += 1
         user_pass = inductor_config.post_grad_custom_pre_pass
-        hook = pass_cls(weakref.ref(stats), frame, chained=user_pass)
+        hook = pass_cls(weakref.ref(stats), frame, chained=user_pass, model_ref=weakref.ref(model))
         return compile_fx(gm, example_inputs, config_patches={**patches, "post_grad_custom_pre_pass": hook})
 
     return backend
 
 
 def _aot_eager_backend(model, stats: CompileStats):
+    model_ref = weakref.ref(model)
     from functorch.compile import make_boxed_func
     from torch._dynamo.backends.common import aot_autograd
 
@@ -227,7 +251,7 @@ def _aot_eager_backend(model, stats: CompileStats):
         def compiler(gm: fx.GraphModule, example_inputs):
             kind = _graph_kind(gm.graph)
             record = GraphRecord(f"g{frame}.{kind}{next(counter)}", kind)
-            results = run_pipeline(gm.graph, record)
+            results = run_pipeline(gm.graph, record, model_ref())
             stats.graphs.append(record)
             if any(r.modified for r in results):
                 gm.recompile()

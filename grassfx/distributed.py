@@ -91,6 +91,7 @@ class DataParallel:
         self.sync = True
         self.refresh_backward = False
         self.reduced_in_graph = set()  # weight names whose compressed grads the graph reduces
+        self.in_graph_bytes = {}  # weight name -> bytes its in-graph all-reduce sends per step
         self.bytes_sent = {"projected": 0, "dense": 0, "refresh_dense": 0}
         self.check_ranks = os.environ.get("GRASSFX_CHECK_RANKS", "0") not in ("", "0")
         self._bucket, self._bucket_size, self._pending = [], 0, []
@@ -140,16 +141,23 @@ class DataParallel:
                 "grassfx.compile with the same arguments on the same model"
             )
 
+    def count_in_graph(self) -> None:
+        """Account for the in-graph all-reduces of one normal (non-refresh) backward; the
+        sizes are those of the collectives the compress_allreduce pass inserted."""
+        self.bytes_sent["projected"] += sum(self.in_graph_bytes.values())
+
     # -- hooks and buckets ----------------------------------------------------------------
     def _ready(self, p: torch.Tensor) -> None:
-        if not (self.enabled and self.sync) or p.grad is None:
+        if not self.enabled or p.grad is None:
+            return
+        if not self._callback_queued:  # once per backward: finish() runs at its end
+            torch.autograd.Variable._execution_engine.queue_callback(self.finish)
+            self._callback_queued = True
+        if not self.sync:
             return
         site = self._handles.get(id(p))
         if site is not None and (self.refresh_backward or site.name in self.reduced_in_graph):
             return  # already global (refresh) or reduced inside the compiled graph
-        if not self._callback_queued:
-            torch.autograd.Variable._execution_engine.queue_callback(self.finish)
-            self._callback_queued = True
         self._bucket.append((p, "projected" if site is not None else "dense"))
         self._bucket_size += p.grad.numel() * p.grad.element_size()
         if self._bucket_size >= self.bucket_bytes:
@@ -180,6 +188,8 @@ class DataParallel:
                 p.grad.copy_(flat[offset:offset + n].view_as(p.grad))
                 offset += n
         self._pending.clear()
+        if not self.refresh_backward:
+            self.count_in_graph()
         self._callback_queued = False
         self.refresh_backward = False
 

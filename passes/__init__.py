@@ -7,11 +7,15 @@ this order. ``GRASSFX_DISABLE=name,...`` skips passes by name.
 from __future__ import annotations
 
 from .infra import Change, PassContext, PassResult, Settings, Skip, settings
+from .compress_allreduce import compress_allreduce
 from .sparsify_wgrad import sparsify_wgrad
 
 # The pipeline, in order.
 #  1. sparsify_wgrad must run first: it replaces every grassfx::rowsel marker (later
-#     passes and Inductor lowering never see the marker op).
-PIPELINE = (sparsify_wgrad,)
+#     passes and Inductor lowering never see the marker op) and marks the compressed
+#     gradients it produces.
+#  2. compress_allreduce reduces exactly the nodes sparsify_wgrad marked, so it must run
+#     after it; it is a no-op unless the model trains data-parallel.
+PIPELINE = (sparsify_wgrad, compress_allreduce)
 
-__all__ = ["PIPELINE", "Change", "PassContext", "PassResult", "Settings", "Skip", "settings", "sparsify_wgrad"]
+__all__ = ["PIPELINE", "Change", "PassContext", "PassResult", "Settings", "Skip", "settings", "sparsify_wgrad", "compress_allreduce"]

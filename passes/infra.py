@@ -61,6 +61,9 @@ class PassContext:
     graph_id: str  # e.g. "g0.backward"
     kind: str  # "forward" | "backward" | "inference" | "unknown"
     settings: "Settings"
+    group_name: Optional[str] = None  # process group of data-parallel training, if any
+    world_size: int = 1
+    bucket_bytes: int = 25 * 2**20
 
 
 @dataclass(frozen=True)

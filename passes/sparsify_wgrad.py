@@ -375,6 +375,7 @@ def sparsify_wgrad(graph: fx.Graph, ctx: PassContext) -> PassResult:
                 action, detail = "fallback", site.reason
                 result.skipped.append(Skip(site.weight, site.rowsel.name, site.reason))
             out = emitter.scale(picked)
+        out.meta["grassfx"]["role"] = "compressed_grad"  # compress_allreduce looks for this
         site.rowsel.replace_all_uses_with(out)
         erased = _erase_dead(graph, site.rowsel)
         result.changes.append(Change(site.weight, action, detail, emitter.created, erased))

@@ -62,6 +62,7 @@ def worker(rank, world, port, out_dir, opts):
         train(wrapped, opt, shard, corrupt)
         result["state"] = {k: v.clone() for k, v in model.module.state_dict().items()}
         result["bytes"] = dict(model._dp.bytes_sent) if model._dp is not None else None
+        result["reduced_in_graph"] = sorted(model._dp.reduced_in_graph) if model._dp is not None else []
         result["ddp_disabled_hooks"] = model._dp is not None and not model._dp.enabled
         result["handle_numel"] = sum(s.handle.numel() for s in model.sites)
         result["weight_numel"] = sum(model.weight_of(s).numel() for s in model.sites)
