@@ -125,14 +125,12 @@ def run(label, model, opt, batches, loss_fn, args, warm):
 
 
 def bench(args):
-    model, batches, loss_fn = build(args)
-    if args.device == "cuda":
-        model = model.cuda()
-    if args.dtype == "bf16" and args.device == "cuda" and args.pure_bf16:
+    model, batches, loss_fn = build(args)  # on the CPU; each run moves its own copy
+    if args.dtype == "bf16" and args.pure_bf16:
         model = model.to(torch.bfloat16)
     tokens = args.tokens
     result = {"model": args.model, "flop_limit_speedup": flop_limit(model, tokens, args.rank)}
-    base = copy.deepcopy(model)
+    base = copy.deepcopy(model).to(args.device)
 
     torch._dynamo.reset()
     dense = torch.compile(base)
@@ -140,6 +138,9 @@ def bench(args):
     result["dense"] = run("dense", dense, dopt, batches, loss_fn, args, warm=args.warmup)
     del dense, dopt, base
     torch._dynamo.reset()
+    if args.device == "cuda":
+        torch.cuda.empty_cache()
+    model = model.to(args.device)
 
     gmodel = grassfx.compile(model, rank=args.rank, update_freq=args.update_freq, selection="top_r")
     gopt = grassfx.optim.AdamW(gmodel.parameters(), lr=1e-4)

@@ -369,7 +369,8 @@ class _FusedLists:
 
     def as_args(self):
         """Per-step numbers travel as tensors, so changing values never recompiles."""
-        nums = torch.tensor([self.steps, self.bc2s, self.decays], dtype=torch.float64) if self.params else None
+        device = self.params[0].device if self.params else None
+        nums = torch.tensor([self.steps, self.bc2s, self.decays], dtype=torch.float64, device=device) if self.params else None
         return (self.params, self.grads, self.exp_avgs, self.exp_avg_sqs, nums,
                 tuple(self.dims), self.idxs, self.rhos, self.pendings)
 
