@@ -180,7 +180,8 @@ def _plan(node, group: tuple, root: bool) -> Union[Push, str]:
             return "squeeze inside the selected dims"
         return _wrap(node, group, "view", ("self", args["self"]), in_group)
     if pk in _SAME:
-        return _wrap(node, group, "same", ("self", args["self"]), group)
+        first = node.target._schema.arguments[0].name  # "self", or "a" for prims casts
+        return _wrap(node, group, "same", (first, args[first]), group)
     if pk in _SCALE:
         if not _is_scalar(args["other"]) or _shape(args["self"]) != shape:
             return "elementwise op with a tensor operand"
@@ -281,7 +282,7 @@ class _Emitter:
                 new[operand] = self.gather(args[operand], os_)
             return self.node(node.target, (new["self"], new["mat2"]))  # (r, n) = (r, k) @ (k, n)
         inner = {name: self.emit(child) for name, child, _ in plan.children}
-        x = inner.get("self")
+        x = inner.get("self", next(iter(inner.values()), None))
         if plan.kind == "permute":
             (_, _, in_group), = plan.children
             out_shape = _shape(node)

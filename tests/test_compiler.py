@@ -104,9 +104,10 @@ def test_cols_selection_and_gpt2_conv1d_aot_eager():
     assert torch._dynamo.utils.counters["graph_break"] == {}
 
 
-def test_autocast_bf16_aot_eager():
+@pytest.mark.parametrize("backend", ["aot_eager", pytest.param("inductor", marks=pytest.mark.slow)])
+def test_autocast_bf16(backend):
     torch.manual_seed(0)
-    eager, compiled = _pair(zoo.Shared(), "aot_eager", rank=4, update_freq=2)
+    eager, compiled = _pair(zoo.Shared(), backend, rank=4, update_freq=2)
 
     def loss_fn(m, x):
         with torch.autocast("cpu", dtype=torch.bfloat16):
