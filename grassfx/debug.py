@@ -25,7 +25,6 @@ import html
 import json
 import math
 import re
-import types
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -259,7 +258,6 @@ class _Probe:
         self.tokens = _count_tokens(work, self.args, self.kwargs)
         if work.grass_config.backend == "eager":
             return
-        _own_runner(work)
         before = collections.Counter(_dynamo_counter("graph_break"))
         with _fresh_compile():
             work.grass_step.zero_()
@@ -318,22 +316,6 @@ def _first_tensor(value):
             if found is not None:
                 return found
     return None
-
-
-def _own_runner(work: GrassModel) -> None:
-    """Compile the copy under its own code object.
-
-    Dynamo keeps compiled entries per code object; every GrassModel shares the code of
-    ``GrassModel._run``, so a copy's entries would count against the recompile limit of
-    the user's model and outlive the copy. A fresh code object keeps them apart and
-    lets them go with the copy.
-    """
-    from .backend import install_compiled_runner
-
-    fn = GrassModel._run
-    fresh = types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)
-    work.__dict__["_run"] = types.MethodType(fresh, work)
-    install_compiled_runner(work)
 
 
 @contextlib.contextmanager

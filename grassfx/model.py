@@ -238,6 +238,10 @@ class GrassModel(nn.Module):
             refresh = self._begin_refresh_if_due()
             if dp is not None and refresh is not None:
                 dp.refresh_backward = True
+                # the refresh backward all-reduces each such weight's dense gradient once
+                dp.bytes_sent["refresh_dense"] += sum(
+                    self.weight_of(s).numel() * self.weight_of(s).element_size()
+                    for s, plan in zip(self.sites, refresh) if plan is not None)
         return self._runner(refresh, args, kwargs)
 
     def data_parallel(self):

@@ -53,7 +53,7 @@ MIN_LR_RATIO = 0.1
 DEMO_DEFAULTS = dict(
     preset="tiny",
     compare=True,
-    steps=500,
+    steps=600,
     batch_size=4,
     seq_len=128,
     eval_every=50,
@@ -112,21 +112,21 @@ def build_parser() -> argparse.ArgumentParser:
                    help="steps between projection updates of galore and grass (default: 200)")
     p.add_argument("--scale", type=_positive_float, default=1.0,
                    help="update scale alpha of galore and grass (default: 1.0)")
-    p.add_argument("--steps", type=_positive_int, default=1000, help="optimizer steps per run")
+    p.add_argument("--steps", type=_positive_int, default=1000, help="optimizer steps per run (default: %(default)s)")
     p.add_argument("--lr", type=_positive_float, default=1e-3, help="peak learning rate (default: 1e-3)")
     p.add_argument("--weight-decay", type=float, default=0.0, help="decoupled weight decay (default: 0)")
-    p.add_argument("--batch-size", type=_positive_int, default=8, help="sequences per step")
-    p.add_argument("--seq-len", type=_positive_int, default=256, help="tokens per sequence")
-    p.add_argument("--eval-every", type=_positive_int, default=100, help="steps between evaluations")
-    p.add_argument("--eval-batches", type=_positive_int, default=20, help="batches per evaluation")
+    p.add_argument("--batch-size", type=_positive_int, default=8, help="sequences per step (default: %(default)s)")
+    p.add_argument("--seq-len", type=_positive_int, default=256, help="tokens per sequence (default: %(default)s)")
+    p.add_argument("--eval-every", type=_positive_int, default=100, help="steps between evaluations (default: %(default)s)")
+    p.add_argument("--eval-batches", type=_positive_int, default=20, help="batches per evaluation (default: %(default)s)")
     p.add_argument("--backend", default="eager", choices=BACKENDS,
                    help="torch.compile backend (grass: passed to grassfx.compile; the baselines are "
                         "compiled with the same backend unless it is eager)")
     p.add_argument("--data", default=None,
                    help="text file or folder of .txt/.md files (default: Shakespeare's plays)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the init weights and the batches")
+    p.add_argument("--seed", type=int, default=0, help="seed of the init weights and the batches (default: %(default)s)")
     p.add_argument("--device", default="auto", help="cpu, cuda, ... (default: cuda if available)")
-    p.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads")
+    p.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--out", default=None, help="output folder (default: runs/<timestamp>)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p
@@ -137,13 +137,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = build_parser()
     first = parser.parse_args(argv)
     if first.demo:
-        parser.set_defaults(**DEMO_DEFAULTS)
+        demo = dict(DEMO_DEFAULTS)
+        if first.optimizers:  # --demo --optimizer X runs just the optimizers named
+            demo["compare"] = False
+        parser.set_defaults(**demo)
         args = parser.parse_args(argv)
     else:
         args = first
     if args.selections and not ({"grass"} & set(run_optimizers(args))):
         parser.error("--selection only applies to grass runs (add --optimizer grass or --compare)")
-    if args.seq_len + 1 > presets_mod.get_preset(args.preset).max_position_embeddings:
+    if args.seq_len > presets_mod.get_preset(args.preset).max_position_embeddings:
         parser.error(f"--seq-len {args.seq_len} is too long for preset {args.preset!r}")
     return args
 
@@ -503,37 +506,60 @@ def resolve_device(name: str) -> torch.device:
         raise SystemExit(f"grassfx train: error: bad --device {name!r}: {exc}") from None
 
 
-def main(argv: list[str] | None = None) -> dict:
-    """Run the comparison described by ``argv`` and return the summary dict."""
-    t_start = time.perf_counter()
-    args = parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = resolve_device(args.device)
-    preset = presets_mod.get_preset(args.preset)
-    if args.rank is None:
-        args.rank = preset.rank
-    specs = run_specs(args)
-    out = Path(args.out or os.path.join("runs", time.strftime("%Y%m%d-%H%M%S")))
-    out.mkdir(parents=True, exist_ok=True)
+def main(argv: list[str] | None = None) -> int:
+    """Command-line entry point (``grassfx train``, ``python -m grassfx.train``); returns 0."""
+    run(argv)
+    return 0
 
+
+def check_galore(specs: list[RunSpec]) -> None:
+    """Fail early, with the install command, when a galore run is asked for but cannot import."""
+    if any(s.optimizer == "galore" for s in specs):
+        try:
+            import_galore()
+        except RuntimeError as exc:
+            raise SystemExit(f"grassfx train: error: {exc}") from None
+
+
+def prepare_data(args: argparse.Namespace, preset):
+    """Load and tokenize the corpus and draw the fixed evaluation batches."""
     try:
         corpus = data_mod.load_corpus(args.data, vocab_size=preset.vocab_size)
     except data_mod.DataUnavailableError as exc:
         raise SystemExit(f"grassfx train: error: {exc}") from None
-    eval_set = data_mod.eval_batches(corpus.eval, args.eval_batches, args.batch_size,
-                                     min(args.seq_len, corpus.eval.numel() - 1), seed=args.seed + 1)
-    print(f"data: {corpus.source}: {corpus.train.numel():,} train / {corpus.eval.numel():,} eval tokens, "
-          f"vocab {corpus.vocab_size} ({time.perf_counter() - t_start:.1f} s)")
-    print(f"model: {preset.name} LLaMA; runs: {', '.join(s.name for s in specs)}; {args.steps} steps x "
-          f"{args.batch_size} x {args.seq_len} tokens; device {device}, {torch.get_num_threads()} threads; "
-          f"out {out}")
-    config = {k: v for k, v in vars(args).items()}
+    if corpus.train.numel() < args.seq_len + 1 or corpus.eval.numel() < 2:
+        raise SystemExit(
+            f"grassfx train: error: the text of {corpus.source} is too short: {corpus.train.numel()} training "
+            f"tokens for --seq-len {args.seq_len} (and {corpus.eval.numel()} evaluation tokens)")
+    eval_len = min(args.seq_len, corpus.eval.numel() - 1)
+    eval_set = data_mod.eval_batches(corpus.eval, args.eval_batches, args.batch_size, eval_len, seed=args.seed + 1)
+    return corpus, eval_set
+
+
+def write_config(out: Path, args, specs, corpus, device) -> None:
+    """Save every setting of this comparison to ``out/config.json``."""
+    config = dict(vars(args))
     config.update(runs=[s.name for s in specs], corpus=corpus.source, corpus_key=corpus.key,
                   train_tokens=corpus.train.numel(), eval_tokens=corpus.eval.numel(),
                   vocab_size=corpus.vocab_size, device=str(device), threads=torch.get_num_threads())
     (out / "config.json").write_text(json.dumps(config, indent=2, default=_json_default) + "\n")
 
+
+def warm_up(corpus, args, device, steps: int = 2) -> None:
+    """A few throwaway forward/backward passes, so the first run is not timed on a cold process."""
+    model = presets_mod.build_model(presets_mod.get_preset(args.preset), args.seed,
+                                    vocab_size=corpus.vocab_size).to(device)
+    sampler = data_mod.BatchSampler(corpus.train, args.batch_size, args.seq_len, seed=args.seed + 2)
+    for _ in range(steps):
+        x = next(sampler).to(device)
+        model(input_ids=x, labels=x).loss.backward()
+    del model
+    gc.collect()
+
+
+def run_all(specs, corpus, eval_set, args, device, out: Path) -> tuple[dict, list[dict]]:
+    """Train every run in turn, streaming metrics.jsonl and rewriting summary.json after each."""
+    warm_up(corpus, args, device)
     records: list[dict] = []
     summary: dict = {}
     with open(out / "metrics.jsonl", "w") as metrics:
@@ -545,10 +571,34 @@ def main(argv: list[str] | None = None) -> dict:
             summary[spec.name] = train_run(spec, corpus, eval_set, args, device, log)
             metrics.flush()
             (out / "summary.json").write_text(json.dumps(summary, indent=2, default=_json_default) + "\n")
+    return summary, records
 
+
+def run(argv: list[str] | None = None) -> dict:
+    """Run the comparison described by ``argv`` and return the summary dict."""
+    t_start = time.perf_counter()
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = resolve_device(args.device)
+    preset = presets_mod.get_preset(args.preset)
+    if args.rank is None:
+        args.rank = preset.rank
+    specs = run_specs(args)
+    check_galore(specs)
+    corpus, eval_set = prepare_data(args, preset)
+    out = Path(args.out or os.path.join("runs", time.strftime("%Y%m%d-%H%M%S")))
+    out.mkdir(parents=True, exist_ok=True)
+    print(f"data: {corpus.source}: {corpus.train.numel():,} train / {corpus.eval.numel():,} eval tokens, "
+          f"vocab {corpus.vocab_size} ({time.perf_counter() - t_start:.1f} s)")
+    print(f"model: {preset.name} LLaMA; runs: {', '.join(s.name for s in specs)}; {args.steps} steps x "
+          f"{args.batch_size} x {args.seq_len} tokens; device {device}, {torch.get_num_threads()} threads; "
+          f"out {out}")
+    write_config(out, args, specs, corpus, device)
+    summary, records = run_all(specs, corpus, eval_set, args, device, out)
+    source = Path(corpus.source).name if args.data else "Shakespeare"
     plot_losses(records, out / "loss.png",
-                f"{preset.name} LLaMA ({summary[specs[0].name]['params'] / 1e6:.1f}M params) on "
-                f"{Path(corpus.source).name if args.data else 'Shakespeare'}")
+                f"{preset.name} LLaMA ({summary[specs[0].name]['params'] / 1e6:.1f}M params) on {source}")
     print()
     print(results_table(summary))
     print(f"\nwrote {out}/metrics.jsonl, summary.json, loss.png  (total {time.perf_counter() - t_start:.0f} s)")
@@ -556,4 +606,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

