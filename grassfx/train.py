@@ -129,6 +129,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--out", default=None, help="output folder (default: runs/<timestamp>)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--nproc", type=_positive_int, default=1,
+                   help="data-parallel processes on this machine (launches torchrun; gloo on CPU, NCCL "
+                        "on GPU); --batch-size is per process. Multi-node: run torchrun yourself with "
+                        "-m grassfx.train")
     return p
 
 
@@ -330,7 +334,9 @@ def make_grass(model: torch.nn.Module, spec: RunSpec, args: argparse.Namespace):
 def make_optimizer(model: torch.nn.Module, spec: RunSpec, args: argparse.Namespace):
     """Return ``(model, optimizer)`` for ``spec``; the model may come back wrapped or compiled."""
     if spec.optimizer == "grass":
-        return make_grass(model, spec, args)
+        return make_grass(model, spec, args)  # grassfx trains data-parallel by itself
+    if getattr(args, "world_size", 1) > 1:
+        model = torch.nn.parallel.DistributedDataParallel(model)
     if args.backend != "eager":
         model = torch.compile(model, backend=args.backend)
     if spec.optimizer == "galore":
@@ -392,10 +398,11 @@ def train_run(spec: RunSpec, corpus, eval_set, args, device, log) -> dict:
     params = presets_mod.count_params(model)
     model, opt = make_optimizer(model, spec, args)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(args.steps))
-    sampler = data_mod.BatchSampler(corpus.train, args.batch_size, args.seq_len, seed=args.seed)
-    speed = Throughput(args.batch_size * args.seq_len)
+    world, proc = getattr(args, "world_size", 1), getattr(args, "proc_rank", 0)
+    sampler = data_mod.BatchSampler(corpus.train, args.batch_size, args.seq_len, seed=args.seed + 7919 * proc)
+    speed = Throughput(args.batch_size * args.seq_len * world)  # tokens of all processes
     bar = tqdm(total=args.steps, desc=f"{spec.name:>8}", unit="step", dynamic_ncols=True,
-               disable=args.no_progress, mininterval=0.5, file=sys.stderr)
+               disable=args.no_progress or proc != 0, mininterval=0.5, file=sys.stderr)
     smooth, eval_loss = None, float("nan")
     for step in range(1, args.steps + 1):
         x = next(sampler).to(device)
@@ -508,6 +515,10 @@ def resolve_device(name: str) -> torch.device:
 
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry point (``grassfx train``, ``python -m grassfx.train``); returns 0."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parse_args(argv)
+    if args.nproc > 1 and "WORLD_SIZE" not in os.environ:
+        return launch(argv, args.nproc)
     run(argv)
     return 0
 
@@ -574,36 +585,93 @@ def run_all(specs, corpus, eval_set, args, device, out: Path) -> tuple[dict, lis
     return summary, records
 
 
+def launch(argv: list[str], nproc: int) -> int:
+    """Re-run this command under ``torchrun --standalone --nproc-per-node nproc``."""
+    import subprocess
+
+    rest, skip = [], False
+    for i, a in enumerate(argv):
+        if skip:
+            skip = False
+            continue
+        if a == "--nproc":
+            skip = True
+            continue
+        if a.startswith("--nproc="):
+            continue
+        rest.append(a)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+           "-m", "grassfx.train", *rest]
+    print("launching:", " ".join(cmd), flush=True)
+    return subprocess.call(cmd)
+
+
+def init_distributed(args: argparse.Namespace, device: torch.device) -> torch.device:
+    """Under torchrun: join the process group (NCCL on GPU, gloo on CPU); set rank/world."""
+    args.world_size, args.proc_rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
+    if args.world_size == 1:
+        return device
+    import torch.distributed as dist
+
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return device
+
+
 def run(argv: list[str] | None = None) -> dict:
     """Run the comparison described by ``argv`` and return the summary dict."""
     t_start = time.perf_counter()
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = resolve_device(args.device)
+    device = init_distributed(args, resolve_device(args.device))
+    if args.proc_rank != 0:
+        args.no_progress = True
     preset = presets_mod.get_preset(args.preset)
     if args.rank is None:
         args.rank = preset.rank
     specs = run_specs(args)
     check_galore(specs)
+    lead = args.proc_rank == 0
+    say = print if lead else (lambda *a, **k: None)
+    if not lead:
+        _barrier()  # rank 0 fetches/tokenizes the corpus into the cache first
     corpus, eval_set = prepare_data(args, preset)
+    if lead:
+        _barrier()
     out = Path(args.out or os.path.join("runs", time.strftime("%Y%m%d-%H%M%S")))
+    if not lead:
+        out = out / f"rank{args.proc_rank}"  # other ranks keep their own records apart
     out.mkdir(parents=True, exist_ok=True)
-    print(f"data: {corpus.source}: {corpus.train.numel():,} train / {corpus.eval.numel():,} eval tokens, "
-          f"vocab {corpus.vocab_size} ({time.perf_counter() - t_start:.1f} s)")
-    print(f"model: {preset.name} LLaMA; runs: {', '.join(s.name for s in specs)}; {args.steps} steps x "
-          f"{args.batch_size} x {args.seq_len} tokens; device {device}, {torch.get_num_threads()} threads; "
-          f"out {out}")
+    say(f"data: {corpus.source}: {corpus.train.numel():,} train / {corpus.eval.numel():,} eval tokens, "
+        f"vocab {corpus.vocab_size} ({time.perf_counter() - t_start:.1f} s)")
+    say(f"model: {preset.name} LLaMA; runs: {', '.join(s.name for s in specs)}; {args.steps} steps x "
+        f"{args.batch_size} x {args.seq_len} tokens x {args.world_size} process(es); device {device}, "
+        f"{torch.get_num_threads()} threads; out {out}")
     write_config(out, args, specs, corpus, device)
     summary, records = run_all(specs, corpus, eval_set, args, device, out)
     source = Path(corpus.source).name if args.data else "Shakespeare"
-    plot_losses(records, out / "loss.png",
-                f"{preset.name} LLaMA ({summary[specs[0].name]['params'] / 1e6:.1f}M params) on {source}")
-    print()
-    print(results_table(summary))
-    print(f"\nwrote {out}/metrics.jsonl, summary.json, loss.png  (total {time.perf_counter() - t_start:.0f} s)")
+    if lead:
+        plot_losses(records, out / "loss.png",
+                    f"{preset.name} LLaMA ({summary[specs[0].name]['params'] / 1e6:.1f}M params) on {source}")
+    say()
+    say(results_table(summary))
+    say(f"\nwrote {out}/metrics.jsonl, summary.json, loss.png  (total {time.perf_counter() - t_start:.0f} s)")
+    if args.world_size > 1:
+        import torch.distributed as dist
+
+        dist.destroy_process_group()
     return summary
 
+
+def _barrier() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
 
 if __name__ == "__main__":
     raise SystemExit(main())

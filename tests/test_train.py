@@ -207,3 +207,22 @@ def test_preset_sizes():
              if name in ("test", "tiny")}
     assert 30_000 < sizes["test"] < 150_000
     assert 4_500_000 < sizes["tiny"] < 6_000_000
+
+
+def test_nproc_2_launches_data_parallel_runs(tmp_path, monkeypatch):
+    """``--nproc 2`` re-launches under torchrun: grass trains data-parallel by itself,
+    adamw through DDP; rank 0 writes the results, rank 1 its own records."""
+    monkeypatch.setenv("GRASSFX_CACHE", str(tmp_path / "cache"))
+    text = tmp_path / "prose.txt"
+    text.write_text(PROSE * 40)
+    argv = ["--preset", "test", "--optimizer", "grass", "--optimizer", "adamw", "--steps", "3",
+            "--batch-size", "2", "--seq-len", "32", "--eval-every", "3", "--eval-batches", "1",
+            "--no-progress", "--data", str(text), "--out", str(tmp_path / "run"), "--nproc", "2"]
+    assert train.main(argv) == 0
+    lead = json.loads((tmp_path / "run" / "summary.json").read_text())
+    other = json.loads((tmp_path / "run" / "rank1" / "summary.json").read_text())
+    for name in ("grass", "adamw"):
+        assert math.isfinite(lead[name]["eval_loss"])
+        # the same weights on both ranks -> the same evaluation loss on the same batches
+        assert lead[name]["eval_loss"] == other[name]["eval_loss"]
+    assert (tmp_path / "run" / "loss.png").exists() and not (tmp_path / "run" / "rank1" / "loss.png").exists()
