@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 import grassfx
+import grassfx.passes
 import zoo
 from grassfx import cli
 from grassfx.passes import infra
@@ -283,7 +284,8 @@ def test_dump_dir_and_debug_verify(env_knobs, tmp_path):
     report = grassfx.explain(grassfx.compile(make_mlp(), rank=4, backend="aot_eager"), torch.randn(5, 12))
     assert all(w.rewritten for w in report.weights)
     names = sorted(p.name for p in tmp_path.iterdir())
-    pattern = re.compile(r"^\d{3}_g\d+\.(forward|backward)\d+_sparsify_wgrad\.(before\.py|after\.py|diff)$")
+    passes = "|".join(fn.__name__ for fn in grassfx.passes.PIPELINE)
+    pattern = re.compile(r"^\d{3}_g\d+\.(forward|backward)\d+_(" + passes + r")\.(before\.py|after\.py|diff)$")
     assert names and all(pattern.match(n) for n in names), names
     diffs = [(tmp_path / n).read_text() for n in names if n.endswith(".diff")]
     assert len(diffs) == 4  # forward + backward of the refresh and the training step
