@@ -288,7 +288,8 @@ def test_dump_dir_and_debug_verify(env_knobs, tmp_path):
     pattern = re.compile(r"^\d{3}_g\d+\.(forward|backward)\d+_(" + passes + r")\.(before\.py|after\.py|diff)$")
     assert names and all(pattern.match(n) for n in names), names
     diffs = [(tmp_path / n).read_text() for n in names if n.endswith(".diff")]
-    assert len(diffs) == 4  # forward + backward of the refresh and the training step
+    # forward + backward of the refresh and the training step, one dump per pass
+    assert len(diffs) == 4 * len(grassfx.passes.PIPELINE)
     assert sum("aten.index.Tensor" in text for text in diffs) == 1
 
 
