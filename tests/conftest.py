@@ -10,6 +10,14 @@ from torch import nn
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
+# Tests assert on what the passes did; a graph served from Inductor's FX graph cache or
+# the AOTAutograd cache (shared by every process on the machine) runs no pass at all.
+import torch._functorch.config  # noqa: E402
+import torch._inductor.config  # noqa: E402
+
+torch._inductor.config.fx_graph_cache = False
+torch._functorch.config.enable_autograd_cache = False
+
 
 @pytest.fixture(autouse=True)
 def _fresh_dynamo():
