@@ -219,16 +219,21 @@ def _graph_kind(graph: fx.Graph) -> str:
     return "inference"
 
 
+def inductor_patches(cfg) -> dict:
+    """Inductor config patches for ``torch.compile``'s ``mode=`` and ``options=``."""
+    patches = {}
+    if cfg.mode is not None:
+        patches.update(torch._inductor.list_mode_options(cfg.mode, cfg.dynamic))
+    patches.update(cfg.compile_options)
+    return patches
+
+
 def _inductor_backend(model, stats: CompileStats):
     from torch._inductor import config as inductor_config
     from torch._inductor.compile_fx import compile_fx
 
     pass_cls = _custom_pass_class()
-    cfg = model.grass_config
-    patches = {}
-    if cfg.mode is not None:
-        patches.update(torch._inductor.list_mode_options(cfg.mode, cfg.dynamic))
-    patches.update(cfg.compile_options)
+    patches = inductor_patches(model.grass_config)
 
     def backend(gm: fx.GraphModule, example_inputs):
         frame = stats.frames
