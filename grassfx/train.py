@@ -110,6 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="grass row selection (repeatable: one grass run per selection; default: top_r)")
     p.add_argument("--update-freq", type=_positive_int, default=200,
                    help="steps between projection updates of galore and grass (default: 200)")
+    p.add_argument("--proj-dim", default="auto", choices=["auto", "rows", "cols"],
+                   help="grass: which dim of each weight is sampled (default: auto, the larger)")
     p.add_argument("--scale", type=_positive_float, default=1.0,
                    help="update scale alpha of galore and grass (default: 1.0)")
     p.add_argument("--steps", type=_positive_int, default=1000, help="optimizer steps per run (default: %(default)s)")
@@ -324,7 +326,7 @@ def make_grass(model: torch.nn.Module, spec: RunSpec, args: argparse.Namespace):
     import grassfx.optim
 
     model = grassfx.compile(model, rank=args.rank, selection=spec.selection,
-                            update_freq=args.update_freq, scale=args.scale,
+                            update_freq=args.update_freq, scale=args.scale, proj_dim=args.proj_dim,
                             seed=args.seed, backend=args.backend)
     opt = grassfx.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.999), eps=1e-8,
                               weight_decay=args.weight_decay)
