@@ -478,40 +478,47 @@ def main(argv=None) -> int:
           f"{sum(p.numel() for p in base.parameters()):,} parameters, "
           f"{len(projected_names(base))} projected weights", flush=True)
 
+    out = Path(args.out)
+    section = "lr_check" if lr_check else "test"
+
+    def payload(records: list, total_s: float, complete: bool) -> dict:
+        return {
+            "what": ("accuracy on a held-out validation slice of the training set (learning-rate check)"
+                     if lr_check else "accuracy on the fixed held-out test split"),
+            "command": command,
+            "complete": complete,
+            "machine": machine(),
+            "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+            "total_wall_s": round(total_s, 1),
+            "model": f"all-MiniLM-L6-v2 ({MODEL_REQUIREMENT}) as BertForSequenceClassification, 2 labels",
+            "data": f"Rotten Tomatoes fresh/rotten snippets ({DATA_REQUIREMENT}, {DATA_MEMBER}), deduplicated",
+            "examples": {"total": len(texts), "train": len(train), "held_out": len(held)},
+            "settings": {"steps": args.steps, "batch_size": args.batch_size, "max_len": args.max_len,
+                         "test_size": args.test_size, "val_size": args.val_size if lr_check else None,
+                         "seed": args.seed, "rank": args.rank, "update_freq": args.update_freq,
+                         "scale": args.scale, "selection": args.selection,
+                         "schedule": "linear warm-up 10%, linear decay to 0", "weight_decay": 0.0,
+                         "betas": [0.9, 0.999], "eps": 1e-8, "threads": args.threads,
+                         "projected": "every nn.Linear weight except the classifier (36 encoder + pooler)"},
+            "runs": records,
+        }
+
     records = []
     for method, lr in jobs:
         print(f"{method}: lr {lr:g}", flush=True)
         records.append(run(method, lr, base, (ids, y, pad_id), plan, held, args))
+        if len(records) < len(jobs):  # keep finished runs if a later one is interrupted
+            write_json(out, section, payload(records, time.perf_counter() - started, complete=False))
     total_s = time.perf_counter() - started
-    date = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
+    final = payload(records, total_s, complete=True)
+    write_json(out, section, final)
 
     print()
     print(table(records, held_name))
     print()
     print(f"command: {command or '(called from Python)'}")
     print(f"machine: {machine()}")
-    print(f"date: {date}; total wall time {total_s / 60:.1f} min")
-
-    payload = {
-        "what": ("accuracy on a held-out validation slice of the training set (learning-rate check)" if lr_check
-                 else "accuracy on the fixed held-out test split"),
-        "command": command,
-        "machine": machine(),
-        "date": date,
-        "total_wall_s": round(total_s, 1),
-        "model": f"all-MiniLM-L6-v2 ({MODEL_REQUIREMENT}) as BertForSequenceClassification, 2 labels",
-        "data": f"Rotten Tomatoes fresh/rotten snippets ({DATA_REQUIREMENT}, {DATA_MEMBER}), deduplicated",
-        "examples": {"total": len(texts), "train": len(train), "held_out": len(held)},
-        "settings": {"steps": args.steps, "batch_size": args.batch_size, "max_len": args.max_len,
-                     "test_size": args.test_size, "val_size": args.val_size if lr_check else None,
-                     "seed": args.seed, "rank": args.rank, "update_freq": args.update_freq, "scale": args.scale,
-                     "selection": args.selection, "schedule": "linear warm-up 10%, linear decay to 0",
-                     "weight_decay": 0.0, "betas": [0.9, 0.999], "eps": 1e-8, "threads": args.threads,
-                     "projected": "every nn.Linear weight except the classifier (36 encoder + pooler)"},
-        "runs": records,
-    }
-    out = Path(args.out)
-    write_json(out, "lr_check" if lr_check else "test", payload)
+    print(f"date: {final['date']}; total wall time {total_s / 60:.1f} min")
     print(f"wrote {out}")
     return 0
 
