@@ -96,6 +96,8 @@ def worker(rank, world, port, args, method, out):
         out[method] = {"median_step_s": statistics.median(times[warm:]),
                        "bytes_per_step_steady": statistics.median(per_step[warm:]),
                        "bytes_per_step_all": per_step, "steps_s": times}
+    del model, opt
+    dist.barrier()
     dist.destroy_process_group()
 
 

@@ -665,6 +665,7 @@ def run(argv: list[str] | None = None) -> dict:
     if args.world_size > 1:
         import torch.distributed as dist
 
+        _barrier()  # no rank tears down its process group while another still uses it
         dist.destroy_process_group()
     return summary
 
