@@ -13,7 +13,7 @@ Symbolic (sympy) in the rank ``r``, the bytes per element of weights ``b_w``, gr
 * ``grassfx_fused``: grassfx with per-layer fused updates, where each projected weight's
   compressed gradient is consumed in the backward, so at most the largest one is alive.
 
-Unprojected parameters (embedding, norms) always keep a full gradient and full moments.
+Unprojected parameters (embedding, an untied LM head, norms) always keep a full gradient and full moments.
 Activations are what Hugging Face's ``LlamaForCausalLM`` (eager, sdpa attention, no
 checkpointing) saves for backward, counted tensor by tensor, per layer
 ``T (8 h + 4 I + 2 kv + 2 + H)`` elements, plus ``T (3 h + 1 + V) + 2 S h/H`` outside the
@@ -81,14 +81,19 @@ class LlamaShape:
         return self.hidden // self.heads * self.kv_heads
 
     def projected(self) -> list:
-        """(m, n) of every weight grassfx projects: the 7 linears of each layer and the LM head."""
+        """(m, n) of every weight grassfx (and GaLore) projects: the 7 linears of each layer.
+
+        The LM head is trained densely: grassfx does not project a model's output embedding
+        by default (see ``grassfx.targets``), and GaLore's setup projects attention/MLP only.
+        """
         h, i, kv = self.hidden, self.inter, self.kv
         per_layer = [(h, h), (kv, h), (kv, h), (h, h), (i, h), (i, h), (h, i)]
-        return per_layer * self.layers + ([] if self.tied else [(self.vocab, h)])
+        return per_layer * self.layers
 
     def unprojected_params(self) -> int:
-        """Embedding and norm weights."""
-        return self.vocab * self.hidden + (2 * self.layers + 1) * self.hidden
+        """Embedding, untied LM head and norm weights."""
+        head = 0 if self.tied else self.vocab * self.hidden
+        return self.vocab * self.hidden + head + (2 * self.layers + 1) * self.hidden
 
     def params(self) -> int:
         return sum(m * n for m, n in self.projected()) + self.unprojected_params()

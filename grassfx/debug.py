@@ -461,11 +461,12 @@ def _projected_shapes(model: GrassModel) -> list:
 
 def _unprojected(model: GrassModel) -> list:
     """Every parameter of the user's module that is not a projected weight, with a reason."""
-    from .targets import _auto_kind, _embedding_param_ids
+    from .targets import _auto_kind, _embedding_param_ids, _output_head_ids
 
     root = model.module
     site_ids = {id(model.weight_of(site)) for site in model.sites}
     embeddings = _embedding_param_ids(root)
+    heads = _output_head_ids(root)
     first_name = {}
     out = []
     for name, param in root.named_parameters(remove_duplicate=False):
@@ -477,7 +478,7 @@ def _unprojected(model: GrassModel) -> list:
             reason = _tied_reason(param, embeddings, first_name[id(param)])
         else:
             first_name[id(param)] = name
-            reason = _unprojected_reason(module, attr, param, embeddings, _auto_kind)
+            reason = _unprojected_reason(module, attr, param, embeddings, _auto_kind, heads)
         out.append(Unprojected(name, tuple(int(s) for s in param.shape), reason))
     return out
 
@@ -488,11 +489,13 @@ def _tied_reason(param, embeddings: set, first: str) -> str:
     return f"shared with {first}"
 
 
-def _unprojected_reason(module, attr, param, embeddings: set, auto_kind) -> str:
+def _unprojected_reason(module, attr, param, embeddings: set, auto_kind, heads: set = frozenset()) -> str:
     if isinstance(module, (nn.Embedding, nn.EmbeddingBag)):
         return "embedding"
     if id(param) in embeddings:
         return "tied to an embedding"
+    if id(param) in heads:
+        return "output embedding (LM head)"
     if param.dim() == 1:
         return "1-D (bias/norm)"
     if param.dim() != 2:

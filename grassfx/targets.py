@@ -9,8 +9,12 @@ A *target* is a 2-D parameter whose gradient comes from a matmul-like use:
   ``linear``/``matmul``/``mm``/``bmm``/``einsum`` or uses ``@``.
 
 Never targeted automatically: embeddings (their backward is a scatter) and any weight
-tied to one (for example a tied LM head), parameters with fewer or more than 2 dims
-(biases, norms, convolution kernels). ``targets=`` / ``exclude=`` take name globs
+tied to one (for example a tied LM head), the output embedding of a model that names one
+(Hugging Face ``get_output_embeddings()``, an untied LM head: its rows are vocabulary
+entries, and selecting r of them leaves every other token's logit untrained between
+refreshes -- the GaLore and Grass pretraining setups project attention and MLP weights
+only), parameters with fewer or more than 2 dims (biases, norms, convolution kernels).
+Pass ``targets=`` to project an output head anyway. ``targets=`` / ``exclude=`` take name globs
 (matched against the parameter's and its module's qualified names) or predicates
 ``f(name, param) -> bool``; ``targets=`` chooses among all 2-D parameters.
 """
@@ -56,6 +60,19 @@ def _embedding_param_ids(model: nn.Module) -> set:
         if isinstance(mod, (nn.Embedding, nn.EmbeddingBag)):
             ids.add(id(mod.weight))
     return ids
+
+
+def _output_head_ids(model: nn.Module) -> set:
+    """The weight of the model's output embedding (an LM head), if the model names one."""
+    getter = getattr(model, "get_output_embeddings", None)
+    if not callable(getter):
+        return set()
+    try:
+        head = getter()
+    except (NotImplementedError, AttributeError, TypeError):
+        return set()
+    weight = getattr(head, "weight", None)
+    return {id(weight)} if isinstance(weight, torch.Tensor) else set()
 
 
 def _forward_uses_matmul(module: nn.Module, attr: str) -> bool:
@@ -143,6 +160,7 @@ def find_targets(model: nn.Module, targets: NameFilter = None, exclude: NameFilt
     include = _as_filters(targets, "targets")
     drop = _as_filters(exclude, "exclude")
     embedding_ids = _embedding_param_ids(model)
+    head_ids = _output_head_ids(model)
     found = []
     for name, module_name, module, attr, param in _iter_params(model):
         if include:
@@ -156,7 +174,7 @@ def find_targets(model: nn.Module, targets: NameFilter = None, exclude: NameFilt
             kind = _auto_kind(module, attr, param, embedding_ids) or "explicit"
         else:
             kind = _auto_kind(module, attr, param, embedding_ids)
-            if kind is None:
+            if kind is None or id(param) in head_ids:
                 continue
         if _matches(drop, name, module_name, param):
             continue

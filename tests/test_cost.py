@@ -88,7 +88,7 @@ def test_grassfx_gradients_and_state_match_exactly(model_and_numbers):
 def test_galore_state_matches_exactly(model_and_numbers):
     galore = pytest.importorskip("galore_torch")
     model, nums = model_and_numbers
-    lowrank = [p for n, p in model.named_parameters() if p.dim() == 2 and "embed" not in n]
+    lowrank = [p for n, p in model.named_parameters() if p.dim() == 2 and "_proj" in n]
     other = [p for p in model.parameters() if all(p is not q for q in lowrank)]
     opt = galore.GaLoreAdamW([{"params": other}, {"params": lowrank, "rank": 8, "update_proj_gap": 50,
                                                   "scale": 1.0, "proj_type": "std"}], lr=1e-3,

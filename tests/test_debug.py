@@ -74,7 +74,8 @@ def env_knobs(monkeypatch):
 def llama_case():
     """A tiny Llama explained once (aot_eager) and its state before/after."""
     torch._dynamo.reset()
-    model = grassfx.compile(make_llama(), rank=8, backend="aot_eager")
+    # every Linear, the LM head included on request (by default it is not projected)
+    model = grassfx.compile(make_llama(), rank=8, backend="aot_eager", targets=["*_proj", "lm_head"])
     batch = llama_batch(0, seq=24)  # T = 48: no weight dimension
     before = _state(model)
     report = grassfx.explain(model, **batch)
@@ -319,8 +320,9 @@ def test_cli_explain_demo_mlp_json(tmp_path, capsys):
 def test_cli_explain_demo_llama_eager(capsys):
     assert cli.main(["explain", "--demo", "llama-tiny", "--backend", "eager"]) == 0
     text = capsys.readouterr().out
-    assert "0/15 rewritten" in text and "not compiled (backend=eager)" in text
+    assert "0/14 rewritten" in text and "not compiled (backend=eager)" in text
     assert "embedding: model.embed_tokens.weight" in text
+    assert "output embedding (LM head): lm_head.weight (96 x 32)" in text
 
 
 def test_cli_diff_demo_gpt2_html_dot(tmp_path, capsys):
@@ -370,3 +372,12 @@ def test_cli_train_dispatches_lazily(monkeypatch):
     monkeypatch.setattr(grassfx, "train", fake, raising=False)
     assert cli.main(["train", "--demo", "--steps", "3"]) == 0
     assert seen == [["--demo", "--steps", "3"]]
+
+
+def test_untied_lm_head_is_reported_as_not_projected():
+    from grassfx.debug import _unprojected
+
+    model = grassfx.compile(make_llama(), rank=8, backend="eager")
+    reasons = {u.name: u.reason for u in _unprojected(model)}
+    assert reasons["lm_head.weight"] == "output embedding (LM head)"
+    assert reasons["model.embed_tokens.weight"] == "embedding"

@@ -46,7 +46,7 @@ def test_full_rank_mlp_equals_torch_optim(ours, theirs, kw):
 def test_full_rank_tiny_llama_equals_torch_adamw():
     net = make_llama()
     ref = copy.deepcopy(net)
-    model = grassfx.compile(net, rank=1.0, backend="eager")
+    model = grassfx.compile(net, rank=1.0, backend="eager", targets=["*_proj", "lm_head"])
     assert len(model.sites) == 15  # 2 x (q, k, v, o, gate, up, down) + lm_head
     opt = grassfx.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.01)
     ropt = torch.optim.AdamW(ref.parameters(), lr=1e-3, weight_decay=0.01)
@@ -196,9 +196,24 @@ def test_targets_found_automatically():
 def test_targets_and_exclude_globs_and_predicates():
     m = grassfx.compile(make_llama(), rank=4, targets="*mlp*", backend="eager")
     assert {s.name.split(".")[-2] for s in m.sites} == {"gate_proj", "up_proj", "down_proj"}
-    m = grassfx.compile(make_llama(), rank=4, exclude=["lm_head", lambda n, p: "q_proj" in n], backend="eager")
-    assert not any("lm_head" in s.name or "q_proj" in s.name for s in m.sites)
-    assert len(m.sites) == 12
+    m = grassfx.compile(make_llama(), rank=4, exclude=["*v_proj", lambda n, p: "q_proj" in n], backend="eager")
+    assert not any("v_proj" in s.name or "q_proj" in s.name for s in m.sites)
+    assert len(m.sites) == 10
+
+
+def test_untied_lm_head_is_not_projected_by_default_but_can_be_asked_for():
+    net = make_llama()
+    assert net.lm_head.weight is not net.model.embed_tokens.weight  # untied
+    m = grassfx.compile(net, rank=4, backend="eager")
+    assert len(m.sites) == 14 and not any("lm_head" in s.name for s in m.sites)
+    assert m.module.lm_head.weight.requires_grad  # trained densely by the same optimizer
+    opt = grassfx.optim.AdamW(m.parameters(), lr=1e-2)
+    before = m.module.lm_head.weight.detach().clone()
+    m(**llama_batch(0)).loss.backward()
+    opt.step()
+    assert (m.module.lm_head.weight != before).all()  # every vocabulary row moves, not r of them
+    asked = grassfx.compile(make_llama(), rank=4, backend="eager", targets=["*_proj", "lm_head"])
+    assert "lm_head.weight" in {s.name for s in asked.sites}
 
 
 def test_eager_gpt2_conv1d_compressed_grad():
