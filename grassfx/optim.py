@@ -338,8 +338,12 @@ class AdamW(GrassOptimizer):
                       decay=1 - group["lr"] * group["weight_decay"], site=None if site is None or site.full else site)
         if self._fused is None:
             self._fused = torch.compile(_fused_adamw, dynamic=False, fullgraph=True)
-        self._fused(dense.as_args(), proj.as_args(), beta1, beta2, eps)
-        if proj.pendings:
+        # without weight decay the decay code is left out of the compiled step (fewer
+        # kernels to compile and two fewer passes over each selected row); a bool guard
+        # means at most one more compile if some group turns decay on later
+        decays = any(group["weight_decay"] != 0 for group, _, _ in work)
+        self._fused(dense.as_args(), proj.as_args(), beta1, beta2, eps, decays)
+        if proj.pendings and decays:
             # 0-d buffers stay outside the compiled region: torch 2.13's Inductor drops
             # in-place updates of 0-d CPU float64 inputs there.
             torch._foreach_mul_(proj.pendings, proj.decays)
@@ -375,18 +379,20 @@ class _FusedLists:
                 tuple(self.dims), self.idxs, self.rhos, self.pendings)
 
 
-def _fused_adamw(dense, proj, beta1: float, beta2: float, eps: float) -> None:
+def _fused_adamw(dense, proj, beta1: float, beta2: float, eps: float, decays: bool = True) -> None:
     """One AdamW step over flat lists; compiled once per parameter set.
 
     ``dense``: parameters updated in full (including fully selected weights).
     ``proj``: projected weights; grads and moments are (r, n) (or (m, r)), the update
     goes to the selected rows, and decoupled decay hits the selected rows (the caller
     multiplies the others' debt into ``decay_pending``, settled at the next refresh).
+    ``decays=False`` (every decay factor is 1) leaves the decay code out.
     """
     params, grads, exp_avgs, exp_avg_sqs, nums, _, _, _, _ = dense
     for i in range(len(params)):
         step, bc2, decay = nums[0, i].float(), nums[1, i].float(), nums[2, i].float()
-        params[i].mul_(decay)
+        if decays:
+            params[i].mul_(decay)
         exp_avgs[i].lerp_(grads[i], 1 - beta1)
         exp_avg_sqs[i].mul_(beta2).addcmul_(grads[i], grads[i], value=1 - beta2)
         denom = (exp_avg_sqs[i].sqrt() / bc2).add_(eps)
@@ -396,10 +402,11 @@ def _fused_adamw(dense, proj, beta1: float, beta2: float, eps: float) -> None:
         w, dim, idx = weights[i], dims[i], idxs[i]
         step, bc2, decay = nums[0, i].float(), nums[1, i].float(), nums[2, i].float()
         rho = rhos[i].unsqueeze(1 - dim)  # broadcast along the selected dim
-        # decay each selected row once, even when it was drawn several times
-        counts = torch.zeros(w.shape[dim], device=w.device).index_add_(0, idx, torch.ones_like(rhos[i]))
-        share = ((decay - 1) / counts[idx]).unsqueeze(1 - dim)
-        w.index_add_(dim, idx, w.index_select(dim, idx) * share.to(w.dtype))
+        if decays:
+            # decay each selected row once, even when it was drawn several times
+            counts = torch.zeros(w.shape[dim], device=w.device).index_add_(0, idx, torch.ones_like(rhos[i]))
+            share = ((decay - 1) / counts[idx]).unsqueeze(1 - dim)
+            w.index_add_(dim, idx, w.index_select(dim, idx) * share.to(w.dtype))
         exp_avgs[i].lerp_(grads[i], 1 - beta1)
         exp_avg_sqs[i].mul_(beta2).addcmul_(grads[i], grads[i], value=1 - beta2)
         denom = (exp_avg_sqs[i].sqrt() / bc2).add_(eps)

@@ -170,14 +170,15 @@ def test_tiny_llama_inductor_20_steps_matches_eager():
     assert torch._dynamo.utils.counters["graph_break"] == {}
 
 
-def test_compiled_adamw_step_matches_eager_loop_without_recompiles():
+@pytest.mark.parametrize("weight_decay", [0.1, 0.0])  # 0: the compiled step leaves decay out
+def test_compiled_adamw_step_matches_eager_loop_without_recompiles(weight_decay):
     import torch._dynamo.utils as dyn_utils
 
     torch.manual_seed(0)
     net = zoo.Shared()
     models = [grassfx.compile(copy.deepcopy(net), rank=4, selection="multinorm", update_freq=3, backend="eager")
               for _ in range(2)]
-    opts = [grassfx.optim.AdamW(m.parameters(), lr=1e-2, weight_decay=0.1, compiled=c)
+    opts = [grassfx.optim.AdamW(m.parameters(), lr=1e-2, weight_decay=weight_decay, compiled=c)
             for m, c in zip(models, (False, True))]
     scheds = [torch.optim.lr_scheduler.LambdaLR(o, lambda s: 1 / (1 + s)) for o in opts]
     g = torch.Generator().manual_seed(0)
