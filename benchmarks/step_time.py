@@ -72,16 +72,24 @@ def build(args):
 
 
 def projected_linears(model):
-    return [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    """Every Linear layer, with whether grassfx projects it by default (its own target discovery)."""
+    from grassfx.targets import find_targets
+
+    names = {t.module_name for t in find_targets(model)}
+    return [(n, m, n in names) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
 
 
 def flop_limit(model, tokens, rank):
-    """Upper bound of the speedup if only projected wgrad GEMMs shrink (linear FLOPs only)."""
+    """Upper bound of the speedup if only projected wgrad GEMMs shrink (Linear FLOPs only).
+
+    Every Linear counts fwd + dgrad + wgrad; a projected one's wgrad shrinks by r/max(m, n),
+    an unprojected one (e.g. the LM head) keeps all three.
+    """
     dense = grass = 0.0
-    for _, lin in projected_linears(model):
+    for _, lin, projected in projected_linears(model):
         m, n = lin.weight.shape
         unit = 2 * tokens * m * n
-        r_over = min(rank, max(m, n)) / max(m, n)
+        r_over = min(rank, max(m, n)) / max(m, n) if projected else 1.0
         dense += 3 * unit
         grass += (2 + r_over) * unit
     return dense / grass

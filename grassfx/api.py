@@ -40,8 +40,10 @@ def compile(  # noqa: A001 - the promised public name
         selection: ``"top_r"``, ``"multinorm"``, ``"multinorm_nr"`` or ``"uniform"``.
         update_freq: optimizer steps between refreshes of the selected rows.
         scale: the update scale alpha applied by grassfx.optim.
-        proj_dim: ``"rows"`` (dim 0 of the weight), ``"cols"`` (dim 1) or ``"auto"``
-            (the larger dim, which keeps the optimizer state smaller).
+        proj_dim: ``"rows"`` (dim 0 of the weight), ``"cols"`` (dim 1), ``"auto"``
+            (the larger dim, which keeps the optimizer state smallest: r x min(m, n)) or
+            ``"smaller"`` (the smaller dim, as GaLore projects: r of min(m, n) rows or
+            columns train per window, state r x max(m, n)).
         targets / exclude: name globs or predicates ``f(name, param)`` choosing weights.
         seed: seeds the stochastic selectors (same seed -> same rows in every process).
         backend: ``"inductor"`` (compiled, rewritten), ``"aot_eager"`` (rewritten graphs

@@ -12,7 +12,7 @@ from .select import SELECTORS
 
 __all__ = ["GrassConfig", "PROJ_DIMS", "BACKENDS", "MOMENT_POLICIES"]
 
-PROJ_DIMS = ("auto", "rows", "cols")
+PROJ_DIMS = ("auto", "rows", "cols", "smaller")
 BACKENDS = ("inductor", "aot_eager", "eager")
 MOMENT_POLICIES = ("reset", "keep_overlap")
 
@@ -78,4 +78,6 @@ class GrassConfig:
             return 0
         if self.proj_dim == "cols":
             return 1
-        return 0 if shape[0] >= shape[1] else 1
+        if self.proj_dim == "smaller":  # r of min(m, n) kept: more of W trained per window
+            return 0 if shape[0] <= shape[1] else 1
+        return 0 if shape[0] >= shape[1] else 1  # auto: r of max(m, n), the smallest state

@@ -110,8 +110,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="grass row selection (repeatable: one grass run per selection; default: top_r)")
     p.add_argument("--update-freq", type=_positive_int, default=200,
                    help="steps between projection updates of galore and grass (default: 200)")
-    p.add_argument("--proj-dim", default="auto", choices=["auto", "rows", "cols"],
-                   help="grass: which dim of each weight is sampled (default: auto, the larger)")
+    p.add_argument("--proj-dim", default="auto", choices=["auto", "rows", "cols", "smaller"],
+                   help="grass: which dim of each weight is sampled (default: auto, the larger; "
+                        "smaller: the smaller, as GaLore projects)")
     p.add_argument("--scale", type=_positive_float, default=1.0,
                    help="update scale alpha of galore and grass (default: 1.0)")
     p.add_argument("--steps", type=_positive_int, default=1000, help="optimizer steps per run (default: %(default)s)")

@@ -272,3 +272,14 @@ def test_weight_decay_settles_at_refresh():
     rows[site.idx] = False  # rows never selected only decayed: settled by 0.95 ** 2
     torch.testing.assert_close(net.up.weight[rows], w2[rows] * 0.95**2)
     assert float(site.decay_pending) == pytest.approx(0.95)
+
+
+def test_proj_dim_auto_keeps_the_smallest_state_and_smaller_the_widest_coverage():
+    net = nn.Sequential(nn.Linear(8, 24), nn.Tanh(), nn.Linear(24, 8), nn.Tanh(), nn.Linear(8, 8))
+    dims = {}
+    for proj_dim in ("auto", "smaller"):
+        m = grassfx.compile(copy.deepcopy(net), rank=4, proj_dim=proj_dim, backend="eager")
+        dims[proj_dim] = [(s.dim, tuple(s.handle.shape)) for s in m.sites]
+    # (24, 8): auto keeps 4 of 24 rows, state (4, 8); smaller keeps 4 of 8 columns, state (24, 4)
+    assert dims["auto"] == [(0, (4, 8)), (1, (8, 4)), (0, (4, 8))]
+    assert dims["smaller"] == [(1, (24, 4)), (0, (4, 24)), (0, (4, 8))]
