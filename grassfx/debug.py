@@ -489,7 +489,7 @@ def _tied_reason(param, embeddings: set, first: str) -> str:
     return f"shared with {first}"
 
 
-def _unprojected_reason(module, attr, param, embeddings: set, auto_kind, heads: set = frozenset()) -> str:
+def _unprojected_reason(module, attr, param, embeddings: set, auto_kind, heads: set) -> str:
     if isinstance(module, (nn.Embedding, nn.EmbeddingBag)):
         return "embedding"
     if id(param) in embeddings:

@@ -373,11 +373,3 @@ def test_cli_train_dispatches_lazily(monkeypatch):
     assert cli.main(["train", "--demo", "--steps", "3"]) == 0
     assert seen == [["--demo", "--steps", "3"]]
 
-
-def test_untied_lm_head_is_reported_as_not_projected():
-    from grassfx.debug import _unprojected
-
-    model = grassfx.compile(make_llama(), rank=8, backend="eager")
-    reasons = {u.name: u.reason for u in _unprojected(model)}
-    assert reasons["lm_head.weight"] == "output embedding (LM head)"
-    assert reasons["model.embed_tokens.weight"] == "embedding"
