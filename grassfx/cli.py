@@ -47,7 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
         'mlp'
     """
     from .config import BACKENDS
-    from .demos import DEMOS
+    from .recipes.demos import DEMOS
     from .select import SELECTORS
 
     parser = argparse.ArgumentParser(prog="grassfx", description="Grass training as a torch.compile pass: debugging tools.")
@@ -85,7 +85,7 @@ def main(argv: Optional[list] = None) -> int:
     """
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "train":
-        from . import train  # imported only when asked for: it pulls in the training stack
+        from .recipes import train  # imported only when asked for: it pulls in the training stack
 
         train.main(argv[1:])
         return 0
@@ -135,7 +135,7 @@ def _write_outputs(d, args: argparse.Namespace) -> None:
 def _model_and_inputs(parser: argparse.ArgumentParser, args: argparse.Namespace) -> tuple:
     """Build (or load) the model, compile it with the command's options, and its inputs."""
     import grassfx
-    from .demos import get_demo
+    from .recipes.demos import get_demo
 
     if (args.target is None) == (args.demo is None):
         parser.error("give exactly one of MODULE:FACTORY or --demo NAME")

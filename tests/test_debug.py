@@ -15,6 +15,7 @@ from torch import nn
 
 import grassfx
 import grassfx.passes
+import grassfx.recipes
 import zoo
 from grassfx import cli
 from grassfx.passes import infra
@@ -366,10 +367,10 @@ def test_cli_errors_are_clear(argv, message, capsys):
 
 def test_cli_train_dispatches_lazily(monkeypatch):
     seen = []
-    fake = types.ModuleType("grassfx.train")
+    fake = types.ModuleType("grassfx.recipes.train")
     fake.main = seen.append
-    monkeypatch.setitem(sys.modules, "grassfx.train", fake)
-    monkeypatch.setattr(grassfx, "train", fake, raising=False)
+    monkeypatch.setitem(sys.modules, "grassfx.recipes.train", fake)
+    monkeypatch.setattr(grassfx.recipes, "train", fake, raising=False)
     assert cli.main(["train", "--demo", "--steps", "3"]) == 0
     assert seen == [["--demo", "--steps", "3"]]
 

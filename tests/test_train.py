@@ -1,4 +1,4 @@
-"""Tests of the pretraining job (grassfx.train), its data pipeline and its presets."""
+"""Tests of the pretraining job (grassfx.recipes.train), its data pipeline and its presets."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import subprocess
 import pytest
 import torch
 
-from grassfx import data, presets, train
+from grassfx.recipes import data, presets, train
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 HAS_GALORE = importlib.util.find_spec("galore_torch") is not None

@@ -16,7 +16,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from .errors import ConfigError
+from grassfx.errors import ConfigError
 
 __all__ = ["Demo", "DEMOS", "get_demo", "mlp", "llama_tiny", "gpt2_tiny"]
 

