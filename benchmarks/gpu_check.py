@@ -54,10 +54,9 @@ def correctness(dtype_mode: str) -> dict:
             for s in m.sites:
                 s.handle.grad = None
             m.grass_step += 1
-    rewritten = {c.weight for rec in comp.compile_stats.graphs for st in rec.stages
-                 for c in st.result.changes if c.action == "rewrote"}
+    rewritten = {c.weight for c in comp.compile_report.changes() if c.action == "rewrote"}
     return {"dtype": dtype_mode, "max_rel_diff": worst, "rewritten": len(rewritten),
-            "projected": len(comp.sites), "frames": comp.compile_stats.frames}
+            "projected": len(comp.sites), "frames": comp.compile_report.frames}
 
 
 def main(argv=None):

@@ -73,7 +73,7 @@ def build(args):
 
 def projected_linears(model):
     """Every Linear layer, with whether grassfx projects it by default (its own target discovery)."""
-    from grassfx.targets import find_targets
+    from grassfx.instrument.targets import find_targets
 
     names = {t.module_name for t in find_targets(model)}
     return [(n, m, n in names) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
@@ -156,10 +156,9 @@ def bench(args):
     g = result["grassfx"]
     g["refresh_step_s"] = g["steps_s"][0]  # step 0 is a refresh (it also compiles)
     g["second_step_s"] = g["steps_s"][1]  # compiles the normal training graph
-    g["rewritten"] = sum(1 for rec in gmodel.compile_stats.graphs for st in rec.stages
-                         for c in st.result.changes if c.action == "rewrote")
+    g["rewritten"] = sum(1 for c in gmodel.compile_report.changes() if c.action == "rewrote")
     g["projected"] = len(gmodel.sites)
-    g["frames"] = gmodel.compile_stats.frames
+    g["frames"] = gmodel.compile_report.frames
     result["speedup"] = result["dense"]["median_step_s"] / g["median_step_s"]
     result["fraction_of_flop_limit"] = result["speedup"] / result["flop_limit_speedup"]
     result["compile_ratio"] = (g["steps_s"][0] + g["steps_s"][1] - 2 * g["median_step_s"]) / max(

@@ -20,7 +20,7 @@ from .errors import (
     PassError,
     UnsupportedModelError,
 )
-from .model import GrassModel, unwrap
+from .instrument import GrassModel, unwrap
 
 __version__ = "0.1.0"
 

@@ -7,8 +7,8 @@ from torch import nn
 from .config import GrassConfig
 from .distributed import check_not_fsdp
 from .errors import ConfigError
-from .model import GrassModel
-from .targets import find_targets
+from .instrument import GrassModel
+from .instrument.targets import plan_targets, targets_of
 
 __all__ = ["compile"]
 
@@ -30,6 +30,7 @@ def compile(  # noqa: A001 - the promised public name
     dynamic=None,
     options: dict | None = None,
     data_parallel=None,
+    record: bool = False,
 ) -> GrassModel:
     """Make ``model`` train by Grass: only r rows of each weight gradient are computed.
 
@@ -57,6 +58,9 @@ def compile(  # noqa: A001 - the promised public name
             ``torch.distributed`` is initialised with more than one process, sending only
             compressed gradients for projected weights (see ``grassfx.distributed``);
             ``False``: never communicate.
+        record: keep node snapshots of every compiled graph before and after each pass
+            (for ``grassfx.diff(model)``); off by default (compile time and memory).
+            ``GRASSFX_DEBUG>=1`` turns it on too.
 
     Returns:
         A :class:`grassfx.GrassModel`, called like ``model``.
@@ -86,12 +90,13 @@ def compile(  # noqa: A001 - the promised public name
         dynamic=dynamic,
         compile_options=dict(options or {}),
         data_parallel=data_parallel,
+        record=record,
     )
     check_not_fsdp(model)
-    specs = find_targets(model, targets=targets, exclude=exclude)
-    grass_model = GrassModel(model, specs, config)
+    decisions = plan_targets(model, targets=targets, exclude=exclude)
+    grass_model = GrassModel(model, targets_of(decisions, model), config, decisions)
     if config.backend != "eager":
-        from .backend import install_compiled_runner
+        from .compiler import install_compiled_runner
 
         install_compiled_runner(grass_model)
     return grass_model

@@ -38,6 +38,7 @@ class GrassConfig:
     dynamic: Any = None
     compile_options: dict = field(default_factory=dict)
     data_parallel: Any = None  # None: when torch.distributed is initialised; False: never
+    record: bool = False  # keep node snapshots before/after each pass (grassfx.diff)
 
     def __post_init__(self):
         rank = self.rank
@@ -63,6 +64,8 @@ class GrassConfig:
             raise ConfigError(f"scale={self.scale!r}: expected a finite float (the update scale alpha)")
         if self.data_parallel not in (None, True, False):
             raise ConfigError(f"data_parallel={self.data_parallel!r}: expected None (auto), True or False")
+        if not isinstance(self.record, bool):
+            raise ConfigError(f"record={self.record!r}: expected True or False")
         if isinstance(self.seed, bool) or not isinstance(self.seed, numbers.Integral):
             raise ConfigError(f"seed={self.seed!r}: expected an int")
 

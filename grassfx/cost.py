@@ -85,7 +85,7 @@ class LlamaShape:
         """(m, n) of every weight grassfx (and GaLore) projects: the 7 linears of each layer.
 
         The LM head is trained densely: grassfx does not project a model's output embedding
-        by default (see ``grassfx.targets``), and GaLore's setup projects attention/MLP only.
+        by default (see ``grassfx.instrument.targets``), and GaLore's setup projects attention/MLP only.
         """
         h, i, kv = self.hidden, self.inter, self.kv
         per_layer = [(h, h), (kv, h), (kv, h), (h, h), (i, h), (i, h), (h, i)]

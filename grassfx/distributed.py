@@ -31,13 +31,13 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
-import sys
 
 import torch
 
+from . import _compat
 from .errors import GrassError, UnsupportedModelError
 
-__all__ = ["DataParallel", "world", "check_not_fsdp", "BUCKET_BYTES"]
+__all__ = ["DataParallel", "attach", "world", "check_not_fsdp", "BUCKET_BYTES"]
 
 BUCKET_BYTES = 25 * 2**20
 
@@ -65,16 +65,12 @@ def check_not_fsdp(model) -> None:
             )
 
 
-def _wrapped_by(kind: str, depth: int = 12) -> bool:
-    frame = sys._getframe(2)
-    for _ in range(depth):
-        if frame is None:
-            return False
-        owner = frame.f_locals.get("self")
-        if owner is not None and any(c.__name__ == kind for c in type(owner).__mro__):
-            return True
-        frame = frame.f_back
-    return False
+def attach(model):
+    """A :class:`DataParallel` reducer for ``model`` when data-parallel training applies, else None."""
+    group, size = world()
+    if size > 1 and model.grass_config.data_parallel is not False:
+        return DataParallel(model, group, size)
+    return None
 
 
 def _idx_hash(idx: torch.Tensor) -> int:
@@ -90,8 +86,6 @@ class DataParallel:
         self.enabled = True  # False under DDP: DDP reduces
         self.sync = True
         self.refresh_backward = False
-        self.reduced_in_graph = set()  # weight names whose compressed grads the graph reduces
-        self.in_graph_bytes = {}  # weight name -> bytes its in-graph all-reduce sends per step
         self.bytes_sent = {"projected": 0, "dense": 0, "refresh_dense": 0}
         self.check_ranks = os.environ.get("GRASSFX_CHECK_RANKS", "0") not in ("", "0")
         self._bucket, self._bucket_size, self._pending = [], 0, []
@@ -101,9 +95,25 @@ class DataParallel:
         self._hooks = []
         for p in self._trainable():
             self._hooks.append(p.register_post_accumulate_grad_hook(self._ready))
+        model._schedule.on_refresh_seen.append(self.check_selection)
+
+    @property
+    def reduced_in_graph(self) -> set:
+        """Weight names whose compressed gradients the compiled graphs average (from the compile report)."""
+        report = self.model.compile_report
+        return report.reduced_in_graph() if report is not None else set()
+
+    def group_and_size(self) -> tuple:
+        """``(group name, world size)`` for collectives traced into the refresh backward."""
+        return self.group.group_name, self.size
+
+    def expect_refresh(self, sites) -> None:
+        """This forward is a refresh: its backward all-reduces each such weight's dense gradient once."""
+        self.refresh_backward = True
+        self.bytes_sent["refresh_dense"] += sum(s.weight.numel() * s.weight.element_size() for s in sites)
 
     def _trainable(self):
-        frozen = {id(self.model.weight_of(s)) for s in self.model.sites}
+        frozen = {id(s.weight) for s in self.model.sites}
         for _, p in self.model.named_parameters():
             if p.requires_grad and id(p) not in frozen:
                 yield p
@@ -113,16 +123,16 @@ class DataParallel:
         if self._checked:
             return
         self._checked = True
-        if _wrapped_by("DistributedDataParallel"):
+        if _compat.called_by("DistributedDataParallel"):
             self.enabled = False
-        if _wrapped_by("FullyShardedDataParallel") or _wrapped_by("FSDPModule"):
+        if _compat.called_by("FullyShardedDataParallel") or _compat.called_by("FSDPModule"):
             check_not_fsdp(self.model)  # pragma: no cover - FSDP wraps before forward
             raise UnsupportedModelError("grassfx does not support FSDP yet")
         self._check_same_config()
 
     def _fingerprint(self) -> str:
         cfg = self.model.grass_config
-        sites = [(s.name, tuple(self.model.weight_of(s).shape), s.dim, s.rank) for s in self.model.sites]
+        sites = [(s.name, tuple(s.weight.shape), s.dim, s.rank) for s in self.model.sites]
         key = (cfg.rank, cfg.selection, cfg.update_freq, cfg.seed, cfg.scale, cfg.proj_dim, cfg.moments, sites)
         return hashlib.sha256(repr(key).encode()).hexdigest()
 
@@ -144,14 +154,16 @@ class DataParallel:
     def count_in_graph(self) -> None:
         """Account for the in-graph all-reduces of one normal (non-refresh) backward; the
         sizes are those of the collectives the compress_allreduce pass inserted."""
-        self.bytes_sent["projected"] += sum(self.in_graph_bytes.values())
+        reduced = self.reduced_in_graph
+        self.bytes_sent["projected"] += sum(s.handle.numel() * s.handle.element_size()
+                                            for s in self.model.sites if s.name in reduced)
 
     # -- hooks and buckets ----------------------------------------------------------------
     def _ready(self, p: torch.Tensor) -> None:
         if not self.enabled or p.grad is None:
             return
         if not self._callback_queued:  # once per backward: finish() runs at its end
-            torch.autograd.Variable._execution_engine.queue_callback(self.finish)
+            _compat.queue_backward_callback(self.finish)
             self._callback_queued = True
         if not self.sync:
             return

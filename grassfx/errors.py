@@ -30,12 +30,18 @@ class UnsupportedModelError(GrassError):
 
 
 class PassError(GrassError):
-    """A compiler pass failed; the message names the pass and the graph node."""
+    """A compiler pass failed; the message names the pass, the graph node (or graph) and a way out."""
 
-    def __init__(self, pass_name: str, node: str, message: str):
-        super().__init__(f"[{pass_name}] at node {node!r}: {message}")
+    def __init__(self, pass_name: str, node, message: str, graph=None):
+        where = f"at node {node!r}" if node is not None else ""
+        if graph is not None:
+            where = f"{where} of graph {graph}" if where else f"in graph {graph}"
+        super().__init__(
+            f"[{pass_name}] {where}: {message} (set GRASSFX_DISABLE={pass_name} to compile without this pass)"
+        )
         self.pass_name = pass_name
         self.node = node
+        self.graph = graph
 
 
 class OptimizerMisuseError(GrassError):

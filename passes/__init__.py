@@ -6,7 +6,7 @@ this order. ``GRASSFX_DISABLE=name,...`` skips passes by name.
 
 from __future__ import annotations
 
-from .infra import Change, PassContext, PassResult, Settings, Skip, settings
+from .infra import ALL_REDUCE, Change, PassContext, PassResult, Settings, Skip, settings
 from .compress_allreduce import compress_allreduce
 from .sparsify_wgrad import sparsify_wgrad
 
@@ -18,4 +18,4 @@ from .sparsify_wgrad import sparsify_wgrad
 #     after it; it is a no-op unless the model trains data-parallel.
 PIPELINE = (sparsify_wgrad, compress_allreduce)
 
-__all__ = ["PIPELINE", "Change", "PassContext", "PassResult", "Settings", "Skip", "settings", "sparsify_wgrad", "compress_allreduce"]
+__all__ = ["PIPELINE", "ALL_REDUCE", "Change", "PassContext", "PassResult", "Settings", "Skip", "settings", "sparsify_wgrad", "compress_allreduce"]

@@ -24,7 +24,9 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
-from .infra import Change, PassContext, PassResult, make_node, meta_val
+from grassfx import _compat
+
+from .infra import ALL_REDUCE, Change, PassContext, PassResult, make_node, meta_val
 
 aten = torch.ops.aten
 PASS = "compress_allreduce"
@@ -64,7 +66,7 @@ def compress_allreduce(graph: fx.Graph, ctx: PassContext) -> PassResult:
 
     fake_mode = _fake_mode(graph)
     output = next(n for n in graph.nodes if n.op == "output")
-    functional = torch.ops._c10d_functional
+    all_reduce, wait = _compat.functional_all_reduce(), _compat.functional_wait()
     for bucket in _buckets(nodes, ctx.bucket_bytes):
         weights = [n.meta["grassfx"]["weight"] for n in bucket]
         prov = {"pass": PASS, "weight": ",".join(weights)}
@@ -87,9 +89,9 @@ def compress_allreduce(graph: fx.Graph, ctx: PassContext) -> PassResult:
         with graph.inserting_after(cursor):
             flat = new(aten.cat.default, (pieces,))
         with graph.inserting_after(flat):
-            reduced = new(functional.all_reduce.default, (flat, "sum", ctx.group_name))
+            reduced = new(all_reduce, (flat, "sum", ctx.group_name))
         with graph.inserting_before(output):
-            waited = new(functional.wait_tensor.default, (reduced,))
+            waited = new(wait, (reduced,))
             mean = new(aten.div.Tensor, (waited, ctx.world_size))
             offset = 0
             for n in bucket:
@@ -102,6 +104,6 @@ def compress_allreduce(graph: fx.Graph, ctx: PassContext) -> PassResult:
                 offset += k
                 n.replace_all_uses_with(part, delete_user_cb=lambda user: user.name not in created)
         for w in weights:
-            result.changes.append(Change(w, "all_reduce", f"bucket of {len(bucket)} compressed gradient(s)", created))
+            result.changes.append(Change(w, ALL_REDUCE, f"bucket of {len(bucket)} compressed gradient(s)", created))
         result.modified = True
     return result

@@ -16,10 +16,16 @@ from typing import Any, Optional
 import torch
 import torch.fx as fx
 
+from grassfx import _compat
+
 __all__ = [
     "Change", "Skip", "PassResult", "PassContext", "Settings", "settings",
-    "norm_args", "meta_val", "make_node", "same_size",
+    "norm_args", "meta_val", "make_node", "same_size", "ALL_REDUCE",
 ]
+
+#: ``Change.action`` of a compressed gradient averaged across ranks inside the graph
+#: (the data-parallel reducer reads it from the compile report and skips that gradient).
+ALL_REDUCE = "all_reduce"
 
 
 @dataclass
@@ -27,7 +33,7 @@ class Change:
     """One thing a pass did to a graph."""
 
     weight: str
-    action: str  # e.g. "rewrote", "fallback"
+    action: str  # e.g. "rewrote", "fallback", ALL_REDUCE
     detail: str = ""
     created: list = field(default_factory=list)  # names of created nodes
     erased: list = field(default_factory=list)  # names of erased nodes
@@ -101,8 +107,7 @@ def settings() -> Settings:
 
 def norm_args(node: fx.Node) -> dict:
     """A node's arguments by schema name (``{"self": ..., "dims": ...}``)."""
-    target = node.target
-    schema = getattr(target, "_schema", None)
+    schema = _compat.op_schema(node.target)
     if schema is None:
         raise TypeError(f"{node.format_node()} has no schema")
     out = {}

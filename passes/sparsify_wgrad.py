@@ -33,6 +33,8 @@ from typing import Optional, Union
 import torch
 import torch.fx as fx
 
+from grassfx import _compat
+
 from .infra import PassContext, PassResult, Change, Skip, make_node, meta_val, norm_args, prod, same_size
 
 aten = torch.ops.aten
@@ -44,7 +46,7 @@ PASS = "sparsify_wgrad"
 
 
 def _rowsel_op():
-    import grassfx.ops  # noqa: F401  (registers grassfx::rowsel)
+    import grassfx.instrument.anchors  # noqa: F401  (registers grassfx::rowsel)
 
     return torch.ops.grassfx.rowsel.default
 
@@ -180,7 +182,7 @@ def _plan(node, group: tuple, root: bool) -> Union[Push, str]:
             return "squeeze inside the selected dims"
         return _wrap(node, group, "view", ("self", args["self"]), in_group)
     if pk in _SAME:
-        first = node.target._schema.arguments[0].name  # "self", or "a" for prims casts
+        first = _compat.op_schema(node.target).arguments[0].name  # "self", or "a" for prims casts
         return _wrap(node, group, "same", (first, args[first]), group)
     if pk in _SCALE:
         if not _is_scalar(args["other"]) or _shape(args["self"]) != shape:
@@ -204,8 +206,7 @@ def _plan(node, group: tuple, root: bool) -> Union[Push, str]:
         if any(d in reduced for d in src) or any(src[i] != src[0] + i for i in range(len(src))):
             return "selected dims are reduced"
         return _wrap(node, group, "sum", ("self", args["self"]), (src[0], src[-1] + 1))
-    name = getattr(pk, "_qualified_op_name", str(pk)).replace("::", ".")
-    return f"not a GEMM: {name}"
+    return f"not a GEMM: {_compat.op_name(pk)}"
 
 
 def _as_perm(pk, args, ndim) -> list:
@@ -318,9 +319,10 @@ class _Emitter:
         if plan.kind == "add":
             extra = {"alpha": args["alpha"]} if args.get("alpha", 1) != 1 else None
             return self.node(node.target, (inner["self"], inner["other"]), extra)
-        new_args = [inner.get(a.name, args.get(a.name)) for a in node.target._schema.arguments
+        schema = _compat.op_schema(node.target)
+        new_args = [inner.get(a.name, args.get(a.name)) for a in schema.arguments
                     if a.name in args and not a.kwarg_only]
-        new_kwargs = {a.name: args[a.name] for a in node.target._schema.arguments
+        new_kwargs = {a.name: args[a.name] for a in schema.arguments
                       if a.kwarg_only and a.name in node.kwargs}
         return self.node(node.target, tuple(new_args), new_kwargs)
 
@@ -352,10 +354,8 @@ def _erase_dead(graph: fx.Graph, start: fx.Node) -> list:
 
 
 def _fake_mode(graph: fx.Graph):
-    from torch._guards import detect_fake_mode
-
     vals = [n.meta.get("val") for n in graph.nodes if isinstance(n.meta.get("val"), torch.Tensor)]
-    return detect_fake_mode(vals)
+    return _compat.fake_mode_of(vals)
 
 
 def sparsify_wgrad(graph: fx.Graph, ctx: PassContext) -> PassResult:

@@ -15,7 +15,7 @@ from conftest import llama_batch, make_gpt2, make_llama
 
 def _pair(net, backend, **kw):
     eager = grassfx.compile(copy.deepcopy(net), backend="eager", **kw)
-    compiled = grassfx.compile(net, backend=backend, **kw)
+    compiled = grassfx.compile(net, backend=backend, record=True, **kw)
     return eager, compiled
 
 
@@ -28,7 +28,7 @@ def _dense_wgrad_gemms(model, frame=None):
     shapes = {tuple(model.weight_of(s).shape) for s in model.sites if not s.full}
     shapes |= {tuple(reversed(sh)) for sh in shapes}
     found = []
-    for rec in model.compile_stats.graphs:
+    for rec in model.compile_report.records:
         if rec.kind != "backward" or (frame is not None and not rec.graph_id.startswith(f"g{frame}.")):
             continue
         ops = rec.stages[-1].ops_after
@@ -39,11 +39,7 @@ def _dense_wgrad_gemms(model, frame=None):
 
 def _normal_frame(model):
     """The frame id of the non-refresh training graph (the one with rowsel sites)."""
-    frames = set()
-    for rec in model.compile_stats.graphs:
-        for st in rec.stages:
-            if st.result.changes:
-                frames.add(rec.graph_id.split(".")[0][1:])
+    frames = {g.graph_id.split(".")[0][1:] for g in model.compile_report.graphs if g.changes()}
     assert len(frames) == 1, frames
     return frames.pop()
 
@@ -72,7 +68,7 @@ def _run_steps(eager, compiled, batches, loss_fn, opt_kw=None, strict_steps=None
 
 
 def _all_rewritten(model):
-    changes = [c for rec in model.compile_stats.graphs for st in rec.stages for c in st.result.changes]
+    changes = model.compile_report.changes()
     projected = {s.name for s in model.sites if not s.full}
     rewritten = {c.weight for c in changes if c.action == "rewrote"}
     fallback = {c.weight: c.detail for c in changes if c.action != "rewrote"}
@@ -90,7 +86,7 @@ def test_zoo_matches_eager_and_drops_dense_wgrad(backend):
     assert not fallback, fallback
     assert rewritten == projected
     assert _dense_wgrad_gemms(compiled, _normal_frame(compiled)) == []
-    assert compiled.compile_stats.frames == 2  # one refresh graph, one normal graph
+    assert compiled.compile_report.frames == 2  # one refresh graph, one normal graph
 
 
 def test_cols_selection_and_gpt2_conv1d_aot_eager():
@@ -129,7 +125,7 @@ def test_dynamic_sequence_lengths_aot_eager(dynamic):
     projected, rewritten, fallback = _all_rewritten(compiled)
     assert rewritten == projected and not fallback
     # refresh graph + normal graph (+ at most one re-trace when automatic dynamic kicks in)
-    assert compiled.compile_stats.frames <= 3
+    assert compiled.compile_report.frames <= 3
 
 
 def test_changing_idx_never_recompiles():
@@ -143,7 +139,7 @@ def test_changing_idx_never_recompiles():
         opt.zero_grad()
         seen.append(model.sites[0].idx.clone())
     assert len({tuple(s.tolist()) for s in seen}) > 1  # rows did change
-    assert model.compile_stats.frames == 2
+    assert model.compile_report.frames == 2
 
 
 def test_unpushable_use_is_reported_and_correct():
@@ -166,7 +162,7 @@ def test_tiny_llama_inductor_20_steps_matches_eager():
     projected, rewritten, fallback = _all_rewritten(compiled)
     assert len(projected) == 15 and rewritten == projected and not fallback
     assert _dense_wgrad_gemms(compiled, _normal_frame(compiled)) == []
-    assert compiled.compile_stats.frames == 2  # 4 refreshes, still two graphs
+    assert compiled.compile_report.frames == 2  # 4 refreshes, still two graphs
     assert torch._dynamo.utils.counters["graph_break"] == {}
 
 

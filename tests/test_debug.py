@@ -122,7 +122,7 @@ def test_explain_leaves_the_model_untouched(llama_case):
         assert torch.equal(before[key], after[key]), key
     assert model.step == 0 and not model._pending
     assert all(p.grad is None for p in model.parameters())
-    assert model.compile_stats.frames == 0  # only the copy compiled
+    assert model.compile_report.frames == 0  # only the copy compiled
 
 
 def test_explain_mid_training_changes_nothing_and_adds_no_recompile():
@@ -138,14 +138,14 @@ def test_explain_mid_training_changes_nothing_and_adds_no_recompile():
 
     step(batches[0])
     step(batches[1])
-    before, frames = _state(model), model.compile_stats.frames
+    before, frames = _state(model), model.compile_report.frames
     report = grassfx.explain(model, batches[2])
     assert all(w.rewritten for w in report.weights)
     after = _state(model)
     assert all(torch.equal(before[k], after[k]) for k in before)
     step(batches[2])
     step(batches[3])  # a refresh and a normal step again: the graphs compiled before serve them
-    assert model.compile_stats.frames == frames == 2
+    assert model.compile_report.frames == frames == 2
 
 
 def test_unpushable_use_is_reported_not_rewritten():
@@ -205,7 +205,7 @@ def test_diff_op_counts_match_op_summaries(llama_case):
     _, report, _ = llama_case
     d = grassfx.diff(report)
     assert [g.graph_id for g in d.graphs] == [r.graph_id for r in report.stats.graphs]
-    for g, rec in zip(d.graphs, report.stats.graphs):
+    for g, rec in zip(d.graphs, report.stats.records):
         for which, ops in (("before", rec.stages[0].ops_before), ("after", rec.stages[-1].ops_after)):
             merged = collections.Counter()
             for key, n in g.counts(which).items():
@@ -223,7 +223,7 @@ def test_diff_op_counts_match_op_summaries(llama_case):
 
 
 def _created_gemm(report, weight):
-    changes = [c for rec in report.stats.graphs for st in rec.stages for c in st.result.changes]
+    changes = report.stats.changes()
     change = next(c for c in changes if c.weight == weight)
     return next(n for n in change.created if n.startswith("mm"))
 
@@ -255,12 +255,17 @@ def test_diff_dot_is_a_digraph_of_the_changed_region(llama_case):
     assert '"#c8f0c8"' in dot and '"#f5c2c2"' in dot  # created and erased nodes
 
 
-def test_diff_needs_a_compiled_step():
-    model = grassfx.compile(make_mlp(), rank=4, backend="aot_eager")
+def test_diff_needs_a_compiled_recorded_step():
+    model = grassfx.compile(make_mlp(), rank=4, backend="aot_eager", record=True)
     with pytest.raises(grassfx.GrassError, match="training step"):
         grassfx.diff(model)
     with pytest.raises(grassfx.GrassError, match="backend='eager'"):
         grassfx.diff(grassfx.compile(make_mlp(), rank=4, backend="eager"))
+    unrecorded = grassfx.compile(make_mlp(), rank=4, backend="aot_eager")
+    unrecorded(torch.randn(5, 12)).sum().backward()
+    assert unrecorded.compile_report.records is None and unrecorded.compile_report.graphs
+    with pytest.raises(grassfx.GrassError, match="record=True"):
+        grassfx.diff(unrecorded)
     model(torch.randn(5, 12)).sum().backward()
     model(torch.randn(5, 12)).sum().backward()
     d = grassfx.diff(model)

@@ -17,9 +17,10 @@ from __future__ import annotations
 
 import torch
 
-from . import select as _select
+from grassfx import _compat
+from grassfx import select as _select
 
-__all__ = ["rowsel", "Anchor", "RefreshAnchor", "broadcast_along"]
+__all__ = ["rowsel", "select_scaled", "broadcast_along", "Anchor", "RefreshAnchor", "FullAnchor"]
 
 
 def broadcast_along(vec: torch.Tensor, ndim: int, dim: int) -> torch.Tensor:
@@ -29,14 +30,19 @@ def broadcast_along(vec: torch.Tensor, ndim: int, dim: int) -> torch.Tensor:
     return vec.reshape(shape)
 
 
+def select_scaled(grad: torch.Tensor, idx: torch.Tensor, rho: torch.Tensor, dim: int) -> torch.Tensor:
+    """``rho * grad.index_select(dim, idx)``: the compressed gradient (rho broadcast along ``dim``)."""
+    picked = grad.index_select(dim, idx)
+    return picked * broadcast_along(rho, grad.dim(), dim).to(picked.dtype)
+
+
 @torch.library.custom_op("grassfx::rowsel", mutates_args=())
 def rowsel(grad: torch.Tensor, idx: torch.Tensor, rho: torch.Tensor, dim: int, name: str) -> torch.Tensor:
     """``rho * grad.index_select(dim, idx)`` (rho broadcast along ``dim``).
 
     ``name`` is the weight's qualified name; it only labels the graph node.
     """
-    picked = grad.index_select(dim, idx)
-    return picked * broadcast_along(rho, grad.dim(), dim).to(picked.dtype)
+    return select_scaled(grad, idx, rho, dim)
 
 
 @rowsel.register_fake
@@ -84,15 +90,25 @@ class RefreshAnchor(torch.autograd.Function):
     def backward(ctx, grad):
         (noise,) = ctx.saved_tensors
         if ctx.world > 1:  # data parallel: select from the exact global gradient
-            import torch.distributed._functional_collectives as fcol
-
-            grad = fcol.all_reduce(grad, "sum", ctx.group) / ctx.world
+            grad = _compat.all_reduce_mean(grad, ctx.group, ctx.world)
         g32 = grad.float()
         other = 1 - ctx.dim
         sq_norms = (g32 * g32).sum(dim=other)  # (m,) squared norms along the selected dim
         idx, rho = _select.select_rows(sq_norms, noise, ctx.rank, ctx.method)
-        compressed = grad.index_select(ctx.dim, idx)
-        compressed = compressed * broadcast_along(rho, grad.dim(), ctx.dim).to(grad.dtype)
+        compressed = select_scaled(grad, idx, rho, ctx.dim)
         poison = sq_norms.sum().to(torch.float64) * 0.0  # NaN iff any norm is NaN/Inf
         record = torch.stack([idx.to(torch.float64), rho.to(torch.float64) + poison])  # (2, r)
         return None, compressed.to(ctx.handle_dtype), record, None, None, None, None, None, None
+
+
+class FullAnchor(torch.autograd.Function):
+    """``rank >= rows``: every row is kept, the handle receives the dense gradient."""
+
+    @staticmethod
+    def forward(ctx, weight, handle):
+        ctx.handle_dtype = handle.dtype
+        return weight.view_as(weight)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return None, grad.to(ctx.handle_dtype)

@@ -25,14 +25,14 @@ import fnmatch
 import inspect
 import re
 from dataclasses import dataclass
-from typing import Callable, Iterable, Sequence, Union
+from typing import Callable, Iterable, Optional, Sequence, Union
 
 import torch
 from torch import nn
 
-from .errors import ConfigError, UnsupportedModelError
+from grassfx.errors import ConfigError, UnsupportedModelError
 
-__all__ = ["TargetSpec", "find_targets", "NameFilter"]
+__all__ = ["TargetSpec", "Decision", "find_targets", "plan_targets", "targets_of", "NameFilter"]
 
 NameFilter = Union[str, Callable[[str, torch.Tensor], bool], Sequence[Union[str, Callable]]]
 
@@ -48,6 +48,16 @@ class TargetSpec:
     attr: str
     shape: tuple
     kind: str  # "linear" | "conv1d" | "matmul" | "explicit"
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What target discovery decided for one parameter name."""
+
+    name: str
+    shape: tuple
+    target: Optional[TargetSpec]  # the projected weight this name reads (None: trained densely)
+    reason: str  # why it is trained densely ("" when projected), e.g. "1-D (bias/norm)"
 
 
 def _is_conv1d(module: nn.Module) -> bool:
@@ -149,6 +159,80 @@ def _iter_params(model: nn.Module) -> Iterable:
             yield name, module_name, module, attr, param
 
 
+def _choose(include, drop, name, module_name, module, attr, param, embedding_ids, head_ids):
+    """The TargetSpec of one parameter, or None when it is not projected."""
+    if include:
+        if not _matches(include, name, module_name, param):
+            return None
+        if param.dim() != 2:
+            raise ConfigError(
+                f"targets= matched {name!r} of shape {tuple(param.shape)}: only 2-D "
+                "weights can be projected; narrow the glob or predicate"
+            )
+        kind = _auto_kind(module, attr, param, embedding_ids) or "explicit"
+    else:
+        kind = _auto_kind(module, attr, param, embedding_ids)
+        if kind is None or id(param) in head_ids:
+            return None
+    if _matches(drop, name, module_name, param):
+        return None
+    if not param.is_floating_point():
+        raise ConfigError(f"target {name!r} has dtype {param.dtype}; only floating weights train")
+    return TargetSpec(name, module_name, attr, tuple(param.shape), kind)
+
+
+def _reason(module, attr, param, embedding_ids: set, head_ids: set) -> str:
+    """Why a parameter (seen for the first time) is trained densely."""
+    if isinstance(module, (nn.Embedding, nn.EmbeddingBag)):
+        return "embedding"
+    if id(param) in embedding_ids:
+        return "tied to an embedding"
+    if id(param) in head_ids:
+        return "output embedding (LM head)"
+    if param.dim() == 1:
+        return "1-D (bias/norm)"
+    if param.dim() != 2:
+        return f"{param.dim()}-D (not a matrix)"
+    if _auto_kind(module, attr, param, embedding_ids) is not None:
+        return "excluded by filter"
+    return "not used by a matmul"
+
+
+def plan_targets(model: nn.Module, targets: NameFilter = None, exclude: NameFilter = None) -> list:
+    """A :class:`Decision` for every parameter name of ``model`` (tied names included).
+
+    Example:
+        >>> m = nn.Sequential(nn.Embedding(10, 4), nn.Linear(4, 8), nn.LayerNorm(8))
+        >>> [(d.name, d.reason or "projected") for d in plan_targets(m)][:3]
+        [('0.weight', 'embedding'), ('1.weight', 'projected'), ('1.bias', '1-D (bias/norm)')]
+    """
+    include = _as_filters(targets, "targets")
+    drop = _as_filters(exclude, "exclude")
+    embedding_ids = _embedding_param_ids(model)
+    head_ids = _output_head_ids(model)
+    chosen = {}
+    for name, module_name, module, attr, param in _iter_params(model):
+        spec = _choose(include, drop, name, module_name, module, attr, param, embedding_ids, head_ids)
+        if spec is not None:
+            chosen[id(param)] = spec
+    decisions, first = [], {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        shape = tuple(int(s) for s in param.shape)
+        spec = chosen.get(id(param))
+        if spec is not None:
+            decisions.append(Decision(name, shape, spec, ""))
+        elif id(param) in first:
+            owner = first[id(param)]
+            reason = f"tied to an embedding ({owner})" if id(param) in embedding_ids else f"shared with {owner}"
+            decisions.append(Decision(name, shape, None, reason))
+        else:
+            first[id(param)] = name
+            module_name, _, attr = name.rpartition(".")
+            reason = _reason(model.get_submodule(module_name), attr, param, embedding_ids, head_ids)
+            decisions.append(Decision(name, shape, None, reason))
+    return decisions
+
+
 def find_targets(model: nn.Module, targets: NameFilter = None, exclude: NameFilter = None) -> list:
     """List the weights to project, in module order.
 
@@ -157,30 +241,12 @@ def find_targets(model: nn.Module, targets: NameFilter = None, exclude: NameFilt
         >>> [t.name for t in find_targets(m)]
         ['1.weight']
     """
-    include = _as_filters(targets, "targets")
-    drop = _as_filters(exclude, "exclude")
-    embedding_ids = _embedding_param_ids(model)
-    head_ids = _output_head_ids(model)
-    found = []
-    for name, module_name, module, attr, param in _iter_params(model):
-        if include:
-            if not _matches(include, name, module_name, param):
-                continue
-            if param.dim() != 2:
-                raise ConfigError(
-                    f"targets= matched {name!r} of shape {tuple(param.shape)}: only 2-D "
-                    "weights can be projected; narrow the glob or predicate"
-                )
-            kind = _auto_kind(module, attr, param, embedding_ids) or "explicit"
-        else:
-            kind = _auto_kind(module, attr, param, embedding_ids)
-            if kind is None or id(param) in head_ids:
-                continue
-        if _matches(drop, name, module_name, param):
-            continue
-        if not param.is_floating_point():
-            raise ConfigError(f"target {name!r} has dtype {param.dtype}; only floating weights train")
-        found.append(TargetSpec(name, module_name, attr, tuple(param.shape), kind))
+    return targets_of(plan_targets(model, targets, exclude), model)
+
+
+def targets_of(decisions: list, model: nn.Module) -> list:
+    """The TargetSpecs among ``decisions``; raises when there is none."""
+    found = [d.target for d in decisions if d.target is not None and d.target.name == d.name]
     if not found:
         raise UnsupportedModelError(
             f"no target weights found in {type(model).__name__}: grassfx projects 2-D weights "

@@ -1,0 +1,192 @@
+"""Every private or version-specific torch API grassfx uses, and nothing else.
+
+A torch upgrade that breaks grassfx should break here: the rest of the library calls
+these small functions and never touches ``torch._inductor``, ``torch._dynamo``,
+``torch._functorch``, ``torch._guards``, private ``nn.Module`` / ``Tensor`` attributes
+or the autograd engine directly (``tests/test_layout.py`` checks it).
+
+Each function names what it wraps and why grassfx needs it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+import types
+
+import torch
+
+__all__ = [
+    "custom_graph_pass_base", "post_grad_pre_passes", "user_post_grad_pre_pass", "compile_fx",
+    "mode_options", "aot_autograd", "boxed", "own_code", "compile_caches_off", "graph_break_counts",
+    "trace_artifact", "fake_mode_of", "op_schema", "op_name", "functional_all_reduce",
+    "functional_wait", "all_reduce_mean", "queue_backward_callback", "called_by", "version",
+    "raw_parameter", "module_parameters", "set_class",
+]
+
+
+# -- Inductor, Dynamo, AOTAutograd ---------------------------------------------------------
+def custom_graph_pass_base() -> type:
+    """Inductor's ``CustomGraphPass``: a pass object with a ``uuid()`` for the FX graph cache."""
+    from torch._inductor.custom_graph_pass import CustomGraphPass
+
+    return CustomGraphPass
+
+
+def user_post_grad_pre_pass():
+    """What the user set as Inductor's ``post_grad_custom_pre_pass`` (one pass, a list, a tuple or None)."""
+    from torch._inductor import config
+
+    return config.post_grad_custom_pre_pass
+
+
+def post_grad_pre_passes(ours, user) -> tuple:
+    """The value for ``post_grad_custom_pre_pass``: ``ours`` first, then the user's passes.
+
+    Inductor (torch >= 2.8) takes a tuple and runs and hashes each entry; a user's pass may
+    itself be one callable, a list or a tuple.
+    """
+    from torch._inductor.custom_graph_pass import get_custom_graph_passes
+
+    return (ours, *get_custom_graph_passes(user))
+
+
+def compile_fx(gm, example_inputs, config_patches: dict):
+    """Inductor's compiler entry point with per-compile config patches."""
+    from torch._inductor.compile_fx import compile_fx as inductor_compile_fx
+
+    return inductor_compile_fx(gm, example_inputs, config_patches=config_patches)
+
+
+def mode_options(mode, dynamic) -> dict:
+    """The Inductor options ``torch.compile(mode=...)`` stands for."""
+    import torch._inductor
+
+    return torch._inductor.list_mode_options(mode, dynamic)
+
+
+def aot_autograd(fw_compiler, bw_compiler, inference_compiler):
+    """A Dynamo backend that partitions with AOTAutograd and hands each graph to a compiler."""
+    from torch._dynamo.backends.common import aot_autograd as make_backend
+
+    return make_backend(fw_compiler=fw_compiler, bw_compiler=bw_compiler, inference_compiler=inference_compiler)
+
+
+def boxed(gm):
+    """AOTAutograd's calling convention for a compiled graph (a list of inputs, freed as used)."""
+    from torch._functorch.aot_autograd import make_boxed_func
+
+    return make_boxed_func(gm)
+
+
+def own_code(method):
+    """``method`` bound to a private copy of its code object.
+
+    Dynamo keeps compiled entries, and its recompile limit (8), per code object. Every
+    GrassModel shares ``GrassModel._run``, so without a copy the fifth compiled model in a
+    process (2 frames each) would silently run uncompiled.
+    """
+    fn = method.__func__
+    fresh = types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)
+    return types.MethodType(fresh, method.__self__)
+
+
+@contextlib.contextmanager
+def compile_caches_off():
+    """Inductor's FX graph cache and the AOTAutograd cache off: every pass really runs."""
+    import torch._functorch.config as functorch_config
+    import torch._inductor.config as inductor_config
+
+    with inductor_config.patch(fx_graph_cache=False, fx_graph_remote_cache=False), \
+            functorch_config.patch(enable_autograd_cache=False, enable_remote_autograd_cache=False):
+        yield
+
+
+def graph_break_counts() -> dict:
+    """``{reason: count}`` of the graph breaks Dynamo has seen in this process."""
+    from torch._dynamo.utils import counters
+
+    return dict(counters["graph_break"])
+
+
+def trace_artifact(name: str, payload_fn) -> None:
+    """Put ``payload_fn()`` into a ``TORCH_TRACE`` log (tlparse shows it); free when tracing is off."""
+    from torch._logging import trace_structured
+
+    trace_structured("artifact", metadata_fn=lambda: {"name": name, "encoding": "string"}, payload_fn=payload_fn)
+
+
+# -- FX graphs and ops --------------------------------------------------------------------
+def fake_mode_of(values: list):
+    """The fake-tensor mode the example values of a traced graph belong to (or None)."""
+    from torch._guards import detect_fake_mode
+
+    return detect_fake_mode(values)
+
+
+def op_schema(target):
+    """The ``FunctionSchema`` of an ATen/custom op overload (None for plain callables)."""
+    return getattr(target, "_schema", None)
+
+
+def op_name(packet) -> str:
+    """``"aten.cumsum"`` for an op overload packet."""
+    return getattr(packet, "_qualified_op_name", str(packet)).replace("::", ".")
+
+
+def functional_all_reduce():
+    """The traceable all-reduce op (``_c10d_functional.all_reduce``) for graph rewrites."""
+    return torch.ops._c10d_functional.all_reduce.default
+
+
+def functional_wait():
+    """The op that waits for a traceable collective's result."""
+    return torch.ops._c10d_functional.wait_tensor.default
+
+
+def all_reduce_mean(tensor: torch.Tensor, group_name: str, world: int) -> torch.Tensor:
+    """The mean of ``tensor`` over a process group, as a traceable functional collective."""
+    import torch.distributed._functional_collectives as fcol
+
+    return fcol.all_reduce(tensor, "sum", group_name) / world
+
+
+# -- autograd engine and the Python stack ---------------------------------------------------
+def queue_backward_callback(fn) -> None:
+    """Run ``fn`` once the current backward pass has finished (as DDP's reducer does)."""
+    torch.autograd.Variable._execution_engine.queue_callback(fn)
+
+
+def called_by(class_name: str, depth: int = 12) -> bool:
+    """True when a method of an object whose class (or a base) is named ``class_name``
+    is among the ``depth`` callers of our caller (how DDP/FSDP wrapping is noticed)."""
+    frame = sys._getframe(2)
+    for _ in range(depth):
+        if frame is None:
+            return False
+        owner = frame.f_locals.get("self")
+        if owner is not None and any(c.__name__ == class_name for c in type(owner).__mro__):
+            return True
+        frame = frame.f_back
+    return False
+
+
+# -- nn.Module and Tensor internals ---------------------------------------------------------
+def version(tensor: torch.Tensor) -> int:
+    """The tensor's in-place modification counter."""
+    return tensor._version
+
+
+def module_parameters(module: torch.nn.Module) -> dict:
+    """The module's own ``{name: Parameter}`` dict, bypassing attribute lookup (and properties)."""
+    return module.__dict__["_parameters"]
+
+
+def raw_parameter(module: torch.nn.Module, name: str):
+    """The Parameter registered as ``name``, even where a property shadows the attribute."""
+    return module.__dict__["_parameters"][name]
+
+
+def set_class(module: torch.nn.Module, cls: type) -> None:
+    """Swap one module instance's class (as ``torch.nn.utils.parametrize`` does)."""
+    module.__class__ = cls

@@ -1,0 +1,288 @@
+"""``grassfx.explain``: what did grassfx do to a model, and what does it save?
+
+:func:`explain` compiles one training step of a *copy* of a grassfx model on example
+inputs and reports, per projected weight, whether the dense weight-gradient GEMM was
+removed (and why not), with FLOPs and bytes dense vs grassfx, the parameters that are
+not projected (the decisions target discovery recorded at compile time), graph breaks
+and compiled frames. The user's model is left untouched. The copy records node
+snapshots, so ``grassfx.diff(report)`` shows the graphs behind the table.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import copy
+import math
+from typing import Optional
+
+import torch
+from torch import nn
+
+from grassfx import _compat
+from grassfx.compiler.records import Recorder
+from grassfx.errors import ConfigError
+from grassfx.instrument import GrassModel
+from grassfx.instrument.guard import snapshot_handle_versions
+
+from .common import projected_shapes, require_grass_model, trace_artifact
+from .report import T, Report, Unprojected, WeightRow
+
+__all__ = ["explain"]
+
+_SPARSIFY = "sparsify_wgrad"
+_MOMENTS = 2  # AdamW keeps two moments per trained element
+
+
+def explain(model: nn.Module, *example_args, **example_kwargs) -> Report:
+    """Compile one training step of ``model`` on example inputs and report what grassfx did.
+
+    A deep copy of ``model`` runs two forward+backward steps: a refresh step (whose
+    backward picks the rows) and a normal training step (whose backward graph the
+    ``sparsify_wgrad`` pass rewrites). Inductor's FX graph cache and the AOTAutograd cache
+    are off for that compile, so the passes really run. The user's model (weights,
+    selected rows, ``grass_step``, gradients) and the global RNG state are unchanged;
+    the copy needs as much memory as the model.
+
+    Args:
+        model: a model returned by :func:`grassfx.compile`.
+        *example_args: positional inputs of one training step.
+        **example_kwargs: keyword inputs (e.g. ``input_ids=..., labels=...``). The loss is
+            the output's ``.loss`` when it has one, else the sum of its first tensor.
+
+    Returns:
+        A :class:`Report`; ``str(report)`` is a readable table.
+
+    Raises:
+        ConfigError: ``model`` is not a grassfx model.
+
+    Example:
+        >>> import torch, grassfx
+        >>> net = torch.nn.Sequential(torch.nn.Linear(16, 64), torch.nn.ReLU(), torch.nn.Linear(64, 4))
+        >>> model = grassfx.compile(net, rank=8, backend="aot_eager")
+        >>> report = grassfx.explain(model, torch.randn(32, 16))
+        >>> [(w.name, w.dim, w.rewritten) for w in report.weights]
+        [('0.weight', 'rows', True), ('2.weight', 'cols', True)]
+        >>> report.weights[0].flops()  # dense vs grassfx weight-gradient FLOPs at T = 32
+        (65536, 8192)
+    """
+    require_grass_model(model, "explain")
+    probe = _Probe(model, example_args, example_kwargs)
+    with _preserved_rng(model):
+        probe.run()
+    report = _build_report(model, probe)
+    trace_artifact("grassfx_explain", report)
+    return report
+
+
+@contextlib.contextmanager
+def _preserved_rng(model: nn.Module):
+    cuda = sorted({p.device.index or 0 for p in model.parameters() if p.device.type == "cuda"})
+    with torch.random.fork_rng(devices=cuda):
+        yield
+
+
+# ---------------------------------------------------------------------------------------
+# running the copy
+# ---------------------------------------------------------------------------------------
+class _Probe:
+    """A deep copy of a grassfx model that compiles and runs two training steps."""
+
+    def __init__(self, model: GrassModel, args: tuple, kwargs: dict):
+        self.model = model
+        self.args, self.kwargs = args, kwargs
+        self.work = None
+        self.tokens = {}  # site name -> T (None: unknown)
+        self.frames = self.frames_refresh = 0
+        self.graph_breaks = {}
+        self.stats = None
+
+    def run(self) -> None:
+        work = self._copy()
+        self.tokens = _count_tokens(work, self.args, self.kwargs)
+        if work.grass_config.backend == "eager":
+            return
+        work.compile_report.records = Recorder()  # the copy records what each pass did
+        before = collections.Counter(_compat.graph_break_counts())
+        with _compat.compile_caches_off():
+            work.grass_step.zero_()
+            work.grass_refreshed_at.fill_(-1)  # step 1: a refresh step (when any site needs one)
+            self._step(work)
+            self.frames_refresh = work.compile_report.frames
+            work.grass_step.add_(1)
+            work.grass_refreshed_at.copy_(work.grass_step)  # step 2: a normal step, even if update_freq=1
+            self._step(work)
+        after = collections.Counter(_compat.graph_break_counts())
+        self.graph_breaks = dict(after - before)
+        self.frames = work.compile_report.frames
+        self.stats = work.compile_report
+
+    def _copy(self) -> GrassModel:
+        work = copy.deepcopy(self.model)
+        work.cancel_refresh()  # a refresh the user left half-done is not ours to finish
+        snapshot_handle_versions(work.sites)
+        _drop_grads(work)
+        self.work = work
+        return work
+
+    def _step(self, work: GrassModel) -> None:
+        out = work(*self.args, **self.kwargs)
+        _loss_of(out).backward()
+        _drop_grads(work)
+
+
+def _drop_grads(model: nn.Module) -> None:
+    for p in model.parameters():
+        p.grad = None
+
+
+def _loss_of(out) -> torch.Tensor:
+    """A scalar to differentiate: ``out.loss`` if set, else the sum of the first tensor."""
+    loss = getattr(out, "loss", None)
+    if isinstance(loss, torch.Tensor):
+        return loss
+    tensor = _first_tensor(out)
+    if tensor is None or not tensor.requires_grad:
+        raise ConfigError(
+            f"explain could not find a differentiable output in {type(out).__name__}: the model "
+            "must return a tensor, a tuple/dict of tensors, or an object with .loss (pass labels)"
+        )
+    return tensor.float().sum()
+
+
+def _first_tensor(value):
+    if isinstance(value, torch.Tensor):
+        return value
+    if isinstance(value, dict):
+        value = list(value.values())
+    if isinstance(value, (list, tuple)):
+        for item in value:
+            found = _first_tensor(item)
+            if found is not None:
+                return found
+    return None
+
+
+def _count_tokens(work: GrassModel, args: tuple, kwargs: dict) -> dict:
+    """T per site: all dims but the last of its module's input, summed over calls.
+
+    One eager forward without gradients on the copy, with pre-hooks on the modules that
+    own projected weights (hooks would change what Dynamo traces, so not in the compile).
+    """
+    owners = collections.defaultdict(list)
+    for site in work.sites:
+        owners[site.module_name].append(site.name)
+    seen = collections.Counter()
+
+    def hook_for(module_name):
+        def hook(module, hook_args, hook_kwargs):
+            x = _first_tensor(list(hook_args) + list(hook_kwargs.values()))
+            if x is not None and x.dim() >= 1:
+                seen[module_name] += math.prod(x.shape[:-1])
+
+        return hook
+
+    handles = [work.module.get_submodule(name).register_forward_pre_hook(hook_for(name), with_kwargs=True)
+               for name in owners]
+    try:
+        with torch.no_grad():
+            work._run(None, args, kwargs)
+    finally:
+        for h in handles:
+            h.remove()
+        work._slot.clear()  # as if no eager forward had run
+    return {site.name: (seen[site.module_name] or None) for site in work.sites}
+
+
+# ---------------------------------------------------------------------------------------
+# building the report
+# ---------------------------------------------------------------------------------------
+def _build_report(model: GrassModel, probe: _Probe) -> Report:
+    cfg = model.grass_config
+    stats = probe.stats
+    changes, skips, disabled = _pass_outcomes(stats)
+    rows = []
+    for site in model.sites:
+        status = _site_status(site, cfg.backend, changes, skips, disabled)
+        rows.append(_weight_row(model, site, status, probe.tokens.get(site.name)))
+    notes = []
+    if cfg.backend != "eager" and probe.frames == 0:
+        notes.append("no frame was compiled: Dynamo skipped the model (see TORCH_LOGS=recompiles)")
+    return Report(
+        model=type(model.module).__name__,
+        backend=cfg.backend,
+        config={"rank": cfg.rank, "selection": cfg.selection, "update_freq": cfg.update_freq,
+                "proj_dim": cfg.proj_dim},
+        weights=rows,
+        unprojected=_unprojected(model),
+        frames=probe.frames,
+        frames_refresh=probe.frames_refresh,
+        graph_breaks=probe.graph_breaks,
+        notes=notes,
+        stats=stats,
+        projected_shapes=projected_shapes(model),
+    )
+
+
+def _pass_outcomes(stats) -> tuple:
+    """``({weight: [Change]}, {weight: [Skip]}, disabled)`` of the sparsify pass, all graphs."""
+    changes, skips, disabled = collections.defaultdict(list), collections.defaultdict(list), False
+    for graph in (stats.graphs if stats is not None else []):
+        for result in graph.results:
+            if result.pass_name != _SPARSIFY:
+                continue
+            disabled |= bool(result.disabled)
+            for change in result.changes:
+                changes[change.weight].append(change)
+            for skip in result.skipped:
+                skips[skip.weight].append(skip)
+    return changes, skips, disabled
+
+
+def _site_status(site, backend: str, changes: dict, skips: dict, disabled: bool) -> tuple:
+    """``(rewritten, reason, detail)`` for one site."""
+    if site.full:
+        return False, "rank >= rows: every row kept, nothing to rewrite", ""
+    if backend == "eager":
+        return False, "not compiled (backend=eager): dense fallback", ""
+    if skips.get(site.name):
+        return False, f"{skips[site.name][0].reason}: dense fallback", ""
+    fallback = [c for c in changes.get(site.name, []) if c.action != "rewrote"]
+    if fallback:
+        return False, f"{fallback[0].detail or fallback[0].action}: dense fallback", ""
+    if changes.get(site.name):
+        return True, None, changes[site.name][0].detail
+    if disabled:
+        return False, f"{_SPARSIFY} disabled (GRASSFX_DISABLE): dense fallback", ""
+    return False, "no weight-gradient marker in any compiled backward graph", ""
+
+
+def _weight_row(model: GrassModel, site, status: tuple, tokens: Optional[int]) -> WeightRow:
+    rewritten, reason, detail = status
+    weight = site.weight
+    m, n = (int(s) for s in weight.shape)
+    r = site.rank
+    elt = weight.element_size()
+    dense = 2 * T * m * n
+    kept = r * n if site.dim == 0 else m * r
+    return WeightRow(
+        name=site.name,
+        shape=(m, n),
+        rank=r,
+        dim="rows" if site.dim == 0 else "cols",
+        rewritten=rewritten,
+        reason=reason,
+        detail=detail,
+        tokens=tokens,
+        flops_dense=dense,
+        flops_grassfx=2 * T * kept if rewritten else dense,
+        grad_bytes_dense=m * n * elt,
+        grad_bytes_grassfx=kept * elt,
+        state_bytes_dense=_MOMENTS * m * n * elt,
+        state_bytes_grassfx=_MOMENTS * kept * elt,
+    )
+
+
+def _unprojected(model: GrassModel) -> list:
+    """Every parameter name of the user's module trained densely, with the reason discovery gave."""
+    return [Unprojected(d.name, d.shape, d.reason) for d in model.target_decisions if d.reason]

@@ -1,0 +1,216 @@
+"""``GrassModel``: the user's module with every target weight anchored.
+
+``GrassModel`` wraps the user's module without editing it and composes the pieces of
+this package: a :class:`~grassfx.instrument.site.Site` per target weight, anchors
+installed by class swap (:mod:`~grassfx.instrument.swap`), the refresh state machine
+and step counter (:mod:`~grassfx.instrument.refresh`), misuse checks
+(:mod:`~grassfx.instrument.guard`) and the registry the optimizer reads
+(:mod:`~grassfx.instrument.registry`). Data parallelism is attached by
+:mod:`grassfx.distributed`, compilation by :mod:`grassfx.compiler`; neither is imported
+here until it is needed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+
+import torch
+from torch import nn
+
+from grassfx import _compat
+from grassfx.config import GrassConfig
+from grassfx.errors import GrassError
+
+from . import guard, registry, swap
+from .anchors import Anchor, FullAnchor, RefreshAnchor
+from .refresh import RefreshSchedule
+from .site import Site
+
+__all__ = ["GrassModel", "unwrap"]
+
+
+class GrassModel(nn.Module):
+    """A model whose target weights train by Grass. Made by :func:`grassfx.compile`."""
+
+    def __init__(self, module: nn.Module, specs: list, config: GrassConfig, decisions: list = ()):
+        super().__init__()
+        self.module = module
+        self.grass_config = config
+        self.sites = nn.ModuleList(Site(spec, i, module.get_parameter(spec.name), config) for i, spec in enumerate(specs))
+        self.register_buffer("grass_step", torch.zeros((), dtype=torch.int64))
+        self.register_buffer("grass_refreshed_at", torch.full((), -1, dtype=torch.int64))
+        self.target_decisions = list(decisions)  # grassfx.instrument.targets.Decision per parameter name
+        self._frozen_flags = {}
+        for spec in specs:
+            w = module.get_parameter(spec.name)
+            self._frozen_flags[spec.name] = w.requires_grad
+            w.requires_grad_(False)
+        self._slot = swap.AnchorSlot()
+        swap.install(module, {id(module.get_parameter(s.name)): s.name for s in specs}, self._slot)
+        self._unwrapped = False
+        self._schedule = RefreshSchedule(self)
+        self._link()
+        self._runner = self._run
+        self.compile_report = None  # a grassfx.compiler.CompileReport for compiled backends
+        self._dp = None  # grassfx.distributed.DataParallel once a process group is seen
+        self._dp_checked = False
+
+    # -- access -------------------------------------------------------------------------
+    def __getattr__(self, name):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name in ("module", "sites") or name.startswith("_"):
+                raise
+            return getattr(self.module, name)
+
+    def weight_of(self, site: Site) -> torch.Tensor:
+        """The projected weight itself (the Parameter, never an anchored view)."""
+        return site.weight
+
+    def site(self, name: str) -> Site:
+        for s in self.sites:
+            if s.name == name:
+                return s
+        raise KeyError(f"{name!r} is not a projected weight; projected: {[s.name for s in self.sites]}")
+
+    def _link(self) -> None:
+        """Point the sites at their weights and schedule, and publish them (after init or a copy)."""
+        for site in self.sites:
+            site.link(self.module.get_submodule(site.module_name), self._schedule)
+        registry.register(self.sites, self.named_parameters())
+
+    def __deepcopy__(self, memo):
+        new = type(self).__new__(type(self))
+        memo[id(self)] = new
+        memo[id(self._schedule)] = None  # the copy gets its own schedule below
+        skip = ("_runner", "compile_report", "_dp", "_dp_checked", "_schedule")
+        for key, value in self.__dict__.items():
+            if key not in skip:
+                new.__dict__[key] = copy.deepcopy(value, memo)
+        new._schedule = RefreshSchedule(new)
+        new._schedule.pending = set(self._schedule.pending)
+        new._schedule.pending_ok = self._schedule.pending_ok
+        new._link()
+        new._runner, new.compile_report = new._run, None
+        new._dp, new._dp_checked = None, False
+        if new.grass_config.backend != "eager":
+            from grassfx.compiler import install_compiled_runner
+
+            install_compiled_runner(new)
+        return new
+
+    @property
+    def step(self) -> int:
+        return int(self.grass_step)
+
+    # -- forward ------------------------------------------------------------------------
+    def forward(self, *args, **kwargs):
+        if self._unwrapped:
+            raise GrassError("this grassfx model was unwrapped; use the module grassfx.unwrap returned")
+        guard.check_handles_untouched(self.sites)
+        self._slot.anchors = None
+        refresh = None
+        if torch.is_grad_enabled():
+            dp = self.data_parallel()
+            refresh = self._schedule.begin_if_due()
+            if dp is not None and refresh is not None:
+                dp.expect_refresh([s for s, plan in zip(self.sites, refresh) if plan is not None])
+        return self._runner(refresh, args, kwargs)
+
+    def data_parallel(self):
+        """The gradient reducer when training data-parallel, else None."""
+        if not self._dp_checked:
+            from grassfx.distributed import attach
+
+            self._dp = attach(self)
+            self._dp_checked = True
+        if self._dp is not None:
+            self._dp.first_forward()
+        return self._dp
+
+    def no_sync(self):
+        """Skip gradient averaging (for all but the last micro-batch of an accumulation)."""
+        return self._dp.no_sync() if self._dp is not None else contextlib.nullcontext()
+
+    def graph_collectives(self):
+        """``(group name, world size)`` when compiled graphs should average gradients, else None."""
+        dp = self._dp
+        if dp is None or not dp.enabled:
+            return None
+        return dp.group.group_name, dp.size
+
+    def _run(self, refresh, args, kwargs):
+        """The traced region: anchor every target weight once, then run the module."""
+        anchored = {}
+        for i, site in enumerate(self.sites):
+            w = _compat.raw_parameter(self.module.get_submodule(site.module_name), site.attr)
+            if site.full:
+                anchored[site.name] = FullAnchor.apply(w, site.handle)
+            elif refresh is not None and refresh[i] is not None:
+                probe, noise = refresh[i]
+                group, size = self._dp.group_and_size() if self._dp is not None else ("", 1)
+                anchored[site.name] = RefreshAnchor.apply(
+                    w, site.handle, probe, noise, site.dim, site.rank, site.method, group, size
+                )
+            else:
+                anchored[site.name] = Anchor.apply(w, site.handle, site.idx, site.rho, site.dim, site.name)
+        self._slot.anchors = anchored
+        if not torch.compiler.is_compiling():
+            self._slot.versions = {s.name: _compat.version(s.weight) for s in self.sites}
+        try:
+            return self.module(*args, **kwargs)
+        finally:
+            if torch.compiler.is_compiling() or not torch.is_grad_enabled():
+                self._slot.anchors = None
+
+    def cancel_refresh(self) -> None:
+        """Discard a refresh whose forward ran but whose backward will not run."""
+        self._schedule.cancel()
+
+    @property
+    def _pending(self) -> set:
+        return self._schedule.pending
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        result = super().load_state_dict(state_dict, strict=strict, assign=assign)
+        self._schedule.cancel()
+        for site in self.sites:
+            site.prev_idx, site.refreshed = None, False
+        guard.snapshot_handle_versions(self.sites)
+        return result
+
+    # -- leaving grassfx ----------------------------------------------------------------
+    @torch.no_grad()
+    def materialize_weight_decay(self) -> None:
+        """Apply the weight decay still owed by unselected rows (see grassfx.optim.decay)."""
+        from grassfx.optim.decay import settle
+
+        for site in self.sites:
+            settle(site, site.idx)
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The original module with its trained weights and none of grassfx's state.
+
+    Owed weight decay is applied and each weight's ``requires_grad`` is restored. The
+    returned module's ``state_dict()`` has exactly its original keys and its modules their
+    original classes. The grassfx model must not be used afterwards.
+
+    Example:
+        >>> net = nn.Sequential(nn.Linear(8, 8))
+        >>> inner = unwrap(grassfx.compile(net, rank=2, backend="eager"))
+        >>> inner is net
+        True
+    """
+    if not isinstance(model, GrassModel):
+        raise GrassError(f"unwrap() takes a model returned by grassfx.compile, got {type(model).__name__}")
+    model.materialize_weight_decay()
+    model._slot.clear()
+    model._unwrapped = True
+    registry.forget_weights(model.sites)
+    swap.uninstall(model.module)
+    for site in model.sites:
+        site.weight.requires_grad_(model._frozen_flags.get(site.name, True))
+    return model.module

@@ -1,0 +1,126 @@
+"""The refresh state machine and the step counter of a grassfx model.
+
+Every ``update_freq`` optimizer steps, the first forward with gradients on is a
+*refresh*: :meth:`RefreshSchedule.begin_if_due` draws each site's selector noise and a
+float64 *probe*; the refresh backward (``RefreshAnchor``) reports the new rows as the
+probe's gradient, and a hook on the probe commits them into the site's ``idx``/``rho``
+(in place: compiled graphs see new values without recompiling). The compressed gradient
+of that same step already uses the new rows.
+
+The step counter lives in the model's buffers (``grass_step``, ``grass_refreshed_at``,
+so ``state_dict`` carries it); the optimizer advances it with :meth:`advance` and tells
+:meth:`refresh_seen` when it handled committed refreshes (data-parallel checks hook in
+there).
+"""
+
+from __future__ import annotations
+
+import weakref
+
+import torch
+
+from grassfx import select as _select
+from grassfx.errors import GrassError
+
+__all__ = ["RefreshSchedule"]
+
+
+class RefreshSchedule:
+    """When a refresh is due, its probes and commits, and the step counter of one model."""
+
+    def __init__(self, model):
+        self._model = weakref.ref(model)
+        self.pending = set()  # indices of sites whose refresh backward has not run yet
+        self.pending_ok = True  # False once a pending refresh saw a non-finite gradient
+        self.on_refresh_seen = []  # callbacks run when the optimizer handles committed refreshes
+
+    @property
+    def model(self):
+        return self._model()
+
+    @property
+    def config(self):
+        return self.model.grass_config
+
+    @property
+    def sites(self):
+        return self.model.sites
+
+    @property
+    def step(self) -> int:
+        return int(self.model.grass_step)
+
+    def due(self) -> bool:
+        model = self.model
+        step = int(model.grass_step)
+        return step % model.grass_config.update_freq == 0 and int(model.grass_refreshed_at) != step
+
+    # -- the optimizer's side --------------------------------------------------------------
+    def advance(self) -> None:
+        """One optimizer step has been applied."""
+        self.model.grass_step.add_(1)
+
+    def refresh_seen(self) -> None:
+        """The optimizer is about to step with rows committed by a refresh."""
+        for callback in self.on_refresh_seen:
+            callback()
+
+    # -- the forward's side ------------------------------------------------------------------
+    def begin_if_due(self):
+        """``None`` or, per site, ``None`` or ``(probe, noise)`` for a refresh forward."""
+        model = self.model
+        if self.pending:
+            raise GrassError(
+                "a refresh step's forward ran but its backward() has not: at a refresh step "
+                f"(every update_freq={model.grass_config.update_freq} optimizer steps) call "
+                "backward() on the first forward's loss before another forward with gradients "
+                "on, or call model.cancel_refresh() to discard it"
+            )
+        if not self.due():
+            return None
+        step = int(model.grass_step)
+        seed = model.grass_config.seed
+        plan = [None] * len(model.sites)
+        for i, site in enumerate(model.sites):
+            if site.full:
+                continue
+            gen = _select.site_generator(seed, site.index, step)
+            if site.method == "uniform":
+                site.commit(*_select.draw_uniform(site.rows, site.rank, gen))
+                continue
+            noise = _select.draw_noise(site.method, site.rows, site.rank, gen).to(site.idx.device)
+            probe = torch.zeros(2, site.rank, dtype=torch.float64, device=site.idx.device, requires_grad=True)
+            probe.register_post_accumulate_grad_hook(self._commit_hook(i))
+            plan[i] = (probe, noise)
+            self.pending.add(i)
+        self.pending_ok = True
+        if not self.pending:
+            model.grass_refreshed_at.fill_(step)
+            return None
+        return plan
+
+    def _commit_hook(self, i: int):
+        def hook(probe: torch.Tensor) -> None:
+            record = probe.grad
+            probe.grad = None
+            if i not in self.pending:
+                return  # cancelled refresh
+            self.pending.discard(i)
+            model = self.model
+            site = model.sites[i]
+            if not self.pending_ok:
+                return
+            if not bool(torch.isfinite(record).all()) or not bool((record[1] > 0).all()):
+                # NaN/Inf gradient: keep the old rows and refresh again on the next forward
+                # (the optimizer refuses this step's non-finite compressed gradient).
+                self.pending_ok = False
+                return
+            site.commit(record[0].round().long().clamp_(0, site.rows - 1), record[1].float())
+            if not self.pending and self.pending_ok:
+                model.grass_refreshed_at.fill_(int(model.grass_step))
+
+        return hook
+
+    def cancel(self) -> None:
+        """Discard a refresh whose forward ran but whose backward will not run."""
+        self.pending.clear()

@@ -1,0 +1,85 @@
+"""``Site``: the Grass state of one projected weight.
+
+A target weight ``W`` (m x n) is frozen and gets
+
+* ``handle`` — a zero parameter of the compressed gradient's shape ((r, n) for row
+  selection, (m, r) for columns); its ``.grad`` receives ``C = rho * G[idx]``,
+* ``idx`` / ``rho`` — buffers: the selected rows and their scales,
+* ``decay_pending`` — decoupled weight decay owed by rows outside ``idx`` (see
+  :mod:`grassfx.optim.decay`).
+
+What an optimizer may use: ``weight``, ``handle``, ``idx``, ``rho``, ``dim``, ``rows``,
+``rank``, ``full``, ``scale``, ``moments``, ``refreshed`` / ``prev_idx`` (a committed
+refresh the optimizer has not handled yet) and ``schedule`` (the model's step counter).
+"""
+
+from __future__ import annotations
+
+import weakref
+
+import torch
+from torch import nn
+
+from grassfx import _compat
+from grassfx import select as _select
+from grassfx.config import GrassConfig
+
+from .targets import TargetSpec
+
+__all__ = ["Site"]
+
+
+class Site(nn.Module):
+    """Grass state of one projected weight (see the module docstring)."""
+
+    def __init__(self, spec: TargetSpec, index: int, weight: torch.Tensor, config: GrassConfig):
+        super().__init__()
+        self.name = spec.name
+        self.module_name = spec.module_name
+        self.attr = spec.attr
+        self.kind = spec.kind
+        self.index = index
+        self.dim = config.select_dim(tuple(weight.shape))
+        self.rows = int(weight.shape[self.dim])
+        self.rank = config.rows_kept(self.rows)
+        self.full = self.rank >= self.rows
+        self.method = config.selection
+        self.scale = float(config.scale)
+        self.moments = config.moments
+        shape = list(weight.shape)
+        shape[self.dim] = self.rank
+        self.handle = nn.Parameter(torch.zeros(shape, dtype=weight.dtype, device=weight.device))
+        self.register_buffer("idx", torch.arange(self.rank, device=weight.device))
+        self.register_buffer("rho", torch.ones(self.rank, device=weight.device))
+        self.register_buffer("decay_pending", torch.ones((), dtype=torch.float64, device=weight.device))
+        self.prev_idx = None  # rows selected before the last refresh (set when one commits)
+        self.refreshed = False  # a refresh committed and the optimizer has not seen it yet
+        self.handle_version = _compat.version(self.handle)
+        self.schedule = None  # the model's RefreshSchedule (set by link)
+        self._owner = None  # weakref to the module that owns the weight (set by link)
+
+    def link(self, owner: nn.Module, schedule) -> None:
+        """Point this site at the module owning its weight and at the model's schedule."""
+        self._owner = weakref.ref(owner)
+        self.schedule = schedule
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The projected weight itself (the Parameter, never an anchored view)."""
+        return _compat.raw_parameter(self._owner(), self.attr)
+
+    @property
+    def needs_norms(self) -> bool:
+        return not self.full and self.method in _select.NEEDS_NORMS
+
+    def extra_repr(self) -> str:
+        axis = "rows" if self.dim == 0 else "cols"
+        return f"{self.name!r}, {axis} {self.rank}/{self.rows}, selection={self.method}"
+
+    def commit(self, idx: torch.Tensor, rho: torch.Tensor) -> None:
+        """Install a new selection (called by a refresh)."""
+        self.prev_idx = self.idx.clone()
+        with torch.no_grad():
+            self.idx.copy_(idx.to(self.idx.device))
+            self.rho.copy_(rho.to(self.rho.device))
+        self.refreshed = True

@@ -1,0 +1,92 @@
+"""Anchors installed by class swap: ``module.weight`` reads this forward's anchored view.
+
+Each module that owns a target weight gets a generated subclass (its class is swapped per
+instance, as ``torch.nn.utils.parametrize`` does) whose ``weight`` property returns the
+anchored view made for the current forward; the parameter itself stays registered, so
+the module's code and ``state_dict`` keys are untouched. One anchor per weight per
+forward: a weight read twice (shared layers, tied modules) is one node.
+
+In eager mode the anchors stay readable after the forward, so activation checkpointing
+recomputes with them; an anchor is served only while the weight is unmodified since that
+forward (version counter), otherwise the Parameter itself.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from grassfx import _compat
+
+__all__ = ["AnchorSlot", "install", "uninstall", "original_class"]
+
+
+class AnchorSlot:
+    """Shared between a GrassModel and its swapped modules: this forward's anchors."""
+
+    def __init__(self):
+        self.anchors = None  # {weight name: anchored tensor} while a forward is live
+        self.versions = None  # eager only: {weight name: weight version at the forward}
+
+    def clear(self) -> None:
+        self.anchors = self.versions = None
+
+    def __deepcopy__(self, memo):
+        return AnchorSlot()  # a copy starts between forwards
+
+
+_SUBCLASSES: dict = {}
+
+
+def _anchored_read(attr: str):
+    def read(module):
+        param = _compat.raw_parameter(module, attr)
+        slot = module.__dict__["_grassfx_slot"]
+        if slot.anchors is None:
+            return param
+        name = module.__dict__["_grassfx_names"][attr]
+        if slot.versions is not None and slot.versions[name] != _compat.version(param):
+            return param  # the weight changed since that forward: its anchor is stale
+        return slot.anchors[name]
+
+    return read
+
+
+def _swapped_class(cls: type, attrs: tuple) -> type:
+    """A subclass of ``cls`` whose ``attrs`` read the current anchors (cached per class)."""
+    key = (cls, attrs)
+    if key not in _SUBCLASSES:
+        props = {a: property(_anchored_read(a)) for a in attrs}
+        props["_grassfx_original_class"] = cls
+        _SUBCLASSES[key] = type(f"Grass{cls.__name__}", (cls,), props)
+    return _SUBCLASSES[key]
+
+
+def original_class(module: nn.Module) -> type:
+    """The class ``module`` had before grassfx swapped it."""
+    return getattr(type(module), "_grassfx_original_class", type(module))
+
+
+def install(root: nn.Module, names: dict, slot: AnchorSlot) -> None:
+    """Swap every module of ``root`` owning a weight in ``names`` (``{id(weight): name}``)."""
+    for module in root.modules():
+        for attr, p in list(_compat.module_parameters(module).items()):
+            if p is not None and id(p) in names:
+                _install_one(module, attr, names[id(p)], slot)
+
+
+def _install_one(module: nn.Module, attr: str, name: str, slot: AnchorSlot) -> None:
+    owned = dict(module.__dict__.get("_grassfx_names", {}))
+    owned[attr] = name
+    module.__dict__["_grassfx_names"] = owned
+    module.__dict__["_grassfx_slot"] = slot
+    _compat.set_class(module, _swapped_class(original_class(module), tuple(sorted(owned))))
+
+
+def uninstall(root: nn.Module) -> None:
+    """Give every module of ``root`` its original class back."""
+    for module in root.modules():
+        base = getattr(type(module), "_grassfx_original_class", None)
+        if base is not None:
+            _compat.set_class(module, base)
+        module.__dict__.pop("_grassfx_names", None)
+        module.__dict__.pop("_grassfx_slot", None)

@@ -1,0 +1,30 @@
+"""Subspace-aware optimizers: one object trains projected and ordinary parameters.
+
+* :mod:`.base`: ``GrassOptimizer`` (classification, finite checks, refresh handling, stepping);
+* :mod:`.adamw`: ``AdamW`` and ``adamw_step``, the one AdamW kernel (eager or compiled);
+* :mod:`.sgd`: ``SGD`` (momentum, Nesterov); :mod:`.adafactor`: ``Adafactor``;
+* :mod:`.decay`: decoupled weight decay of projected weights and its debt.
+
+With every row selected, ``AdamW`` / ``SGD`` / ``Adafactor`` here equal ``torch.optim``'s.
+
+**Refresh.** When the model picked new rows, the optimizer resets the moments (or, with
+``compile(..., moments="keep_overlap")``, keeps the moments of rows selected both before
+and after) before the step, and settles the weight decay the other rows owe.
+
+**Clipping.** ``torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)`` clips the
+gradients that exist: ``C`` for projected weights. With ``rho = 1`` (``top_r``,
+``multinorm_nr``) ‖C‖ is the norm of the selected rows (<= the dense norm); with
+``multinorm`` and ``uniform`` E‖C‖² equals the dense ‖G‖² (an unbiased estimate).
+
+**State** holds tensors and numbers only (``torch.load(weights_only=True)`` works), and a
+run saved after step N resumes bit-exactly with the model's own ``state_dict``.
+"""
+
+from __future__ import annotations
+
+from .adafactor import Adafactor
+from .adamw import AdamW
+from .base import GrassOptimizer
+from .sgd import SGD
+
+__all__ = ["AdamW", "SGD", "Adafactor", "GrassOptimizer"]

@@ -1,0 +1,189 @@
+"""``GrassOptimizer``: what every subspace-aware optimizer shares.
+
+For a projected weight ``W`` (m x n, rows selected; columns are symmetric) the optimizer
+sees the handle's gradient ``C = rho * G[idx]`` (r x n) and keeps its state at (r x n).
+The update lands on the selected rows only::
+
+    W.index_add_(0, idx, -lr * scale * rho[:, None] * step(C))    # (r, n) into (m, n)
+
+``index_add`` (not ``index_copy``): a selector with replacement may pick a row twice.
+Every other parameter (biases, norms, embeddings, unprojected weights) gets the ordinary
+update of the same algorithm.
+
+The base class finds the site of each handle in :mod:`grassfx.instrument.registry`
+(the model publishes them; the optimizer never holds the model), checks that every
+gradient is finite before touching anything, handles committed refreshes (moments reset
+or remapped, owed decay settled: :meth:`GrassOptimizer._on_refresh`), applies the
+updates (:meth:`GrassOptimizer._apply`) and advances each model's step counter.
+
+**Non-finite gradients** are never written into weights: by default ``step()`` raises
+:class:`grassfx.NonFiniteGradientError` naming the parameter before touching anything;
+``nonfinite="skip"`` skips the step instead (and counts it in ``skipped_steps``).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from grassfx.errors import ConfigError, NonFiniteGradientError
+from grassfx.instrument import registry
+from grassfx.instrument.anchors import broadcast_along
+
+from . import decay
+
+__all__ = ["GrassOptimizer", "check_number"]
+
+_NONFINITE = ("raise", "skip")
+
+
+def check_number(name, value, low=None, high=None, low_open=False):
+    """Raise :class:`grassfx.ConfigError` unless ``value`` is a finite number in range."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ConfigError(f"{name}={value!r}: expected a finite number")
+    if low is not None and (value < low or (low_open and value == low)):
+        raise ConfigError(f"{name}={value!r}: must be {'>' if low_open else '>='} {low}")
+    if high is not None and value >= high:
+        raise ConfigError(f"{name}={value!r}: must be < {high}")
+
+
+class GrassOptimizer(torch.optim.Optimizer):
+    """Base class: parameter classification, refresh handling, checks, stepping."""
+
+    def __init__(self, params, defaults):
+        nonfinite = defaults.get("nonfinite", "raise")
+        if nonfinite not in _NONFINITE:
+            raise ConfigError(f"nonfinite={nonfinite!r}: allowed values: raise, skip")
+        super().__init__(params, defaults)
+        self.skipped_steps = 0
+        self._schedules = []
+        self._classify()
+
+    # -- setup --------------------------------------------------------------------------
+    def _classify(self) -> None:
+        schedules, given = {}, set()
+        for group in self.param_groups:
+            for p in group["params"]:
+                given.add(id(p))
+                site = registry.site_of(p)
+                if site is not None and site.schedule is not None:
+                    schedules[id(site.schedule)] = site.schedule
+        self._schedules = list(schedules.values())
+        self._target_ids = {id(site.weight) for schedule in self._schedules for site in schedule.sites}
+        for group in self.param_groups:
+            for p in group["params"]:
+                site = registry.target_of(p)
+                if site is not None and id(site.handle) not in given:
+                    raise ConfigError(
+                        f"{site.name!r} is a grassfx-projected weight but its gradient handle "
+                        "was not passed to the optimizer, so it would never train: pass "
+                        "model.parameters() of the model grassfx.compile returned"
+                    )
+
+    def add_param_group(self, param_group):
+        super().add_param_group(param_group)
+        if hasattr(self, "_schedules"):
+            self._classify()
+
+    # -- the step -----------------------------------------------------------------------
+    def _grads(self):
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None and id(p) not in getattr(self, "_target_ids", ()):
+                    yield group, p
+
+    def _all_finite(self) -> bool:
+        flags = [torch.isfinite(p.grad).all() for _, p in self._grads()]
+        if not flags:
+            return True
+        ok = bool(torch.stack(flags).all())
+        if ok:
+            return True
+        if self.defaults.get("nonfinite", "raise") == "skip":
+            return False
+        for (_, p), flag in zip(self._grads(), flags):
+            if not bool(flag):
+                name = registry.name_of(p) or f"parameter of shape {tuple(p.shape)}"
+                raise NonFiniteGradientError(
+                    f"the gradient of {name} holds NaN or Inf; no weight was changed. Lower the "
+                    "learning rate, clip gradients, or pass nonfinite='skip' to skip such steps"
+                )
+        return False
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        """One optimizer step over every parameter (see the module docstring)."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        if not self._all_finite():
+            self.skipped_steps += 1
+            return loss
+        work, refreshed = [], False
+        for group, p in self._grads():
+            site = registry.site_of(p)
+            if site is not None and site.refreshed:
+                self._on_refresh(p, site)
+                refreshed = True
+            work.append((group, p, site))
+        if refreshed:
+            for schedule in self._schedules:
+                schedule.refresh_seen()
+        self._apply(work)
+        for schedule in self._schedules:
+            schedule.advance()
+        return loss
+
+    def _apply(self, work) -> None:
+        """Update every ``(group, param, site)``; subclasses may fuse and compile this."""
+        for group, p, site in work:
+            if site is None:
+                self._update_dense(p, group)
+            else:
+                self._update_projected(p, site, group)
+
+    # -- refresh ------------------------------------------------------------------------
+    def _on_refresh(self, handle, site) -> None:
+        """The model picked new rows: settle owed decay, then reset (or remap) the moments."""
+        decay.settle(site, site.prev_idx)
+        state = self.state[handle]
+        if state:
+            if site.moments == "keep_overlap" and site.prev_idx is not None:
+                self._remap_moments(state, handle, site)
+            else:
+                self.state[handle] = {}
+        site.refreshed = False
+
+    @staticmethod
+    def _remap_moments(state: dict, handle, site) -> None:
+        """Keep the state of rows selected before and after the refresh; zero the rest."""
+        src = torch.full((site.rows,), -1, dtype=torch.long, device=site.idx.device)
+        src[site.prev_idx] = torch.arange(site.rank, device=site.idx.device)
+        src = src[site.idx]
+        keep = broadcast_along(src >= 0, handle.dim(), site.dim)
+        for value in state.values():
+            if torch.is_tensor(value) and value.shape == handle.shape:
+                moved = value.index_select(site.dim, src.clamp_min(0))
+                value.copy_(torch.where(keep, moved, torch.zeros_like(moved)))
+            elif torch.is_tensor(value) and value.dim() == 1 and value.shape[0] == site.rank:
+                moved = value.index_select(0, src.clamp_min(0))
+                value.copy_(torch.where(src >= 0, moved, torch.zeros_like(moved)))
+
+    # -- helpers for eager updates --------------------------------------------------------
+    @staticmethod
+    def _apply_projected(site, update: torch.Tensor, alpha: float) -> None:
+        """``W[idx] += alpha * rho * update`` along the selected dim."""
+        weight = site.weight
+        if site.full:
+            weight.add_(update, alpha=alpha)
+            return
+        rho = broadcast_along(site.rho, update.dim(), site.dim).to(update.dtype)
+        weight.index_add_(site.dim, site.idx, update * rho, alpha=alpha)
+
+    def _update_dense(self, p, group):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _update_projected(self, handle, site, group):  # pragma: no cover - abstract
+        raise NotImplementedError
