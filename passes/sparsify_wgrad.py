@@ -13,7 +13,8 @@ operand's columns (HF ``Conv1D``, ``proj_dim="cols"``); a bmm's batch dim from b
 
 Pushes through: permute / t / transpose, view / reshape / _unsafe_view / squeeze /
 unsqueeze, alias / clone, dtype casts, mul / div by a scalar, add / sub (a weight used
-twice), sum over other dims. The selection travels as a contiguous *group* of dims, so
+twice), sum over other dims: the table ``RULES`` holds one :class:`Rule` per op family,
+its analysis (``plan``) next to its rewrite (``emit``). The selection travels as a contiguous *group* of dims, so
 a weight viewed with merged or split head dims (``qkv.view(3, heads, hd, d)``) pushes
 through as long as its rows stay contiguous and in order.
 Never through elementwise ops with tensor operands (that would duplicate work).
@@ -28,19 +29,20 @@ original (possibly symbolic) size arguments.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional, Union
+from typing import Callable, Optional, Union
 
 import torch
 import torch.fx as fx
 
 from grassfx import _compat
+from grassfx.errors import PassError
 
 from .infra import PassContext, PassResult, Change, Skip, make_node, meta_val, norm_args, prod, same_size
 
 aten = torch.ops.aten
 prims = torch.ops.prims
 
-__all__ = ["sparsify_wgrad", "find_weight_grad_sites", "WgradSite", "Push", "ROWSEL"]
+__all__ = ["sparsify_wgrad", "find_weight_grad_sites", "WgradSite", "Push", "Rule", "RULES", "ROWSEL"]
 
 PASS = "sparsify_wgrad"
 
@@ -53,10 +55,18 @@ def _rowsel_op():
 
 ROWSEL = None  # resolved lazily: no import-time work
 
-_VIEWS = {aten.view, aten.reshape, aten._unsafe_view, aten.squeeze, aten.unsqueeze}
-_SAME = {aten.alias, aten.clone, prims.convert_element_type, aten._to_copy}
-_SCALE = {aten.mul, aten.div}
-_ADD = {aten.add, aten.sub}
+@dataclass(frozen=True)
+class Rule:
+    """How a row selection moves through one family of ops: the analysis and its rewrite.
+
+    ``plan(node, group, args, shape, pk)`` returns a :class:`Push` (the selection can move
+    to the node's operands) or a short reason; ``emit(emitter, push, args, inner)`` builds
+    the selected node from ``inner``, the already selected operands by schema name.
+    """
+
+    kind: str
+    plan: Callable
+    emit: Callable
 
 
 @dataclass
@@ -67,9 +77,13 @@ class Push:
 
     node: fx.Node
     group: tuple  # (start, end) of the selected, flattened dims of node's output
-    kind: str  # "gemm" | "permute" | "view" | "squeeze" | "same" | "scale" | "add" | "sum"
+    rule: Rule
     children: list = field(default_factory=list)  # (operand name, Push or None, operand group)
     eaten: tuple = ()  # permute only: size-1 input dims swallowed by the group
+
+    @property
+    def kind(self) -> str:
+        return self.rule.kind
 
 
 @dataclass
@@ -116,97 +130,9 @@ def _is_scalar(x) -> bool:
     return isinstance(val, torch.Tensor) and val.dim() == 0
 
 
-def _wrap(node, group, kind, operand, sub_group) -> Union[Push, str]:
+def _wrap(node, group, rule, operand, sub_group) -> Union[Push, str]:
     sub = _plan(operand[1], sub_group, False)
-    return sub if isinstance(sub, str) else Push(node, group, kind, [(operand[0], sub, sub_group)])
-
-
-def _plan_gemm(node, group, args, pk) -> Union[Push, str]:
-    s, e = group
-    if pk is aten.mm:
-        if group == (0, 1):
-            return Push(node, group, "gemm", [("self", None, (0, 1))])
-        if group == (1, 2):
-            return Push(node, group, "gemm", [("mat2", None, (1, 2))])
-        return "selected rows span both GEMM dims"
-    batch = _shape(node)[0]
-    if group == (0, 1):
-        return Push(node, group, "gemm", [("self", None, (0, 1)), ("mat2", None, (0, 1))])
-    if group == (1, 2):
-        return Push(node, group, "gemm", [("self", None, (1, 2))])
-    if group == (2, 3):
-        return Push(node, group, "gemm", [("mat2", None, (2, 3))])
-    if group == (0, 2) and same_size(batch, 1):
-        return Push(node, group, "gemm", [("self", None, (1, 2))])  # a bmm of batch 1: an mm
-    return "selected rows span a batched GEMM's batch dim"
-
-
-def _plan(node, group: tuple, root: bool) -> Union[Push, str]:
-    """Analyse ``node`` with dims ``group`` selected: a Push tree, or a short reason."""
-    if not isinstance(node, fx.Node):
-        return "not a graph value"
-    if not root and len(node.users) != 1:
-        return "dense gradient has other users"
-    pk = _packet(node)
-    if node.op == "placeholder":
-        return "gradient computed in another graph (graph break)"
-    if pk is None:
-        return f"not a GEMM: {node.op} {node.target}"
-    args = norm_args(node)
-    shape = _shape(node)
-    s, e = group
-    if pk in (aten.mm, aten.bmm):
-        return _plan_gemm(node, group, args, pk)
-    if pk in (aten.permute, aten.t, aten.transpose):
-        perm = _as_perm(pk, args, len(shape))
-        in_shape = _shape(args["self"])
-        src = perm[s:e]
-        lo, hi = min(src), max(src) + 1
-        # size-1 input dims inside [lo, hi) that are not in the group do not change the
-        # flattened order; they are "eaten" and restored by a reshape
-        eaten = tuple(d for d in range(lo, hi) if d not in src)
-        big = [d for d in src if not same_size(in_shape[d], 1)]
-        if any(not same_size(in_shape[d], 1) for d in eaten) or big != sorted(big):
-            return "selected dims reordered by a permute"
-        if eaten and not all(isinstance(x, int) for x in shape):
-            return "permute with symbolic shape"
-        push = _wrap(node, group, "permute", ("self", args["self"]), (lo, hi))
-        if not isinstance(push, str):
-            push.eaten = eaten
-        return push
-    if pk in _VIEWS:
-        in_group = _view_in_group(_shape(args["self"]), shape, group)
-        if in_group is None:
-            return "selected dims mixed with others by a reshape"
-        if pk in (aten.squeeze, aten.unsqueeze) and (in_group[1] - in_group[0]) != (e - s):
-            return "squeeze inside the selected dims"
-        return _wrap(node, group, "view", ("self", args["self"]), in_group)
-    if pk in _SAME:
-        first = _compat.op_schema(node.target).arguments[0].name  # "self", or "a" for prims casts
-        return _wrap(node, group, "same", (first, args[first]), group)
-    if pk in _SCALE:
-        if not _is_scalar(args["other"]) or _shape(args["self"]) != shape:
-            return "elementwise op with a tensor operand"
-        return _wrap(node, group, "scale", ("self", args["self"]), group)
-    if pk in _ADD:
-        kids = []
-        for name in ("self", "other"):
-            if _shape(args[name]) != shape:
-                return "add with broadcasting"
-            sub = _plan(args[name], group, False)
-            if isinstance(sub, str):
-                return sub
-            kids.append((name, sub, group))
-        return Push(node, group, "add", kids)
-    if pk is aten.sum and args.get("dim"):
-        in_shape = _shape(args["self"])
-        reduced = sorted(d % len(in_shape) for d in args["dim"])
-        kept = list(range(len(in_shape))) if args.get("keepdim") else [d for d in range(len(in_shape)) if d not in reduced]
-        src = kept[s:e]
-        if any(d in reduced for d in src) or any(src[i] != src[0] + i for i in range(len(src))):
-            return "selected dims are reduced"
-        return _wrap(node, group, "sum", ("self", args["self"]), (src[0], src[-1] + 1))
-    return f"not a GEMM: {_compat.op_name(pk)}"
+    return sub if isinstance(sub, str) else Push(node, group, rule, [(operand[0], sub, sub_group)])
 
 
 def _as_perm(pk, args, ndim) -> list:
@@ -226,8 +152,198 @@ def _collapse(ndim: int, group: tuple) -> list:
     return [d if d < s else s if d < e else d - (e - s - 1) for d in range(ndim)]
 
 
+# -- the rules: one plan and one emit per op family ----------------------------------------
+def _plan_gemm(node, group, args, shape, pk) -> Union[Push, str]:
+    if pk is aten.mm:
+        if group == (0, 1):
+            return Push(node, group, GEMM, [("self", None, (0, 1))])
+        if group == (1, 2):
+            return Push(node, group, GEMM, [("mat2", None, (1, 2))])
+        return "selected rows span both GEMM dims"
+    if group == (0, 1):
+        return Push(node, group, GEMM, [("self", None, (0, 1)), ("mat2", None, (0, 1))])
+    if group == (1, 2):
+        return Push(node, group, GEMM, [("self", None, (1, 2))])
+    if group == (2, 3):
+        return Push(node, group, GEMM, [("mat2", None, (2, 3))])
+    if group == (0, 2) and same_size(shape[0], 1):
+        return Push(node, group, GEMM, [("self", None, (1, 2))])  # a bmm of batch 1: an mm
+    return "selected rows span a batched GEMM's batch dim"
+
+
+def _emit_gemm(em, plan, args, inner) -> fx.Node:
+    node = plan.node
+    if node.target.overloadpacket is aten.bmm and plan.group == (0, 2):  # batch-1 bmm: an mm on rows
+        left = em.gather(em.node(aten.squeeze.dim, (args["self"], 0)), 0)
+        right = em.node(aten.squeeze.dim, (args["mat2"], 0))
+        return em.node(aten.mm.default, (left, right))  # (r, n) = (r, k) @ (k, n)
+    new = {"self": args["self"], "mat2": args["mat2"]}
+    for operand, _, (start, _end) in plan.children:
+        new[operand] = em.gather(args[operand], start)
+    return em.node(node.target, (new["self"], new["mat2"]))  # (r, n) = (r, k) @ (k, n)
+
+
+def _plan_permute(node, group, args, shape, pk) -> Union[Push, str]:
+    s, e = group
+    perm = _as_perm(pk, args, len(shape))
+    in_shape = _shape(args["self"])
+    src = perm[s:e]
+    lo, hi = min(src), max(src) + 1
+    # size-1 input dims inside [lo, hi) that are not in the group do not change the
+    # flattened order; they are "eaten" and restored by a reshape
+    eaten = tuple(d for d in range(lo, hi) if d not in src)
+    big = [d for d in src if not same_size(in_shape[d], 1)]
+    if any(not same_size(in_shape[d], 1) for d in eaten) or big != sorted(big):
+        return "selected dims reordered by a permute"
+    if eaten and not all(isinstance(x, int) for x in shape):
+        return "permute with symbolic shape"
+    push = _wrap(node, group, PERMUTE, ("self", args["self"]), (lo, hi))
+    if not isinstance(push, str):
+        push.eaten = eaten
+    return push
+
+
+def _emit_permute(em, plan, args, inner) -> fx.Node:
+    node, (s, e) = plan.node, plan.group
+    (_, _, in_group), = plan.children
+    out_shape = _shape(node)
+    ndim = len(out_shape)
+    perm = _as_perm(node.target.overloadpacket, args, ndim)
+    in_map = _collapse(ndim, in_group)
+    new_perm = [in_map[perm[j]] for j in range(ndim) if not (s < j < e) and perm[j] not in plan.eaten]
+    out = em.node(aten.permute.default, (inner["self"], new_perm))
+    if plan.eaten:  # put the swallowed size-1 dims back where they were
+        size = [int(d) for d in out_shape[:s]] + [em.r] + [int(d) for d in out_shape[e:]]
+        out = em.node(aten.reshape.default, (out, size))
+    return out
+
+
+def _plan_view(node, group, args, shape, pk) -> Union[Push, str]:
+    s, e = group
+    in_group = _view_in_group(_shape(args["self"]), shape, group)
+    if in_group is None:
+        return "selected dims mixed with others by a reshape"
+    if pk in (aten.squeeze, aten.unsqueeze) and (in_group[1] - in_group[0]) != (e - s):
+        return "squeeze inside the selected dims"
+    return _wrap(node, group, VIEW, ("self", args["self"]), in_group)
+
+
+def _emit_view(em, plan, args, inner) -> fx.Node:
+    node, (s, e) = plan.node, plan.group
+    pk, x = node.target.overloadpacket, inner["self"]
+    out_shape = _shape(node)
+    if pk in (aten.view, aten.reshape, aten._unsafe_view):
+        size = list(args.get("size", args.get("shape")))
+        return em.node(node.target, (x, size[:s] + [em.r] + size[e:]))
+    (_, _, in_group), = plan.children
+    dim_arg = args["dim"]
+    if pk is aten.unsqueeze:
+        return em.node(aten.unsqueeze.default, (x, _collapse(len(out_shape), plan.group)[dim_arg % len(out_shape)]))
+    in_nd = len(_shape(args["self"]))
+    in_map = _collapse(in_nd, in_group)
+    dims = dim_arg if isinstance(dim_arg, (list, tuple)) else [dim_arg]
+    return em.node(aten.squeeze.dims, (x, [in_map[d % in_nd] for d in dims]))
+
+
+def _plan_same(node, group, args, shape, pk) -> Union[Push, str]:
+    first = _compat.op_schema(node.target).arguments[0].name  # "self", or "a" for prims casts
+    return _wrap(node, group, SAME, (first, args[first]), group)
+
+
+def _emit_same(em, plan, args, inner) -> fx.Node:
+    """The same op on the selected operands (every other argument unchanged)."""
+    node = plan.node
+    schema = _compat.op_schema(node.target)
+    new_args = [inner.get(a.name, args.get(a.name)) for a in schema.arguments if a.name in args and not a.kwarg_only]
+    new_kwargs = {a.name: args[a.name] for a in schema.arguments if a.kwarg_only and a.name in node.kwargs}
+    return em.node(node.target, tuple(new_args), new_kwargs)
+
+
+def _plan_scale(node, group, args, shape, pk) -> Union[Push, str]:
+    if not _is_scalar(args["other"]) or _shape(args["self"]) != shape:
+        return "elementwise op with a tensor operand"
+    return _wrap(node, group, SCALE, ("self", args["self"]), group)
+
+
+def _plan_add(node, group, args, shape, pk) -> Union[Push, str]:
+    kids = []
+    for name in ("self", "other"):
+        if _shape(args[name]) != shape:
+            return "add with broadcasting"
+        sub = _plan(args[name], group, False)
+        if isinstance(sub, str):
+            return sub
+        kids.append((name, sub, group))
+    return Push(node, group, ADD, kids)
+
+
+def _emit_add(em, plan, args, inner) -> fx.Node:
+    extra = {"alpha": args["alpha"]} if args.get("alpha", 1) != 1 else None
+    return em.node(plan.node.target, (inner["self"], inner["other"]), extra)
+
+
+def _plan_sum(node, group, args, shape, pk) -> Union[Push, str]:
+    s, e = group
+    if not args.get("dim"):
+        return f"not a GEMM: {_compat.op_name(pk)}"
+    in_shape = _shape(args["self"])
+    reduced = sorted(d % len(in_shape) for d in args["dim"])
+    kept = list(range(len(in_shape))) if args.get("keepdim") else [d for d in range(len(in_shape)) if d not in reduced]
+    src = kept[s:e]
+    if any(d in reduced for d in src) or any(src[i] != src[0] + i for i in range(len(src))):
+        return "selected dims are reduced"
+    return _wrap(node, group, SUM, ("self", args["self"]), (src[0], src[-1] + 1))
+
+
+def _emit_sum(em, plan, args, inner) -> fx.Node:
+    (_, _, in_group), = plan.children
+    in_nd = len(_shape(args["self"]))
+    in_map = _collapse(in_nd, in_group)
+    dims = sorted({in_map[d % in_nd] for d in args["dim"]})
+    kwargs = {"dtype": args["dtype"]} if args.get("dtype") is not None else None
+    return em.node(aten.sum.dim_IntList, (inner["self"], dims, bool(args.get("keepdim"))), kwargs)
+
+
+GEMM = Rule("gemm", _plan_gemm, _emit_gemm)
+PERMUTE = Rule("permute", _plan_permute, _emit_permute)
+VIEW = Rule("view", _plan_view, _emit_view)
+SAME = Rule("same", _plan_same, _emit_same)
+SCALE = Rule("scale", _plan_scale, _emit_same)
+ADD = Rule("add", _plan_add, _emit_add)
+SUM = Rule("sum", _plan_sum, _emit_sum)
+
+#: Every op the selection moves through, and the rule that moves it (overload packets).
+RULES = {
+    aten.mm: GEMM, aten.bmm: GEMM,
+    aten.permute: PERMUTE, aten.t: PERMUTE, aten.transpose: PERMUTE,
+    aten.view: VIEW, aten.reshape: VIEW, aten._unsafe_view: VIEW, aten.squeeze: VIEW, aten.unsqueeze: VIEW,
+    aten.alias: SAME, aten.clone: SAME, prims.convert_element_type: SAME, aten._to_copy: SAME,
+    aten.mul: SCALE, aten.div: SCALE,
+    aten.add: ADD, aten.sub: ADD,
+    aten.sum: SUM,
+}
+
+
+# -- find ---------------------------------------------------------------------------------
+def _plan(node, group: tuple, root: bool) -> Union[Push, str]:
+    """Analyse ``node`` with dims ``group`` selected: a Push tree, or a short reason."""
+    if not isinstance(node, fx.Node):
+        return "not a graph value"
+    if not root and len(node.users) != 1:
+        return "dense gradient has other users"
+    pk = _packet(node)
+    if node.op == "placeholder":
+        return "gradient computed in another graph (graph break)"
+    if pk is None:
+        return f"not a GEMM: {node.op} {node.target}"
+    rule = RULES.get(pk)
+    if rule is None:
+        return f"not a GEMM: {_compat.op_name(pk)}"
+    return rule.plan(node, group, norm_args(node), _shape(node), pk)
+
+
 def _count_gemms(plan: Push) -> int:
-    own = 1 if plan.kind == "gemm" else 0
+    own = 1 if plan.rule is GEMM else 0
     return own + sum(_count_gemms(c) for _, c, _ in plan.children if c is not None)
 
 
@@ -252,6 +368,7 @@ def find_weight_grad_sites(graph: fx.Graph) -> list:
     return sites
 
 
+# -- rewrite ------------------------------------------------------------------------------
 class _Emitter:
     """Builds the selected computation for one site, just before its rowsel node."""
 
@@ -270,61 +387,9 @@ class _Emitter:
         return self.node(aten.index.Tensor, (x, [None] * dim + [self.site.idx]))
 
     def emit(self, plan: Push) -> fx.Node:
-        node, args = plan.node, norm_args(plan.node)
-        pk = node.target.overloadpacket
-        s, e = plan.group
-        if plan.kind == "gemm":
-            if pk is aten.bmm and plan.group == (0, 2):  # batch-1 bmm: an mm on rows
-                left = self.gather(self.node(aten.squeeze.dim, (args["self"], 0)), 0)
-                right = self.node(aten.squeeze.dim, (args["mat2"], 0))
-                return self.node(aten.mm.default, (left, right))  # (r, n) = (r, k) @ (k, n)
-            new = {"self": args["self"], "mat2": args["mat2"]}
-            for operand, _, (os_, _oe) in plan.children:
-                new[operand] = self.gather(args[operand], os_)
-            return self.node(node.target, (new["self"], new["mat2"]))  # (r, n) = (r, k) @ (k, n)
-        inner = {name: self.emit(child) for name, child, _ in plan.children}
-        x = inner.get("self", next(iter(inner.values()), None))
-        if plan.kind == "permute":
-            (_, _, in_group), = plan.children
-            out_shape = _shape(node)
-            ndim = len(out_shape)
-            perm = _as_perm(pk, args, ndim)
-            in_map = _collapse(ndim, in_group)
-            new_perm = [in_map[perm[j]] for j in range(ndim)
-                        if not (s < j < e) and perm[j] not in plan.eaten]
-            out = self.node(aten.permute.default, (x, new_perm))
-            if plan.eaten:  # put the swallowed size-1 dims back where they were
-                size = [int(d) for d in out_shape[:s]] + [self.r] + [int(d) for d in out_shape[e:]]
-                out = self.node(aten.reshape.default, (out, size))
-            return out
-        if plan.kind == "view":
-            out_shape = _shape(node)
-            if pk in (aten.view, aten.reshape, aten._unsafe_view):
-                size = list(args.get("size", args.get("shape")))
-                return self.node(node.target, (x, size[:s] + [self.r] + size[e:]))
-            (_, _, in_group), = plan.children
-            dim_arg = args["dim"]
-            if pk is aten.unsqueeze:
-                return self.node(aten.unsqueeze.default, (x, _collapse(len(out_shape), plan.group)[dim_arg % len(out_shape)]))
-            in_nd = len(_shape(args["self"]))
-            in_map = _collapse(in_nd, in_group)
-            dims = dim_arg if isinstance(dim_arg, (list, tuple)) else [dim_arg]
-            return self.node(aten.squeeze.dims, (x, [in_map[d % in_nd] for d in dims]))
-        if plan.kind == "sum":
-            (_, _, in_group), = plan.children
-            in_nd = len(_shape(args["self"]))
-            in_map = _collapse(in_nd, in_group)
-            dims = sorted({in_map[d % in_nd] for d in args["dim"]})
-            return self.node(aten.sum.dim_IntList, (x, dims, bool(args.get("keepdim"))), {"dtype": args["dtype"]} if args.get("dtype") is not None else None)
-        if plan.kind == "add":
-            extra = {"alpha": args["alpha"]} if args.get("alpha", 1) != 1 else None
-            return self.node(node.target, (inner["self"], inner["other"]), extra)
-        schema = _compat.op_schema(node.target)
-        new_args = [inner.get(a.name, args.get(a.name)) for a in schema.arguments
-                    if a.name in args and not a.kwarg_only]
-        new_kwargs = {a.name: args[a.name] for a in schema.arguments
-                      if a.kwarg_only and a.name in node.kwargs}
-        return self.node(node.target, tuple(new_args), new_kwargs)
+        """The selected value of ``plan.node``: operands first, then the node's own rule."""
+        inner = {name: self.emit(child) for name, child, _ in plan.children if child is not None}
+        return plan.rule.emit(self, plan, norm_args(plan.node), inner)
 
     def scale(self, x: fx.Node) -> fx.Node:
         site = self.site
@@ -366,19 +431,27 @@ def sparsify_wgrad(graph: fx.Graph, ctx: PassContext) -> PassResult:
         return result
     fake_mode = _fake_mode(graph)
     for site in sites:
-        emitter = _Emitter(graph, site, fake_mode)
-        with graph.inserting_before(site.rowsel):
-            if site.plan is not None:
-                picked = emitter.emit(site.plan)
-                action, detail = "rewrote", f"{site.gemms} dense GEMM(s) -> {site.gemms} selected GEMM(s)"
-            else:
-                picked = emitter.gather(site.grad, site.dim)
-                action, detail = "fallback", site.reason
-                result.skipped.append(Skip(site.weight, site.rowsel.name, site.reason))
-            out = emitter.scale(picked)
-        out.meta["grassfx"]["role"] = "compressed_grad"  # compress_allreduce looks for this
-        site.rowsel.replace_all_uses_with(out)
-        erased = _erase_dead(graph, site.rowsel)
-        result.changes.append(Change(site.weight, action, detail, emitter.created, erased))
+        try:
+            result.changes.append(_rewrite(graph, site, fake_mode, result))
+        except Exception as exc:
+            raise PassError(PASS, site.rowsel.name, f"{type(exc).__name__}: {exc}", graph=ctx.graph_id) from exc
         result.modified = True
     return result
+
+
+def _rewrite(graph: fx.Graph, site: WgradSite, fake_mode, result: PassResult) -> Change:
+    """Replace one rowsel node by its selected computation (or the dense fallback)."""
+    emitter = _Emitter(graph, site, fake_mode)
+    with graph.inserting_before(site.rowsel):
+        if site.plan is not None:
+            picked = emitter.emit(site.plan)
+            action, detail = "rewrote", f"{site.gemms} dense GEMM(s) -> {site.gemms} selected GEMM(s)"
+        else:
+            picked = emitter.gather(site.grad, site.dim)
+            action, detail = "fallback", site.reason
+            result.skipped.append(Skip(site.weight, site.rowsel.name, site.reason))
+        out = emitter.scale(picked)
+    out.meta["grassfx"]["role"] = "compressed_grad"  # compress_allreduce looks for this
+    site.rowsel.replace_all_uses_with(out)
+    erased = _erase_dead(graph, site.rowsel)
+    return Change(site.weight, action, detail, emitter.created, erased)
