@@ -84,7 +84,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import torch  # noqa: E402
 
 from grassfx.recipes.data import DataUnavailableError, cache_dir, fetch_wheel  # noqa: E402
-from grassfx.recipes.train import tensor_nbytes  # noqa: E402
+from grassfx.recipes.measure import tensor_nbytes  # noqa: E402
 
 METHODS = ("adamw", "galore", "grass")
 DEFAULT_LR = {"adamw": 5e-5, "galore": 5e-5, "grass": 5e-5}

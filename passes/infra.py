@@ -13,7 +13,6 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-import torch
 import torch.fx as fx
 
 from grassfx import _compat

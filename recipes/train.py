@@ -31,7 +31,6 @@ import json
 import logging
 import math
 import os
-import resource
 import sys
 import time
 import warnings
@@ -42,6 +41,8 @@ import torch
 
 from . import data as data_mod
 from . import presets as presets_mod
+from .measure import PeakMemory, Throughput, fmt_bytes, optimizer_state_bytes, sync
+from .report import json_default, plot_losses, results_table
 
 OPTIMIZERS = ("adamw", "galore", "grass")
 SELECTIONS = ("top_r", "multinorm", "multinorm_nr", "uniform")
@@ -180,95 +181,6 @@ def run_specs(args: argparse.Namespace) -> list[RunSpec]:
     return specs
 
 
-# ----------------------------------------------------------------------------- measuring
-
-
-def tensor_nbytes(obj, _seen: set | None = None) -> int:
-    """Bytes held by every tensor reachable from ``obj`` (dicts, sequences, object attributes).
-
-    Applied to ``optimizer.state`` it counts the moments, projection matrices and
-    any other per-parameter state, whatever container an optimizer keeps them in.
-    Each tensor is counted once.
-    """
-    seen = set() if _seen is None else _seen
-    if id(obj) in seen:
-        return 0
-    seen.add(id(obj))
-    if isinstance(obj, torch.Tensor):
-        return obj.numel() * obj.element_size()
-    if isinstance(obj, dict):
-        return sum(tensor_nbytes(v, seen) for v in obj.values())
-    if isinstance(obj, (list, tuple, set, frozenset)):
-        return sum(tensor_nbytes(v, seen) for v in obj)
-    if isinstance(obj, (str, bytes, int, float, bool, type(None), torch.nn.Module)):
-        return 0
-    attrs = getattr(obj, "__dict__", None)
-    return tensor_nbytes(attrs, seen) if isinstance(attrs, dict) else 0
-
-
-def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
-    """Total bytes of the tensors in ``optimizer.state`` (the same measure for every optimizer)."""
-    return tensor_nbytes(dict(optimizer.state))
-
-
-def _proc_status_kib(field: str) -> int | None:
-    """A ``VmXXX`` field of /proc/self/status in KiB, or None where there is no such file."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        return None
-    return None
-
-
-class PeakMemory:
-    """Peak memory of one run: CUDA allocator peak on GPU, else the process's peak RSS.
-
-    On Linux the RSS high-water mark is reset at the start of the run (through
-    /proc/self/clear_refs) so that each run reports its own peak; where that is
-    not possible the peak of the whole process so far is reported.
-    """
-
-    def __init__(self, device: torch.device):
-        self.cuda = device.type == "cuda"
-        if self.cuda:
-            torch.cuda.reset_peak_memory_stats(device)
-        else:
-            try:
-                with open("/proc/self/clear_refs", "w") as f:
-                    f.write("5")
-            except OSError:
-                pass
-        self.device = device
-
-    def peak(self) -> int:
-        """Peak bytes so far in this run."""
-        if self.cuda:
-            return int(torch.cuda.max_memory_allocated(self.device))
-        hwm = _proc_status_kib("VmHWM")
-        if hwm is not None:
-            return hwm * 1024
-        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        return int(rss if sys.platform == "darwin" else rss * 1024)
-
-
-def _fmt_bytes(n: float) -> str:
-    """Human-readable byte count (KiB/MiB/GiB)."""
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(n) < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} GiB"
-
-
-def _sync(device: torch.device) -> None:
-    """Wait for queued device work, so wall-clock timings are honest."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 # ----------------------------------------------------------------------------- optimizers
 
 
@@ -369,27 +281,6 @@ def train_step(model, opt, sched, x: torch.Tensor) -> float:
     return loss.detach().item()
 
 
-class Throughput:
-    """Training time and tokens/s, leaving out the first step (compilation, allocator warmup)."""
-
-    def __init__(self, tokens_per_step: int):
-        self.tokens_per_step, self.steps, self.seconds, self.first_step_s = tokens_per_step, 0, 0.0, 0.0
-
-    def add(self, dt: float) -> None:
-        """Account one step that took ``dt`` seconds."""
-        if self.first_step_s == 0.0:
-            self.first_step_s = dt
-        else:
-            self.steps, self.seconds = self.steps + 1, self.seconds + dt
-
-    @property
-    def tokens_per_s(self) -> float:
-        """Mean tokens/s over the timed steps (over the first one when there is no other)."""
-        if self.steps == 0:
-            return self.tokens_per_step / max(self.first_step_s, 1e-9)
-        return self.steps * self.tokens_per_step / max(self.seconds, 1e-9)
-
-
 def train_run(spec: RunSpec, corpus, eval_set, args, device, log) -> dict:
     """Train one run from the shared init and batches; ``log`` gets each step's record."""
     from tqdm.auto import tqdm
@@ -410,10 +301,10 @@ def train_run(spec: RunSpec, corpus, eval_set, args, device, log) -> dict:
     for step in range(1, args.steps + 1):
         x = next(sampler).to(device)
         lr = opt.param_groups[0]["lr"]
-        _sync(device)
+        sync(device)
         t0 = time.perf_counter()
         loss = train_step(model, opt, sched, x)
-        _sync(device)
+        sync(device)
         dt = time.perf_counter() - t0
         speed.add(dt)
         if not math.isfinite(loss):
@@ -425,7 +316,7 @@ def train_run(spec: RunSpec, corpus, eval_set, args, device, log) -> dict:
         log(record)
         shown_eval = f"eval {eval_loss:.3f}, " if math.isfinite(eval_loss) else ""
         bar.set_postfix_str(f"loss {smooth:.3f}, {shown_eval}{speed.tokens_per_s:,.0f} tok/s, "
-                            f"mem {_fmt_bytes(mem.peak())}", refresh=False)
+                            f"mem {fmt_bytes(mem.peak())}", refresh=False)
         bar.update(1)
     bar.close()
     summary = dict(
@@ -439,68 +330,6 @@ def train_run(spec: RunSpec, corpus, eval_set, args, device, log) -> dict:
     if spec.selection:
         summary["selection"] = spec.selection
     return summary
-
-
-# ----------------------------------------------------------------------------- reporting
-
-
-def _ema(values: list[float], alpha: float) -> list[float]:
-    """Exponential moving average with bias correction (so the start is not pulled to 0)."""
-    out, avg = [], 0.0
-    for i, v in enumerate(values, 1):
-        avg = alpha * avg + (1 - alpha) * v
-        out.append(avg / (1 - alpha ** i))
-    return out
-
-
-def plot_losses(records: list[dict], path: Path, title: str) -> None:
-    """Save smoothed train-loss and eval-loss curves of every run to ``path`` (PNG)."""
-    import matplotlib
-
-    matplotlib.use("Agg", force=True)
-    import matplotlib.pyplot as plt
-
-    runs = list(dict.fromkeys(r["run"] for r in records))
-    fig, ax = plt.subplots(figsize=(8, 5))
-    for i, run in enumerate(runs):
-        rows = [r for r in records if r["run"] == run]
-        color = f"C{i}"
-        steps = [r["step"] for r in rows]
-        alpha = 1 - 1 / max(2.0, len(rows) / 20)
-        ax.plot(steps, _ema([r["loss"] for r in rows], alpha), color=color, lw=1.5, label=f"{run} train")
-        ev = [(r["step"], r["eval_loss"]) for r in rows if "eval_loss" in r]
-        if ev:
-            ax.plot(*zip(*ev), color=color, ls="--", marker="o", ms=4, label=f"{run} eval")
-    ax.set_xlabel("step")
-    ax.set_ylabel("cross-entropy loss")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def results_table(summary: dict) -> str:
-    """The final comparison as a plain-text table with aligned columns."""
-    head = ["run", "eval loss", "eval ppl", "train loss", "tokens/s", "peak mem", "opt state", "params", "steps"]
-    rows = [[name, f"{s['eval_loss']:.4f}", f"{s['eval_ppl']:.1f}", f"{s['train_loss']:.4f}",
-             f"{s['tokens_per_s']:,.0f}", _fmt_bytes(s["peak_mem_bytes"]),
-             _fmt_bytes(s["optimizer_state_bytes"]), f"{s['params']:,}", str(s["steps"])]
-            for name, s in summary.items()]
-    widths = [max(len(r[i]) for r in [head] + rows) for i in range(len(head))]
-
-    def line(cells):
-        return "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
-
-    return "\n".join([line(head), "  ".join("-" * w for w in widths)] + [line(r) for r in rows])
-
-
-def _json_default(obj):
-    """JSON for the odd non-builtin value (paths, numpy/torch scalars)."""
-    if hasattr(obj, "item"):
-        return obj.item()
-    return str(obj)
 
 
 # ----------------------------------------------------------------------------- entry point
@@ -556,7 +385,7 @@ def write_config(out: Path, args, specs, corpus, device) -> None:
     config.update(runs=[s.name for s in specs], corpus=corpus.source, corpus_key=corpus.key,
                   train_tokens=corpus.train.numel(), eval_tokens=corpus.eval.numel(),
                   vocab_size=corpus.vocab_size, device=str(device), threads=torch.get_num_threads())
-    (out / "config.json").write_text(json.dumps(config, indent=2, default=_json_default) + "\n")
+    (out / "config.json").write_text(json.dumps(config, indent=2, default=json_default) + "\n")
 
 
 def warm_up(corpus, args, device, steps: int = 2) -> None:
@@ -584,7 +413,7 @@ def run_all(specs, corpus, eval_set, args, device, out: Path) -> tuple[dict, lis
         for spec in specs:
             summary[spec.name] = train_run(spec, corpus, eval_set, args, device, log)
             metrics.flush()
-            (out / "summary.json").write_text(json.dumps(summary, indent=2, default=_json_default) + "\n")
+            (out / "summary.json").write_text(json.dumps(summary, indent=2, default=json_default) + "\n")
     return summary, records
 
 

@@ -10,7 +10,7 @@ import subprocess
 import pytest
 import torch
 
-from grassfx.recipes import data, presets, train
+from grassfx.recipes import data, measure, presets, train
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 HAS_GALORE = importlib.util.find_spec("galore_torch") is not None
@@ -190,7 +190,7 @@ def test_optimizer_state_bytes_counts_nested_state():
     opt = torch.optim.SGD([p], lr=0.1)
     opt.state[p] = {"a": shared, "b": [shared, torch.zeros(2, dtype=torch.float64)],
                     "proj": Projector(), "step": 3}
-    assert train.optimizer_state_bytes(opt) == 10 * 4 + 2 * 8 + 4 * 8 * 4
+    assert measure.optimizer_state_bytes(opt) == 10 * 4 + 2 * 8 + 4 * 8 * 4
 
 
 def test_same_seed_same_init():

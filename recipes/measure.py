@@ -1,0 +1,117 @@
+"""Measuring a training run: bytes of optimizer state, peak memory, throughput."""
+
+from __future__ import annotations
+
+import resource
+import sys
+
+import torch
+
+__all__ = ["tensor_nbytes", "optimizer_state_bytes", "PeakMemory", "Throughput", "fmt_bytes", "sync"]
+
+
+def tensor_nbytes(obj, _seen: set | None = None) -> int:
+    """Bytes held by every tensor reachable from ``obj`` (dicts, sequences, object attributes).
+
+    Applied to ``optimizer.state`` it counts the moments, projection matrices and
+    any other per-parameter state, whatever container an optimizer keeps them in.
+    Each tensor is counted once.
+    """
+    seen = set() if _seen is None else _seen
+    if id(obj) in seen:
+        return 0
+    seen.add(id(obj))
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(tensor_nbytes(v, seen) for v in obj.values())
+    if isinstance(obj, (list, tuple, set, frozenset)):
+        return sum(tensor_nbytes(v, seen) for v in obj)
+    if isinstance(obj, (str, bytes, int, float, bool, type(None), torch.nn.Module)):
+        return 0
+    attrs = getattr(obj, "__dict__", None)
+    return tensor_nbytes(attrs, seen) if isinstance(attrs, dict) else 0
+
+
+def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
+    """Total bytes of the tensors in ``optimizer.state`` (the same measure for every optimizer)."""
+    return tensor_nbytes(dict(optimizer.state))
+
+
+def _proc_status_kib(field: str) -> int | None:
+    """A ``VmXXX`` field of /proc/self/status in KiB, or None where there is no such file."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+class PeakMemory:
+    """Peak memory of one run: CUDA allocator peak on GPU, else the process's peak RSS.
+
+    On Linux the RSS high-water mark is reset at the start of the run (through
+    /proc/self/clear_refs) so that each run reports its own peak; where that is
+    not possible the peak of the whole process so far is reported.
+    """
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        if self.cuda:
+            torch.cuda.reset_peak_memory_stats(device)
+        else:
+            try:
+                with open("/proc/self/clear_refs", "w") as f:
+                    f.write("5")
+            except OSError:
+                pass
+        self.device = device
+
+    def peak(self) -> int:
+        """Peak bytes so far in this run."""
+        if self.cuda:
+            return int(torch.cuda.max_memory_allocated(self.device))
+        hwm = _proc_status_kib("VmHWM")
+        if hwm is not None:
+            return hwm * 1024
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return int(rss if sys.platform == "darwin" else rss * 1024)
+
+
+def fmt_bytes(n: float) -> str:
+    """Human-readable byte count (KiB/MiB/GiB)."""
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GiB"
+
+
+def sync(device: torch.device) -> None:
+    """Wait for queued device work, so wall-clock timings are honest."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class Throughput:
+    """Training time and tokens/s, leaving out the first step (compilation, allocator warmup)."""
+
+    def __init__(self, tokens_per_step: int):
+        self.tokens_per_step, self.steps, self.seconds, self.first_step_s = tokens_per_step, 0, 0.0, 0.0
+
+    def add(self, dt: float) -> None:
+        """Account one step that took ``dt`` seconds."""
+        if self.first_step_s == 0.0:
+            self.first_step_s = dt
+        else:
+            self.steps, self.seconds = self.steps + 1, self.seconds + dt
+
+    @property
+    def tokens_per_s(self) -> float:
+        """Mean tokens/s over the timed steps (over the first one when there is no other)."""
+        if self.steps == 0:
+            return self.tokens_per_step / max(self.first_step_s, 1e-9)
+        return self.steps * self.tokens_per_step / max(self.seconds, 1e-9)
