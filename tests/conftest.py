@@ -6,6 +6,7 @@ import copy
 
 import pytest
 import torch
+from hypothesis import settings
 from torch import nn
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
@@ -17,6 +18,12 @@ import torch._inductor.config  # noqa: E402
 
 torch._inductor.config.fx_graph_cache = False
 torch._functorch.config.enable_autograd_cache = False
+
+
+# Property tests: the same examples on every run (no flaky CI, no example database on disk),
+# no per-example deadline (the first example of a process pays for imports and compiles).
+settings.register_profile("grassfx", derandomize=True, database=None, deadline=None)
+settings.load_profile("grassfx")
 
 
 @pytest.fixture(autouse=True)

@@ -61,7 +61,7 @@ def run_pipeline(graph: fx.Graph, graph_id: str, kind: str, collectives=None, re
         if res.modified:
             graph.lint()
             if cfg.debug >= 1:
-                verify(graph, name)
+                verify(graph, name, graph_id)
         if record is not None:
             after = _records.snapshot(graph) if res.modified else before
             record.stages.append(_records.Stage(name, before, after, dataclasses.replace(res, graph=None)))
@@ -86,11 +86,11 @@ def _call(fn, graph: fx.Graph, ctx: PassContext) -> PassResult:
         raise PassError(fn.__name__, None, f"{type(exc).__name__}: {exc}", graph=ctx.graph_id) from exc
 
 
-def verify(graph: fx.Graph, pass_name: str) -> None:
+def verify(graph: fx.Graph, pass_name: str, graph_id=None) -> None:
     """Every call_function node carries ``meta["val"]`` (``GRASSFX_DEBUG>=1``)."""
     for node in graph.nodes:
         if node.op == "call_function" and "val" not in node.meta:
-            raise PassError(pass_name, node.name, "created node has no meta['val']")
+            raise PassError(pass_name, node.name, "created node has no meta['val']", graph=graph_id)
 
 
 def _pass_modules() -> list:

@@ -300,6 +300,27 @@ def test_dump_dir_and_debug_verify(env_knobs, tmp_path):
     assert sum("aten.index.Tensor" in text for text in diffs) == 1
 
 
+def _unchecked_node_pass(graph, ctx):
+    """Creates a node without meta["val"]: what GRASSFX_DEBUG=1 must catch."""
+    x = next(n for n in graph.nodes if n.op == "placeholder")
+    with graph.inserting_before(next(n for n in graph.nodes if n.op == "output")):
+        graph.call_function(torch.ops.aten.clone.default, (x,))
+    return infra.PassResult("_unchecked_node_pass", graph, modified=True)
+
+
+@pytest.mark.parametrize("debug", ["0", "1"])
+def test_debug_verify_catches_a_node_without_meta_val(env_knobs, monkeypatch, debug):
+    env_knobs(GRASSFX_DEBUG=debug)
+    monkeypatch.setattr(grassfx.passes, "PIPELINE", grassfx.passes.PIPELINE + (_unchecked_node_pass,))
+    model = grassfx.compile(make_mlp(), rank=4, backend="aot_eager")
+    if debug == "0":
+        model(torch.randn(5, 12)).sum().backward()  # not verified: the node goes through
+        return
+    with pytest.raises(Exception, match=r"\[_unchecked_node_pass\] at node 'clone\w*' of graph g0\.forward0: "
+                                        r"created node has no meta\['val'\]"):
+        model(torch.randn(5, 12)).sum().backward()
+
+
 def test_bad_debug_level_is_a_config_error():
     with pytest.raises(grassfx.ConfigError, match="GRASSFX_DEBUG"):
         infra.Settings.from_env({"GRASSFX_DEBUG": "verbose"})

@@ -78,13 +78,31 @@ def test_ddp_wrapping_works_and_grassfx_steps_aside(tmp_path):
         torch.testing.assert_close(r0["state"][k], ref[k], rtol=1e-5, atol=1e-6, msg=k)
 
 
-def test_fsdp_is_refused():
+@pytest.fixture
+def one_process_group():
+    """A gloo process group of one rank in this process (FSDP's wrappers need one)."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.filterwarnings("ignore:FSDP is switching to use `NO_SHARD`")
+def test_fsdp_is_refused(one_process_group):
     from torch import nn
+    from torch.distributed.fsdp import FullyShardedDataParallel, fully_shard
 
-    class FullyShardedDataParallel(nn.Module):  # stands in for the real wrapper's class name
-        def __init__(self):
-            super().__init__()
-            self.inner = nn.Linear(4, 4)
+    def net():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 4))
 
-    with pytest.raises(grassfx.UnsupportedModelError, match="FSDP"):
-        grassfx.compile(FullyShardedDataParallel(), rank=2, backend="eager")
+    assert len(grassfx.compile(net(), rank=2, backend="eager").sites) == 2  # the same model, unwrapped: fine
+    wrapped = FullyShardedDataParallel(net(), device_id=torch.device("cpu"))  # FSDP1
+    inner = net()
+    fully_shard(inner[2])  # FSDP2, on a submodule only
+    for model in (wrapped, inner):
+        with pytest.raises(grassfx.UnsupportedModelError, match="FSDP"):
+            grassfx.compile(model, rank=2, backend="eager")

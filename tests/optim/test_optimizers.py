@@ -1,8 +1,11 @@
-"""Optimizer behaviour (accumulation, schedulers, clipping, save/resume) and bad input."""
+"""grassfx.optim: equal to torch.optim at full rank, (r x n) state, decay, accumulation,
+schedulers, clipping, save/resume, misuse and bad input."""
 
 from __future__ import annotations
 
+import copy
 import io
+import math
 
 import pytest
 import torch
@@ -10,7 +13,92 @@ from torch import nn
 
 import grassfx
 
-from conftest import make_mlp
+from conftest import llama_batch, make_llama, make_mlp
+
+
+def _step(model, opt, x):
+    model(x).pow(2).mean().backward()
+    opt.step()
+    opt.zero_grad()
+
+
+# -- oracle 3: every row selected == torch.optim -----------------------------------------
+@pytest.mark.parametrize(
+    "ours, theirs, kw",
+    [
+        (grassfx.optim.AdamW, torch.optim.AdamW, dict(lr=1e-2, weight_decay=0.1)),
+        (grassfx.optim.SGD, torch.optim.SGD, dict(lr=1e-2, momentum=0.9, nesterov=True, weight_decay=0.01)),
+        (grassfx.optim.Adafactor, torch.optim.Adafactor, dict(lr=1e-2, weight_decay=0.01)),
+    ],
+)
+def test_full_rank_mlp_equals_torch_optim(ours, theirs, kw):
+    net = make_mlp()
+    ref = copy.deepcopy(net)
+    model = grassfx.compile(net, rank=10_000, backend="eager")
+    opt, ropt = ours(model.parameters(), **kw), theirs(ref.parameters(), **kw)
+    g = torch.Generator().manual_seed(1)
+    for _ in range(5):
+        x = torch.randn(8, 12, generator=g)
+        _step(model, opt, x)
+        _step(ref, ropt, x)
+    for (name, a), b in zip(net.named_parameters(), ref.parameters()):
+        if ours is grassfx.optim.AdamW:  # one kernel, torch's arithmetic: bit for bit
+            assert torch.equal(a, b), name
+        else:
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_full_rank_tiny_llama_equals_torch_adamw():
+    net = make_llama()
+    ref = copy.deepcopy(net)
+    model = grassfx.compile(net, rank=1.0, backend="eager", targets=["*_proj", "lm_head"])
+    assert len(model.sites) == 15  # 2 x (q, k, v, o, gate, up, down) + lm_head
+    opt = grassfx.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.01)
+    ropt = torch.optim.AdamW(ref.parameters(), lr=1e-3, weight_decay=0.01)
+    for step in range(5):
+        batch = llama_batch(step)
+        for m, o in ((model, opt), (ref, ropt)):
+            m(**batch).loss.backward()
+            o.step()
+            o.zero_grad()
+    for (name, a), b in zip(net.named_parameters(), ref.parameters()):
+        assert torch.equal(a, b), name
+
+
+
+def test_optimizer_state_is_r_by_n():
+    model = grassfx.compile(make_mlp(d_in=12, d_hidden=24, d_out=6), rank=3, proj_dim="rows", backend="eager")
+    opt = grassfx.optim.AdamW(model.parameters())
+    _step(model, opt, torch.randn(4, 12))
+    for site in model.sites:
+        state = opt.state[site.handle]
+        n = model.weight_of(site).shape[1]
+        moments = sum(v.nbytes for v in state.values() if torch.is_tensor(v))
+        assert moments == 2 * site.rank * n * 4
+        assert not opt.state[model.weight_of(site)]
+
+
+
+def test_weight_decay_settles_at_refresh():
+    net = make_mlp()
+    model = grassfx.compile(net, rank=3, proj_dim="rows", update_freq=2, backend="eager")
+    opt = grassfx.optim.AdamW(model.parameters(), lr=0.1, weight_decay=0.5)
+    site = model.site("up.weight")
+    x = torch.randn(4, 12)
+    _step(model, opt, x)
+    first = site.idx.clone()
+    w1 = net.up.weight.detach().clone()
+    _step(model, opt, x)
+    assert float(site.decay_pending) == pytest.approx(0.95**2)
+    w2 = net.up.weight.detach().clone()
+    model(x).pow(2).mean().backward()  # step 2 is a refresh: commit the new rows
+    opt.step()
+    rows = torch.ones(site.rows, dtype=torch.bool)
+    rows[first] = False
+    rows[site.idx] = False  # rows never selected only decayed: settled by 0.95 ** 2
+    torch.testing.assert_close(net.up.weight[rows], w2[rows] * 0.95**2)
+    assert float(site.decay_pending) == pytest.approx(0.95)
+
 
 
 def _loss(model, x):
@@ -166,11 +254,36 @@ def test_second_forward_during_refresh_is_refused():
     model.cancel_refresh()
 
 
-def test_state_dict_is_tensors_and_numbers():
-    model, opt, _ = _fresh()
+def _leaves(obj, path=()):
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            yield from _leaves(v, path + (k,))
+    elif isinstance(obj, (list, tuple)):
+        for i, v in enumerate(obj):
+            yield from _leaves(v, path + (i,))
+    else:
+        yield path, obj
+
+
+@pytest.mark.parametrize("opt_cls", [grassfx.optim.AdamW, grassfx.optim.SGD, grassfx.optim.Adafactor])
+def test_state_dict_is_tensors_and_numbers(opt_cls):
+    extra = {"momentum": 0.9} if opt_cls is grassfx.optim.SGD else {}
+    model, opt, _ = _fresh(opt_cls=opt_cls, **extra)
     _train(model, opt, _batches(2, 2))
+    saved = opt.state_dict()
+    # the state of every handle is there, no larger than the compressed gradient
+    index = {id(p): i for g, sg in zip(opt.param_groups, saved["param_groups"]) for p, i in zip(g["params"], sg["params"])}
+    for site in model.sites:
+        entry = saved["state"][index[id(site.handle)]]
+        shapes = [tuple(v.shape) for v in entry.values() if torch.is_tensor(v) and v.dim() == 2]
+        assert any(s[site.dim] == site.rank for s in shapes), (site.name, shapes)
+        assert all(math.prod(s) <= site.handle.numel() for s in shapes), (site.name, shapes)
+    for path, value in _leaves(saved["state"]):
+        assert isinstance(value, (torch.Tensor, int, float)) and not isinstance(value, bool), (path, type(value))
     buf = io.BytesIO()
-    torch.save(opt.state_dict(), buf)
+    torch.save(saved, buf)
     buf.seek(0)
     loaded = torch.load(buf, weights_only=True)
-    assert set(loaded["state"]) == set(opt.state_dict()["state"])
+    assert [p for p, _ in _leaves(loaded)] == [p for p, _ in _leaves(saved)]
+    for (path, a), (_, b) in zip(_leaves(saved), _leaves(loaded)):
+        assert (torch.equal(a, b) if torch.is_tensor(a) else a == b), path
