@@ -20,14 +20,15 @@ import torch
 import grassfx
 
 
-def build(layers: int):
+def build(layers: int, intermediate: int = 1024, seq: int = 256):
+    """A Llama (d 256, vocab 2048) with random weights and a (2, seq) batch of token ids."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    cfg = LlamaConfig(vocab_size=2048, hidden_size=256, intermediate_size=1024, num_hidden_layers=layers,
+    cfg = LlamaConfig(vocab_size=2048, hidden_size=256, intermediate_size=intermediate, num_hidden_layers=layers,
                       num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=256,
                       attention_dropout=0.0, tie_word_embeddings=False)
     torch.manual_seed(0)
-    ids = torch.randint(0, 2048, (2, 256), generator=torch.Generator().manual_seed(1))
+    ids = torch.randint(0, 2048, (2, seq), generator=torch.Generator().manual_seed(1))
     return LlamaForCausalLM(cfg), {"input_ids": ids, "labels": ids}
 
 
