@@ -175,6 +175,7 @@ class GrassModel(nn.Module):
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
         result = super().load_state_dict(state_dict, strict=strict, assign=assign)
+        self._link()  # assign=True may have put new handle tensors in place
         self._schedule.cancel()
         for site in self.sites:
             site.prev_idx, site.refreshed = None, False
