@@ -87,7 +87,6 @@ def test_weight_decay_settles_at_refresh():
     x = torch.randn(4, 12)
     _step(model, opt, x)
     first = site.idx.clone()
-    w1 = net.up.weight.detach().clone()
     _step(model, opt, x)
     assert float(site.decay_pending) == pytest.approx(0.95**2)
     w2 = net.up.weight.detach().clone()
