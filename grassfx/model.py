@@ -119,12 +119,15 @@ class Site(nn.Module):
         self.rank = config.rows_kept(self.rows)
         self.full = self.rank >= self.rows
         self.method = config.selection
+        self.explore = config.explored(self.rank) if not self.full else 0
         shape = list(weight.shape)
         shape[self.dim] = self.rank
         self.handle = nn.Parameter(torch.zeros(shape, dtype=weight.dtype, device=weight.device))
         self.register_buffer("idx", torch.arange(self.rank, device=weight.device))
         self.register_buffer("rho", torch.ones(self.rank, device=weight.device))
         self.register_buffer("decay_pending", torch.ones((), dtype=torch.float64, device=weight.device))
+        # the step at which each row was last selected (-1: never); coverage (explore) reads it
+        self.register_buffer("last_seen", torch.full((self.rows,), -1, dtype=torch.int64, device=weight.device))
         self.prev_idx = None  # rows selected before the last refresh (set when one commits)
         self.refreshed = False  # a refresh committed and the optimizer has not seen it yet
         self.handle_version = self.handle._version
@@ -137,13 +140,27 @@ class Site(nn.Module):
         axis = "rows" if self.dim == 0 else "cols"
         return f"{self.name!r}, {axis} {self.rank}/{self.rows}, selection={self.method}"
 
-    def commit(self, idx: torch.Tensor, rho: torch.Tensor) -> None:
-        """Install a new selection (called by a refresh)."""
+    def commit(self, idx: torch.Tensor, rho: torch.Tensor, step: int) -> None:
+        """Install a new selection (called by a refresh at optimizer step ``step``)."""
         self.prev_idx = self.idx.clone()
         with torch.no_grad():
             self.idx.copy_(idx.to(self.idx.device))
             self.rho.copy_(rho.to(self.rho.device))
+            self.last_seen.index_fill_(0, self.idx, step)
         self.refreshed = True
+
+    def ages(self, step: int) -> torch.Tensor:
+        """Steps since each row was last selected (never selected: ``step + 1``), float64 (m,)."""
+        return (step - self.last_seen).to(torch.float64)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        key = prefix + "last_seen"
+        if key not in state_dict:  # a checkpoint from before coverage tracking: nothing seen yet
+            state_dict = dict(state_dict)
+            state_dict[key] = torch.full_like(self.last_seen, -1)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
 
 
 class GrassModel(nn.Module):
@@ -271,10 +288,10 @@ class GrassModel(nn.Module):
             if site.full:
                 anchored[site.name] = FullAnchor.apply(w, site.handle)
             elif refresh is not None and refresh[i] is not None:
-                probe, noise = refresh[i]
+                probe, noise, age = refresh[i]
                 group, size = self._dp_group()
                 anchored[site.name] = RefreshAnchor.apply(
-                    w, site.handle, probe, noise, site.dim, site.rank, site.method, group, size
+                    w, site.handle, probe, noise, age, site.dim, site.rank, site.explore, site.method, group, size
                 )
             else:
                 anchored[site.name] = Anchor.apply(w, site.handle, site.idx, site.rho, site.dim, site.name)
@@ -315,12 +332,13 @@ class GrassModel(nn.Module):
                 continue
             gen = _select.site_generator(cfg.seed, site.index, step)
             if site.method == "uniform":
-                site.commit(*_select.draw_uniform(site.rows, site.rank, gen))
+                site.commit(*_select.draw_uniform(site.rows, site.rank, gen), step)
                 continue
             noise = _select.draw_noise(site.method, site.rows, site.rank, gen).to(site.idx.device)
+            age = site.ages(step) if site.explore else torch.zeros(0, dtype=torch.float64, device=site.idx.device)
             probe = torch.zeros(2, site.rank, dtype=torch.float64, device=site.idx.device, requires_grad=True)
             probe.register_post_accumulate_grad_hook(self._make_commit_hook(i))
-            plan[i] = (probe, noise)
+            plan[i] = (probe, noise, age)
             self._pending.add(i)
         self._pending_ok = True
         if not self._pending:
@@ -343,7 +361,7 @@ class GrassModel(nn.Module):
                 # (the optimizer refuses this step's non-finite compressed gradient).
                 self._pending_ok = False
                 return
-            site.commit(record[0].round().long().clamp_(0, site.rows - 1), record[1].float())
+            site.commit(record[0].round().long().clamp_(0, site.rows - 1), record[1].float(), int(self.grass_step))
             if not self._pending and self._pending_ok:
                 self.grass_refreshed_at.fill_(int(self.grass_step))
 

@@ -65,6 +65,34 @@ def _bcast(vec: torch.Tensor, ndim: int, dim: int) -> torch.Tensor:
     return vec.reshape(shape)
 
 
+_RHO_SCALINGS = ("once", "twice")
+
+
+def row_weights(site, rho_scaling: str):
+    """Per-entry factor of a projected update (r,), or None where it is 1 everywhere.
+
+    ``"twice"`` is the paper's ``W -= lr * P step(Pᵀ G)``: ``rho`` scales the compressed
+    gradient and again the update. An adaptive optimizer divides the first ``rho`` out
+    (its step does not depend on the gradient's scale), so with ``"twice"`` a selector with
+    ``rho != 1`` moves its rows by ``rho`` times the step of one with ``rho = 1`` (``uniform``
+    at r = m/8: 2.8x). ``"once"`` (the adaptive optimizers' default) keeps ``rho`` in the
+    gradient only and gives each selected row one step, split evenly between the copies
+    of a row drawn more than once, so every selector runs at the same learning rate.
+    """
+    if rho_scaling == "twice":
+        return None if site.method in _UNIT_RHO else site.rho
+    if site.method not in _WITH_REPLACEMENT:
+        return None
+    counts = torch.zeros(site.rows, dtype=torch.float32, device=site.idx.device)
+    counts.index_add_(0, site.idx, torch.ones(site.rank, dtype=torch.float32, device=site.idx.device))
+    return counts[site.idx].reciprocal()
+
+
+#: selectors whose rho is always 1, and those that may pick a row more than once
+_UNIT_RHO = frozenset({"top_r", "multinorm_nr"})
+_WITH_REPLACEMENT = frozenset({"multinorm", "uniform"})
+
+
 class GrassOptimizer(torch.optim.Optimizer):
     """Base class: parameter classification, refresh handling, decay, checks, stepping."""
 
@@ -224,13 +252,15 @@ class GrassOptimizer(torch.optim.Optimizer):
         site.decay_pending.mul_(factor)
 
     @staticmethod
-    def _apply_projected(site, weight, update: torch.Tensor, alpha: float) -> None:
-        """``W[idx] += alpha * rho * update`` along the selected dim."""
+    def _apply_projected(site, weight, update: torch.Tensor, alpha: float, rho_scaling: str = "twice") -> None:
+        """``W[idx] += alpha * w * update`` along the selected dim, ``w`` from :func:`row_weights`."""
         if site.full:
             weight.add_(update, alpha=alpha)
             return
-        rho = _bcast(site.rho, update.dim(), site.dim).to(update.dtype)
-        weight.index_add_(site.dim, site.idx, update * rho, alpha=alpha)
+        w = row_weights(site, rho_scaling)
+        if w is not None:
+            update = update * _bcast(w, update.dim(), site.dim).to(update.dtype)
+        weight.index_add_(site.dim, site.idx, update, alpha=alpha)
 
     @staticmethod
     def _weight(site):
@@ -261,8 +291,14 @@ class AdamW(GrassOptimizer):
     """
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, *, nonfinite="raise",
-                 compiled=None):
+                 compiled=None, rewarmup=0, rho_scaling="once"):
         _check_number("lr", lr, low=0.0)
+        if isinstance(rewarmup, bool) or not isinstance(rewarmup, int) or rewarmup < 0:
+            raise ConfigError(f"rewarmup={rewarmup!r}: expected an int >= 0 (steps; 0 turns it off)")
+        if rho_scaling not in _RHO_SCALINGS:
+            raise ConfigError(f"rho_scaling={rho_scaling!r}: allowed values: {', '.join(_RHO_SCALINGS)}")
+        self.rewarmup = rewarmup
+        self.rho_scaling = rho_scaling
         if compiled not in (None, True, False):
             raise ConfigError(f"compiled={compiled!r}: expected None (follow the model's backend), True or False")
         self._compiled_flag = compiled
@@ -304,12 +340,34 @@ class AdamW(GrassOptimizer):
         num, denom, step_size = self._direction(self._moments(p, p), p.grad, group)
         p.addcdiv_(num, denom, value=-step_size)
 
+    def _row_moments(self, handle, site):
+        """Moments of a projected weight plus ``row_step``: each selected row's own step count."""
+        state = self.state[handle]
+        if not state:
+            state["row_step"] = torch.zeros(site.rank, dtype=torch.float32, device=handle.device)
+            state["exp_avg"] = torch.zeros_like(handle, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(handle, memory_format=torch.preserve_format)
+        return state
+
     def _update_projected(self, handle, site, group):
         weight = self._weight(site)
         self._decay_selected(site, weight, 1 - group["lr"] * group["weight_decay"])
-        num, denom, step_size = self._direction(self._moments(handle, handle), handle.grad, group)
-        scale = site.model.grass_config.scale
-        self._apply_projected(site, weight, num / denom, -step_size * scale)
+        if site.full:
+            num, denom, step_size = self._direction(self._moments(handle, handle), handle.grad, group)
+            weight.add_(num / denom, alpha=-step_size * site.model.grass_config.scale)
+            return
+        state = self._row_moments(handle, site)
+        beta1, beta2 = group["betas"]
+        state["row_step"].add_(1)
+        grad = handle.grad
+        state["exp_avg"].lerp_(grad, 1 - beta1)
+        state["exp_avg_sq"].mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+        factor, bc2 = row_factors(state["row_step"], -group["lr"] * site.model.grass_config.scale,
+                                  beta1, beta2, self.rewarmup, row_weights(site, self.rho_scaling))
+        dim, ndim = site.dim, grad.dim()
+        denom = (state["exp_avg_sq"].sqrt() / _bcast(bc2, ndim, dim)).add_(group["eps"])
+        update = state["exp_avg"] / denom * _bcast(factor, ndim, dim)
+        weight.index_add_(dim, site.idx, update.to(weight.dtype))  # (r, n) rows into (m, n)
 
     # -- the compiled step ----------------------------------------------------------------
     def _use_compiled(self) -> bool:
@@ -327,26 +385,51 @@ class AdamW(GrassOptimizer):
         (beta1, beta2), eps = betas.pop(), epss.pop()
         dense, proj = _FusedLists(), _FusedLists()
         for group, p, site in work:
-            lists = dense if site is None or site.full else proj
-            target = p if site is None else self._weight(site)
-            state = self._moments(p, p)
-            state["step"] += 1
-            t = state["step"]
-            scale = 1.0 if site is None else site.model.grass_config.scale
-            lists.add(target, p.grad, state["exp_avg"], state["exp_avg_sq"],
-                      step=-group["lr"] * scale / (1 - beta1**t), bc2=math.sqrt(1 - beta2**t),
-                      decay=1 - group["lr"] * group["weight_decay"], site=None if site is None or site.full else site)
+            decay = 1 - group["lr"] * group["weight_decay"]
+            if site is None or site.full:
+                target = p if site is None else self._weight(site)
+                state = self._moments(p, p)
+                state["step"] += 1
+                t = state["step"]
+                scale = 1.0 if site is None else site.model.grass_config.scale
+                dense.add(target, p.grad, state["exp_avg"], state["exp_avg_sq"],
+                          step=-group["lr"] * scale / (1 - beta1**t), bc2=math.sqrt(1 - beta2**t), decay=decay)
+            else:
+                state = self._row_moments(p, site)
+                proj.add(self._weight(site), p.grad, state["exp_avg"], state["exp_avg_sq"],
+                         step=-group["lr"] * site.model.grass_config.scale, bc2=0.0, decay=decay, site=site,
+                         row_step=state["row_step"], row_weight=row_weights(site, self.rho_scaling))
         if self._fused is None:
             self._fused = torch.compile(_fused_adamw, dynamic=False, fullgraph=True)
         # without weight decay the decay code is left out of the compiled step (fewer
         # kernels to compile and two fewer passes over each selected row); a bool guard
         # means at most one more compile if some group turns decay on later
         decays = any(group["weight_decay"] != 0 for group, _, _ in work)
-        self._fused(dense.as_args(), proj.as_args(), beta1, beta2, eps, decays)
+        self._fused(dense.as_args(), proj.as_args(), beta1, beta2, eps, decays, self.rewarmup)
         if proj.pendings and decays:
             # 0-d buffers stay outside the compiled region: torch 2.13's Inductor drops
             # in-place updates of 0-d CPU float64 inputs there.
             torch._foreach_mul_(proj.pendings, proj.decays)
+
+
+def row_factors(row_step: torch.Tensor, alpha, beta1: float, beta2: float, rewarmup: int, weight=None):
+    """Per-row step factors of projected AdamW from each row's own step count ``row_step`` (r,).
+
+    Returns ``(factor, bc2)`` (float32, (r,)): the update of row j is
+    ``factor_j * m_j / (sqrt(v_j) / bc2_j + eps)`` with
+    ``factor_j = alpha * w_j * min(1, t_j / rewarmup) / (1 - beta1^t_j)`` and
+    ``bc2_j = sqrt(1 - beta2^t_j)``: every row is bias-corrected by its own age, so a row
+    that joined at the last refresh is treated as the fresh Adam state it is, and with
+    ``rewarmup > 0`` its step ramps up linearly over its first ``rewarmup`` steps.
+    ``alpha`` may be a float or a 0-d tensor (the compiled step passes tensors).
+    """
+    t = row_step.to(torch.float64)
+    factor = alpha / (1 - torch.pow(beta1, t))
+    if rewarmup:
+        factor = factor * (t / rewarmup).clamp(max=1.0)
+    if weight is not None:
+        factor = factor * weight.to(torch.float64)
+    return factor.float(), torch.sqrt(1 - torch.pow(beta2, t)).float()
 
 
 class _FusedLists:
@@ -355,9 +438,9 @@ class _FusedLists:
     def __init__(self):
         self.params, self.grads, self.exp_avgs, self.exp_avg_sqs = [], [], [], []
         self.steps, self.bc2s, self.decays = [], [], []
-        self.dims, self.idxs, self.rhos, self.pendings = [], [], [], []
+        self.dims, self.idxs, self.row_steps, self.row_weights, self.pendings = [], [], [], [], []
 
-    def add(self, param, grad, exp_avg, exp_avg_sq, *, step, bc2, decay, site):
+    def add(self, param, grad, exp_avg, exp_avg_sq, *, step, bc2, decay, site=None, row_step=None, row_weight=None):
         self.params.append(param)
         self.grads.append(grad)
         self.exp_avgs.append(exp_avg)
@@ -368,7 +451,8 @@ class _FusedLists:
         if site is not None:
             self.dims.append(site.dim)
             self.idxs.append(site.idx)
-            self.rhos.append(site.rho)
+            self.row_steps.append(row_step)
+            self.row_weights.append(row_weight)
             self.pendings.append(site.decay_pending)
 
     def as_args(self):
@@ -376,19 +460,20 @@ class _FusedLists:
         device = self.params[0].device if self.params else None
         nums = torch.tensor([self.steps, self.bc2s, self.decays], dtype=torch.float64, device=device) if self.params else None
         return (self.params, self.grads, self.exp_avgs, self.exp_avg_sqs, nums,
-                tuple(self.dims), self.idxs, self.rhos, self.pendings)
+                tuple(self.dims), self.idxs, self.row_steps, self.row_weights, self.pendings)
 
 
-def _fused_adamw(dense, proj, beta1: float, beta2: float, eps: float, decays: bool = True) -> None:
+def _fused_adamw(dense, proj, beta1: float, beta2: float, eps: float, decays: bool = True, rewarmup: int = 0) -> None:
     """One AdamW step over flat lists; compiled once per parameter set.
 
     ``dense``: parameters updated in full (including fully selected weights).
-    ``proj``: projected weights; grads and moments are (r, n) (or (m, r)), the update
-    goes to the selected rows, and decoupled decay hits the selected rows (the caller
-    multiplies the others' debt into ``decay_pending``, settled at the next refresh).
+    ``proj``: projected weights; grads and moments are (r, n) (or (m, r)), each row is
+    bias-corrected by its own step count (:func:`row_factors`), the update goes to the
+    selected rows, and decoupled decay hits the selected rows (the caller multiplies the
+    others' debt into ``decay_pending``, settled at the next refresh).
     ``decays=False`` (every decay factor is 1) leaves the decay code out.
     """
-    params, grads, exp_avgs, exp_avg_sqs, nums, _, _, _, _ = dense
+    params, grads, exp_avgs, exp_avg_sqs, nums, _, _, _, _, _ = dense
     for i in range(len(params)):
         step, bc2, decay = nums[0, i].float(), nums[1, i].float(), nums[2, i].float()
         if decays:
@@ -397,20 +482,21 @@ def _fused_adamw(dense, proj, beta1: float, beta2: float, eps: float, decays: bo
         exp_avg_sqs[i].mul_(beta2).addcmul_(grads[i], grads[i], value=1 - beta2)
         denom = (exp_avg_sqs[i].sqrt() / bc2).add_(eps)
         params[i].add_(exp_avgs[i] / denom * step)
-    weights, grads, exp_avgs, exp_avg_sqs, nums, dims, idxs, rhos, pendings = proj
+    weights, grads, exp_avgs, exp_avg_sqs, nums, dims, idxs, row_steps, row_weights_, pendings = proj
     for i in range(len(weights)):
         w, dim, idx = weights[i], dims[i], idxs[i]
-        step, bc2, decay = nums[0, i].float(), nums[1, i].float(), nums[2, i].float()
-        rho = rhos[i].unsqueeze(1 - dim)  # broadcast along the selected dim
         if decays:
             # decay each selected row once, even when it was drawn several times
-            counts = torch.zeros(w.shape[dim], device=w.device).index_add_(0, idx, torch.ones_like(rhos[i]))
+            decay = nums[2, i].float()
+            counts = torch.zeros(w.shape[dim], device=w.device).index_add_(0, idx, torch.ones_like(row_steps[i]))
             share = ((decay - 1) / counts[idx]).unsqueeze(1 - dim)
             w.index_add_(dim, idx, w.index_select(dim, idx) * share.to(w.dtype))
+        row_steps[i].add_(1)
+        factor, bc2 = row_factors(row_steps[i], nums[0, i], beta1, beta2, rewarmup, row_weights_[i])
         exp_avgs[i].lerp_(grads[i], 1 - beta1)
         exp_avg_sqs[i].mul_(beta2).addcmul_(grads[i], grads[i], value=1 - beta2)
-        denom = (exp_avg_sqs[i].sqrt() / bc2).add_(eps)
-        w.index_add_(dim, idx, (exp_avgs[i] / denom * (step * rho)).to(w.dtype))  # (r, n) rows into (m, n)
+        denom = (exp_avg_sqs[i].sqrt() / bc2.unsqueeze(1 - dim)).add_(eps)
+        w.index_add_(dim, idx, (exp_avgs[i] / denom * factor.unsqueeze(1 - dim)).to(w.dtype))  # (r, n) rows into (m, n)
 
 
 class SGD(GrassOptimizer):
@@ -479,8 +565,12 @@ class Adafactor(GrassOptimizer):
         >>> opt = grassfx.optim.Adafactor(model.parameters(), lr=1e-2)
     """
 
-    def __init__(self, params, lr=1e-2, beta2_decay=-0.8, eps=(None, 1e-3), d=1.0, weight_decay=0.0, *, nonfinite="raise"):
+    def __init__(self, params, lr=1e-2, beta2_decay=-0.8, eps=(None, 1e-3), d=1.0, weight_decay=0.0, *, nonfinite="raise",
+                 rho_scaling="once"):
         _check_number("lr", lr, low=0.0)
+        if rho_scaling not in _RHO_SCALINGS:
+            raise ConfigError(f"rho_scaling={rho_scaling!r}: allowed values: {', '.join(_RHO_SCALINGS)}")
+        self.rho_scaling = rho_scaling
         _check_number("beta2_decay", beta2_decay, high=0.0 + 1e-300)
         if not (isinstance(eps, (tuple, list)) and len(eps) == 2):
             raise ConfigError(f"eps={eps!r}: expected a pair (eps1 or None, eps2)")
@@ -548,4 +638,4 @@ class Adafactor(GrassOptimizer):
         self._decay_selected(site, weight, 1 - group["lr"] * group["weight_decay"])
         update, inv_clip = self._direction(state, handle.grad, group)
         scale = site.model.grass_config.scale
-        self._apply_projected(site, weight, update, -alpha * inv_clip * scale)
+        self._apply_projected(site, weight, update, -alpha * inv_clip * scale, self.rho_scaling)

@@ -49,6 +49,14 @@ BACKENDS = ("eager", "aot_eager", "inductor")
 WARMUP_FRACTION = 0.1
 MIN_LR_RATIO = 0.1
 
+# Each optimizer's settings when the command line does not name them: the best of the
+# tuning sweeps of benchmarks/quality.py (benchmarks/RESULTS.md, "Training quality").
+RECOMMENDED = {
+    "adamw": dict(lr=1e-3),
+    "galore": dict(lr=1e-3, scale=1.0, update_freq=200),
+    "grass": dict(lr=1e-3, scale=1.0, update_freq=200, moments="reset", explore=0.0, rewarmup=0),
+}
+
 # What --demo stands for; flags given next to --demo override these.
 DEMO_DEFAULTS = dict(
     preset="tiny",
@@ -57,7 +65,6 @@ DEMO_DEFAULTS = dict(
     batch_size=4,
     seq_len=128,
     eval_every=50,
-    eval_batches=8,
     backend="eager",
 )
 
@@ -90,6 +97,46 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _per_optimizer(kind):
+    """argparse type: ``VALUE`` (every optimizer) or ``OPTIMIZER=VALUE`` -> ``{name: value}``."""
+
+    def parse(text: str) -> dict:
+        name, sep, value = text.rpartition("=")
+        if not sep:
+            return {"*": kind(text)}
+        if name not in OPTIMIZERS:
+            raise argparse.ArgumentTypeError(
+                f"{text!r}: {name!r} is not an optimizer; expected VALUE or OPTIMIZER=VALUE with "
+                f"OPTIMIZER one of {', '.join(OPTIMIZERS)}")
+        return {name: kind(value)}
+
+    parse.__name__ = kind.__name__  # argparse names the type in its error messages
+    return parse
+
+
+class _MergeDicts(argparse.Action):
+    """Repeated ``--lr grass=3e-3 --lr adamw=1e-3`` flags merge into one dict."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        merged = dict(getattr(namespace, self.dest, None) or {})
+        merged.update(values)
+        setattr(namespace, self.dest, merged)
+
+
+def setting(args: argparse.Namespace, key: str, optimizer: str):
+    """The value of a per-optimizer flag (``--lr``, ``--scale``, ``--update-freq``) for ``optimizer``.
+
+    An ``OPTIMIZER=VALUE`` entry wins over a plain ``VALUE``; with neither, the
+    optimizer's recommended default (:data:`RECOMMENDED`) applies.
+    """
+    given = getattr(args, key) or {}
+    if optimizer in given:
+        return given[optimizer]
+    if "*" in given:
+        return given["*"]
+    return RECOMMENDED[optimizer][key]
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The command-line parser of ``grassfx train``."""
     p = argparse.ArgumentParser(
@@ -108,25 +155,41 @@ def build_parser() -> argparse.ArgumentParser:
                    help="projection rank of galore and grass (default: the preset's, 64 for tiny)")
     p.add_argument("--selection", action="append", choices=SELECTIONS, dest="selections",
                    help="grass row selection (repeatable: one grass run per selection; default: top_r)")
-    p.add_argument("--update-freq", type=_positive_int, default=200,
-                   help="steps between projection updates of galore and grass (default: 200)")
+    p.add_argument("--update-freq", type=_per_optimizer(_positive_int), action=_MergeDicts, default=None,
+                   help="steps between projection updates of galore and grass: N, or OPTIMIZER=N "
+                        "(repeatable; default: each optimizer's recommended value, see --help-defaults)")
     p.add_argument("--proj-dim", default="auto", choices=["auto", "rows", "cols", "smaller"],
                    help="grass: which dim of each weight is sampled (default: auto, the larger; "
                         "smaller: the smaller, as GaLore projects)")
-    p.add_argument("--scale", type=_positive_float, default=1.0,
-                   help="update scale alpha of galore and grass (default: 1.0)")
+    p.add_argument("--scale", type=_per_optimizer(_positive_float), action=_MergeDicts, default=None,
+                   help="update scale alpha of the projected weights of galore and grass: X, or "
+                        "OPTIMIZER=X (repeatable; default: each optimizer's recommended value)")
+    p.add_argument("--moments", default=None, choices=["reset", "keep_overlap"],
+                   help="grass: Adam moments at a refresh (default: the recommended one)")
+    p.add_argument("--explore", type=float, default=None,
+                   help="grass: share of each rank given at a refresh to the rows unselected longest "
+                        "(0: off; default: the recommended value)")
+    p.add_argument("--rewarmup", type=int, default=None,
+                   help="grass: steps over which a newly selected row's update ramps up from 0 "
+                        "(0: off; default: the recommended value)")
     p.add_argument("--steps", type=_positive_int, default=1000, help="optimizer steps per run (default: %(default)s)")
-    p.add_argument("--lr", type=_positive_float, default=1e-3, help="peak learning rate (default: 1e-3)")
+    p.add_argument("--lr", type=_per_optimizer(_positive_float), action=_MergeDicts, default=None,
+                   help="peak learning rate: X (every optimizer) or OPTIMIZER=X (repeatable; default: "
+                        "each optimizer's tuned value, see benchmarks/RESULTS.md)")
     p.add_argument("--weight-decay", type=float, default=0.0, help="decoupled weight decay (default: 0)")
     p.add_argument("--batch-size", type=_positive_int, default=8, help="sequences per step (default: %(default)s)")
     p.add_argument("--seq-len", type=_positive_int, default=256, help="tokens per sequence (default: %(default)s)")
     p.add_argument("--eval-every", type=_positive_int, default=100, help="steps between evaluations (default: %(default)s)")
-    p.add_argument("--eval-batches", type=_positive_int, default=20, help="batches per evaluation (default: %(default)s)")
+    p.add_argument("--eval-windows", type=_positive_int, default=64,
+                   help="evaluation windows (of --seq-len tokens, spread evenly over the evaluation split) "
+                        "scored at each periodic evaluation; the final evaluation scores every window "
+                        "of the split (default: %(default)s)")
     p.add_argument("--backend", default="eager", choices=BACKENDS,
                    help="torch.compile backend (grass: passed to grassfx.compile; the baselines are "
                         "compiled with the same backend unless it is eager)")
     p.add_argument("--data", default=None,
-                   help="text file or folder of .txt/.md files (default: Shakespeare's plays)")
+                   help="text file or folder of .txt/.md files, or a built-in corpus: shakespeare "
+                        "(default: Shakespeare's plays) or movies (Rotten Tomatoes plots and reviews)")
     p.add_argument("--seed", type=int, default=0, help="seed of the init weights and the batches (default: %(default)s)")
     p.add_argument("--device", default="auto", help="cpu, cuda, ... (default: cuda if available)")
     p.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads (default: torch's choice)")
@@ -314,10 +377,10 @@ def make_galore(model: torch.nn.Module, args: argparse.Namespace) -> torch.optim
     other_params = [p for p in model.parameters() if id(p) not in lowrank]
     groups = [
         {"params": other_params},
-        {"params": galore_params, "rank": args.rank, "update_proj_gap": args.update_freq,
-         "scale": args.scale, "proj_type": "std"},
+        {"params": galore_params, "rank": args.rank, "update_proj_gap": setting(args, "update_freq", "galore"),
+         "scale": setting(args, "scale", "galore"), "proj_type": "std"},
     ]
-    return galore_adamw(groups, lr=args.lr, betas=(0.9, 0.999), eps=1e-8,
+    return galore_adamw(groups, lr=setting(args, "lr", "galore"), betas=(0.9, 0.999), eps=1e-8,
                         weight_decay=args.weight_decay, no_deprecation_warning=True)
 
 
@@ -327,10 +390,13 @@ def make_grass(model: torch.nn.Module, spec: RunSpec, args: argparse.Namespace):
     import grassfx.optim
 
     model = grassfx.compile(model, rank=args.rank, selection=spec.selection,
-                            update_freq=args.update_freq, scale=args.scale, proj_dim=args.proj_dim,
+                            update_freq=setting(args, "update_freq", "grass"), scale=setting(args, "scale", "grass"),
+                            proj_dim=args.proj_dim, moments=args.moments or RECOMMENDED["grass"]["moments"],
+                            explore=RECOMMENDED["grass"]["explore"] if args.explore is None else args.explore,
                             seed=args.seed, backend=args.backend)
-    opt = grassfx.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.999), eps=1e-8,
-                              weight_decay=args.weight_decay)
+    rewarmup = RECOMMENDED["grass"]["rewarmup"] if args.rewarmup is None else args.rewarmup
+    opt = grassfx.optim.AdamW(model.parameters(), lr=setting(args, "lr", "grass"), betas=(0.9, 0.999), eps=1e-8,
+                              weight_decay=args.weight_decay, rewarmup=rewarmup)
     return model, opt
 
 
@@ -344,7 +410,7 @@ def make_optimizer(model: torch.nn.Module, spec: RunSpec, args: argparse.Namespa
         model = torch.compile(model, backend=args.backend)
     if spec.optimizer == "galore":
         return model, make_galore(model, args)
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.999), eps=1e-8,
+    opt = torch.optim.AdamW(model.parameters(), lr=setting(args, "lr", "adamw"), betas=(0.9, 0.999), eps=1e-8,
                             weight_decay=args.weight_decay)
     return model, opt
 
@@ -353,10 +419,30 @@ def make_optimizer(model: torch.nn.Module, spec: RunSpec, args: argparse.Namespa
 
 
 @torch.no_grad()
-def evaluate(model, batches: list[torch.Tensor], device: torch.device) -> float:
-    """Mean next-token loss of ``model`` over ``batches``."""
-    losses = [float(model(input_ids=b.to(device), labels=b.to(device)).loss) for b in batches]
-    return sum(losses) / len(losses)
+def evaluate(model, windows: torch.Tensor, device: torch.device, batch_size: int = 16) -> float:
+    """Mean next-token loss (nats) of ``model`` over ``windows`` (N, seq_len), every token weighted alike.
+
+    The windows all have the same length, so the mean of the per-batch means weighted by
+    batch size is the mean over tokens; the batch size changes nothing but speed.
+    """
+    total, count = 0.0, 0
+    for start in range(0, windows.shape[0], batch_size):
+        b = windows[start:start + batch_size].to(device)
+        total += float(model(input_ids=b, labels=b).loss) * b.shape[0]
+        count += b.shape[0]
+    return total / count
+
+
+@dataclass
+class EvalSet:
+    """The fixed evaluation windows: ``full`` (every window of the split) and ``curve`` (a spread subset)."""
+
+    full: torch.Tensor
+    curve: torch.Tensor
+
+    @property
+    def tokens(self) -> int:
+        return int(self.full.numel())
 
 
 def train_step(model, opt, sched, x: torch.Tensor) -> float:
@@ -420,8 +506,10 @@ def train_run(spec: RunSpec, corpus, eval_set, args, device, log) -> dict:
             raise FloatingPointError(f"{spec.name}: the training loss became {loss} at step {step}")
         smooth = loss if smooth is None else 0.95 * smooth + 0.05 * loss
         record = dict(run=spec.name, step=step, loss=loss, lr=lr, tokens_per_s=speed.tokens_per_step / dt)
-        if step % args.eval_every == 0 or step == args.steps:
-            eval_loss = record["eval_loss"] = evaluate(model, eval_set, device)
+        if step % args.eval_every == 0 or step == args.steps:  # the curve: the same windows each time
+            eval_loss = record["eval_curve"] = evaluate(model, eval_set.curve, device)
+        if step == args.steps:  # the result: every window of the evaluation split
+            eval_loss = record["eval_loss"] = evaluate(model, eval_set.full, device)
         log(record)
         shown_eval = f"eval {eval_loss:.3f}, " if math.isfinite(eval_loss) else ""
         bar.set_postfix_str(f"loss {smooth:.3f}, {shown_eval}{speed.tokens_per_s:,.0f} tok/s, "
@@ -434,8 +522,10 @@ def train_run(spec: RunSpec, corpus, eval_set, args, device, log) -> dict:
         optimizer_state_bytes=optimizer_state_bytes(opt), steps=args.steps,
         tokens=args.steps * speed.tokens_per_step, params=params,
         train_time_s=speed.seconds + speed.first_step_s, first_step_s=speed.first_step_s)
+    summary["lr"] = setting(args, "lr", spec.optimizer)
     if spec.optimizer != "adamw":
-        summary.update(rank=args.rank, update_freq=args.update_freq, scale=args.scale)
+        summary.update(rank=args.rank, update_freq=setting(args, "update_freq", spec.optimizer),
+                       scale=setting(args, "scale", spec.optimizer))
     if spec.selection:
         summary["selection"] = spec.selection
     return summary
@@ -468,7 +558,7 @@ def plot_losses(records: list[dict], path: Path, title: str) -> None:
         steps = [r["step"] for r in rows]
         alpha = 1 - 1 / max(2.0, len(rows) / 20)
         ax.plot(steps, _ema([r["loss"] for r in rows], alpha), color=color, lw=1.5, label=f"{run} train")
-        ev = [(r["step"], r["eval_loss"]) for r in rows if "eval_loss" in r]
+        ev = [(r["step"], r["eval_curve"]) for r in rows if "eval_curve" in r]
         if ev:
             ax.plot(*zip(*ev), color=color, ls="--", marker="o", ms=4, label=f"{run} eval")
     ax.set_xlabel("step")
@@ -536,7 +626,7 @@ def check_galore(specs: list[RunSpec]) -> None:
 
 
 def prepare_data(args: argparse.Namespace, preset):
-    """Load and tokenize the corpus and draw the fixed evaluation batches."""
+    """Load and tokenize the corpus and cut the fixed evaluation windows."""
     try:
         corpus = data_mod.load_corpus(args.data, vocab_size=preset.vocab_size)
     except data_mod.DataUnavailableError as exc:
@@ -545,9 +635,8 @@ def prepare_data(args: argparse.Namespace, preset):
         raise SystemExit(
             f"grassfx train: error: the text of {corpus.source} is too short: {corpus.train.numel()} training "
             f"tokens for --seq-len {args.seq_len} (and {corpus.eval.numel()} evaluation tokens)")
-    eval_len = min(args.seq_len, corpus.eval.numel() - 1)
-    eval_set = data_mod.eval_batches(corpus.eval, args.eval_batches, args.batch_size, eval_len, seed=args.seed + 1)
-    return corpus, eval_set
+    windows = data_mod.eval_windows(corpus.eval, min(args.seq_len, corpus.eval.numel()))
+    return corpus, EvalSet(full=windows, curve=data_mod.spread(windows, args.eval_windows))
 
 
 def write_config(out: Path, args, specs, corpus, device) -> None:

@@ -170,15 +170,19 @@ def test_tiny_llama_inductor_20_steps_matches_eager():
     assert torch._dynamo.utils.counters["graph_break"] == {}
 
 
-@pytest.mark.parametrize("weight_decay", [0.1, 0.0])  # 0: the compiled step leaves decay out
-def test_compiled_adamw_step_matches_eager_loop_without_recompiles(weight_decay):
+# 0 decay: the compiled step leaves decay out; keep_overlap + rewarmup: per-row step counts
+# that differ between rows; "twice": rho in the update
+@pytest.mark.parametrize("weight_decay, moments, rewarmup, rho_scaling",
+                         [(0.1, "reset", 0, "once"), (0.0, "keep_overlap", 2, "twice")])
+def test_compiled_adamw_step_matches_eager_loop_without_recompiles(weight_decay, moments, rewarmup, rho_scaling):
     import torch._dynamo.utils as dyn_utils
 
     torch.manual_seed(0)
     net = zoo.Shared()
-    models = [grassfx.compile(copy.deepcopy(net), rank=4, selection="multinorm", update_freq=3, backend="eager")
-              for _ in range(2)]
-    opts = [grassfx.optim.AdamW(m.parameters(), lr=1e-2, weight_decay=weight_decay, compiled=c)
+    models = [grassfx.compile(copy.deepcopy(net), rank=4, selection="multinorm", update_freq=3, moments=moments,
+                              backend="eager") for _ in range(2)]
+    opts = [grassfx.optim.AdamW(m.parameters(), lr=1e-2, weight_decay=weight_decay, compiled=c,
+                                rewarmup=rewarmup, rho_scaling=rho_scaling)
             for m, c in zip(models, (False, True))]
     scheds = [torch.optim.lr_scheduler.LambdaLR(o, lambda s: 1 / (1 + s)) for o in opts]
     g = torch.Generator().manual_seed(0)
