@@ -197,3 +197,14 @@ def test_compiled_adamw_step_matches_eager_loop_without_recompiles(weight_decay,
     for a, b in zip(models[0].state_dict().values(), models[1].state_dict().values()):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
     assert dyn_utils.counters["stats"]["unique_graphs"] == 1
+
+
+def test_explore_and_kept_moments_compiled_match_eager():
+    """Coverage selection runs inside the compiled refresh graph and picks the eager rows."""
+    torch.manual_seed(0)
+    eager, compiled = _pair(zoo.Zoo(), "aot_eager", rank=4, update_freq=2, explore=0.5, moments="keep_overlap")
+    g = torch.Generator().manual_seed(0)
+    batches = [torch.randn(6, 12, generator=g) for _ in range(5)]  # refreshes at 0, 2, 4
+    _run_steps(eager, compiled, batches, lambda m, x: m(x).pow(2).mean(), opt_kw={"rewarmup": 3})
+    assert all((s.last_seen >= 0).sum() > s.rank for s in compiled.sites if not s.full)
+    assert compiled.compile_stats.frames == 2
