@@ -13,7 +13,15 @@ update of the same algorithm. With every row selected, ``AdamW`` / ``SGD`` /
 
 **Refresh.** When the model picked new rows, the optimizer resets the moments (or, with
 ``compile(..., moments="keep_overlap")``, keeps the moments of rows selected both before
-and after) before the step.
+and after) before the step. ``AdamW`` counts steps per selected row (``row_step``, (r,)):
+each row is bias-corrected by its own age, so a row that joined at the last refresh is
+fresh Adam state while a kept row continues, and ``rewarmup=K`` ramps a new row's step
+from 1/K to 1 over its first K steps.
+
+**rho.** Adaptive optimizers (``AdamW``, ``Adafactor``) apply a selector's scale ``rho``
+once (``rho_scaling="once"``: it scales the compressed gradient, and each selected row
+gets one step), so every selector runs at the same learning rate; ``"twice"`` is the
+paper's ``P step(Pᵀ G)``. ``SGD`` always uses the paper's form (unbiased ``P Pᵀ G``).
 
 **Decoupled weight decay (AdamW, Adafactor)** without an O(mn) pass per step: selected
 rows decay every step (O(rn)); rows outside the selection owe the product of the decay
