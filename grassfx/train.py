@@ -53,8 +53,8 @@ MIN_LR_RATIO = 0.1
 # tuning sweeps of benchmarks/quality.py (benchmarks/RESULTS.md, "Training quality").
 RECOMMENDED = {
     "adamw": dict(lr=1e-3),
-    "galore": dict(lr=1e-3, scale=1.0, update_freq=200),
-    "grass": dict(lr=1e-3, scale=1.0, update_freq=200, moments="reset", explore=0.0, rewarmup=0),
+    "galore": dict(lr=1e-3, scale=1.0, windows=25),
+    "grass": dict(lr=1e-3, scale=1.0, windows=25, moments="reset", explore=0.0, rewarmup=0),
 }
 
 # What --demo stands for; flags given next to --demo override these.
@@ -127,13 +127,16 @@ def setting(args: argparse.Namespace, key: str, optimizer: str):
     """The value of a per-optimizer flag (``--lr``, ``--scale``, ``--update-freq``) for ``optimizer``.
 
     An ``OPTIMIZER=VALUE`` entry wins over a plain ``VALUE``; with neither, the
-    optimizer's recommended default (:data:`RECOMMENDED`) applies.
+    optimizer's recommended default (:data:`RECOMMENDED`) applies. The default
+    ``update_freq`` splits the run into ``RECOMMENDED[...]["windows"]`` projection windows.
     """
     given = getattr(args, key) or {}
     if optimizer in given:
         return given[optimizer]
     if "*" in given:
         return given["*"]
+    if key == "update_freq":  # a number of windows per run, not of steps per window
+        return max(1, args.steps // RECOMMENDED[optimizer]["windows"])
     return RECOMMENDED[optimizer][key]
 
 
@@ -157,7 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="grass row selection (repeatable: one grass run per selection; default: top_r)")
     p.add_argument("--update-freq", type=_per_optimizer(_positive_int), action=_MergeDicts, default=None,
                    help="steps between projection updates of galore and grass: N, or OPTIMIZER=N "
-                        "(repeatable; default: each optimizer's recommended value, see --help-defaults)")
+                        "(repeatable; default: --steps / 25, i.e. 25 projection windows per run)")
     p.add_argument("--proj-dim", default="auto", choices=["auto", "rows", "cols", "smaller"],
                    help="grass: which dim of each weight is sampled (default: auto, the larger; "
                         "smaller: the smaller, as GaLore projects)")

@@ -199,6 +199,9 @@ def test_per_optimizer_flags():
     assert train.setting(args, "scale", "grass") == train.RECOMMENDED["grass"]["scale"]
     with pytest.raises(SystemExit):
         train.parse_args(["--lr", "sgd=1e-3"])
+    # the default refresh interval gives every run the same number of windows
+    assert train.setting(train.parse_args(["--steps", "600"]), "update_freq", "grass") == 24
+    assert train.setting(train.parse_args(["--steps", "600", "--update-freq", "7"]), "update_freq", "galore") == 7
 
 
 def test_quality_harness_smoke(tmp_path, monkeypatch):
