@@ -61,15 +61,16 @@ PLANS = {
             "adamw": dict(flags=["--optimizer", "adamw"], grid=_LR(5e-4, 1e-3, 2e-3)),
             "galore": dict(flags=["--optimizer", "galore", "--update-freq", "12"],
                            grid=[["--lr", lr, "--scale", sc] for lr, sc in
-                                 (("1e-3", "1"), ("2e-3", "1"), ("1e-3", "2"))]),
+                                 (("1e-3", "1"), ("2e-3", "1"), ("1e-3", "2"), ("4e-3", "1"), ("8e-3", "1"))]),
             # the candidate default: kept moments, a quarter of the rank for coverage, new
             # rows re-warmed over 10 steps
             "grass": dict(flags=["--optimizer", "grass"] + _GRASS_BASE,
                           grid=[["--lr", lr, "--scale", sc] for lr, sc in
-                                (("1e-3", "1"), ("1e-3", "2"), ("2e-3", "2"))]),
+                                (("1e-3", "1"), ("1e-3", "2"), ("2e-3", "2"), ("2e-3", "1"), ("4e-3", "1"),
+                                 ("4e-3", "0.5"))]),
             # equal optimizer memory to GaLore: select along the smaller side, as GaLore projects
             "grass-smaller": dict(flags=["--optimizer", "grass", "--proj-dim", "smaller"] + _GRASS_BASE, like="grass",
-                                  seeds=2),
+                                  seeds=1),
             # ablations of the candidate, one option each, on the first seed (paired with it)
             "grass-no-explore": dict(flags=["--optimizer", "grass"] + _GRASS_BASE + ["--explore", "0"],
                                      like="grass", seeds=1),
