@@ -27,6 +27,7 @@ def compile(  # noqa: A001 - the promised public name
     backend: str = "inductor",
     mode=None,
     moments: str = "reset",
+    explore: float = 0.0,
     dynamic=None,
     options: dict | None = None,
     data_parallel=None,
@@ -51,7 +52,11 @@ def compile(  # noqa: A001 - the promised public name
             without Inductor) or ``"eager"`` (no compilation; dense fallback).
         mode: passed to ``torch.compile``.
         moments: ``"reset"`` (zero optimizer moments at a refresh) or ``"keep_overlap"``
-            (keep the moments of rows selected before and after).
+            (keep the moments, and the per-row step counts, of rows selected before and
+            after; new rows start fresh).
+        explore: share of each rank (a float in [0, 1)) given, at every refresh, to the
+            rows that went unselected longest (``top_r`` and ``multinorm_nr``), so every
+            row trains now and then; 0 selects by the selector alone.
         dynamic: passed to ``torch.compile``.
         options: extra Inductor options passed to ``torch.compile``.
         data_parallel: ``None`` (default): average gradients across ranks whenever
@@ -87,6 +92,7 @@ def compile(  # noqa: A001 - the promised public name
         backend=backend,
         mode=mode,
         moments=moments,
+        explore=explore,
         dynamic=dynamic,
         compile_options=dict(options or {}),
         data_parallel=data_parallel,

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import ConfigError
-from .select import SELECTORS
+from .select import EXPLORING, SELECTORS
 
 __all__ = ["GrassConfig", "PROJ_DIMS", "BACKENDS", "MOMENT_POLICIES"]
 
@@ -35,6 +35,7 @@ class GrassConfig:
     backend: str = "inductor"
     mode: Any = None
     moments: str = "reset"
+    explore: float = 0.0
     dynamic: Any = None
     compile_options: dict = field(default_factory=dict)
     data_parallel: Any = None  # None: when torch.distributed is initialised; False: never
@@ -62,6 +63,15 @@ class GrassConfig:
             raise ConfigError(f"update_freq={self.update_freq}: must be >= 1 (steps between refreshes)")
         if isinstance(self.scale, bool) or not isinstance(self.scale, numbers.Real) or not math.isfinite(self.scale):
             raise ConfigError(f"scale={self.scale!r}: expected a finite float (the update scale alpha)")
+        if self.scale <= 0:
+            raise ConfigError(f"scale={self.scale!r}: must be > 0 (a negative scale would ascend the loss)")
+        explore = self.explore
+        if isinstance(explore, bool) or not isinstance(explore, numbers.Real) or not (0.0 <= float(explore) < 1.0):
+            raise ConfigError(f"explore={explore!r}: expected a float in [0, 1) (the share of each rank "
+                              "given to the rows unselected longest)")
+        if explore and self.selection not in EXPLORING:
+            raise ConfigError(f"explore={explore!r} needs selection in {sorted(EXPLORING)}, "
+                              f"not {self.selection!r}")
         if self.data_parallel not in (None, True, False):
             raise ConfigError(f"data_parallel={self.data_parallel!r}: expected None (auto), True or False")
         if not isinstance(self.record, bool):
@@ -74,6 +84,12 @@ class GrassConfig:
         if isinstance(self.rank, numbers.Integral):
             return min(int(self.rank), rows)
         return max(1, min(rows, math.ceil(float(self.rank) * rows)))
+
+    def explored(self, rank: int) -> int:
+        """How many of ``rank`` rows go to the rows unselected longest (``explore``)."""
+        if not self.explore:
+            return 0
+        return min(rank - 1, max(1, round(float(self.explore) * rank))) if rank > 1 else 0
 
     def select_dim(self, shape: tuple) -> int:
         """Which dim of a 2-D weight is sampled: 0 (rows) or 1 (columns)."""

@@ -9,7 +9,9 @@ Symbolic (sympy) in the rank ``r``, the bytes per element of weights ``b_w``, gr
   projected gradient, r x max(m, n), plus the r x min(m, n) projector, per projected weight
   (galore-torch's "std" projection keeps the larger side);
 * ``grassfx``: compressed gradients r x min(m, n) (``proj_dim="auto"`` selects along the
-  larger dim), two moments of that size, and the ``idx``/``rho`` buffers (12 bytes a row);
+  larger dim), two moments of that size, the ``idx``/``rho`` buffers and AdamW's per-row
+  step count (16 bytes a selected row, r < rows), and ``last_seen`` (8 bytes a row of the
+  selected dim);
 * ``grassfx_fused``: grassfx with per-layer fused updates, where each projected weight's
   compressed gradient is consumed in the backward, so at most the largest one is alive.
 
@@ -45,7 +47,8 @@ r, b_w, b_g, b_s, b_a, T, S = sp.symbols("r b_w b_g b_s b_a T S", positive=True)
 SYMBOLS = {"r": r, "b_w": b_w, "b_g": b_g, "b_s": b_s, "b_a": b_a, "T": T, "S": S}
 METHODS = ("adamw", "galore", "grassfx", "grassfx_fused")
 COMPONENTS = ("weights", "gradients", "optimizer_state", "activations", "total")
-INDEX_BYTES = 12  # int64 idx + fp32 rho per selected row
+INDEX_BYTES = 16  # int64 idx + fp32 rho + fp32 row_step per selected row
+SEEN_BYTES = 8  # int64 last_seen per row of the selected dim
 
 
 @dataclass(frozen=True)
@@ -117,7 +120,7 @@ def memory(shape: LlamaShape) -> dict:
     galore_state = sum(2 * sp.Min(r, min(m, n)) * max(m, n) + sp.Min(r, min(m, n)) * min(m, n) for m, n in proj)
     weights = b_w * (full + dense)
     acts = _activations(shape)
-    index = INDEX_BYTES * sum(sp.Min(r, max(m, n)) for m, n in proj)
+    index = INDEX_BYTES * sum(sp.Min(r, max(m, n)) for m, n in proj) + SEEN_BYTES * sum(max(m, n) for m, n in proj)
     out = {
         "adamw": dict(gradients=b_g * (full + dense), optimizer_state=2 * b_s * (full + dense)),
         "galore": dict(gradients=b_g * (full + dense), optimizer_state=b_s * (galore_state + 2 * dense)),

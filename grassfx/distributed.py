@@ -15,7 +15,7 @@ data-parallel with no wrapper:
   the same rows; the compressed gradient is then already global. Amortised, this adds
   1/update_freq of a dense all-reduce per step.
 * **Checks.** The first forward all-gathers a fingerprint of the grassfx configuration
-  (rank, selector, update_freq, seed, scale, targets and shapes) and raises
+  (rank, selector, update_freq, seed, scale, explore, targets and shapes) and raises
   :class:`grassfx.GrassError` if ranks differ. With ``GRASSFX_CHECK_RANKS=1`` every
   refresh all-gathers a hash of each weight's ``idx`` and raises, naming the weight, if
   ranks disagree.
@@ -133,7 +133,7 @@ class DataParallel:
     def _fingerprint(self) -> str:
         cfg = self.model.grass_config
         sites = [(s.name, tuple(s.weight.shape), s.dim, s.rank) for s in self.model.sites]
-        key = (cfg.rank, cfg.selection, cfg.update_freq, cfg.seed, cfg.scale, cfg.proj_dim, cfg.moments, sites)
+        key = (cfg.rank, cfg.selection, cfg.update_freq, cfg.seed, cfg.scale, cfg.proj_dim, cfg.moments, cfg.explore, sites)
         return hashlib.sha256(repr(key).encode()).hexdigest()
 
     def _check_same_config(self) -> None:

@@ -16,6 +16,12 @@ name                    rows                        rho             noise
 
 ``multinorm`` and ``uniform`` are unbiased: ``E[P Pᵀ] = I`` with ``P = [rho_j e_idx_j]``.
 Indices are returned sorted ascending (rows stay in memory order for the gathers).
+
+**Coverage** (``explore = k > 0``, for ``top_r`` and ``multinorm_nr``): ``r - k`` rows
+come from the selector as above and the other ``k`` are the rows left out of it that
+went unselected longest (``age``: steps since a row was last selected; never-selected
+rows are oldest; ties go to the larger norm). Rows that never have the largest norms
+still train once every few windows, instead of staying at their initial values.
 """
 
 from __future__ import annotations
@@ -24,11 +30,15 @@ import math
 
 import torch
 
-__all__ = ["SELECTORS", "NEEDS_NORMS", "select_rows", "draw_noise", "draw_uniform", "site_generator"]
+__all__ = ["SELECTORS", "NEEDS_NORMS", "EXPLORING", "UNIT_RHO", "WITH_REPLACEMENT", "select_rows", "draw_noise",
+           "draw_uniform", "site_generator"]
 
 SELECTORS = ("top_r", "multinorm", "multinorm_nr", "uniform")
 #: selectors that need the dense gradient's row norms at a refresh
 NEEDS_NORMS = frozenset({"top_r", "multinorm", "multinorm_nr"})
+#: selectors whose rho is always 1, and those that may pick a row more than once
+UNIT_RHO = frozenset({"top_r", "multinorm_nr"})
+WITH_REPLACEMENT = frozenset({"multinorm", "uniform"})
 
 _MIX = (1_000_003, 998_244_353, (1 << 61) - 1)
 
@@ -69,8 +79,26 @@ def _probabilities(sq_norms: torch.Tensor) -> torch.Tensor:
     return torch.where(total > 0, norms / total.clamp_min(1e-300), uniform)
 
 
-def select_rows(sq_norms: torch.Tensor, noise: torch.Tensor, r: int, method: str):
+#: selectors that can reserve part of the rank for coverage (``explore``)
+EXPLORING = frozenset({"top_r", "multinorm_nr"})
+
+
+def _oldest_rest(scores: torch.Tensor, picked: torch.Tensor, age: torch.Tensor, k: int) -> torch.Tensor:
+    """The ``k`` rows outside ``picked`` with the largest ``age`` (ties: largest ``scores``)."""
+    m = scores.shape[0]
+    taken = torch.zeros(m, dtype=torch.bool, device=scores.device).index_fill_(0, picked, True)
+    # ranks of the scores in [0, 1) break ties between equal ages without reordering ages
+    order = torch.argsort(torch.argsort(scores)).to(torch.float64) / m
+    key = torch.where(taken, torch.full_like(order, -math.inf), age.to(order) + order)
+    return torch.topk(key, k, sorted=False).indices
+
+
+def select_rows(sq_norms: torch.Tensor, noise: torch.Tensor, r: int, method: str,
+                age: torch.Tensor | None = None, explore: int = 0):
     """Pick ``r`` rows from squared row norms ``sq_norms`` (m,).
+
+    ``explore = k`` (with ``age``, (m,)) reserves ``k`` of the ``r`` rows for the rows
+    unselected longest (see the module docstring).
 
     Returns ``(idx, rho)``: int64 (r,) sorted ascending, float32 (r,).
 
@@ -79,9 +107,14 @@ def select_rows(sq_norms: torch.Tensor, noise: torch.Tensor, r: int, method: str
         >>> idx.tolist(), rho.tolist()
         ([1, 2], [1.0, 1.0])
     """
+    if explore and method not in EXPLORING:
+        raise ValueError(f"select_rows: explore is supported by {sorted(EXPLORING)}, not {method!r}")
     if method == "top_r":
-        idx = torch.topk(sq_norms.float(), r, sorted=False).indices.sort().values
-        return idx, torch.ones(r, dtype=torch.float32, device=sq_norms.device)
+        scores = sq_norms.float()
+        idx = torch.topk(scores, r - explore, sorted=False).indices
+        if explore:
+            idx = torch.cat([idx, _oldest_rest(scores, idx, age, explore)])
+        return idx.sort().values, torch.ones(r, dtype=torch.float32, device=sq_norms.device)
     if method == "multinorm":
         q = _probabilities(sq_norms)
         cdf = torch.cumsum(q, 0)
@@ -92,6 +125,9 @@ def select_rows(sq_norms: torch.Tensor, noise: torch.Tensor, r: int, method: str
     if method == "multinorm_nr":
         q = _probabilities(sq_norms)
         keys = torch.where(q > 0, torch.log(q.clamp_min(1e-300)), torch.full_like(q, -math.inf))
-        idx = torch.topk(keys + noise.to(keys), r, sorted=False).indices.sort().values
-        return idx, torch.ones(r, dtype=torch.float32, device=sq_norms.device)
+        scores = keys + noise.to(keys)
+        idx = torch.topk(scores, r - explore, sorted=False).indices
+        if explore:
+            idx = torch.cat([idx, _oldest_rest(scores, idx, age, explore)])
+        return idx.sort().values, torch.ones(r, dtype=torch.float32, device=sq_norms.device)
     raise ValueError(f"select_rows: unknown selector {method!r}; choose one of {SELECTORS}")

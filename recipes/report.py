@@ -33,7 +33,7 @@ def plot_losses(records: list[dict], path: Path, title: str) -> None:
         steps = [r["step"] for r in rows]
         alpha = 1 - 1 / max(2.0, len(rows) / 20)
         ax.plot(steps, _ema([r["loss"] for r in rows], alpha), color=color, lw=1.5, label=f"{run} train")
-        ev = [(r["step"], r["eval_loss"]) for r in rows if "eval_loss" in r]
+        ev = [(r["step"], r["eval_curve"]) for r in rows if "eval_curve" in r]
         if ev:
             ax.plot(*zip(*ev), color=color, ls="--", marker="o", ms=4, label=f"{run} eval")
     ax.set_xlabel("step")

@@ -42,143 +42,11 @@ import torch
 from . import data as data_mod
 from . import presets as presets_mod
 from .measure import PeakMemory, Throughput, fmt_bytes, optimizer_state_bytes, sync
+from .options import RunSpec, grass_setting, parse_args, run_specs, setting
 from .report import json_default, plot_losses, results_table
 
-OPTIMIZERS = ("adamw", "galore", "grass")
-SELECTIONS = ("top_r", "multinorm", "multinorm_nr", "uniform")
-BACKENDS = ("eager", "aot_eager", "inductor")
 WARMUP_FRACTION = 0.1
 MIN_LR_RATIO = 0.1
-
-# What --demo stands for; flags given next to --demo override these.
-DEMO_DEFAULTS = dict(
-    preset="tiny",
-    compare=True,
-    steps=600,
-    batch_size=4,
-    seq_len=128,
-    eval_every=50,
-    eval_batches=8,
-    backend="eager",
-)
-
-
-@dataclass(frozen=True)
-class RunSpec:
-    """One training run of the comparison: a name, an optimizer and (for grass) a selection."""
-
-    name: str
-    optimizer: str
-    selection: str | None = None
-
-
-# ----------------------------------------------------------------------------- command line
-
-
-def _positive_int(text: str) -> int:
-    """argparse type: an integer >= 1."""
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    """argparse type: a float > 0."""
-    value = float(text)
-    if not value > 0 or not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
-    return value
-
-
-def build_parser() -> argparse.ArgumentParser:
-    """The command-line parser of ``grassfx train``."""
-    p = argparse.ArgumentParser(
-        prog="grassfx train",
-        description="Pretrain a LLaMA-architecture causal LM from scratch and compare optimizers "
-                    "(same data, same init, same schedule).")
-    p.add_argument("--demo", action="store_true",
-                   help="adamw vs galore vs grass on the tiny preset, sized to finish in under "
-                        "10 minutes on 2 CPU cores (other flags override its settings)")
-    p.add_argument("--optimizer", action="append", choices=OPTIMIZERS, dest="optimizers",
-                   help="optimizer to run (repeatable; default: grass)")
-    p.add_argument("--compare", action="store_true", help="run adamw, galore and grass")
-    p.add_argument("--preset", default="tiny", choices=list(presets_mod.PRESETS),
-                   help="model size (default: tiny)")
-    p.add_argument("--rank", type=_positive_int, default=None,
-                   help="projection rank of galore and grass (default: the preset's, 64 for tiny)")
-    p.add_argument("--selection", action="append", choices=SELECTIONS, dest="selections",
-                   help="grass row selection (repeatable: one grass run per selection; default: top_r)")
-    p.add_argument("--update-freq", type=_positive_int, default=200,
-                   help="steps between projection updates of galore and grass (default: 200)")
-    p.add_argument("--proj-dim", default="auto", choices=["auto", "rows", "cols", "smaller"],
-                   help="grass: which dim of each weight is sampled (default: auto, the larger; "
-                        "smaller: the smaller, as GaLore projects)")
-    p.add_argument("--scale", type=_positive_float, default=1.0,
-                   help="update scale alpha of galore and grass (default: 1.0)")
-    p.add_argument("--steps", type=_positive_int, default=1000, help="optimizer steps per run (default: %(default)s)")
-    p.add_argument("--lr", type=_positive_float, default=1e-3, help="peak learning rate (default: 1e-3)")
-    p.add_argument("--weight-decay", type=float, default=0.0, help="decoupled weight decay (default: 0)")
-    p.add_argument("--batch-size", type=_positive_int, default=8, help="sequences per step (default: %(default)s)")
-    p.add_argument("--seq-len", type=_positive_int, default=256, help="tokens per sequence (default: %(default)s)")
-    p.add_argument("--eval-every", type=_positive_int, default=100, help="steps between evaluations (default: %(default)s)")
-    p.add_argument("--eval-batches", type=_positive_int, default=20, help="batches per evaluation (default: %(default)s)")
-    p.add_argument("--backend", default="eager", choices=BACKENDS,
-                   help="torch.compile backend (grass: passed to grassfx.compile; the baselines are "
-                        "compiled with the same backend unless it is eager)")
-    p.add_argument("--data", default=None,
-                   help="text file or folder of .txt/.md files (default: Shakespeare's plays)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the init weights and the batches (default: %(default)s)")
-    p.add_argument("--device", default="auto", help="cpu, cuda, ... (default: cuda if available)")
-    p.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads (default: torch's choice)")
-    p.add_argument("--out", default=None, help="output folder (default: runs/<timestamp>)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    p.add_argument("--nproc", type=_positive_int, default=1,
-                   help="data-parallel processes on this machine (launches torchrun; gloo on CPU, NCCL "
-                        "on GPU); --batch-size is per process. Multi-node: run torchrun yourself with "
-                        "-m grassfx.train")
-    return p
-
-
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    """Parse ``argv``; ``--demo`` supplies defaults that explicit flags still override."""
-    parser = build_parser()
-    first = parser.parse_args(argv)
-    if first.demo:
-        demo = dict(DEMO_DEFAULTS)
-        if first.optimizers:  # --demo --optimizer X runs just the optimizers named
-            demo["compare"] = False
-        parser.set_defaults(**demo)
-        args = parser.parse_args(argv)
-    else:
-        args = first
-    if args.selections and not ({"grass"} & set(run_optimizers(args))):
-        parser.error("--selection only applies to grass runs (add --optimizer grass or --compare)")
-    if args.seq_len > presets_mod.get_preset(args.preset).max_position_embeddings:
-        parser.error(f"--seq-len {args.seq_len} is too long for preset {args.preset!r}")
-    return args
-
-
-def run_optimizers(args: argparse.Namespace) -> list[str]:
-    """The optimizers to run, in order, without repeats."""
-    chosen = list(OPTIMIZERS) if args.compare else []
-    chosen += args.optimizers or []
-    chosen = chosen or ["grass"]
-    return list(dict.fromkeys(chosen))
-
-
-def run_specs(args: argparse.Namespace) -> list[RunSpec]:
-    """Expand the optimizers and grass selections into the list of runs."""
-    selections = list(dict.fromkeys(args.selections or ["top_r"]))
-    specs = []
-    for opt in run_optimizers(args):
-        if opt != "grass":
-            specs.append(RunSpec(opt, opt))
-        elif len(selections) == 1:
-            specs.append(RunSpec("grass", "grass", selections[0]))
-        else:
-            specs.extend(RunSpec(f"grass-{s}", "grass", s) for s in selections)
-    return specs
 
 
 # ----------------------------------------------------------------------------- optimizers
@@ -226,10 +94,10 @@ def make_galore(model: torch.nn.Module, args: argparse.Namespace) -> torch.optim
     other_params = [p for p in model.parameters() if id(p) not in lowrank]
     groups = [
         {"params": other_params},
-        {"params": galore_params, "rank": args.rank, "update_proj_gap": args.update_freq,
-         "scale": args.scale, "proj_type": "std"},
+        {"params": galore_params, "rank": args.rank, "update_proj_gap": setting(args, "update_freq", "galore"),
+         "scale": setting(args, "scale", "galore"), "proj_type": "std"},
     ]
-    return galore_adamw(groups, lr=args.lr, betas=(0.9, 0.999), eps=1e-8,
+    return galore_adamw(groups, lr=setting(args, "lr", "galore"), betas=(0.9, 0.999), eps=1e-8,
                         weight_decay=args.weight_decay, no_deprecation_warning=True)
 
 
@@ -239,10 +107,11 @@ def make_grass(model: torch.nn.Module, spec: RunSpec, args: argparse.Namespace):
     import grassfx.optim
 
     model = grassfx.compile(model, rank=args.rank, selection=spec.selection,
-                            update_freq=args.update_freq, scale=args.scale, proj_dim=args.proj_dim,
-                            seed=args.seed, backend=args.backend)
-    opt = grassfx.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.999), eps=1e-8,
-                              weight_decay=args.weight_decay)
+                            update_freq=setting(args, "update_freq", "grass"), scale=setting(args, "scale", "grass"),
+                            proj_dim=args.proj_dim, moments=grass_setting(args, "moments"),
+                            explore=grass_setting(args, "explore"), seed=args.seed, backend=args.backend)
+    opt = grassfx.optim.AdamW(model.parameters(), lr=setting(args, "lr", "grass"), betas=(0.9, 0.999), eps=1e-8,
+                              weight_decay=args.weight_decay, rewarmup=grass_setting(args, "rewarmup"))
     return model, opt
 
 
@@ -256,7 +125,7 @@ def make_optimizer(model: torch.nn.Module, spec: RunSpec, args: argparse.Namespa
         model = torch.compile(model, backend=args.backend)
     if spec.optimizer == "galore":
         return model, make_galore(model, args)
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.999), eps=1e-8,
+    opt = torch.optim.AdamW(model.parameters(), lr=setting(args, "lr", "adamw"), betas=(0.9, 0.999), eps=1e-8,
                             weight_decay=args.weight_decay)
     return model, opt
 
@@ -265,10 +134,30 @@ def make_optimizer(model: torch.nn.Module, spec: RunSpec, args: argparse.Namespa
 
 
 @torch.no_grad()
-def evaluate(model, batches: list[torch.Tensor], device: torch.device) -> float:
-    """Mean next-token loss of ``model`` over ``batches``."""
-    losses = [float(model(input_ids=b.to(device), labels=b.to(device)).loss) for b in batches]
-    return sum(losses) / len(losses)
+def evaluate(model, windows: torch.Tensor, device: torch.device, batch_size: int = 16) -> float:
+    """Mean next-token loss (nats) of ``model`` over ``windows`` (N, seq_len), every token weighted alike.
+
+    The windows all have the same length, so the mean of the per-batch means weighted by
+    batch size is the mean over tokens; the batch size changes nothing but speed.
+    """
+    total, count = 0.0, 0
+    for start in range(0, windows.shape[0], batch_size):
+        b = windows[start:start + batch_size].to(device)
+        total += float(model(input_ids=b, labels=b).loss) * b.shape[0]
+        count += b.shape[0]
+    return total / count
+
+
+@dataclass
+class EvalSet:
+    """The fixed evaluation windows: ``full`` (every window of the split) and ``curve`` (a spread subset)."""
+
+    full: torch.Tensor
+    curve: torch.Tensor
+
+    @property
+    def tokens(self) -> int:
+        return int(self.full.numel())
 
 
 def train_step(model, opt, sched, x: torch.Tensor) -> float:
@@ -311,8 +200,10 @@ def train_run(spec: RunSpec, corpus, eval_set, args, device, log) -> dict:
             raise FloatingPointError(f"{spec.name}: the training loss became {loss} at step {step}")
         smooth = loss if smooth is None else 0.95 * smooth + 0.05 * loss
         record = dict(run=spec.name, step=step, loss=loss, lr=lr, tokens_per_s=speed.tokens_per_step / dt)
-        if step % args.eval_every == 0 or step == args.steps:
-            eval_loss = record["eval_loss"] = evaluate(model, eval_set, device)
+        if step % args.eval_every == 0 or step == args.steps:  # the curve: the same windows each time
+            eval_loss = record["eval_curve"] = evaluate(model, eval_set.curve, device)
+        if step == args.steps:  # the result: every window of the evaluation split
+            eval_loss = record["eval_loss"] = evaluate(model, eval_set.full, device)
         log(record)
         shown_eval = f"eval {eval_loss:.3f}, " if math.isfinite(eval_loss) else ""
         bar.set_postfix_str(f"loss {smooth:.3f}, {shown_eval}{speed.tokens_per_s:,.0f} tok/s, "
@@ -325,8 +216,10 @@ def train_run(spec: RunSpec, corpus, eval_set, args, device, log) -> dict:
         optimizer_state_bytes=optimizer_state_bytes(opt), steps=args.steps,
         tokens=args.steps * speed.tokens_per_step, params=params,
         train_time_s=speed.seconds + speed.first_step_s, first_step_s=speed.first_step_s)
+    summary["lr"] = setting(args, "lr", spec.optimizer)
     if spec.optimizer != "adamw":
-        summary.update(rank=args.rank, update_freq=args.update_freq, scale=args.scale)
+        summary.update(rank=args.rank, update_freq=setting(args, "update_freq", spec.optimizer),
+                       scale=setting(args, "scale", spec.optimizer))
     if spec.selection:
         summary["selection"] = spec.selection
     return summary
@@ -365,7 +258,7 @@ def check_galore(specs: list[RunSpec]) -> None:
 
 
 def prepare_data(args: argparse.Namespace, preset):
-    """Load and tokenize the corpus and draw the fixed evaluation batches."""
+    """Load and tokenize the corpus and cut the fixed evaluation windows."""
     try:
         corpus = data_mod.load_corpus(args.data, vocab_size=preset.vocab_size)
     except data_mod.DataUnavailableError as exc:
@@ -374,9 +267,8 @@ def prepare_data(args: argparse.Namespace, preset):
         raise SystemExit(
             f"grassfx train: error: the text of {corpus.source} is too short: {corpus.train.numel()} training "
             f"tokens for --seq-len {args.seq_len} (and {corpus.eval.numel()} evaluation tokens)")
-    eval_len = min(args.seq_len, corpus.eval.numel() - 1)
-    eval_set = data_mod.eval_batches(corpus.eval, args.eval_batches, args.batch_size, eval_len, seed=args.seed + 1)
-    return corpus, eval_set
+    windows = data_mod.eval_windows(corpus.eval, min(args.seq_len, corpus.eval.numel()))
+    return corpus, EvalSet(full=windows, curve=data_mod.spread(windows, args.eval_windows))
 
 
 def write_config(out: Path, args, specs, corpus, device) -> None:

@@ -53,6 +53,12 @@ def make_mlp(seed=0, **kw):
     return MLP(**kw)
 
 
+def make_linear(seed=0, n_in=8, n_out=16):
+    """One bias-free Linear: a single projected weight, the easiest to check by hand."""
+    torch.manual_seed(seed)
+    return nn.Linear(n_in, n_out, bias=False)
+
+
 def tiny_llama_config(**overrides):
     from transformers import LlamaConfig
 

@@ -80,7 +80,8 @@ def test_grassfx_gradients_and_state_match_exactly(model_and_numbers):
     gm(**_batch()).loss.backward()
     assert _grad_bytes(gm.parameters()) == nums["grassfx"]["gradients"]
     opt.step()
-    index = sum(s.idx.nbytes + s.rho.nbytes for s in gm.sites)
+    index = sum(s.idx.nbytes + s.rho.nbytes + s.last_seen.nbytes + opt.state[s.handle]["row_step"].nbytes
+                for s in gm.sites)
     assert _moment_bytes(opt) + index == nums["grassfx"]["optimizer_state"]
     assert nums["grassfx"]["optimizer_state"] < nums["galore"]["optimizer_state"] < nums["adamw"]["optimizer_state"]
 

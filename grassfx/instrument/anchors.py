@@ -79,26 +79,27 @@ class RefreshAnchor(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, weight, handle, probe, noise, dim: int, rank: int, method: str, group: str, world: int):
-        ctx.save_for_backward(noise)
-        ctx.dim, ctx.rank, ctx.method = dim, rank, method
+    def forward(ctx, weight, handle, probe, noise, age, dim: int, rank: int, explore: int, method: str,
+                group: str, world: int):
+        ctx.save_for_backward(noise, age)
+        ctx.dim, ctx.rank, ctx.method, ctx.explore = dim, rank, method, explore
         ctx.group, ctx.world = group, world
         ctx.handle_dtype = handle.dtype
         return weight.view_as(weight)
 
     @staticmethod
     def backward(ctx, grad):
-        (noise,) = ctx.saved_tensors
+        noise, age = ctx.saved_tensors
         if ctx.world > 1:  # data parallel: select from the exact global gradient
             grad = _compat.all_reduce_mean(grad, ctx.group, ctx.world)
         g32 = grad.float()
         other = 1 - ctx.dim
         sq_norms = (g32 * g32).sum(dim=other)  # (m,) squared norms along the selected dim
-        idx, rho = _select.select_rows(sq_norms, noise, ctx.rank, ctx.method)
+        idx, rho = _select.select_rows(sq_norms, noise, ctx.rank, ctx.method, age, ctx.explore)
         compressed = select_scaled(grad, idx, rho, ctx.dim)
         poison = sq_norms.sum().to(torch.float64) * 0.0  # NaN iff any norm is NaN/Inf
         record = torch.stack([idx.to(torch.float64), rho.to(torch.float64) + poison])  # (2, r)
-        return None, compressed.to(ctx.handle_dtype), record, None, None, None, None, None, None
+        return None, compressed.to(ctx.handle_dtype), record, None, None, None, None, None, None, None, None
 
 
 class FullAnchor(torch.autograd.Function):

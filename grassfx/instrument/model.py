@@ -149,10 +149,10 @@ class GrassModel(nn.Module):
             if site.full:
                 anchored[site.name] = FullAnchor.apply(w, site.handle)
             elif refresh is not None and refresh[i] is not None:
-                probe, noise = refresh[i]
+                probe, noise, age = refresh[i]
                 group, size = self._dp.group_and_size() if self._dp is not None else ("", 1)
                 anchored[site.name] = RefreshAnchor.apply(
-                    w, site.handle, probe, noise, site.dim, site.rank, site.method, group, size
+                    w, site.handle, probe, noise, age, site.dim, site.rank, site.explore, site.method, group, size
                 )
             else:
                 anchored[site.name] = Anchor.apply(w, site.handle, site.idx, site.rho, site.dim, site.name)

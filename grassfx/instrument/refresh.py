@@ -1,8 +1,8 @@
 """The refresh state machine and the step counter of a grassfx model.
 
 Every ``update_freq`` optimizer steps, the first forward with gradients on is a
-*refresh*: :meth:`RefreshSchedule.begin_if_due` draws each site's selector noise and a
-float64 *probe*; the refresh backward (``RefreshAnchor``) reports the new rows as the
+*refresh*: :meth:`RefreshSchedule.begin_if_due` draws each site's selector noise, reads
+the rows' ages when the site reserves rows for coverage, and makes a float64 *probe*; the refresh backward (``RefreshAnchor``) reports the new rows as the
 probe's gradient, and a hook on the probe commits them into the site's ``idx``/``rho``
 (in place: compiled graphs see new values without recompiling). The compressed gradient
 of that same step already uses the new rows.
@@ -67,7 +67,7 @@ class RefreshSchedule:
 
     # -- the forward's side ------------------------------------------------------------------
     def begin_if_due(self):
-        """``None`` or, per site, ``None`` or ``(probe, noise)`` for a refresh forward."""
+        """``None`` or, per site, ``None`` or ``(probe, noise, age)`` for a refresh forward."""
         model = self.model
         if self.pending:
             raise GrassError(
@@ -86,12 +86,13 @@ class RefreshSchedule:
                 continue
             gen = _select.site_generator(seed, site.index, step)
             if site.method == "uniform":
-                site.commit(*_select.draw_uniform(site.rows, site.rank, gen))
+                site.commit(*_select.draw_uniform(site.rows, site.rank, gen), step)
                 continue
             noise = _select.draw_noise(site.method, site.rows, site.rank, gen).to(site.idx.device)
+            age = site.ages(step) if site.explore else torch.zeros(0, dtype=torch.float64, device=site.idx.device)
             probe = torch.zeros(2, site.rank, dtype=torch.float64, device=site.idx.device, requires_grad=True)
             probe.register_post_accumulate_grad_hook(self._commit_hook(i))
-            plan[i] = (probe, noise)
+            plan[i] = (probe, noise, age)
             self.pending.add(i)
         self.pending_ok = True
         if not self.pending:
@@ -115,7 +116,7 @@ class RefreshSchedule:
                 # (the optimizer refuses this step's non-finite compressed gradient).
                 self.pending_ok = False
                 return
-            site.commit(record[0].round().long().clamp_(0, site.rows - 1), record[1].float())
+            site.commit(record[0].round().long().clamp_(0, site.rows - 1), record[1].float(), int(model.grass_step))
             if not self.pending and self.pending_ok:
                 model.grass_refreshed_at.fill_(int(model.grass_step))
 

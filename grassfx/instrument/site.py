@@ -6,10 +6,12 @@ A target weight ``W`` (m x n) is frozen and gets
   selection, (m, r) for columns); its ``.grad`` receives ``C = rho * G[idx]``,
 * ``idx`` / ``rho`` — buffers: the selected rows and their scales,
 * ``decay_pending`` — decoupled weight decay owed by rows outside ``idx`` (see
-  :mod:`grassfx.optim.decay`).
+  :mod:`grassfx.optim.decay`),
+* ``last_seen`` — the step at which each of the ``rows`` rows was last selected (-1:
+  never); coverage (``explore``) reads it as each row's age.
 
 What an optimizer may use: ``weight``, ``handle``, ``idx``, ``rho``, ``dim``, ``rows``,
-``rank``, ``full``, ``scale``, ``moments``, ``refreshed`` / ``prev_idx`` (a committed
+``rank``, ``full``, ``method``, ``scale``, ``moments``, ``refreshed`` / ``prev_idx`` (a committed
 refresh the optimizer has not handled yet) and ``schedule`` (the model's step counter).
 """
 
@@ -44,6 +46,7 @@ class Site(nn.Module):
         self.rank = config.rows_kept(self.rows)
         self.full = self.rank >= self.rows
         self.method = config.selection
+        self.explore = config.explored(self.rank) if not self.full else 0  # rows reserved for coverage
         self.scale = float(config.scale)
         self.moments = config.moments
         shape = list(weight.shape)
@@ -52,6 +55,7 @@ class Site(nn.Module):
         self.register_buffer("idx", torch.arange(self.rank, device=weight.device))
         self.register_buffer("rho", torch.ones(self.rank, device=weight.device))
         self.register_buffer("decay_pending", torch.ones((), dtype=torch.float64, device=weight.device))
+        self.register_buffer("last_seen", torch.full((self.rows,), -1, dtype=torch.int64, device=weight.device))
         self.prev_idx = None  # rows selected before the last refresh (set when one commits)
         self.refreshed = False  # a refresh committed and the optimizer has not seen it yet
         self.handle_version = _compat.version(self.handle)
@@ -76,10 +80,24 @@ class Site(nn.Module):
         axis = "rows" if self.dim == 0 else "cols"
         return f"{self.name!r}, {axis} {self.rank}/{self.rows}, selection={self.method}"
 
-    def commit(self, idx: torch.Tensor, rho: torch.Tensor) -> None:
-        """Install a new selection (called by a refresh)."""
+    def commit(self, idx: torch.Tensor, rho: torch.Tensor, step: int) -> None:
+        """Install a new selection (called by a refresh at optimizer step ``step``)."""
         self.prev_idx = self.idx.clone()
         with torch.no_grad():
             self.idx.copy_(idx.to(self.idx.device))
             self.rho.copy_(rho.to(self.rho.device))
+            self.last_seen.index_fill_(0, self.idx, step)
         self.refreshed = True
+
+    def ages(self, step: int) -> torch.Tensor:
+        """Steps since each row was last selected (never selected: ``step + 1``), float64 (rows,)."""
+        return (step - self.last_seen).to(torch.float64)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        key = prefix + "last_seen"
+        if key not in state_dict:  # a checkpoint from before coverage tracking: nothing seen yet
+            state_dict = dict(state_dict)
+            state_dict[key] = torch.full_like(self.last_seen, -1)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)

@@ -9,7 +9,14 @@ With every row selected, ``AdamW`` / ``SGD`` / ``Adafactor`` here equal ``torch.
 
 **Refresh.** When the model picked new rows, the optimizer resets the moments (or, with
 ``compile(..., moments="keep_overlap")``, keeps the moments of rows selected both before
-and after) before the step, and settles the weight decay the other rows owe.
+and after) before the step, and settles the weight decay the other rows owe. ``AdamW``
+counts steps per selected row, so each row is bias-corrected by its own age
+(``rewarmup=K`` also ramps a new row's step up over K steps).
+
+**rho.** Adaptive optimizers (``AdamW``, ``Adafactor``) apply a selector's scale ``rho``
+once (``rho_scaling="once"``: it scales the compressed gradient, and each selected row
+gets one step), so every selector runs at the same learning rate; ``"twice"`` is the
+paper's ``P step(Pᵀ G)``. ``SGD`` always uses the paper's form (unbiased ``P Pᵀ G``).
 
 **Clipping.** ``torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)`` clips the
 gradients that exist: ``C`` for projected weights. With ``rho = 1`` (``top_r``,
@@ -23,8 +30,8 @@ run saved after step N resumes bit-exactly with the model's own ``state_dict``.
 from __future__ import annotations
 
 from .adafactor import Adafactor
-from .adamw import AdamW
+from .adamw import AdamW, row_factors
 from .base import GrassOptimizer
 from .sgd import SGD
 
-__all__ = ["AdamW", "SGD", "Adafactor", "GrassOptimizer"]
+__all__ = ["AdamW", "SGD", "Adafactor", "GrassOptimizer", "row_factors"]

@@ -8,7 +8,7 @@ import torch
 
 from grassfx.errors import ConfigError
 
-from .base import GrassOptimizer, check_number
+from .base import GrassOptimizer, check_number, check_rho_scaling
 from .decay import decay_selected
 
 __all__ = ["Adafactor"]
@@ -20,7 +20,8 @@ class Adafactor(GrassOptimizer):
     Follows ``torch.optim.Adafactor``'s formulation (``lr``, ``beta2_decay``,
     ``eps=(eps1, eps2)``, ``d``, decoupled ``weight_decay``), so with every row selected
     it matches it. For a projected weight the parameter-scale term ``RMS(W)`` is taken
-    over the selected rows.
+    over the selected rows. ``rho_scaling``: ``"once"`` (default) or ``"twice"`` (the
+    paper's form), see :func:`grassfx.optim.base.row_weights`.
 
     Example:
         >>> import torch, grassfx
@@ -28,8 +29,10 @@ class Adafactor(GrassOptimizer):
         >>> opt = grassfx.optim.Adafactor(model.parameters(), lr=1e-2)
     """
 
-    def __init__(self, params, lr=1e-2, beta2_decay=-0.8, eps=(None, 1e-3), d=1.0, weight_decay=0.0, *, nonfinite="raise"):
+    def __init__(self, params, lr=1e-2, beta2_decay=-0.8, eps=(None, 1e-3), d=1.0, weight_decay=0.0, *, nonfinite="raise",
+                 rho_scaling="once"):
         check_number("lr", lr, low=0.0)
+        self.rho_scaling = check_rho_scaling(rho_scaling)
         check_number("beta2_decay", beta2_decay, high=0.0 + 1e-300)
         if not (isinstance(eps, (tuple, list)) and len(eps) == 2):
             raise ConfigError(f"eps={eps!r}: expected a pair (eps1 or None, eps2)")
@@ -96,4 +99,4 @@ class Adafactor(GrassOptimizer):
         alpha = self._step_size(group, state, self._rms(rows))
         decay_selected(site, 1 - group["lr"] * group["weight_decay"])
         update, inv_clip = self._direction(state, handle.grad, group)
-        self._apply_projected(site, update, -alpha * inv_clip * site.scale)
+        self._apply_projected(site, update, -alpha * inv_clip * site.scale, self.rho_scaling)

@@ -10,6 +10,13 @@ For a parameter updated in full (every unprojected parameter, and projected weig
 ``rank >= rows``) the arithmetic is that of ``torch.optim.AdamW`` operation for
 operation (``p + (step * m) / (sqrt(v) / bc2 + eps)``, as its ``addcdiv_``), so at full
 rank the two agree exactly.
+
+A projected weight counts steps per selected row (``state["row_step"]``, float32 (r,),
+instead of one shared ``step``): each row is bias-corrected by its own age
+(:func:`row_factors`), so a row that joined at the last refresh is fresh Adam state while
+a row kept across it (``moments="keep_overlap"``) continues where it was, and
+``rewarmup=K`` ramps a new row's step from 1/K to 1 over its first K steps. The per-row
+vectors are tensors, so neither new rows nor ages ever recompile.
 """
 
 from __future__ import annotations
@@ -20,10 +27,31 @@ import torch
 
 from grassfx.errors import ConfigError
 
-from .base import GrassOptimizer, check_number
+from .base import GrassOptimizer, check_number, check_rho_scaling, row_weights
 from .decay import decay_rows, owe
 
-__all__ = ["AdamW", "adamw_step"]
+__all__ = ["AdamW", "adamw_step", "row_factors"]
+
+
+def row_factors(row_step: torch.Tensor, alpha, beta1: float, beta2: float, rewarmup: int, weight=None):
+    """Per-row step factors of projected AdamW from each row's own step count ``row_step`` (r,).
+
+    Returns ``(factor, bc2)`` (float32, (r,)): the update of row j is
+    ``factor_j * m_j / (sqrt(v_j) / bc2_j + eps)`` with
+    ``factor_j = alpha * w_j * min(1, t_j / rewarmup) / (1 - beta1^t_j)`` and
+    ``bc2_j = sqrt(1 - beta2^t_j)``: every row is bias-corrected by its own age, so a row
+    that joined at the last refresh is treated as the fresh Adam state it is, and with
+    ``rewarmup > 0`` its step ramps up linearly over its first ``rewarmup`` steps.
+    ``w`` is ``weight`` (:func:`grassfx.optim.base.row_weights`; None: 1). ``alpha`` may be
+    a float or a 0-d tensor (the kernel passes tensors).
+    """
+    t = row_step.to(torch.float64)
+    factor = alpha / (1 - torch.pow(beta1, t))
+    if rewarmup:
+        factor = factor * (t / rewarmup).clamp(max=1.0)
+    if weight is not None:
+        factor = factor * weight.to(torch.float64)
+    return factor.float(), torch.sqrt(1 - torch.pow(beta2, t)).float()
 
 
 def _moments(exp_avg, exp_avg_sq, grad, beta1: float, beta2: float, bc2, eps: float):
@@ -33,15 +61,18 @@ def _moments(exp_avg, exp_avg_sq, grad, beta1: float, beta2: float, bc2, eps: fl
     return (exp_avg_sq.sqrt() / bc2).add_(eps)
 
 
-def adamw_step(dense, proj, beta1: float, beta2: float, eps: float, decays: bool = True) -> None:
+def adamw_step(dense, proj, beta1: float, beta2: float, eps: float, decays: bool = True, rewarmup: int = 0) -> None:
     """One AdamW step over flat lists (see the module docstring).
 
-    ``dense``: ``(params, grads, exp_avgs, exp_avg_sqs, nums)``, parameters updated in full.
-    ``proj``: ``(weights, grads, exp_avgs, exp_avg_sqs, nums, dims, idxs, rhos)``, projected
-    weights: grads and moments are (r, n) (or (m, r)); the update goes to the selected rows
-    and decoupled decay hits each selected row once (the caller records the other rows'
-    debt). ``nums[:, i]`` = (step size ``-lr * scale / bc1``, ``sqrt(bc2)``, decay factor),
-    float64. ``decays=False`` (every decay factor is 1) leaves the decay code out.
+    ``dense``: ``(params, grads, exp_avgs, exp_avg_sqs, nums)``, parameters updated in full;
+    ``nums[:, i]`` = (step size ``-lr * scale / bc1``, ``sqrt(bc2)``, decay factor), float64.
+    ``proj``: ``(weights, grads, exp_avgs, exp_avg_sqs, nums, dims, idxs, row_steps,
+    row_weights)``, projected weights: grads and moments are (r, n) (or (m, r)); each row is
+    bias-corrected by its own step count (``row_steps[i]``, advanced here; :func:`row_factors`,
+    with ``row_weights[i]`` or None), the update goes to the selected rows and decoupled
+    decay hits each selected row once (the caller records the other rows' debt);
+    ``nums[:, i]`` = (``-lr * scale``, decay factor), float64.
+    ``decays=False`` (every decay factor is 1) leaves the decay code out.
     """
     params, grads, exp_avgs, exp_avg_sqs, nums = dense
     for i in range(len(params)):
@@ -50,15 +81,15 @@ def adamw_step(dense, proj, beta1: float, beta2: float, eps: float, decays: bool
             params[i].mul_(factor)
         denom = _moments(exp_avgs[i], exp_avg_sqs[i], grads[i], beta1, beta2, bc2, eps)
         params[i].add_(exp_avgs[i] * step / denom)
-    weights, grads, exp_avgs, exp_avg_sqs, nums, dims, idxs, rhos = proj
+    weights, grads, exp_avgs, exp_avg_sqs, nums, dims, idxs, row_steps, weights_ = proj
     for i in range(len(weights)):
         w, dim, idx = weights[i], dims[i], idxs[i]
-        step, bc2, factor = nums[0, i].float(), nums[1, i].float(), nums[2, i].float()
         if decays:
-            decay_rows(w, idx, dim, factor)
-        denom = _moments(exp_avgs[i], exp_avg_sqs[i], grads[i], beta1, beta2, bc2, eps)
-        rho = rhos[i].unsqueeze(1 - dim)  # broadcast along the selected dim
-        w.index_add_(dim, idx, (exp_avgs[i] * step / denom * rho).to(w.dtype))  # (r, n) rows into (m, n)
+            decay_rows(w, idx, dim, nums[1, i].float())
+        row_steps[i].add_(1)
+        factor, bc2 = row_factors(row_steps[i], nums[0, i], beta1, beta2, rewarmup, weights_[i])
+        denom = _moments(exp_avgs[i], exp_avg_sqs[i], grads[i], beta1, beta2, bc2.unsqueeze(1 - dim), eps)
+        w.index_add_(dim, idx, (exp_avgs[i] / denom * factor.unsqueeze(1 - dim)).to(w.dtype))  # (r, n) into (m, n)
 
 
 class _Lists:
@@ -66,34 +97,35 @@ class _Lists:
 
     def __init__(self):
         self.params, self.grads, self.exp_avgs, self.exp_avg_sqs = [], [], [], []
-        self.steps, self.bc2s, self.factors = [], [], []
-        self.dims, self.idxs, self.rhos, self.sites = [], [], [], []
+        self.nums = []  # per parameter: the float64 column of adamw_step's ``nums``
+        self.dims, self.idxs, self.row_steps, self.row_weights, self.sites = [], [], [], [], []
 
-    def add(self, param, grad, state, *, step, bc2, factor, site=None):
+    def add(self, param, grad, state, *nums):
         self.params.append(param)
         self.grads.append(grad)
         self.exp_avgs.append(state["exp_avg"])
         self.exp_avg_sqs.append(state["exp_avg_sq"])
-        self.steps.append(step)
-        self.bc2s.append(bc2)
-        self.factors.append(factor)
-        if site is not None:
-            self.dims.append(site.dim)
-            self.idxs.append(site.idx)
-            self.rhos.append(site.rho)
-            self.sites.append(site)
+        self.nums.append(nums)
+
+    def add_projected(self, site, grad, state, row_weight, *nums):
+        self.add(site.weight, grad, state, *nums)
+        self.dims.append(site.dim)
+        self.idxs.append(site.idx)
+        self.row_steps.append(state["row_step"])
+        self.row_weights.append(row_weight)
+        self.sites.append(site)
 
     def _nums(self):
         if not self.params:
             return None
-        return torch.tensor([self.steps, self.bc2s, self.factors], dtype=torch.float64, device=self.params[0].device)
+        return torch.tensor(self.nums, dtype=torch.float64, device=self.params[0].device).t()
 
     def dense_args(self):
         return self.params, self.grads, self.exp_avgs, self.exp_avg_sqs, self._nums()
 
     def proj_args(self):
         return (self.params, self.grads, self.exp_avgs, self.exp_avg_sqs, self._nums(),
-                tuple(self.dims), self.idxs, self.rhos)
+                tuple(self.dims), self.idxs, self.row_steps, self.row_weights)
 
 
 class AdamW(GrassOptimizer):
@@ -105,19 +137,28 @@ class AdamW(GrassOptimizer):
         nonfinite: ``"raise"`` (default) or ``"skip"`` a step whose gradients hold NaN/Inf.
         compiled: run :func:`adamw_step` compiled (``True``), eagerly (``False``), or
             compiled when a model was compiled with Inductor (``None``, the default).
+        rewarmup: ramp a newly selected row's step from 1/K to 1 over its first K steps
+            (an int >= 0; 0, the default, turns it off).
+        rho_scaling: ``"once"`` (default: each selected row gets one step, whatever the
+            selector's ``rho``) or ``"twice"`` (the paper's ``P step(Pᵀ G)``); see
+            :func:`grassfx.optim.base.row_weights`.
 
     Example:
         >>> import torch, grassfx
         >>> model = grassfx.compile(torch.nn.Linear(32, 32), rank=4, backend="eager")
         >>> opt = grassfx.optim.AdamW(model.parameters(), lr=1e-3)
         >>> model(torch.randn(2, 32)).sum().backward(); opt.step()
-        >>> [tuple(v.shape) for k, v in opt.state[model.sites[0].handle].items() if k != "step"]
-        [(4, 32), (4, 32)]
+        >>> {k: tuple(v.shape) for k, v in opt.state[model.sites[0].handle].items()}
+        {'row_step': (4,), 'exp_avg': (4, 32), 'exp_avg_sq': (4, 32)}
     """
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, *, nonfinite="raise",
-                 compiled=None):
+                 compiled=None, rewarmup=0, rho_scaling="once"):
         check_number("lr", lr, low=0.0)
+        if isinstance(rewarmup, bool) or not isinstance(rewarmup, int) or rewarmup < 0:
+            raise ConfigError(f"rewarmup={rewarmup!r}: expected an int >= 0 (steps; 0 turns it off)")
+        self.rewarmup = rewarmup
+        self.rho_scaling = check_rho_scaling(rho_scaling)
         if compiled not in (None, True, False):
             raise ConfigError(f"compiled={compiled!r}: expected None (follow the model's backend), True or False")
         self._compiled_flag = compiled
@@ -131,10 +172,15 @@ class AdamW(GrassOptimizer):
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, nonfinite=nonfinite)
         super().__init__(params, defaults)
 
-    def _state(self, p):
+    def _state(self, p, site=None):
+        """Moments of ``p``, with one shared ``step`` (updated in full) or, for the handle of a
+        projected weight (``site`` not full), ``row_step``: each selected row's own step count."""
         state = self.state[p]
         if not state:
-            state["step"] = 0
+            if site is None or site.full:
+                state["step"] = 0
+            else:
+                state["row_step"] = torch.zeros(site.rank, dtype=torch.float32, device=p.device)
             state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
             state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
         return state
@@ -161,23 +207,24 @@ class AdamW(GrassOptimizer):
     def _apply_lists(self, work, beta1: float, beta2: float, eps: float) -> None:
         dense, proj = _Lists(), _Lists()
         for group, p, site in work:
-            state = self._state(p)
-            state["step"] += 1
-            t = state["step"]
+            state = self._state(p, site)
             scale = 1.0 if site is None else site.scale
-            nums = dict(step=-group["lr"] * scale / (1 - beta1**t), bc2=math.sqrt(1 - beta2**t),
-                        factor=1 - group["lr"] * group["weight_decay"])
+            decay = 1 - group["lr"] * group["weight_decay"]
             if site is None or site.full:
-                dense.add(p if site is None else site.weight, p.grad, state, **nums)
-            else:
-                proj.add(site.weight, p.grad, state, site=site, **nums)
+                state["step"] += 1
+                t = state["step"]
+                dense.add(p if site is None else site.weight, p.grad, state,
+                          -group["lr"] * scale / (1 - beta1**t), math.sqrt(1 - beta2**t), decay)
+            else:  # bias correction per row, inside the kernel
+                proj.add_projected(site, p.grad, state, row_weights(site, self.rho_scaling),
+                                   -group["lr"] * scale, decay)
         # without weight decay the decay code is left out of the kernel (fewer kernels to
         # compile and two fewer passes over each selected row); compiled, a bool guard
         # means at most one more compile if some group turns decay on later
         decays = any(group["weight_decay"] != 0 for group, _, _ in work)
-        self._kernel()(dense.dense_args(), proj.proj_args(), beta1, beta2, eps, decays)
+        self._kernel()(dense.dense_args(), proj.proj_args(), beta1, beta2, eps, decays, self.rewarmup)
         if decays:
             # the 0-d float64 debts stay outside the compiled region: torch 2.13's Inductor
             # drops in-place updates of 0-d CPU float64 inputs there
-            for site, factor in zip(proj.sites, proj.factors):
+            for site, (_, factor) in zip(proj.sites, proj.nums):
                 owe(site, factor)

@@ -4,9 +4,15 @@ For a projected weight ``W`` (m x n, rows selected; columns are symmetric) the o
 sees the handle's gradient ``C = rho * G[idx]`` (r x n) and keeps its state at (r x n).
 The update lands on the selected rows only::
 
-    W.index_add_(0, idx, -lr * scale * rho[:, None] * step(C))    # (r, n) into (m, n)
+    W.index_add_(0, idx, -lr * scale * w[:, None] * step(C))    # (r, n) into (m, n)
 
 ``index_add`` (not ``index_copy``): a selector with replacement may pick a row twice.
+The per-entry factor ``w`` comes from :func:`row_weights`: ``rho`` again (the paper's
+``P step(Pᵀ G)``, ``rho_scaling="twice"``, what SGD uses), or, for adaptive optimizers
+(``rho_scaling="once"``, their default), 1 split evenly between the copies of a row
+drawn more than once: Adam and Adafactor divide the gradient's scale out, so ``rho`` in
+the compressed gradient alone changes nothing, and every selector runs at the same
+learning rate.
 Every other parameter (biases, norms, embeddings, unprojected weights) gets the ordinary
 update of the same algorithm.
 
@@ -27,15 +33,17 @@ import math
 
 import torch
 
+from grassfx import select as _select
 from grassfx.errors import ConfigError, NonFiniteGradientError
 from grassfx.instrument import registry
 from grassfx.instrument.anchors import broadcast_along
 
 from . import decay
 
-__all__ = ["GrassOptimizer", "check_number"]
+__all__ = ["GrassOptimizer", "check_number", "check_rho_scaling", "row_weights", "RHO_SCALINGS"]
 
 _NONFINITE = ("raise", "skip")
+RHO_SCALINGS = ("once", "twice")
 
 
 def check_number(name, value, low=None, high=None, low_open=False):
@@ -46,6 +54,33 @@ def check_number(name, value, low=None, high=None, low_open=False):
         raise ConfigError(f"{name}={value!r}: must be {'>' if low_open else '>='} {low}")
     if high is not None and value >= high:
         raise ConfigError(f"{name}={value!r}: must be < {high}")
+
+
+def check_rho_scaling(rho_scaling) -> str:
+    """Raise :class:`grassfx.ConfigError` unless ``rho_scaling`` is one of :data:`RHO_SCALINGS`."""
+    if rho_scaling not in RHO_SCALINGS:
+        raise ConfigError(f"rho_scaling={rho_scaling!r}: allowed values: {', '.join(RHO_SCALINGS)}")
+    return rho_scaling
+
+
+def row_weights(site, rho_scaling: str):
+    """Per-entry factor of a projected update (r,), or None where it is 1 everywhere.
+
+    ``"twice"`` is the paper's ``W -= lr * P step(Pᵀ G)``: ``rho`` scales the compressed
+    gradient and again the update. An adaptive optimizer divides the first ``rho`` out
+    (its step does not depend on the gradient's scale), so with ``"twice"`` a selector with
+    ``rho != 1`` moves its rows by ``rho`` times the step of one with ``rho = 1`` (``uniform``
+    at r = m/8: 2.8x). ``"once"`` (the adaptive optimizers' default) keeps ``rho`` in the
+    gradient only and gives each selected row one step, split evenly between the copies
+    of a row drawn more than once, so every selector runs at the same learning rate.
+    """
+    if rho_scaling == "twice":
+        return None if site.method in _select.UNIT_RHO else site.rho
+    if site.method not in _select.WITH_REPLACEMENT:
+        return None
+    counts = torch.zeros(site.rows, dtype=torch.float32, device=site.idx.device)
+    counts.index_add_(0, site.idx, torch.ones(site.rank, dtype=torch.float32, device=site.idx.device))
+    return counts[site.idx].reciprocal()
 
 
 class GrassOptimizer(torch.optim.Optimizer):
@@ -173,14 +208,16 @@ class GrassOptimizer(torch.optim.Optimizer):
 
     # -- helpers for eager updates --------------------------------------------------------
     @staticmethod
-    def _apply_projected(site, update: torch.Tensor, alpha: float) -> None:
-        """``W[idx] += alpha * rho * update`` along the selected dim."""
+    def _apply_projected(site, update: torch.Tensor, alpha: float, rho_scaling: str = "twice") -> None:
+        """``W[idx] += alpha * w * update`` along the selected dim, ``w`` from :func:`row_weights`."""
         weight = site.weight
         if site.full:
             weight.add_(update, alpha=alpha)
             return
-        rho = broadcast_along(site.rho, update.dim(), site.dim).to(update.dtype)
-        weight.index_add_(site.dim, site.idx, update * rho, alpha=alpha)
+        w = row_weights(site, rho_scaling)
+        if w is not None:
+            update = update * broadcast_along(w, update.dim(), site.dim).to(update.dtype)
+        weight.index_add_(site.dim, site.idx, update, alpha=alpha)
 
     def _update_dense(self, p, group):  # pragma: no cover - abstract
         raise NotImplementedError

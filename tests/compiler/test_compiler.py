@@ -165,15 +165,19 @@ def test_tiny_llama_inductor_20_steps_matches_eager():
     assert torch._dynamo.utils.counters["graph_break"] == {}
 
 
-@pytest.mark.parametrize("weight_decay", [0.1, 0.0])  # 0: the compiled step leaves decay out
-def test_compiled_adamw_step_matches_eager_loop_without_recompiles(weight_decay):
+# 0 decay: the compiled step leaves decay out; keep_overlap + rewarmup: per-row step counts
+# that differ between rows; "twice": rho in the update
+@pytest.mark.parametrize("weight_decay, moments, rewarmup, rho_scaling",
+                         [(0.1, "reset", 0, "once"), (0.0, "keep_overlap", 2, "twice")])
+def test_compiled_adamw_step_matches_eager_loop_without_recompiles(weight_decay, moments, rewarmup, rho_scaling):
     import torch._dynamo.utils as dyn_utils
 
     torch.manual_seed(0)
     net = zoo.Shared()
-    models = [grassfx.compile(copy.deepcopy(net), rank=4, selection="multinorm", update_freq=3, backend="eager")
-              for _ in range(2)]
-    opts = [grassfx.optim.AdamW(m.parameters(), lr=1e-2, weight_decay=weight_decay, compiled=c)
+    models = [grassfx.compile(copy.deepcopy(net), rank=4, selection="multinorm", update_freq=3, moments=moments,
+                              backend="eager") for _ in range(2)]
+    opts = [grassfx.optim.AdamW(m.parameters(), lr=1e-2, weight_decay=weight_decay, compiled=c,
+                                rewarmup=rewarmup, rho_scaling=rho_scaling)
             for m, c in zip(models, (False, True))]
     scheds = [torch.optim.lr_scheduler.LambdaLR(o, lambda s: 1 / (1 + s)) for o in opts]
     g = torch.Generator().manual_seed(0)
@@ -188,3 +192,14 @@ def test_compiled_adamw_step_matches_eager_loop_without_recompiles(weight_decay)
     for a, b in zip(models[0].state_dict().values(), models[1].state_dict().values()):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
     assert dyn_utils.counters["stats"]["unique_graphs"] == 1
+
+
+def test_explore_and_kept_moments_compiled_match_eager():
+    """Coverage selection runs inside the compiled refresh graph and picks the eager rows."""
+    torch.manual_seed(0)
+    eager, compiled = _pair(zoo.Zoo(), "aot_eager", rank=4, update_freq=2, explore=0.5, moments="keep_overlap")
+    g = torch.Generator().manual_seed(0)
+    batches = [torch.randn(6, 12, generator=g) for _ in range(5)]  # refreshes at 0, 2, 4
+    _run_steps(eager, compiled, batches, lambda m, x: m(x).pow(2).mean(), opt_kw={"rewarmup": 3})
+    assert all((s.last_seen >= 0).sum() > s.rank for s in compiled.sites if not s.full)
+    assert compiled.compile_report.frames == 2

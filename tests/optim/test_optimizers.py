@@ -74,7 +74,9 @@ def test_optimizer_state_is_r_by_n():
         state = opt.state[site.handle]
         n = model.weight_of(site).shape[1]
         moments = sum(v.nbytes for v in state.values() if torch.is_tensor(v))
-        assert moments == 2 * site.rank * n * 4
+        # two (r, n) moments plus one step count per selected row
+        assert moments == 2 * site.rank * n * 4 + site.rank * 4
+        assert state["row_step"].shape == (site.rank,)
         assert not opt.state[model.weight_of(site)]
 
 

@@ -1,0 +1,368 @@
+"""Training-quality harness: each method at its tuned learning rate, several seeds, paired.
+
+Every run is one ``grassfx train`` process (same code path as the main job): a LLaMA
+preset trained from scratch on a real corpus, scored at the end on **every**
+non-overlapping window of the fixed evaluation split (independent of seed and batch
+size; see ``grassfx.recipes.data.eval_windows``). A *seed* fixes the initial weights, the batch
+order and grassfx's selection noise, and every arm sees the same seeds, so differences
+between arms are paired.
+
+Procedure (per corpus and preset):
+
+1. **Tune**: each arm with a grid runs every grid point at the tuning seed(s)
+   (``--tune-seeds``, by default one seed that is *not* among the evaluation seeds);
+   the point with the lowest final eval loss is the arm's tuned setting. Arms may take
+   their tuned setting from another arm instead (``"like": "grass"``: ablations of one
+   option run at the base arm's learning rate).
+2. **Evaluate**: each arm at its tuned setting on ``--seeds`` (3 by default; an arm may
+   ask for only the first few, ``"seeds": 2``, as the ablations do).
+3. **Report**: mean eval loss in nats +- standard error over seeds, the paired difference
+   against the reference arm (AdamW) per seed (mean +- standard error), perplexity,
+   optimizer-state bytes, tokens/s; eval curves with seed bands (PNG); every run's raw
+   summary (JSON). Finished runs are kept and reused when the same command runs again.
+
+Usage::
+
+    python benchmarks/quality.py --plan tiny --jobs 2 --out benchmarks/results/quality/tiny_shakespeare
+    python benchmarks/quality.py --plan tiny --data movies --out benchmarks/results/quality/tiny_movies
+    python benchmarks/quality.py --plan smoke --out /tmp/q     # a few steps, for tests
+
+The plans live in :data:`PLANS` below: arms, grids and run lengths, in one place.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# An arm: the ``grassfx train`` flags that define it, and either a grid (flag lists, one
+# per point; the best point is its tuned setting) or ``like`` (reuse that arm's tuned point).
+_LR = lambda *values: [["--lr", str(v)] for v in values]  # noqa: E731
+_GRASS_BASE = ["--update-freq", "12", "--moments", "keep_overlap", "--explore", "0.25", "--rewarmup", "10"]
+
+PLANS = {
+    # 300 steps of 4 x 128 tokens on the tiny preset (5.3M parameters), 25 refresh windows
+    # for grassfx (GaLore updates its projection as often). Each method tunes the learning
+    # rate of everything it trains densely (embeddings, norms) and the step of its
+    # projected weights (``--scale``) separately.
+    "tiny": dict(
+        preset="tiny", steps=300, batch_size=4, seq_len=128, eval_every=50, eval_windows=32, rank=64,
+        arms={
+            "adamw": dict(flags=["--optimizer", "adamw"], grid=_LR(5e-4, 1e-3, 2e-3)),
+            "galore": dict(flags=["--optimizer", "galore", "--update-freq", "12"],
+                           grid=[["--lr", lr, "--scale", sc] for lr, sc in
+                                 (("1e-3", "1"), ("2e-3", "1"), ("1e-3", "2"), ("4e-3", "1"), ("8e-3", "1"))]),
+            # the candidate default: kept moments, a quarter of the rank for coverage, new
+            # rows re-warmed over 10 steps
+            "grass": dict(flags=["--optimizer", "grass"] + _GRASS_BASE,
+                          grid=[["--lr", lr, "--scale", sc] for lr, sc in
+                                (("1e-3", "1"), ("1e-3", "2"), ("2e-3", "2"), ("2e-3", "1"), ("4e-3", "1"),
+                                 ("4e-3", "0.5"))]),
+            # equal optimizer memory to GaLore: select along the smaller side, as GaLore projects
+            "grass-smaller": dict(flags=["--optimizer", "grass", "--proj-dim", "smaller"] + _GRASS_BASE, like="grass",
+                                  seeds=1),
+            # ablations of the candidate, one option each, on the first seed (paired with it)
+            "grass-no-explore": dict(flags=["--optimizer", "grass"] + _GRASS_BASE + ["--explore", "0"],
+                                     like="grass", seeds=1),
+            "grass-no-rewarmup": dict(flags=["--optimizer", "grass"] + _GRASS_BASE + ["--rewarmup", "0"],
+                                      like="grass", seeds=1),
+            "grass-reset": dict(flags=["--optimizer", "grass"] + _GRASS_BASE + ["--moments", "reset"],
+                                like="grass", seeds=1),
+            # the previous defaults (one refresh per 200 steps, reset, no coverage, no re-warmup)
+            "grass-before": dict(flags=["--optimizer", "grass", "--update-freq", "200", "--moments", "reset",
+                                        "--explore", "0", "--rewarmup", "0"], like="grass", seeds=1),
+        },
+        reference="adamw",
+    ),
+    # CI smoke: the whole procedure on the test preset in a few steps.
+    "smoke": dict(
+        preset="test", steps=4, batch_size=2, seq_len=32, eval_every=2, eval_windows=2, rank=8,
+        arms={
+            "adamw": dict(flags=["--optimizer", "adamw"], grid=_LR(1e-3, 3e-3)),
+            "grass": dict(flags=["--optimizer", "grass"], grid=_LR(3e-3)),
+            "grass-cover": dict(flags=["--optimizer", "grass", "--explore", "0.25"], like="grass"),
+        },
+        reference="adamw",
+    ),
+}
+
+
+# ----------------------------------------------------------------------------- running
+
+
+def run_dir(out: Path, arm: str, point: list[str], seed: int) -> Path:
+    """Folder of one run: arm, grid point and seed in a readable name."""
+    tag = "_".join(p.lstrip("-").replace("/", "-") for p in point) or "base"
+    return out / "runs" / f"{arm}__{tag}__seed{seed}"
+
+
+def train_argv(plan: dict, args, flags: list[str], seed: int, folder: Path) -> list[str]:
+    """The ``grassfx train`` command line of one run."""
+    argv = ["--preset", plan["preset"], "--steps", str(plan["steps"]), "--batch-size", str(plan["batch_size"]),
+            "--seq-len", str(plan["seq_len"]), "--eval-every", str(plan["eval_every"]),
+            "--eval-windows", str(plan["eval_windows"]),
+            "--rank", str(plan["rank"]), "--seed", str(seed), "--threads", str(args.threads),
+            "--backend", args.backend, "--no-progress", "--out", str(folder)]
+    if args.data:
+        argv += ["--data", args.data]
+    return argv + flags
+
+
+def run_one(plan: dict, args, arm: str, flags: list[str], point: list[str], seed: int) -> dict:
+    """Train one run in its own process (or reuse its finished result); returns its record."""
+    folder = run_dir(Path(args.out), arm, point, seed)
+    argv = train_argv(plan, args, flags + point, seed, folder)
+    _wait_for_other(folder)
+    if (folder / "summary.json").is_file():  # finished before (summary.json is written at the end)
+        return _record(folder, arm, point, seed, argv, wall_s=float("nan"))
+    folder.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    if args.inprocess:  # tests: no process start-up per run (memory figures then mix runs)
+        from grassfx.recipes import train
+
+        train.run(argv)
+    else:
+        with open(folder / "log.txt", "w") as log:
+            proc = subprocess.Popen([sys.executable, "-m", "grassfx.train", *argv], cwd=ROOT,
+                                    stdout=log, stderr=subprocess.STDOUT, text=True)
+            (folder / "pid").write_text(str(proc.pid))  # another harness on this folder waits for it
+            proc.wait()
+        if proc.returncode != 0:
+            raise RuntimeError(f"run {folder.name} failed (exit {proc.returncode}); see {folder / 'log.txt'}:\n"
+                               + (folder / "log.txt").read_text()[-2000:])
+    return _record(folder, arm, point, seed, argv, wall_s=time.perf_counter() - t0)
+
+
+def _wait_for_other(folder: Path) -> None:
+    """If another harness process is training this run right now, wait for it to finish."""
+    try:
+        pid = int((folder / "pid").read_text())
+    except (OSError, ValueError):
+        return
+    while not (folder / "summary.json").is_file():
+        try:
+            os.kill(pid, 0)
+        except OSError:  # that process is gone without finishing: train the run here
+            return
+        time.sleep(10)
+
+
+def _record(folder: Path, arm: str, point: list[str], seed: int, argv: list[str], wall_s: float) -> dict:
+    """The record of a finished run, read from its ``summary.json`` and ``metrics.jsonl``."""
+    config = json.loads((folder / "config.json").read_text())
+    for flag, key in (("--seed", "seed"), ("--steps", "steps"), ("--preset", "preset")):
+        if str(config[key]) != argv[argv.index(flag) + 1]:
+            raise RuntimeError(f"{folder} holds a run with {key}={config[key]}, not this command's; "
+                               "use another --out or delete it")
+    summary = json.loads((folder / "summary.json").read_text())
+    (_, result), = summary.items()
+    with open(folder / "metrics.jsonl") as f:
+        curve = [(r["step"], r["eval_curve"]) for r in map(json.loads, f) if "eval_curve" in r]
+    return dict(arm=arm, point=point, seed=seed, argv=argv, wall_s=wall_s,
+                eval_loss=result["eval_loss"], train_loss=result["train_loss"],
+                tokens_per_s=result["tokens_per_s"], optimizer_state_bytes=result["optimizer_state_bytes"],
+                peak_mem_bytes=result["peak_mem_bytes"], curve=curve, summary=result)
+
+
+def run_many(jobs: list, plan: dict, args) -> list[dict]:
+    """Run ``(arm, flags, point, seed)`` jobs, ``--jobs`` at a time; prints one line per run."""
+    results = []
+
+    def one(job):
+        rec = run_one(plan, args, *job)
+        print(f"  {rec['arm']:<16} {' '.join(rec['point']) or '-':<24} seed {rec['seed']:<4} "
+              f"eval {rec['eval_loss']:.4f}  ({rec['wall_s']:.0f} s)", flush=True)
+        return rec
+
+    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        results = list(pool.map(one, jobs))
+    return results
+
+
+# ----------------------------------------------------------------------------- statistics
+
+
+def mean_se(values: list[float]) -> tuple[float, float]:
+    """Mean and standard error of the mean (0 for a single value)."""
+    m = statistics.fmean(values)
+    se = statistics.stdev(values) / math.sqrt(len(values)) if len(values) > 1 else 0.0
+    return m, se
+
+
+def tune(plan: dict, args) -> dict:
+    """Stage 1: every grid point of every arm at the tuning seeds; returns {arm: best point}."""
+    jobs = [(arm, spec["flags"], point, seed) for arm, spec in plan["arms"].items() if "grid" in spec
+            for point in spec["grid"] for seed in args.tune_seeds]
+    print(f"tuning: {len(jobs)} runs", flush=True)
+    records = run_many(jobs, plan, args)
+    best, table = {}, {}
+    for arm, spec in plan["arms"].items():
+        if "grid" not in spec:
+            continue
+        scores = []
+        for point in spec["grid"]:
+            losses = [r["eval_loss"] for r in records if r["arm"] == arm and r["point"] == point]
+            scores.append((statistics.fmean(losses), point))
+        table[arm] = [dict(point=p, eval_loss=v) for v, p in scores]
+        best[arm] = min(scores, key=lambda x: x[0])[1]
+        if best[arm] in (spec["grid"][0], spec["grid"][-1]) and len(spec["grid"]) > 2:
+            print(f"  note: {arm}'s best point {best[arm]} is at the edge of its grid", flush=True)
+    for arm, spec in plan["arms"].items():
+        if "like" in spec:
+            best[arm] = best[spec["like"]]
+    return dict(best=best, grid=table, runs=records)
+
+
+def evaluate_arms(plan: dict, args, best: dict) -> list[dict]:
+    """Stage 2: each arm at its tuned point on every evaluation seed."""
+    jobs = [(arm, spec["flags"], best[arm], seed) for arm, spec in plan["arms"].items()
+            for seed in args.seeds[: spec.get("seeds", len(args.seeds))]]
+    print(f"evaluating: {len(jobs)} runs", flush=True)
+    return run_many(jobs, plan, args)
+
+
+def summarize(plan: dict, records: list[dict], best: dict) -> dict:
+    """Per arm: mean +- s.e. of eval loss, paired differences against the reference arm."""
+    ref = plan["reference"]
+    by_arm: dict = {}
+    for r in records:
+        by_arm.setdefault(r["arm"], {})[r["seed"]] = r
+    out = {}
+    for arm, runs in by_arm.items():
+        seeds = sorted(runs)
+        losses = [runs[s]["eval_loss"] for s in seeds]
+        m, se = mean_se(losses)
+        row = dict(point=best[arm], seeds=seeds, eval_loss=losses, mean=m, se=se, ppl=math.exp(m),
+                   optimizer_state_bytes=statistics.fmean(runs[s]["optimizer_state_bytes"] for s in seeds),
+                   tokens_per_s=statistics.fmean(runs[s]["tokens_per_s"] for s in seeds))
+        if ref in by_arm and arm != ref:
+            row.update(_paired(runs, by_arm[ref]))
+        base = plan["arms"].get(arm, {}).get("like")
+        if base in by_arm:  # an ablation: also paired against the arm it varies
+            row["vs_base"] = dict(_paired(runs, by_arm[base]), base=base)
+        out[arm] = row
+    return out
+
+
+def _paired(runs: dict, ref: dict) -> dict:
+    """Per-seed differences ``runs - ref`` of eval loss over the seeds both have."""
+    diffs = [runs[s]["eval_loss"] - ref[s]["eval_loss"] for s in sorted(runs) if s in ref]
+    if not diffs:
+        return {}
+    dm, dse = mean_se(diffs)
+    return dict(diff=diffs, diff_mean=dm, diff_se=dse, ppl_ratio=math.exp(dm))
+
+
+def table(summary: dict, ref: str) -> str:
+    """Markdown table of :func:`summarize`'s result."""
+    lines = [f"| arm | tuned setting | seeds | eval loss (nats), mean ± s.e. | ppl | Δ vs {ref} (paired, nats) | "
+             "ppl ratio | Δ vs the arm it varies | optimizer state | tokens/s |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for arm, row in summary.items():
+        diff = (f"{row['diff_mean']:+.4f} ± {row['diff_se']:.4f}" if "diff_mean" in row else "—")
+        ratio = f"{row['ppl_ratio']:.3f}" if "ppl_ratio" in row else "—"
+        vs = row.get("vs_base")
+        base = f"{vs['base']}: {vs['diff_mean']:+.4f} ± {vs['diff_se']:.4f}" if vs and "diff_mean" in vs else "—"
+        lines.append(f"| {arm} | `{' '.join(row['point'])}` | {len(row['seeds'])} | {row['mean']:.4f} ± {row['se']:.4f} | "
+                     f"{row['ppl']:.1f} | {diff} | {ratio} | {base} | {row['optimizer_state_bytes'] / 2**20:.1f} MiB | "
+                     f"{row['tokens_per_s']:,.0f} |")
+    return "\n".join(lines)
+
+
+def plot(records: list[dict], path: Path, title: str) -> bool:
+    """Eval-loss curves, mean over seeds with a min-max band per arm (PNG); False without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg", force=True)
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    fig, ax = plt.subplots(figsize=(8, 5))
+    arms = list(dict.fromkeys(r["arm"] for r in records))
+    for i, arm in enumerate(arms):
+        curves = [dict(r["curve"]) for r in records if r["arm"] == arm]
+        steps = sorted(set.intersection(*(set(c) for c in curves)))
+        mean = [statistics.fmean(c[s] for c in curves) for s in steps]
+        lo = [min(c[s] for c in curves) for s in steps]
+        hi = [max(c[s] for c in curves) for s in steps]
+        ax.plot(steps, mean, color=f"C{i}", label=arm)
+        ax.fill_between(steps, lo, hi, color=f"C{i}", alpha=0.2)
+    ax.set_xlabel("step")
+    ax.set_ylabel("eval loss (nats)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    tail = [v for r in records for s, v in r["curve"] if s >= records[0]["curve"][-1][0] // 3]
+    if tail:
+        ax.set_ylim(min(tail) - 0.05, max(tail) + 0.1)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+# ----------------------------------------------------------------------------- entry point
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--plan", default="tiny", choices=list(PLANS), help="arms, grids and run length")
+    p.add_argument("--data", default=None, help="corpus (grassfx train --data): shakespeare (default), movies, a path")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="evaluation seeds")
+    p.add_argument("--tune-seeds", type=int, nargs="+", default=[100], help="seeds of the tuning runs")
+    p.add_argument("--arms", nargs="+", default=None, help="run only these arms of the plan (and what they are like)")
+    p.add_argument("--jobs", type=int, default=1, help="runs at once (each with --threads threads)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads per run")
+    p.add_argument("--backend", default="eager", help="grassfx train --backend (same numbers; eager is fastest to start)")
+    p.add_argument("--out", required=True, help="output folder (finished runs in it are reused)")
+    p.add_argument("--inprocess", action="store_true", help="train in this process, one run at a time (tests)")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    plan = dict(PLANS[args.plan])
+    if args.arms:
+        keep = set(args.arms)
+        keep |= {plan["arms"][a]["like"] for a in args.arms if "like" in plan["arms"].get(a, {})}
+        unknown = keep - set(plan["arms"])
+        if unknown:
+            raise SystemExit(f"unknown arm(s) {sorted(unknown)}; the plan has {sorted(plan['arms'])}")
+        plan["arms"] = {a: s for a, s in plan["arms"].items() if a in keep}
+    if args.inprocess:
+        args.jobs = 1
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    tuned = tune(plan, args)
+    records = evaluate_arms(plan, args, tuned["best"])
+    summary = summarize(plan, records, tuned["best"])
+    result = dict(plan=args.plan, preset=plan["preset"], steps=plan["steps"], data=args.data or "shakespeare",
+                  seeds=args.seeds, tune_seeds=args.tune_seeds, backend=args.backend,
+                  command="python benchmarks/quality.py " + " ".join(sys.argv[1:] if argv is None else argv),
+                  date=time.strftime("%Y-%m-%d"), machine=f"{os.cpu_count()} CPUs, {sys.platform}",
+                  tuned=tuned["best"], grid=tuned["grid"], summary=summary,
+                  runs=tuned["runs"] + records, wall_s=time.perf_counter() - t0)
+    (out / "quality.json").write_text(json.dumps(result, indent=1) + "\n")
+    text = table(summary, plan["reference"])
+    (out / "quality.md").write_text(text + "\n")
+    plot(records, out / "curves.png", f"{plan['preset']} LLaMA, {plan['steps']} steps, {result['data']}: "
+                                      f"eval loss, mean and range over seeds {args.seeds}")
+    print("\n" + text)
+    print(f"\nwrote {out}/quality.json, quality.md, curves.png ({time.perf_counter() - t0:.0f} s)")
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,220 @@
+"""The command line of ``grassfx train``: flags, per-optimizer settings and the runs they ask for.
+
+``--lr``, ``--scale`` and ``--update-freq`` take one value for every optimizer or
+``OPTIMIZER=VALUE`` (repeatable, ``--lr 2e-3 --lr grass=5e-3``); :func:`setting` reads
+them, falling back to each optimizer's tuned defaults in :data:`RECOMMENDED`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from dataclasses import dataclass
+
+from . import presets as presets_mod
+
+__all__ = ["OPTIMIZERS", "SELECTIONS", "BACKENDS", "RECOMMENDED", "DEMO_DEFAULTS", "RunSpec", "setting",
+           "grass_setting", "build_parser", "parse_args", "run_optimizers", "run_specs"]
+
+OPTIMIZERS = ("adamw", "galore", "grass")
+SELECTIONS = ("top_r", "multinorm", "multinorm_nr", "uniform")
+BACKENDS = ("eager", "aot_eager", "inductor")
+
+# Each optimizer's settings when the command line does not name them: the best of the
+# tuning sweeps of benchmarks/quality.py (benchmarks/RESULTS.md, "Training quality").
+RECOMMENDED = {
+    "adamw": dict(lr=1e-3),
+    "galore": dict(lr=1e-3, scale=1.0, windows=25),
+    "grass": dict(lr=1e-3, scale=1.0, windows=25, moments="reset", explore=0.0, rewarmup=0),
+}
+
+# What --demo stands for; flags given next to --demo override these.
+DEMO_DEFAULTS = dict(
+    preset="tiny",
+    compare=True,
+    steps=600,
+    batch_size=4,
+    seq_len=128,
+    eval_every=50,
+    backend="eager",
+)
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """One training run of the comparison: a name, an optimizer and (for grass) a selection."""
+
+    name: str
+    optimizer: str
+    selection: str | None = None
+
+
+def _positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    """argparse type: a float > 0."""
+    value = float(text)
+    if not value > 0 or not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
+    return value
+
+
+def _per_optimizer(kind):
+    """argparse type: ``VALUE`` (every optimizer) or ``OPTIMIZER=VALUE`` -> ``{name: value}``."""
+
+    def parse(text: str) -> dict:
+        name, sep, value = text.rpartition("=")
+        if not sep:
+            return {"*": kind(text)}
+        if name not in OPTIMIZERS:
+            raise argparse.ArgumentTypeError(
+                f"{text!r}: {name!r} is not an optimizer; expected VALUE or OPTIMIZER=VALUE with "
+                f"OPTIMIZER one of {', '.join(OPTIMIZERS)}")
+        return {name: kind(value)}
+
+    parse.__name__ = kind.__name__  # argparse names the type in its error messages
+    return parse
+
+
+class _MergeDicts(argparse.Action):
+    """Repeated ``--lr grass=3e-3 --lr adamw=1e-3`` flags merge into one dict."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        merged = dict(getattr(namespace, self.dest, None) or {})
+        merged.update(values)
+        setattr(namespace, self.dest, merged)
+
+
+def setting(args: argparse.Namespace, key: str, optimizer: str):
+    """The value of a per-optimizer flag (``--lr``, ``--scale``, ``--update-freq``) for ``optimizer``.
+
+    An ``OPTIMIZER=VALUE`` entry wins over a plain ``VALUE``; with neither, the
+    optimizer's recommended default (:data:`RECOMMENDED`) applies. The default
+    ``update_freq`` splits the run into ``RECOMMENDED[...]["windows"]`` projection windows.
+    """
+    given = getattr(args, key) or {}
+    if optimizer in given:
+        return given[optimizer]
+    if "*" in given:
+        return given["*"]
+    if key == "update_freq":  # a number of windows per run, not of steps per window
+        return max(1, args.steps // RECOMMENDED[optimizer]["windows"])
+    return RECOMMENDED[optimizer][key]
+
+
+def grass_setting(args: argparse.Namespace, key: str):
+    """A grass-only flag (``--moments``, ``--explore``, ``--rewarmup``), or its recommended value."""
+    value = getattr(args, key)
+    return RECOMMENDED["grass"][key] if value is None else value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command-line parser of ``grassfx train``."""
+    p = argparse.ArgumentParser(
+        prog="grassfx train",
+        description="Pretrain a LLaMA-architecture causal LM from scratch and compare optimizers "
+                    "(same data, same init, same schedule).")
+    p.add_argument("--demo", action="store_true",
+                   help="adamw vs galore vs grass on the tiny preset, sized to finish in under "
+                        "10 minutes on 2 CPU cores (other flags override its settings)")
+    p.add_argument("--optimizer", action="append", choices=OPTIMIZERS, dest="optimizers",
+                   help="optimizer to run (repeatable; default: grass)")
+    p.add_argument("--compare", action="store_true", help="run adamw, galore and grass")
+    p.add_argument("--preset", default="tiny", choices=list(presets_mod.PRESETS),
+                   help="model size (default: tiny)")
+    p.add_argument("--rank", type=_positive_int, default=None,
+                   help="projection rank of galore and grass (default: the preset's, 64 for tiny)")
+    p.add_argument("--selection", action="append", choices=SELECTIONS, dest="selections",
+                   help="grass row selection (repeatable: one grass run per selection; default: top_r)")
+    p.add_argument("--update-freq", type=_per_optimizer(_positive_int), action=_MergeDicts, default=None,
+                   help="steps between projection updates of galore and grass: N, or OPTIMIZER=N "
+                        "(repeatable; default: --steps / 25, i.e. 25 projection windows per run)")
+    p.add_argument("--proj-dim", default="auto", choices=["auto", "rows", "cols", "smaller"],
+                   help="grass: which dim of each weight is sampled (default: auto, the larger; "
+                        "smaller: the smaller, as GaLore projects)")
+    p.add_argument("--scale", type=_per_optimizer(_positive_float), action=_MergeDicts, default=None,
+                   help="update scale alpha of the projected weights of galore and grass: X, or "
+                        "OPTIMIZER=X (repeatable; default: each optimizer's recommended value)")
+    p.add_argument("--moments", default=None, choices=["reset", "keep_overlap"],
+                   help="grass: Adam moments at a refresh (default: the recommended one)")
+    p.add_argument("--explore", type=float, default=None,
+                   help="grass: share of each rank given at a refresh to the rows unselected longest "
+                        "(0: off; default: the recommended value)")
+    p.add_argument("--rewarmup", type=int, default=None,
+                   help="grass: steps over which a newly selected row's update ramps up from 0 "
+                        "(0: off; default: the recommended value)")
+    p.add_argument("--steps", type=_positive_int, default=1000, help="optimizer steps per run (default: %(default)s)")
+    p.add_argument("--lr", type=_per_optimizer(_positive_float), action=_MergeDicts, default=None,
+                   help="peak learning rate: X (every optimizer) or OPTIMIZER=X (repeatable; default: "
+                        "each optimizer's tuned value, see benchmarks/RESULTS.md)")
+    p.add_argument("--weight-decay", type=float, default=0.0, help="decoupled weight decay (default: 0)")
+    p.add_argument("--batch-size", type=_positive_int, default=8, help="sequences per step (default: %(default)s)")
+    p.add_argument("--seq-len", type=_positive_int, default=256, help="tokens per sequence (default: %(default)s)")
+    p.add_argument("--eval-every", type=_positive_int, default=100, help="steps between evaluations (default: %(default)s)")
+    p.add_argument("--eval-windows", type=_positive_int, default=64,
+                   help="evaluation windows (of --seq-len tokens, spread evenly over the evaluation split) "
+                        "scored at each periodic evaluation; the final evaluation scores every window "
+                        "of the split (default: %(default)s)")
+    p.add_argument("--backend", default="eager", choices=BACKENDS,
+                   help="torch.compile backend (grass: passed to grassfx.compile; the baselines are "
+                        "compiled with the same backend unless it is eager)")
+    p.add_argument("--data", default=None,
+                   help="text file or folder of .txt/.md files, or a built-in corpus: shakespeare "
+                        "(default: Shakespeare's plays) or movies (Rotten Tomatoes plots and reviews)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the init weights and the batches (default: %(default)s)")
+    p.add_argument("--device", default="auto", help="cpu, cuda, ... (default: cuda if available)")
+    p.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--out", default=None, help="output folder (default: runs/<timestamp>)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--nproc", type=_positive_int, default=1,
+                   help="data-parallel processes on this machine (launches torchrun; gloo on CPU, NCCL "
+                        "on GPU); --batch-size is per process. Multi-node: run torchrun yourself with "
+                        "-m grassfx.train")
+    return p
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Parse ``argv``; ``--demo`` supplies defaults that explicit flags still override."""
+    parser = build_parser()
+    first = parser.parse_args(argv)
+    if first.demo:
+        demo = dict(DEMO_DEFAULTS)
+        if first.optimizers:  # --demo --optimizer X runs just the optimizers named
+            demo["compare"] = False
+        parser.set_defaults(**demo)
+        args = parser.parse_args(argv)
+    else:
+        args = first
+    if args.selections and not ({"grass"} & set(run_optimizers(args))):
+        parser.error("--selection only applies to grass runs (add --optimizer grass or --compare)")
+    if args.seq_len > presets_mod.get_preset(args.preset).max_position_embeddings:
+        parser.error(f"--seq-len {args.seq_len} is too long for preset {args.preset!r}")
+    return args
+
+
+def run_optimizers(args: argparse.Namespace) -> list[str]:
+    """The optimizers to run, in order, without repeats."""
+    chosen = list(OPTIMIZERS) if args.compare else []
+    chosen += args.optimizers or []
+    chosen = chosen or ["grass"]
+    return list(dict.fromkeys(chosen))
+
+
+def run_specs(args: argparse.Namespace) -> list[RunSpec]:
+    """Expand the optimizers and grass selections into the list of runs."""
+    selections = list(dict.fromkeys(args.selections or ["top_r"]))
+    specs = []
+    for opt in run_optimizers(args):
+        if opt != "grass":
+            specs.append(RunSpec(opt, opt))
+        elif len(selections) == 1:
+            specs.append(RunSpec("grass", "grass", selections[0]))
+        else:
+            specs.extend(RunSpec(f"grass-{s}", "grass", s) for s in selections)
+    return specs
