@@ -21,6 +21,7 @@ vectors are tensors, so neither new rows nor ages ever recompile.
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import torch
@@ -184,6 +185,18 @@ class AdamW(GrassOptimizer):
             state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
             state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
         return state
+
+    def load_state_dict(self, state_dict) -> None:
+        """As ``torch.optim.Optimizer``'s, but per-row step counts stay float32: the base class
+        casts every floating state tensor but ``step`` to its parameter's dtype, and a
+        bfloat16 count stops at 256."""
+        saved = itertools.chain.from_iterable(g["params"] for g in state_dict["param_groups"])
+        mine = itertools.chain.from_iterable(g["params"] for g in self.param_groups)
+        counts = {p: state_dict["state"][k]["row_step"].to(torch.float32, copy=True)
+                  for k, p in zip(saved, mine) if "row_step" in state_dict["state"].get(k, {})}
+        super().load_state_dict(state_dict)
+        for p, count in counts.items():
+            self.state[p]["row_step"] = count.to(p.device)
 
     def _use_compiled(self) -> bool:
         if self._compiled_flag is not None:

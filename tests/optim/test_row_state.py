@@ -113,3 +113,16 @@ def test_rho_enters_adam_once_by_default(rho_scaling, factor):
     for row in site.idx.unique().tolist():  # a row drawn k times moves one step (k * factor in the paper's form)
         k = int(counts[row]) if rho_scaling == "twice" else 1
         assert step[row].max().item() == pytest.approx(1e-3 * factor * k, rel=1e-3)
+
+
+def test_row_step_stays_float32_through_a_bfloat16_checkpoint():
+    model = grassfx.compile(make_linear().to(torch.bfloat16), rank=4, update_freq=1000, proj_dim="rows",
+                            backend="eager")
+    opt = grassfx.optim.AdamW(model.parameters(), lr=1e-3)
+    for _ in range(257):  # 257: the first count bfloat16 cannot hold
+        model(torch.randn(2, 8, dtype=torch.bfloat16)).float().pow(2).mean().backward()
+        opt.step()
+        opt.zero_grad()
+    opt.load_state_dict(opt.state_dict())
+    row_step = opt.state[model.sites[0].handle]["row_step"]
+    assert row_step.dtype == torch.float32 and (row_step == 257).all()
