@@ -13,8 +13,9 @@ tied to one (for example a tied LM head), the output embedding of a model that n
 (Hugging Face ``get_output_embeddings()``, an untied LM head: its rows are vocabulary
 entries, and selecting r of them leaves every other token's logit untrained between
 refreshes -- the GaLore and Grass pretraining setups project attention and MLP weights
-only), parameters with fewer or more than 2 dims (biases, norms, convolution kernels).
-Pass ``targets=`` to project an output head anyway. ``targets=`` / ``exclude=`` take name globs
+only), parameters with fewer or more than 2 dims (biases, norms, convolution kernels),
+and frozen weights (``requires_grad=False`` before ``grassfx.compile``: they stay frozen,
+even when ``targets=`` names them). Pass ``targets=`` to project an output head anyway. ``targets=`` / ``exclude=`` take name globs
 (matched against the parameter's and its module's qualified names) or predicates
 ``f(name, param) -> bool``; ``targets=`` chooses among all 2-D parameters.
 """
@@ -174,7 +175,7 @@ def _choose(include, drop, name, module_name, module, attr, param, embedding_ids
         kind = _auto_kind(module, attr, param, embedding_ids)
         if kind is None or id(param) in head_ids:
             return None
-    if _matches(drop, name, module_name, param):
+    if _matches(drop, name, module_name, param) or not param.requires_grad:
         return None
     if not param.is_floating_point():
         raise ConfigError(f"target {name!r} has dtype {param.dtype}; only floating weights train")
@@ -183,6 +184,8 @@ def _choose(include, drop, name, module_name, module, attr, param, embedding_ids
 
 def _reason(module, attr, param, embedding_ids: set, head_ids: set) -> str:
     """Why a parameter (seen for the first time) is trained densely."""
+    if not param.requires_grad:
+        return "frozen (requires_grad=False)"
     if isinstance(module, (nn.Embedding, nn.EmbeddingBag)):
         return "embedding"
     if id(param) in embedding_ids:
@@ -248,9 +251,11 @@ def targets_of(decisions: list, model: nn.Module) -> list:
     """The TargetSpecs among ``decisions``; raises when there is none."""
     found = [d.target for d in decisions if d.target is not None and d.target.name == d.name]
     if not found:
+        frozen = [d.name for d in decisions if d.reason.startswith("frozen")]
+        note = f"; frozen weights (requires_grad=False) are never projected: {frozen[:4]}" if frozen else ""
         raise UnsupportedModelError(
             f"no target weights found in {type(model).__name__}: grassfx projects 2-D weights "
             "used by a matmul (nn.Linear, Conv1D, F.linear/matmul/einsum on self.<weight>); "
-            "pass targets='glob' or a predicate to choose weights explicitly"
+            f"pass targets='glob' or a predicate to choose weights explicitly{note}"
         )
     return found
