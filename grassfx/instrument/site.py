@@ -78,7 +78,8 @@ class Site(nn.Module):
 
     def commit(self, idx: torch.Tensor, rho: torch.Tensor) -> None:
         """Install a new selection (called by a refresh)."""
-        self.prev_idx = self.idx.clone()
+        if not self.refreshed:  # a redone refresh keeps the rows of before the first
+            self.prev_idx = self.idx.clone()
         with torch.no_grad():
             self.idx.copy_(idx.to(self.idx.device))
             self.rho.copy_(rho.to(self.rho.device))

@@ -51,3 +51,49 @@ def test_param_groups_by_module_name_apply_to_projected_weights():
     assert not torch.equal(model.module.down.weight, down)
     site = model.site("up.weight")
     assert any(p is site.handle for p in opt.param_groups[0]["params"])
+
+
+class _FailingBackward(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        raise torch.OutOfMemoryError("simulated out of memory in backward")
+
+
+def test_failed_forward_or_backward_at_a_refresh_step_does_not_wedge_training():
+    xs = [torch.randn(4, 12, generator=torch.Generator().manual_seed(i)) for i in range(5)]
+    clean = grassfx.compile(make_mlp(), rank=4, update_freq=2, backend="eager")
+    opt = grassfx.optim.AdamW(clean.parameters(), lr=1e-2, weight_decay=0.1)
+    _train(clean, opt, xs)
+
+    model = grassfx.compile(make_mlp(), rank=4, update_freq=2, backend="eager")
+    opt = grassfx.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+    loss = None
+    for i, x in enumerate(xs):
+        for bad in ("forward", "backward") if i in (0, 2) else ():
+            opt.zero_grad()
+            try:  # the loop skips a bad batch; `loss` of the failed try stays alive
+                out = model(torch.randn(4, 5) if bad == "forward" else x)
+                loss = _FailingBackward.apply(out).pow(2).mean()
+                loss.backward()
+            except (RuntimeError, torch.OutOfMemoryError):
+                pass
+        opt.zero_grad()
+        loss = model(x).pow(2).mean()
+        loss.backward()
+        opt.step()
+    for a, b in zip(clean.state_dict().values(), model.state_dict().values()):
+        assert torch.equal(a, b)
+
+
+def test_backward_of_a_superseded_refresh_forward_is_refused():
+    model = grassfx.compile(make_mlp(), rank=4, backend="eager")
+    x = torch.randn(4, 12)
+    stale = model(x).sum()
+    fresh = model(x).sum()  # a new forward replaces the refresh of the first
+    with pytest.raises(grassfx.GrassError, match="superseded"):
+        stale.backward()
+    fresh.backward()
