@@ -7,7 +7,7 @@ from torch import nn
 from .config import GrassConfig
 from .distributed import check_not_fsdp
 from .errors import ConfigError
-from .instrument import GrassModel
+from .instrument import GrassModel, registry
 from .instrument.targets import plan_targets, targets_of
 
 __all__ = ["compile"]
@@ -75,6 +75,7 @@ def compile(  # noqa: A001 - the promised public name
         raise ConfigError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
     if isinstance(model, GrassModel):
         raise ConfigError("model is already a grassfx model; call grassfx.unwrap(model) first")
+    _check_not_instrumented(model)
     if options is not None and not isinstance(options, dict):
         raise ConfigError(f"options={options!r}: expected a dict of Inductor options")
     config = GrassConfig(
@@ -100,3 +101,16 @@ def compile(  # noqa: A001 - the promised public name
 
         install_compiled_runner(grass_model)
     return grass_model
+
+
+def _check_not_instrumented(model: nn.Module) -> None:
+    """Refuse a module whose weights another grassfx model already projects."""
+    for name, param in model.named_parameters():
+        site = registry.target_of(param)
+        if site is not None:
+            raise ConfigError(
+                f"{name!r} is already projected by another grassfx model (as {site.name!r}); "
+                "compiling it again would silently disconnect that model. Use the model "
+                "grassfx.compile returned, call grassfx.unwrap() on it first, or compile "
+                "copy.deepcopy(module)"
+            )

@@ -97,3 +97,13 @@ def test_backward_of_a_superseded_refresh_forward_is_refused():
     with pytest.raises(grassfx.GrassError, match="superseded"):
         stale.backward()
     fresh.backward()
+
+
+def test_compiling_one_module_twice_is_refused_until_unwrapped():
+    net = make_mlp()
+    first = grassfx.compile(net, rank=4, backend="eager")
+    with pytest.raises(grassfx.ConfigError, match="already"):
+        grassfx.compile(net, rank=4, backend="eager")
+    with pytest.raises(grassfx.ConfigError, match="already"):
+        grassfx.compile(nn.Sequential(net.up), rank=4, backend="eager")  # a part of it too
+    grassfx.compile(grassfx.unwrap(first), rank=4, backend="eager")
