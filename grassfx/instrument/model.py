@@ -46,6 +46,8 @@ class GrassModel(nn.Module):
             w = module.get_parameter(spec.name)
             self._frozen_flags[spec.name] = w.requires_grad
             w.requires_grad_(False)
+        # whoever saves the user's module (state_dict, save_pretrained) saves settled weights
+        self._settle_hook = module.register_state_dict_pre_hook(_settle_owed_decay)
         self._slot = swap.AnchorSlot()
         swap.install(module, {id(module.get_parameter(s.name)): s.name for s in specs}, self._slot)
         self._unwrapped = False
@@ -85,7 +87,7 @@ class GrassModel(nn.Module):
         new = type(self).__new__(type(self))
         memo[id(self)] = new
         memo[id(self._schedule)] = None  # the copy gets its own schedule below
-        skip = ("_runner", "compile_report", "_dp", "_dp_checked", "_schedule")
+        skip = ("_runner", "compile_report", "_dp", "_dp_checked", "_schedule", "_settle_hook")
         for key, value in self.__dict__.items():
             if key not in skip:
                 new.__dict__[key] = copy.deepcopy(value, memo)
@@ -95,6 +97,7 @@ class GrassModel(nn.Module):
         new._link()
         new._runner, new.compile_report = new._run, None
         new._dp, new._dp_checked = None, False
+        new._settle_hook = None  # the copied module carries a copy of the hook
         if new.grass_config.backend != "eager":
             from grassfx.compiler import install_compiled_runner
 
@@ -183,13 +186,39 @@ class GrassModel(nn.Module):
         return result
 
     # -- leaving grassfx ----------------------------------------------------------------
+    def state_dict(self, *args, **kwargs):
+        """The state with owed weight decay applied first: saved weights are the weights as they are.
+
+        Unselected rows owe decoupled weight decay until the next refresh
+        (:mod:`grassfx.optim.decay`); saving applies it in place (as ``unwrap`` does), so
+        the saving run and a run resumed from what it saved go on identically. Take it
+        after ``backward()`` or ``step()``, not between a forward and its backward.
+        """
+        self.materialize_weight_decay()
+        return super().state_dict(*args, **kwargs)
+
     @torch.no_grad()
     def materialize_weight_decay(self) -> None:
         """Apply the weight decay still owed by unselected rows (see grassfx.optim.decay)."""
-        from grassfx.optim.decay import settle
-
         for site in self.sites:
-            settle(site, site.idx)
+            _settle_site(site)
+
+
+@torch.no_grad()
+def _settle_site(site) -> None:
+    """Pay a site's owed decay: rows outside the selection the debt accrued under."""
+    from grassfx.optim.decay import settle
+
+    # after a refresh the optimizer has not handled yet, the debt is that of the old rows
+    settle(site, site.prev_idx if site.refreshed and site.prev_idx is not None else site.idx)
+
+
+def _settle_owed_decay(module: nn.Module, prefix: str, keep_vars: bool) -> None:
+    """State-dict pre-hook on the user's module: settle the sites of its projected weights."""
+    for param in module.parameters():
+        site = registry.target_of(param)
+        if site is not None:
+            _settle_site(site)
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -208,6 +237,8 @@ def unwrap(model: nn.Module) -> nn.Module:
     if not isinstance(model, GrassModel):
         raise GrassError(f"unwrap() takes a model returned by grassfx.compile, got {type(model).__name__}")
     model.materialize_weight_decay()
+    if model._settle_hook is not None:
+        model._settle_hook.remove()
     model._slot.clear()
     model._unwrapped = True
     registry.forget_weights(model.sites)

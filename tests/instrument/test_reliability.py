@@ -107,3 +107,22 @@ def test_compiling_one_module_twice_is_refused_until_unwrapped():
     with pytest.raises(grassfx.ConfigError, match="already"):
         grassfx.compile(nn.Sequential(net.up), rank=4, backend="eager")  # a part of it too
     grassfx.compile(grassfx.unwrap(first), rank=4, backend="eager")
+
+
+def test_state_dict_holds_the_weights_with_owed_decay_applied():
+    import copy
+
+    model = grassfx.compile(make_mlp(), rank=4, update_freq=100, backend="eager")
+    opt = grassfx.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+    _train(model, opt, [torch.randn(4, 12) for _ in range(3)])
+    truth = grassfx.unwrap(copy.deepcopy(model)).state_dict()
+    outer = model.state_dict()
+    inner = model.module.state_dict()  # what save_pretrained writes
+    for name, value in truth.items():
+        assert torch.equal(outer["module." + name], value), name
+        assert torch.equal(inner[name], value), name
+    # the saved state resumes: owed decay is not applied twice
+    fresh = grassfx.compile(make_mlp(seed=1), rank=4, update_freq=100, backend="eager")
+    fresh.load_state_dict(outer)
+    assert all(float(s.decay_pending) == 1.0 for s in fresh.sites)
+    assert torch.equal(grassfx.unwrap(fresh).up.weight, truth["up.weight"])
