@@ -177,11 +177,15 @@ class GrassModel(nn.Module):
         return self._schedule.pending
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        state_dict = dict(state_dict)
+        prev = {i: state_dict.pop(f"sites.{i}.{self._PREV_IDX}", None) for i in range(len(self.sites))}
         result = super().load_state_dict(state_dict, strict=strict, assign=assign)
         self._link()  # assign=True may have put new handle tensors in place
         self._schedule.cancel()
-        for site in self.sites:
+        for i, site in enumerate(self.sites):
             site.prev_idx, site.refreshed = None, False
+            if prev[i] is not None:
+                site.prev_idx, site.refreshed = prev[i].to(site.idx.device).clone(), True
         guard.snapshot_handle_versions(self.sites)
         return result
 
@@ -196,6 +200,16 @@ class GrassModel(nn.Module):
         """
         self.materialize_weight_decay()
         return super().state_dict(*args, **kwargs)
+
+    _PREV_IDX = "refresh_prev_idx"  # per site, only while a committed refresh awaits the optimizer
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        # a checkpoint between backward() and step() at a refresh step: the optimizer still
+        # has to see the refresh (moments reset or remapped from the rows of before)
+        for i, site in enumerate(self.sites):
+            if site.refreshed and site.prev_idx is not None:
+                destination[f"{prefix}sites.{i}.{self._PREV_IDX}"] = site.prev_idx.clone()
 
     @torch.no_grad()
     def materialize_weight_decay(self) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -110,8 +112,6 @@ def test_compiling_one_module_twice_is_refused_until_unwrapped():
 
 
 def test_state_dict_holds_the_weights_with_owed_decay_applied():
-    import copy
-
     model = grassfx.compile(make_mlp(), rank=4, update_freq=100, backend="eager")
     opt = grassfx.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
     _train(model, opt, [torch.randn(4, 12) for _ in range(3)])
@@ -126,3 +126,49 @@ def test_state_dict_holds_the_weights_with_owed_decay_applied():
     fresh.load_state_dict(outer)
     assert all(float(s.decay_pending) == 1.0 for s in fresh.sites)
     assert torch.equal(grassfx.unwrap(fresh).up.weight, truth["up.weight"])
+
+
+def _interrupted_run(moments, weight_decay, after_step):
+    """Train 6 steps, checkpointing at step 2 (a refresh); resume a fresh model from it."""
+    xs = [torch.randn(4, 12, generator=torch.Generator().manual_seed(i)) for i in range(6)]
+
+    def make():
+        model = grassfx.compile(make_mlp(), rank=4, update_freq=2, moments=moments, backend="eager")
+        return model, grassfx.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=weight_decay)
+
+    def save(model, opt):
+        return copy.deepcopy({"model": model.state_dict(), "opt": opt.state_dict()})  # as if written to disk
+
+    model, opt = make()
+    for i, x in enumerate(xs):
+        opt.zero_grad()
+        model(x).pow(2).mean().backward()
+        if i == 2 and not after_step:  # what a SIGTERM handler would save
+            saved = save(model, opt)
+        opt.step()
+        if i == 2 and after_step:
+            saved = save(model, opt)
+    resumed, opt2 = make()
+    resumed.load_state_dict(saved["model"])
+    opt2.load_state_dict(saved["opt"])
+    for x in xs[2 if not after_step else 3:]:  # an interrupted step is redone
+        opt2.zero_grad()
+        resumed(x).pow(2).mean().backward()
+        opt2.step()
+    return model.state_dict(), resumed.state_dict()
+
+
+@pytest.mark.parametrize("moments", ["reset", "keep_overlap"])
+@pytest.mark.parametrize("weight_decay, after_step", [(0.0, False), (0.1, True)])
+def test_checkpoint_at_a_refresh_step_resumes_exactly(moments, weight_decay, after_step):
+    done, resumed = _interrupted_run(moments, weight_decay, after_step)
+    for (name, a), b in zip(done.items(), resumed.values()):
+        assert torch.equal(a, b), name
+
+
+def test_checkpoint_between_backward_and_step_with_weight_decay_resumes_closely():
+    # the redone step's forward sees the owed decay applied (the saved weights are the
+    # weights as they are); the interrupted run's forward saw rows still owing it
+    done, resumed = _interrupted_run("reset", 0.1, after_step=False)
+    for (name, a), b in zip(done.items(), resumed.values()):
+        torch.testing.assert_close(a.double(), b.double(), atol=1e-4, rtol=0), name
