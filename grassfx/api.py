@@ -6,7 +6,7 @@ from torch import nn
 
 from .config import GrassConfig
 from .distributed import check_not_fsdp
-from .errors import ConfigError
+from .errors import ConfigError, UnsupportedModelError
 from .instrument import GrassModel, registry
 from .instrument.targets import plan_targets, targets_of
 
@@ -94,6 +94,7 @@ def compile(  # noqa: A001 - the promised public name
         record=record,
     )
     check_not_fsdp(model)
+    _check_materialized(model)
     decisions = plan_targets(model, targets=targets, exclude=exclude)
     grass_model = GrassModel(model, targets_of(decisions, model), config, decisions)
     if config.backend != "eager":
@@ -114,3 +115,14 @@ def _check_not_instrumented(model: nn.Module) -> None:
                 "grassfx.compile returned, call grassfx.unwrap() on it first, or compile "
                 "copy.deepcopy(module)"
             )
+
+
+def _check_materialized(model: nn.Module) -> None:
+    """Refuse parameters on the meta device: grassfx's buffers would hold garbage after ``to_empty``."""
+    meta = [name for name, p in model.named_parameters() if p.is_meta]
+    if meta:
+        raise UnsupportedModelError(
+            f"{len(meta)} parameter(s) of {type(model).__name__} are on the meta device (e.g. "
+            f"{meta[0]!r}): materialize the model first (model.to_empty(device=...) and "
+            "initialise or load its weights), then call grassfx.compile"
+        )

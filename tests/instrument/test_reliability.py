@@ -172,3 +172,10 @@ def test_checkpoint_between_backward_and_step_with_weight_decay_resumes_closely(
     done, resumed = _interrupted_run("reset", 0.1, after_step=False)
     for (name, a), b in zip(done.items(), resumed.values()):
         torch.testing.assert_close(a.double(), b.double(), atol=1e-4, rtol=0), name
+
+
+def test_model_on_the_meta_device_is_refused_at_compile():
+    with torch.device("meta"):
+        net = make_mlp()
+    with pytest.raises(grassfx.UnsupportedModelError, match="to_empty"):
+        grassfx.compile(net, rank=4, backend="eager")
