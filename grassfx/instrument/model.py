@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import inspect
 
 import torch
 from torch import nn
@@ -109,7 +110,7 @@ class GrassModel(nn.Module):
         return int(self.grass_step)
 
     # -- forward ------------------------------------------------------------------------
-    def forward(self, *args, **kwargs):
+    def _forward(self, *args, **kwargs):
         if self._unwrapped:
             raise GrassError("this grassfx model was unwrapped; use the module grassfx.unwrap returned")
         guard.check_handles_untouched(self.sites)
@@ -121,6 +122,14 @@ class GrassModel(nn.Module):
             if dp is not None and refresh is not None:
                 dp.expect_refresh([s for s, plan in zip(self.sites, refresh) if plan is not None])
         return self._runner(refresh, args, kwargs)
+
+    class _ForwardDescriptor:
+        """``model.forward``: a :class:`_Forward`; on the class, the plain function."""
+
+        def __get__(self, model, owner=None):
+            return owner._forward if model is None else _Forward(model)
+
+    forward = _ForwardDescriptor()
 
     def data_parallel(self):
         """The gradient reducer when training data-parallel, else None."""
@@ -216,6 +225,34 @@ class GrassModel(nn.Module):
         """Apply the weight decay still owed by unselected rows (see grassfx.optim.decay)."""
         for site in self.sites:
             _settle_site(site)
+
+
+class _Forward:
+    """``GrassModel.forward`` bound to a model, showing the wrapped module's signature.
+
+    Code that inspects ``model.forward`` (the Hugging Face Trainer drops the batch columns
+    it does not name, and checks for ``**kwargs``) sees the user's module's parameters.
+    """
+
+    __slots__ = ("_model",)
+
+    def __init__(self, model):
+        self._model = model
+
+    def __call__(self, *args, **kwargs):
+        return self._model._forward(*args, **kwargs)
+
+    @property
+    def __signature__(self):
+        return inspect.signature(self._model.module.forward)
+
+    @property
+    def __self__(self):
+        return self._model
+
+    @property
+    def __func__(self):
+        return GrassModel._forward
 
 
 @torch.no_grad()
