@@ -45,14 +45,17 @@ def compile(  # noqa: A001 - the promised public name
             (the larger dim, which keeps the optimizer state smallest: r x min(m, n)) or
             ``"smaller"`` (the smaller dim, as GaLore projects: r of min(m, n) rows or
             columns train per window, state r x max(m, n)).
-        targets / exclude: name globs or predicates ``f(name, param)`` choosing weights.
+        targets / exclude: name globs or predicates ``f(name, param)`` choosing weights
+            (``targets=None``: automatic; ``targets=[]`` is an error). Frozen weights
+            (``requires_grad=False``) are never projected.
         seed: seeds the stochastic selectors (same seed -> same rows in every process).
         backend: ``"inductor"`` (compiled, rewritten), ``"aot_eager"`` (rewritten graphs
             without Inductor) or ``"eager"`` (no compilation; dense fallback).
-        mode: passed to ``torch.compile``.
+        mode: passed to ``torch.compile`` (``None``, ``"default"``, ``"reduce-overhead"``,
+            ``"max-autotune"`` or ``"max-autotune-no-cudagraphs"``).
         moments: ``"reset"`` (zero optimizer moments at a refresh) or ``"keep_overlap"``
             (keep the moments of rows selected before and after).
-        dynamic: passed to ``torch.compile``.
+        dynamic: passed to ``torch.compile`` (``None``, ``True`` or ``False``).
         options: extra Inductor options passed to ``torch.compile``.
         data_parallel: ``None`` (default): average gradients across ranks whenever
             ``torch.distributed`` is initialised with more than one process, sending only

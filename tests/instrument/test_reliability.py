@@ -179,3 +179,29 @@ def test_model_on_the_meta_device_is_refused_at_compile():
         net = make_mlp()
     with pytest.raises(grassfx.UnsupportedModelError, match="to_empty"):
         grassfx.compile(net, rank=4, backend="eager")
+
+
+@pytest.mark.parametrize("kw", [dict(mode="fastest"), dict(mode=3), dict(dynamic="yes"), dict(dynamic=1)])
+def test_invalid_mode_or_dynamic_is_a_config_error(kw):
+    with pytest.raises(grassfx.ConfigError):
+        grassfx.compile(make_mlp(), rank=4, **kw)
+
+
+def test_empty_targets_is_an_error_not_automatic():
+    with pytest.raises(grassfx.ConfigError, match="targets=None"):
+        grassfx.compile(make_mlp(), rank=4, targets=[], backend="eager")
+
+
+def test_tied_head_named_in_targets_says_it_is_tied():
+    class TiedLM(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = nn.Embedding(10, 8)
+            self.head = nn.Linear(8, 10, bias=False)
+            self.head.weight = self.embed.weight
+
+        def forward(self, x):
+            return self.head(self.embed(x))
+
+    with pytest.raises(grassfx.UnsupportedModelError, match="tied"):
+        grassfx.compile(TiedLM(), rank=4, targets="head.weight", backend="eager")
