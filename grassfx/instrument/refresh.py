@@ -40,6 +40,7 @@ class RefreshSchedule:
         self.on_refresh_seen = []  # callbacks run when the optimizer handles committed refreshes
         self.generation = 0  # counts forwards with gradients on; a refresh's probes carry theirs
         self.superseded = set()  # generations whose refresh a later forward replaced
+        self.advanced_by = None  # (generation, optimizer id) of the last advance: one per forward
 
     @property
     def model(self):

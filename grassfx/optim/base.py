@@ -161,7 +161,12 @@ class GrassOptimizer(torch.optim.Optimizer):
                 schedule.refresh_seen()
         self._apply(work)
         for schedule in self._schedules:
-            schedule.advance()
+            # several grassfx optimizers over one model (split parameters) make one step
+            # together: the first to step after a forward advances the model's counter
+            last = schedule.advanced_by
+            if last is None or last[0] != schedule.generation or last[1] == id(self):
+                schedule.advance()
+                schedule.advanced_by = (schedule.generation, id(self))
         return loss
 
     def _apply(self, work) -> None:

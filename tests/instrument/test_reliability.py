@@ -205,3 +205,17 @@ def test_tied_head_named_in_targets_says_it_is_tied():
 
     with pytest.raises(grassfx.UnsupportedModelError, match="tied"):
         grassfx.compile(TiedLM(), rank=4, targets="head.weight", backend="eager")
+
+
+def test_two_grassfx_optimizers_over_one_model_advance_the_step_once():
+    model = grassfx.compile(make_mlp(), rank=4, update_freq=2, backend="eager")
+    up = [p for n, p in model.named_parameters() if n.startswith(("module.up.", "sites.0."))]
+    rest = [p for p in model.parameters() if all(p is not q for q in up)]
+    opts = [grassfx.optim.AdamW(up, lr=1e-2), grassfx.optim.SGD(rest, lr=1e-2)]
+    for _ in range(3):
+        model(torch.randn(4, 12)).pow(2).mean().backward()
+        for opt in opts:
+            opt.step()
+            opt.zero_grad()
+    assert model.step == 3
+    assert int(model.grass_refreshed_at) == 2
