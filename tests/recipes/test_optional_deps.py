@@ -2,9 +2,19 @@
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 
-from grassfx.recipes import data
+from grassfx.recipes import data, report
+
+
+def test_plot_without_matplotlib_is_skipped_not_fatal(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
+    monkeypatch.setitem(sys.modules, "matplotlib.pyplot", None)
+    records = [{"run": "grass", "step": 1, "loss": 3.0}, {"run": "grass", "step": 2, "loss": 2.5}]
+    assert report.plot_losses(records, tmp_path / "loss.png", "t") is None
+    assert not (tmp_path / "loss.png").exists()
 
 
 def test_binary_data_file_is_refused(tmp_path):
