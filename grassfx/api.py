@@ -6,8 +6,8 @@ from torch import nn
 
 from .config import GrassConfig
 from .distributed import check_not_fsdp
-from .errors import ConfigError
-from .instrument import GrassModel
+from .errors import ConfigError, UnsupportedModelError
+from .instrument import GrassModel, registry
 from .instrument.targets import plan_targets, targets_of
 
 __all__ = ["compile"]
@@ -46,18 +46,21 @@ def compile(  # noqa: A001 - the promised public name
             (the larger dim, which keeps the optimizer state smallest: r x min(m, n)) or
             ``"smaller"`` (the smaller dim, as GaLore projects: r of min(m, n) rows or
             columns train per window, state r x max(m, n)).
-        targets / exclude: name globs or predicates ``f(name, param)`` choosing weights.
+        targets / exclude: name globs or predicates ``f(name, param)`` choosing weights
+            (``targets=None``: automatic; ``targets=[]`` is an error). Frozen weights
+            (``requires_grad=False``) are never projected.
         seed: seeds the stochastic selectors (same seed -> same rows in every process).
         backend: ``"inductor"`` (compiled, rewritten), ``"aot_eager"`` (rewritten graphs
             without Inductor) or ``"eager"`` (no compilation; dense fallback).
-        mode: passed to ``torch.compile``.
+        mode: passed to ``torch.compile`` (``None``, ``"default"``, ``"reduce-overhead"``,
+            ``"max-autotune"`` or ``"max-autotune-no-cudagraphs"``).
         moments: ``"reset"`` (zero optimizer moments at a refresh) or ``"keep_overlap"``
             (keep the moments, and the per-row step counts, of rows selected before and
             after; new rows start fresh).
         explore: share of each rank (a float in [0, 1)) given, at every refresh, to the
             rows that went unselected longest (``top_r`` and ``multinorm_nr``), so every
             row trains now and then; 0 selects by the selector alone.
-        dynamic: passed to ``torch.compile``.
+        dynamic: passed to ``torch.compile`` (``None``, ``True`` or ``False``).
         options: extra Inductor options passed to ``torch.compile``.
         data_parallel: ``None`` (default): average gradients across ranks whenever
             ``torch.distributed`` is initialised with more than one process, sending only
@@ -80,6 +83,7 @@ def compile(  # noqa: A001 - the promised public name
         raise ConfigError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
     if isinstance(model, GrassModel):
         raise ConfigError("model is already a grassfx model; call grassfx.unwrap(model) first")
+    _check_not_instrumented(model)
     if options is not None and not isinstance(options, dict):
         raise ConfigError(f"options={options!r}: expected a dict of Inductor options")
     config = GrassConfig(
@@ -99,6 +103,7 @@ def compile(  # noqa: A001 - the promised public name
         record=record,
     )
     check_not_fsdp(model)
+    _check_materialized(model)
     decisions = plan_targets(model, targets=targets, exclude=exclude)
     grass_model = GrassModel(model, targets_of(decisions, model), config, decisions)
     if config.backend != "eager":
@@ -106,3 +111,27 @@ def compile(  # noqa: A001 - the promised public name
 
         install_compiled_runner(grass_model)
     return grass_model
+
+
+def _check_not_instrumented(model: nn.Module) -> None:
+    """Refuse a module whose weights another grassfx model already projects."""
+    for name, param in model.named_parameters():
+        site = registry.target_of(param)
+        if site is not None:
+            raise ConfigError(
+                f"{name!r} is already projected by another grassfx model (as {site.name!r}); "
+                "compiling it again would silently disconnect that model. Use the model "
+                "grassfx.compile returned, call grassfx.unwrap() on it first, or compile "
+                "copy.deepcopy(module)"
+            )
+
+
+def _check_materialized(model: nn.Module) -> None:
+    """Refuse parameters on the meta device: grassfx's buffers would hold garbage after ``to_empty``."""
+    meta = [name for name, p in model.named_parameters() if p.is_meta]
+    if meta:
+        raise UnsupportedModelError(
+            f"{len(meta)} parameter(s) of {type(model).__name__} are on the meta device (e.g. "
+            f"{meta[0]!r}): materialize the model first (model.to_empty(device=...) and "
+            "initialise or load its weights), then call grassfx.compile"
+        )

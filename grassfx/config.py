@@ -15,6 +15,7 @@ __all__ = ["GrassConfig", "PROJ_DIMS", "BACKENDS", "MOMENT_POLICIES"]
 PROJ_DIMS = ("auto", "rows", "cols", "smaller")
 BACKENDS = ("inductor", "aot_eager", "eager")
 MOMENT_POLICIES = ("reset", "keep_overlap")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")  # torch.compile(mode=)
 
 
 def _check_choice(name: str, value: Any, allowed: tuple) -> None:
@@ -74,6 +75,10 @@ class GrassConfig:
                               f"not {self.selection!r}")
         if self.data_parallel not in (None, True, False):
             raise ConfigError(f"data_parallel={self.data_parallel!r}: expected None (auto), True or False")
+        if self.mode is not None:
+            _check_choice("mode", self.mode, COMPILE_MODES)
+        if self.dynamic is not None and not isinstance(self.dynamic, bool):
+            raise ConfigError(f"dynamic={self.dynamic!r}: expected None (let torch.compile decide), True or False")
         if not isinstance(self.record, bool):
             raise ConfigError(f"record={self.record!r}: expected True or False")
         if isinstance(self.seed, bool) or not isinstance(self.seed, numbers.Integral):

@@ -23,6 +23,7 @@ import hashlib
 import os
 import subprocess
 import sys
+import warnings
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -125,6 +126,21 @@ def movie_documents() -> list[str]:
     return [_clean(t) for t in texts if t]
 
 
+def _read_text(path: Path) -> str:
+    """The UTF-8 text of ``path``; refuses binary files, warns about undecodable bytes."""
+    raw = path.read_bytes()
+    text = raw.decode("utf-8", errors="replace")
+    bad = text.count("\ufffd") - raw.decode("utf-8", errors="ignore").count("\ufffd")
+    if b"\x00" in raw[:1 << 16] or bad > 0.05 * max(1, len(text)):
+        raise DataUnavailableError(
+            f"--data {path}: looks binary (NUL bytes or {bad} bytes that are not UTF-8 text); "
+            "pass a text file or a folder of .txt/.md files"
+        )
+    if bad:
+        warnings.warn(f"--data {path}: {bad} byte(s) are not valid UTF-8 and were replaced", stacklevel=3)
+    return text
+
+
 def path_documents(path: str | os.PathLike) -> list[str]:
     """The text of ``path`` (a file) or of every .txt/.md file below it (a folder), sorted."""
     path = Path(path)
@@ -136,7 +152,7 @@ def path_documents(path: str | os.PathLike) -> list[str]:
             raise DataUnavailableError(f"no .txt or .md files found under {path}")
     else:
         raise DataUnavailableError(f"--data {path}: no such file or directory")
-    docs = [_clean(f.read_text(encoding="utf-8", errors="replace")) for f in files]
+    docs = [_clean(_read_text(f)) for f in files]
     if not any(d.strip() for d in docs):
         raise DataUnavailableError(f"--data {path}: the text is empty")
     return docs

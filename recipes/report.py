@@ -18,9 +18,16 @@ def _ema(values: list[float], alpha: float) -> list[float]:
     return out
 
 
-def plot_losses(records: list[dict], path: Path, title: str) -> None:
-    """Save smoothed train-loss and eval-loss curves of every run to ``path`` (PNG)."""
-    import matplotlib
+def plot_losses(records: list[dict], path: Path, title: str):
+    """Save smoothed train-loss and eval-loss curves of every run to ``path`` (PNG).
+
+    Returns ``path``, or ``None`` without matplotlib (an optional dependency: the run
+    still succeeds, without a plot).
+    """
+    try:
+        import matplotlib
+    except ImportError:
+        return None
 
     matplotlib.use("Agg", force=True)
     import matplotlib.pyplot as plt
@@ -44,6 +51,7 @@ def plot_losses(records: list[dict], path: Path, title: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+    return path
 
 
 def results_table(summary: dict) -> str:

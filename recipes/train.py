@@ -378,12 +378,14 @@ def run(argv: list[str] | None = None) -> dict:
     write_config(out, args, specs, corpus, device)
     summary, records = run_all(specs, corpus, eval_set, args, device, out)
     source = Path(corpus.source).name if args.data else "Shakespeare"
-    if lead:
-        plot_losses(records, out / "loss.png",
-                    f"{preset.name} LLaMA ({summary[specs[0].name]['params'] / 1e6:.1f}M params) on {source}")
+    plotted = lead and plot_losses(records, out / "loss.png",
+                                   f"{preset.name} LLaMA ({summary[specs[0].name]['params'] / 1e6:.1f}M params) on {source}")
     say()
     say(results_table(summary))
-    say(f"\nwrote {out}/metrics.jsonl, summary.json, loss.png  (total {time.perf_counter() - t_start:.0f} s)")
+    if lead and not plotted:
+        say("note: no loss.png (matplotlib is not installed; pip install matplotlib to plot)")
+    written = "metrics.jsonl, summary.json" + (", loss.png" if plotted else "")
+    say(f"\nwrote {out}/{written}  (total {time.perf_counter() - t_start:.0f} s)")
     if args.world_size > 1:
         import torch.distributed as dist
 

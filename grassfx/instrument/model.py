@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import inspect
 
 import torch
 from torch import nn
@@ -46,6 +47,8 @@ class GrassModel(nn.Module):
             w = module.get_parameter(spec.name)
             self._frozen_flags[spec.name] = w.requires_grad
             w.requires_grad_(False)
+        # whoever saves the user's module (state_dict, save_pretrained) saves settled weights
+        self._settle_hook = module.register_state_dict_pre_hook(_settle_owed_decay)
         self._slot = swap.AnchorSlot()
         swap.install(module, {id(module.get_parameter(s.name)): s.name for s in specs}, self._slot)
         self._unwrapped = False
@@ -85,7 +88,7 @@ class GrassModel(nn.Module):
         new = type(self).__new__(type(self))
         memo[id(self)] = new
         memo[id(self._schedule)] = None  # the copy gets its own schedule below
-        skip = ("_runner", "compile_report", "_dp", "_dp_checked", "_schedule")
+        skip = ("_runner", "compile_report", "_dp", "_dp_checked", "_schedule", "_settle_hook")
         for key, value in self.__dict__.items():
             if key not in skip:
                 new.__dict__[key] = copy.deepcopy(value, memo)
@@ -95,6 +98,7 @@ class GrassModel(nn.Module):
         new._link()
         new._runner, new.compile_report = new._run, None
         new._dp, new._dp_checked = None, False
+        new._settle_hook = None  # the copied module carries a copy of the hook
         if new.grass_config.backend != "eager":
             from grassfx.compiler import install_compiled_runner
 
@@ -106,7 +110,7 @@ class GrassModel(nn.Module):
         return int(self.grass_step)
 
     # -- forward ------------------------------------------------------------------------
-    def forward(self, *args, **kwargs):
+    def _forward(self, *args, **kwargs):
         if self._unwrapped:
             raise GrassError("this grassfx model was unwrapped; use the module grassfx.unwrap returned")
         guard.check_handles_untouched(self.sites)
@@ -118,6 +122,14 @@ class GrassModel(nn.Module):
             if dp is not None and refresh is not None:
                 dp.expect_refresh([s for s, plan in zip(self.sites, refresh) if plan is not None])
         return self._runner(refresh, args, kwargs)
+
+    class _ForwardDescriptor:
+        """``model.forward``: a :class:`_Forward`; on the class, the plain function."""
+
+        def __get__(self, model, owner=None):
+            return owner._forward if model is None else _Forward(model)
+
+    forward = _ForwardDescriptor()
 
     def data_parallel(self):
         """The gradient reducer when training data-parallel, else None."""
@@ -174,22 +186,90 @@ class GrassModel(nn.Module):
         return self._schedule.pending
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        state_dict = dict(state_dict)
+        prev = {i: state_dict.pop(f"sites.{i}.{self._PREV_IDX}", None) for i in range(len(self.sites))}
         result = super().load_state_dict(state_dict, strict=strict, assign=assign)
         self._link()  # assign=True may have put new handle tensors in place
         self._schedule.cancel()
-        for site in self.sites:
+        for i, site in enumerate(self.sites):
             site.prev_idx, site.refreshed = None, False
+            if prev[i] is not None:
+                site.prev_idx, site.refreshed = prev[i].to(site.idx.device).clone(), True
         guard.snapshot_handle_versions(self.sites)
         return result
 
     # -- leaving grassfx ----------------------------------------------------------------
+    def state_dict(self, *args, **kwargs):
+        """The state with owed weight decay applied first: saved weights are the weights as they are.
+
+        Unselected rows owe decoupled weight decay until the next refresh
+        (:mod:`grassfx.optim.decay`); saving applies it in place (as ``unwrap`` does), so
+        the saving run and a run resumed from what it saved go on identically. Take it
+        after ``backward()`` or ``step()``, not between a forward and its backward.
+        """
+        self.materialize_weight_decay()
+        return super().state_dict(*args, **kwargs)
+
+    _PREV_IDX = "refresh_prev_idx"  # per site, only while a committed refresh awaits the optimizer
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        # a checkpoint between backward() and step() at a refresh step: the optimizer still
+        # has to see the refresh (moments reset or remapped from the rows of before)
+        for i, site in enumerate(self.sites):
+            if site.refreshed and site.prev_idx is not None:
+                destination[f"{prefix}sites.{i}.{self._PREV_IDX}"] = site.prev_idx.clone()
+
     @torch.no_grad()
     def materialize_weight_decay(self) -> None:
         """Apply the weight decay still owed by unselected rows (see grassfx.optim.decay)."""
-        from grassfx.optim.decay import settle
-
         for site in self.sites:
-            settle(site, site.idx)
+            _settle_site(site)
+
+
+class _Forward:
+    """``GrassModel.forward`` bound to a model, showing the wrapped module's signature.
+
+    Code that inspects ``model.forward`` (the Hugging Face Trainer drops the batch columns
+    it does not name, and checks for ``**kwargs``) sees the user's module's parameters.
+    """
+
+    __slots__ = ("_model",)
+
+    def __init__(self, model):
+        self._model = model
+
+    def __call__(self, *args, **kwargs):
+        return self._model._forward(*args, **kwargs)
+
+    @property
+    def __signature__(self):
+        return inspect.signature(self._model.module.forward)
+
+    @property
+    def __self__(self):
+        return self._model
+
+    @property
+    def __func__(self):
+        return GrassModel._forward
+
+
+@torch.no_grad()
+def _settle_site(site) -> None:
+    """Pay a site's owed decay: rows outside the selection the debt accrued under."""
+    from grassfx.optim.decay import settle
+
+    # after a refresh the optimizer has not handled yet, the debt is that of the old rows
+    settle(site, site.prev_idx if site.refreshed and site.prev_idx is not None else site.idx)
+
+
+def _settle_owed_decay(module: nn.Module, prefix: str, keep_vars: bool) -> None:
+    """State-dict pre-hook on the user's module: settle the sites of its projected weights."""
+    for param in module.parameters():
+        site = registry.target_of(param)
+        if site is not None:
+            _settle_site(site)
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -208,6 +288,8 @@ def unwrap(model: nn.Module) -> nn.Module:
     if not isinstance(model, GrassModel):
         raise GrassError(f"unwrap() takes a model returned by grassfx.compile, got {type(model).__name__}")
     model.materialize_weight_decay()
+    if model._settle_hook is not None:
+        model._settle_hook.remove()
     model._slot.clear()
     model._unwrapped = True
     registry.forget_weights(model.sites)

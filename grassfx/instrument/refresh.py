@@ -11,6 +11,11 @@ The step counter lives in the model's buffers (``grass_step``, ``grass_refreshed
 so ``state_dict`` carries it); the optimizer advances it with :meth:`advance` and tells
 :meth:`refresh_seen` when it handled committed refreshes (data-parallel checks hook in
 there).
+
+A refresh whose forward or backward raised (a skipped bad batch, an out-of-memory error)
+is redone by the next forward with gradients on; rows a partial backward already
+committed are replaced, and the optimizer still sees the rows of before the refresh
+(``Site.commit`` keeps the first ``prev_idx`` until the optimizer handles it).
 """
 
 from __future__ import annotations
@@ -33,6 +38,9 @@ class RefreshSchedule:
         self.pending = set()  # indices of sites whose refresh backward has not run yet
         self.pending_ok = True  # False once a pending refresh saw a non-finite gradient
         self.on_refresh_seen = []  # callbacks run when the optimizer handles committed refreshes
+        self.generation = 0  # counts forwards with gradients on; a refresh's probes carry theirs
+        self.superseded = set()  # generations whose refresh a later forward replaced
+        self.advanced_by = None  # (generation, optimizer id) of the last advance: one per forward
 
     @property
     def model(self):
@@ -69,13 +77,10 @@ class RefreshSchedule:
     def begin_if_due(self):
         """``None`` or, per site, ``None`` or ``(probe, noise, age)`` for a refresh forward."""
         model = self.model
-        if self.pending:
-            raise GrassError(
-                "a refresh step's forward ran but its backward() has not: at a refresh step "
-                f"(every update_freq={model.grass_config.update_freq} optimizer steps) call "
-                "backward() on the first forward's loss before another forward with gradients "
-                "on, or call model.cancel_refresh() to discard it"
-            )
+        if self.pending:  # that forward or its backward failed (or was abandoned): start over
+            self.superseded.add(self.generation)
+            self.pending.clear()
+        self.generation += 1
         if not self.due():
             return None
         step = int(model.grass_step)
@@ -91,7 +96,7 @@ class RefreshSchedule:
             noise = _select.draw_noise(site.method, site.rows, site.rank, gen).to(site.idx.device)
             age = site.ages(step) if site.explore else torch.zeros(0, dtype=torch.float64, device=site.idx.device)
             probe = torch.zeros(2, site.rank, dtype=torch.float64, device=site.idx.device, requires_grad=True)
-            probe.register_post_accumulate_grad_hook(self._commit_hook(i))
+            probe.register_post_accumulate_grad_hook(self._commit_hook(i, self.generation))
             plan[i] = (probe, noise, age)
             self.pending.add(i)
         self.pending_ok = True
@@ -100,11 +105,18 @@ class RefreshSchedule:
             return None
         return plan
 
-    def _commit_hook(self, i: int):
+    def _commit_hook(self, i: int, generation: int):
         def hook(probe: torch.Tensor) -> None:
             record = probe.grad
             probe.grad = None
-            if i not in self.pending:
+            if generation in self.superseded:
+                raise GrassError(
+                    "backward() of a refresh step's forward that a later forward superseded: at a "
+                    f"refresh step (every update_freq={self.config.update_freq} optimizer steps) "
+                    "call backward() on one forward's loss before the next forward with gradients "
+                    "on (a forward that failed or was abandoned is simply redone)"
+                )
+            if generation != self.generation or i not in self.pending:
                 return  # cancelled refresh
             self.pending.discard(i)
             model = self.model

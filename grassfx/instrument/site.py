@@ -82,7 +82,8 @@ class Site(nn.Module):
 
     def commit(self, idx: torch.Tensor, rho: torch.Tensor, step: int) -> None:
         """Install a new selection (called by a refresh at optimizer step ``step``)."""
-        self.prev_idx = self.idx.clone()
+        if not self.refreshed:  # a redone refresh keeps the rows of before the first
+            self.prev_idx = self.idx.clone()
         with torch.no_grad():
             self.idx.copy_(idx.to(self.idx.device))
             self.rho.copy_(rho.to(self.rho.device))

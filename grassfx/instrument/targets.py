@@ -13,10 +13,12 @@ tied to one (for example a tied LM head), the output embedding of a model that n
 (Hugging Face ``get_output_embeddings()``, an untied LM head: its rows are vocabulary
 entries, and selecting r of them leaves every other token's logit untrained between
 refreshes -- the GaLore and Grass pretraining setups project attention and MLP weights
-only), parameters with fewer or more than 2 dims (biases, norms, convolution kernels).
-Pass ``targets=`` to project an output head anyway. ``targets=`` / ``exclude=`` take name globs
+only), parameters with fewer or more than 2 dims (biases, norms, convolution kernels),
+and frozen weights (``requires_grad=False`` before ``grassfx.compile``: they stay frozen,
+even when ``targets=`` names them). Pass ``targets=`` to project an output head anyway. ``targets=`` / ``exclude=`` take name globs
 (matched against the parameter's and its module's qualified names) or predicates
-``f(name, param) -> bool``; ``targets=`` chooses among all 2-D parameters.
+``f(name, param) -> bool``; ``targets=`` chooses among all 2-D parameters (``None``:
+automatic discovery; an empty list is an error, not "nothing" or "automatic").
 """
 
 from __future__ import annotations
@@ -174,7 +176,7 @@ def _choose(include, drop, name, module_name, module, attr, param, embedding_ids
         kind = _auto_kind(module, attr, param, embedding_ids)
         if kind is None or id(param) in head_ids:
             return None
-    if _matches(drop, name, module_name, param):
+    if _matches(drop, name, module_name, param) or not param.requires_grad:
         return None
     if not param.is_floating_point():
         raise ConfigError(f"target {name!r} has dtype {param.dtype}; only floating weights train")
@@ -183,6 +185,8 @@ def _choose(include, drop, name, module_name, module, attr, param, embedding_ids
 
 def _reason(module, attr, param, embedding_ids: set, head_ids: set) -> str:
     """Why a parameter (seen for the first time) is trained densely."""
+    if not param.requires_grad:
+        return "frozen (requires_grad=False)"
     if isinstance(module, (nn.Embedding, nn.EmbeddingBag)):
         return "embedding"
     if id(param) in embedding_ids:
@@ -207,6 +211,11 @@ def plan_targets(model: nn.Module, targets: NameFilter = None, exclude: NameFilt
         [('0.weight', 'embedding'), ('1.weight', 'projected'), ('1.bias', '1-D (bias/norm)')]
     """
     include = _as_filters(targets, "targets")
+    if targets is not None and not include:
+        raise ConfigError(
+            "targets=[] selects no weight: pass targets=None for automatic discovery, or "
+            "name the weights to project (globs or predicates)"
+        )
     drop = _as_filters(exclude, "exclude")
     embedding_ids = _embedding_param_ids(model)
     head_ids = _output_head_ids(model)
@@ -216,6 +225,7 @@ def plan_targets(model: nn.Module, targets: NameFilter = None, exclude: NameFilt
         if spec is not None:
             chosen[id(param)] = spec
     decisions, first = [], {}
+    tied_asked = []  # names targets= matched that are second names of a weight not projected
     for name, param in model.named_parameters(remove_duplicate=False):
         shape = tuple(int(s) for s in param.shape)
         spec = chosen.get(id(param))
@@ -223,6 +233,9 @@ def plan_targets(model: nn.Module, targets: NameFilter = None, exclude: NameFilt
             decisions.append(Decision(name, shape, spec, ""))
         elif id(param) in first:
             owner = first[id(param)]
+            module_name = name.rpartition(".")[0]
+            if include and _matches(include, name, module_name, param):
+                tied_asked.append(f"{name!r} is tied to {owner!r}")
             reason = f"tied to an embedding ({owner})" if id(param) in embedding_ids else f"shared with {owner}"
             decisions.append(Decision(name, shape, None, reason))
         else:
@@ -230,6 +243,12 @@ def plan_targets(model: nn.Module, targets: NameFilter = None, exclude: NameFilt
             module_name, _, attr = name.rpartition(".")
             reason = _reason(model.get_submodule(module_name), attr, param, embedding_ids, head_ids)
             decisions.append(Decision(name, shape, None, reason))
+    if tied_asked and not any(d.target is not None for d in decisions):
+        raise UnsupportedModelError(
+            f"targets= names only tied weights: {'; '.join(tied_asked)}. A weight is projected "
+            "under its first name, and weights tied to an embedding never are: name the "
+            "first name, or untie the weights (e.g. tie_word_embeddings=False)"
+        )
     return decisions
 
 
@@ -248,9 +267,11 @@ def targets_of(decisions: list, model: nn.Module) -> list:
     """The TargetSpecs among ``decisions``; raises when there is none."""
     found = [d.target for d in decisions if d.target is not None and d.target.name == d.name]
     if not found:
+        frozen = [d.name for d in decisions if d.reason.startswith("frozen")]
+        note = f"; frozen weights (requires_grad=False) are never projected: {frozen[:4]}" if frozen else ""
         raise UnsupportedModelError(
             f"no target weights found in {type(model).__name__}: grassfx projects 2-D weights "
             "used by a matmul (nn.Linear, Conv1D, F.linear/matmul/einsum on self.<weight>); "
-            "pass targets='glob' or a predicate to choose weights explicitly"
+            f"pass targets='glob' or a predicate to choose weights explicitly{note}"
         )
     return found

@@ -22,6 +22,11 @@ gradient is finite before touching anything, handles committed refreshes (moment
 or remapped, owed decay settled: :meth:`GrassOptimizer._on_refresh`), applies the
 updates (:meth:`GrassOptimizer._apply`) and advances each model's step counter.
 
+**Parameter groups** follow the weight: a projected weight's handle is moved into the
+group that holds the weight (groups built from module names, e.g. lr=0 to freeze a layer,
+layer-wise lr decay, no-decay lists, apply to the weight they name). A group that ends up
+empty keeps its settings and updates nothing.
+
 **Non-finite gradients** are never written into weights: by default ``step()`` raises
 :class:`grassfx.NonFiniteGradientError` naming the parameter before touching anything;
 ``nonfinite="skip"`` skips the step instead (and counts it in ``skipped_steps``).
@@ -96,7 +101,30 @@ class GrassOptimizer(torch.optim.Optimizer):
         self._classify()
 
     # -- setup --------------------------------------------------------------------------
+    def _group_handles_with_weights(self) -> None:
+        """Move each handle into the group of its weight: group settings follow the weight's name.
+
+        ``model.parameters()`` lists a projected weight (``module.0.weight``) and, separately,
+        its gradient handle (``sites.N.handle``). Groups built from names (layer-wise lr,
+        lr=0 to freeze, no-decay lists) name the weight; its update goes through the handle,
+        so the handle must carry the weight's hyperparameters.
+        """
+        group_of = {}
+        for i, group in enumerate(self.param_groups):
+            for p in group["params"]:
+                group_of[id(p)] = i
+        for i, group in enumerate(self.param_groups):
+            for p in list(group["params"]):
+                site = registry.target_of(p)
+                if site is None or group_of.get(id(site.handle), i) == i:
+                    continue
+                old = self.param_groups[group_of[id(site.handle)]]["params"]
+                old[:] = [q for q in old if q is not site.handle]
+                group["params"].append(site.handle)
+                group_of[id(site.handle)] = i
+
     def _classify(self) -> None:
+        self._group_handles_with_weights()
         schedules, given = {}, set()
         for group in self.param_groups:
             for p in group["params"]:
@@ -168,7 +196,12 @@ class GrassOptimizer(torch.optim.Optimizer):
                 schedule.refresh_seen()
         self._apply(work)
         for schedule in self._schedules:
-            schedule.advance()
+            # several grassfx optimizers over one model (split parameters) make one step
+            # together: the first to step after a forward advances the model's counter
+            last = schedule.advanced_by
+            if last is None or last[0] != schedule.generation or last[1] == id(self):
+                schedule.advance()
+                schedule.advanced_by = (schedule.generation, id(self))
         return loss
 
     def _apply(self, work) -> None:

@@ -1,0 +1,95 @@
+"""The weight-gradient matcher on small ``make_fx`` graphs: what it pushes, and why it skips.
+
+Graph-only: no compilation, no model. Each function computes a "dense weight gradient"
+and hands it to ``grassfx::rowsel`` as the anchors' backward does.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.fx.experimental.proxy_tensor import make_fx
+
+import grassfx.instrument.anchors  # noqa: F401 - registers grassfx::rowsel
+from passes.sparsify_wgrad import find_weight_grad_sites
+
+IDX, RHO = torch.tensor([0, 2]), torch.ones(2)
+
+
+def _rowsel(grad, dim=0):
+    return torch.ops.grassfx.rowsel(grad, IDX, RHO, dim, "w")
+
+
+def _sites(fn, *args):
+    graph = make_fx(fn)(*args).graph
+    sites = find_weight_grad_sites(graph)
+    assert len(sites) == 1
+    return sites[0]
+
+
+G, X = torch.randn(5, 4), torch.randn(5, 3)  # dW = G^T X: (4, 3) = (4, 5) @ (5, 3)
+
+
+def test_plain_gemm_is_pushed():
+    site = _sites(lambda g, x: _rowsel(g.t() @ x), G, X)
+    assert site.reason is None and site.gemms == 1
+
+
+def test_columns_of_a_gemm_are_pushed():
+    site = _sites(lambda g, x: _rowsel(g.t() @ x, dim=1), G, X)
+    assert site.reason is None and site.gemms == 1
+
+
+def test_sum_of_two_gemms_is_pushed_into_both():
+    site = _sites(lambda g, x: _rowsel(g.t() @ x + g.t() @ (2 * x)), G, X)
+    assert site.reason is None and site.gemms == 2
+
+
+@pytest.mark.parametrize(
+    "fn, reason",
+    [
+        (lambda g, x: (_rowsel(g.t() @ x), (g.t() @ x).sum()), None),  # two GEMMs: not shared
+        (lambda g, x: _rowsel(torch.exp(g.t() @ x)), "not a GEMM: "),
+        (lambda g, x: _rowsel((g.t() @ x) * (g.t() @ x)), "elementwise op with a tensor operand"),
+        (lambda g, x: _rowsel((g.t() @ x) + x[:1]), "add with broadcasting"),
+        (lambda g, x: _rowsel((x.t() @ g).t()), None),  # (4, 3) = ((3, 5) @ (5, 4))^T
+        (lambda g, x: _rowsel((g.t() @ x).reshape(3, 4)), "selected dims mixed with others by a reshape"),
+        (lambda g, x: _rowsel(torch.bmm(g.t()[None].expand(2, 4, 5), x[None].expand(2, 5, 3)).sum(0)), None),
+    ],
+    ids=["gemm-computed-twice", "not-a-gemm", "elementwise", "broadcast-add", "transpose-view", "reshape",
+         "batched-sum"],
+)
+def test_push_or_reason(fn, reason):
+    site = _sites(fn, G, X)
+    if reason is None:
+        assert site.reason is None, site.reason
+    else:
+        assert site.reason is not None and site.reason.startswith(reason), site.reason
+
+
+def test_dense_gradient_with_other_users_is_skipped():
+    def fn(g, x):
+        grad = g.t() @ x
+        return _rowsel(grad), grad.sum()
+
+    assert _sites(fn, G, X).reason == "dense gradient has other users"
+
+
+def test_gradient_from_another_graph_is_skipped():
+    site = _sites(lambda grad: _rowsel(grad), torch.randn(4, 3))
+    assert site.reason == "gradient computed in another graph (graph break)"
+
+
+def test_a_broadcast_between_gemm_and_rowsel_is_skipped():
+    def fn(g, x):  # a reduced GEMM output broadcast back: no GEMM produces the selected rows
+        return _rowsel(torch.bmm(g.t()[None].expand(2, 4, 5), x[None].expand(2, 5, 3)).sum(1, keepdim=True)
+                       .expand(2, 4, 3).sum(0))
+
+    assert _sites(fn, G, X).reason == "not a GEMM: aten.expand"
+
+
+def test_every_reason_is_short_and_fixed():
+    fns = [lambda g, x: _rowsel(torch.exp(g.t() @ x)), lambda g, x: _rowsel((g.t() @ x).reshape(3, 4))]
+    for fn in fns:
+        reason = _sites(fn, G, X).reason
+        assert reason and len(reason) < 60 and "\n" not in reason
