@@ -122,9 +122,12 @@ def run_one(plan: dict, args, arm: str, flags: list[str], point: list[str], seed
     """Train one run in its own process (or reuse its finished result); returns its record."""
     folder = run_dir(Path(args.out), arm, point, seed)
     argv = train_argv(plan, args, flags + point, seed, folder)
-    _wait_for_other(folder)
+    if not args.report_only:
+        _wait_for_other(folder)
     if (folder / "summary.json").is_file():  # finished before (summary.json is written at the end)
         return _record(folder, arm, point, seed, argv, wall_s=float("nan"))
+    if args.report_only:
+        return None
     folder.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     if args.inprocess:  # tests: no process start-up per run (memory figures then mix runs)
@@ -180,12 +183,15 @@ def run_many(jobs: list, plan: dict, args) -> list[dict]:
 
     def one(job):
         rec = run_one(plan, args, *job)
+        if rec is None:
+            print(f"  {job[0]:<16} {' '.join(job[2]):<24} seed {job[3]:<4} not finished: left out", flush=True)
+            return None
         print(f"  {rec['arm']:<16} {' '.join(rec['point']) or '-':<24} seed {rec['seed']:<4} "
               f"eval {rec['eval_loss']:.4f}  ({rec['wall_s']:.0f} s)", flush=True)
         return rec
 
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
-        results = list(pool.map(one, jobs))
+        results = [r for r in pool.map(one, jobs) if r is not None]
     return results
 
 
@@ -212,7 +218,10 @@ def tune(plan: dict, args) -> dict:
         scores = []
         for point in spec["grid"]:
             losses = [r["eval_loss"] for r in records if r["arm"] == arm and r["point"] == point]
-            scores.append((statistics.fmean(losses), point))
+            if losses:
+                scores.append((statistics.fmean(losses), point))
+        if not scores:
+            raise SystemExit(f"no finished tuning run of {arm!r}")
         table[arm] = [dict(point=p, eval_loss=v) for v, p in scores]
         best[arm] = min(scores, key=lambda x: x[0])[1]
         if best[arm] in (spec["grid"][0], spec["grid"][-1]) and len(spec["grid"]) > 2:
@@ -327,6 +336,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--backend", default="eager", help="grassfx train --backend (same numbers; eager is fastest to start)")
     p.add_argument("--out", required=True, help="output folder (finished runs in it are reused)")
     p.add_argument("--inprocess", action="store_true", help="train in this process, one run at a time (tests)")
+    p.add_argument("--report-only", action="store_true",
+                   help="train nothing: report the runs in --out that have finished (others are listed as left out)")
+    p.add_argument("--tuned-from", default=None,
+                   help="a quality.json of an earlier run: use its tuned points instead of tuning again "
+                        "(e.g. evaluate on a second corpus at the settings tuned on the first)")
     return p.parse_args(argv)
 
 
@@ -340,6 +354,13 @@ def main(argv=None) -> dict:
         if unknown:
             raise SystemExit(f"unknown arm(s) {sorted(unknown)}; the plan has {sorted(plan['arms'])}")
         plan["arms"] = {a: s for a, s in plan["arms"].items() if a in keep}
+    if args.tuned_from:
+        tuned = json.loads(Path(args.tuned_from).read_text())["tuned"]
+        missing = [a for a, spec in plan["arms"].items() if "grid" in spec and a not in tuned]
+        if missing:
+            raise SystemExit(f"{args.tuned_from} has no tuned point for {missing}")
+        plan["arms"] = {a: dict(spec, grid=[tuned[a]]) if "grid" in spec else spec
+                        for a, spec in plan["arms"].items()}
     if args.inprocess:
         args.jobs = 1
     out = Path(args.out)
