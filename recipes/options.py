@@ -20,12 +20,16 @@ OPTIMIZERS = ("adamw", "galore", "grass")
 SELECTIONS = ("top_r", "multinorm", "multinorm_nr", "uniform")
 BACKENDS = ("eager", "aot_eager", "inductor")
 
-# Each optimizer's settings when the command line does not name them: the best of the
-# tuning sweeps of benchmarks/quality.py (benchmarks/RESULTS.md, "Training quality").
+# Each optimizer's settings when the command line does not name them: the best point of
+# each method's grid in benchmarks/quality.py (tiny preset, Shakespeare; benchmarks/
+# RESULTS.md section 3): AdamW lr {5e-4, 1e-3, 2e-3}; GaLore (lr, scale) over 5 points,
+# best 4e-3 / 1 (8e-3 was worse); grassfx (lr, scale) over 6 points, best 2e-3 / 1 (a
+# larger step for the projected rows, scale 2 or lr 4e-3, was worse). grassfx's refresh
+# options are the configuration that grid ran with (docs/quality.md).
 RECOMMENDED = {
     "adamw": dict(lr=1e-3),
-    "galore": dict(lr=1e-3, scale=1.0, windows=25),
-    "grass": dict(lr=1e-3, scale=1.0, windows=25, moments="reset", explore=0.0, rewarmup=0),
+    "galore": dict(lr=4e-3, scale=1.0, windows=25),
+    "grass": dict(lr=2e-3, scale=1.0, windows=25, moments="keep_overlap", explore=0.25, rewarmup=10),
 }
 
 # What --demo stands for; flags given next to --demo override these.
