@@ -190,3 +190,23 @@ def raw_parameter(module: torch.nn.Module, name: str):
 def set_class(module: torch.nn.Module, cls: type) -> None:
     """Swap one module instance's class (as ``torch.nn.utils.parametrize`` does)."""
     module.__class__ = cls
+
+
+def quiet_logging_calls():
+    """A context in which Dynamo skips routine logging calls instead of breaking the graph.
+
+    ``logging.Logger.debug``/``info`` and the ``warning_once``/``info_once`` methods some
+    libraries (Hugging Face transformers) add to ``logging.Logger`` are neither traced
+    nor run inside compiled frames (``torch._dynamo.config.ignore_logging_functions``);
+    ``warning``/``error`` still break the graph and print.
+    """
+    import logging
+
+    from torch._dynamo import config
+
+    funcs = {logging.Logger.debug, logging.Logger.info}
+    for name in ("warning_once", "info_once"):
+        method = getattr(logging.Logger, name, None)
+        if method is not None:
+            funcs.add(method)
+    return config.patch(ignore_logging_functions=set(config.ignore_logging_functions) | funcs)

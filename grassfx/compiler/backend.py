@@ -124,4 +124,10 @@ def install_compiled_runner(model) -> None:
         backend = _aot_eager_backend(report, collectives)
     else:  # pragma: no cover - validated by GrassConfig
         raise ValueError(cfg.backend)
-    model._runner = torch.compile(_compat.own_code(model._run), backend=backend, dynamic=cfg.dynamic)
+    compiled = torch.compile(_compat.own_code(model._run), backend=backend, dynamic=cfg.dynamic)
+
+    def runner(refresh, args, kwargs):
+        with _compat.quiet_logging_calls():  # a library's logging call must not split the graph
+            return compiled(refresh, args, kwargs)
+
+    model._runner = runner

@@ -19,7 +19,6 @@ import inspect
 import torch
 from torch import nn
 
-from grassfx import _compat
 from grassfx.config import GrassConfig
 from grassfx.errors import GrassError
 
@@ -114,7 +113,7 @@ class GrassModel(nn.Module):
         if self._unwrapped:
             raise GrassError("this grassfx model was unwrapped; use the module grassfx.unwrap returned")
         guard.check_handles_untouched(self.sites)
-        self._slot.anchors = None
+        self._slot.clear()
         refresh = None
         if torch.is_grad_enabled():
             dp = self.data_parallel()
@@ -154,28 +153,21 @@ class GrassModel(nn.Module):
         return dp.group.group_name, dp.size
 
     def _run(self, refresh, args, kwargs):
-        """The traced region: anchor every target weight once, then run the module."""
-        anchored = {}
+        """The traced region: run the module; each target weight is anchored where it is read."""
+        group, size = self._dp.group_and_size() if self._dp is not None else ("", 1)
+        entries = {}
         for i, site in enumerate(self.sites):
-            w = _compat.raw_parameter(self.module.get_submodule(site.module_name), site.attr)
-            if site.full:
-                anchored[site.name] = FullAnchor.apply(w, site.handle)
-            elif refresh is not None and refresh[i] is not None:
-                probe, noise, age = refresh[i]
-                group, size = self._dp.group_and_size() if self._dp is not None else ("", 1)
-                anchored[site.name] = RefreshAnchor.apply(
-                    w, site.handle, probe, noise, age, site.dim, site.rank, site.explore, site.method, group, size
-                )
-            else:
-                anchored[site.name] = Anchor.apply(w, site.handle, site.idx, site.rho, site.dim, site.name)
-        self._slot.anchors = anchored
-        if not torch.compiler.is_compiling():
-            self._slot.versions = {s.name: _compat.version(s.weight) for s in self.sites}
+            entries[site.name] = (site, None if refresh is None else refresh[i], group, size)
+        # compiled backends: Dynamo may run this function itself eagerly (a graph break in
+        # the module makes it skip the frame) while it compiles the module's frames, so
+        # the backend decides, not torch.compiler.is_compiling()
+        eager = self.grass_config.backend == "eager"
+        self._slot.begin(_make_anchor, entries, upfront=eager or refresh is not None, eager=eager)
         try:
             return self.module(*args, **kwargs)
         finally:
-            if torch.compiler.is_compiling() or not torch.is_grad_enabled():
-                self._slot.anchors = None
+            if not eager or not torch.is_grad_enabled():
+                self._slot.clear()
 
     def cancel_refresh(self) -> None:
         """Discard a refresh whose forward ran but whose backward will not run."""
@@ -225,6 +217,20 @@ class GrassModel(nn.Module):
         """Apply the weight decay still owed by unselected rows (see grassfx.optim.decay)."""
         for site in self.sites:
             _settle_site(site)
+
+
+def _make_anchor(entry) -> torch.Tensor:
+    """The anchored weight of one site for one forward; ``entry = (site, refresh plan or None, group, size)``."""
+    site, plan, group, size = entry
+    w = site.weight
+    if site.full:
+        return FullAnchor.apply(w, site.handle)
+    if plan is not None:
+        probe, noise, age = plan
+        return RefreshAnchor.apply(
+            w, site.handle, probe, noise, age, site.dim, site.rank, site.explore, site.method, group, size
+        )
+    return Anchor.apply(w, site.handle, site.idx, site.rho, site.dim, site.name)
 
 
 class _Forward:

@@ -2,9 +2,19 @@
 
 Each module that owns a target weight gets a generated subclass (its class is swapped per
 instance, as ``torch.nn.utils.parametrize`` does) whose ``weight`` property returns the
-anchored view made for the current forward; the parameter itself stays registered, so
-the module's code and ``state_dict`` keys are untouched. One anchor per weight per
-forward: a weight read twice (shared layers, tied modules) is one node.
+anchored view for the current forward; the parameter itself stays registered, so the
+module's code and ``state_dict`` keys are untouched. One anchor per weight per forward:
+a weight read twice (shared layers, tied modules) is one node.
+
+Compiled normal steps make anchors *lazily*, one per read of the weight: under
+``torch.compile`` each anchor is then traced into the same frame as the matmul that
+reads the weight, so a graph break anywhere in the model (a logging call, data-dependent
+control flow) leaves every rewrite in place, and no anchor escapes its frame (the
+compressed gradients of two reads add up to the compressed gradient of their sum).
+Eager forwards and refresh forwards make one anchor per weight up front (a refresh
+selects from the weight's whole gradient; activation checkpointing recomputes with the
+same anchors). A refresh step forms dense gradients anyway, so a graph break there costs
+nothing.
 
 In eager mode the anchors stay readable after the forward, so activation checkpointing
 recomputes with them; an anchor is served only while the weight is unmodified since that
@@ -24,14 +34,33 @@ class AnchorSlot:
     """Shared between a GrassModel and its swapped modules: this forward's anchors."""
 
     def __init__(self):
-        self.anchors = None  # {weight name: anchored tensor} while a forward is live
-        self.versions = None  # eager only: {weight name: weight version at the forward}
+        self.make = None  # make(entry) -> anchored tensor, while a forward is live
+        self.entries = None  # {weight name: what ``make`` needs for that weight}
+        self.anchors = None  # {weight name: anchored tensor} made so far (None: not cached)
+        self.versions = None  # eager only: {weight name: weight version when its anchor was made}
+
+    def begin(self, make, entries: dict, upfront: bool, eager: bool) -> None:
+        """A forward starts: a weight's anchor is ``make(entries[name])``.
+
+        ``upfront``: one anchor per weight, made now, for the whole forward (eager, and
+        refresh forwards: a refresh must see the weight's whole gradient; activation
+        checkpointing recomputes with the same anchors). Otherwise every read makes its
+        own anchor where it happens, so no anchor outlives the compiled frame that made it.
+        """
+        self.make, self.entries = make, entries
+        self.anchors = {name: make(entry) for name, entry in entries.items()} if upfront else None
+        self.versions = {name: _compat.version(entry[0].weight) for name, entry in entries.items()} if eager else None
 
     def clear(self) -> None:
-        self.anchors = self.versions = None
+        self.make = self.entries = self.anchors = self.versions = None
 
-    def __deepcopy__(self, memo):
-        return AnchorSlot()  # a copy starts between forwards
+    def read(self, name: str, param):
+        """The anchored view of ``param`` (named ``name``) for this forward."""
+        if self.anchors is None:
+            return self.make(self.entries[name])
+        if self.versions is not None and self.versions[name] != _compat.version(param):
+            return param  # the weight changed since that forward: its anchor is stale
+        return self.anchors[name]
 
 
 _SUBCLASSES: dict = {}
@@ -41,12 +70,9 @@ def _anchored_read(attr: str):
     def read(module):
         param = _compat.raw_parameter(module, attr)
         slot = module.__dict__["_grassfx_slot"]
-        if slot.anchors is None:
+        if slot.make is None:
             return param
-        name = module.__dict__["_grassfx_names"][attr]
-        if slot.versions is not None and slot.versions[name] != _compat.version(param):
-            return param  # the weight changed since that forward: its anchor is stale
-        return slot.anchors[name]
+        return slot.read(module.__dict__["_grassfx_names"][attr], param)
 
     return read
 

@@ -53,7 +53,9 @@ def test_rewrite_matches_eager_and_drops_the_dense_gemm(half_m, n, proj_dim, dat
     assert torch.equal(se.idx, sc.idx)
     torch.testing.assert_close(sc.handle.grad, se.handle.grad)
     changes = compiled.compile_report.changes()
-    assert [c.action for c in changes] == ["rewrote"], [(c.action, c.detail) for c in changes]
+    # compiled normal steps anchor each read of the weight: one rewrite per read
+    reads = 2 if twice else 1
+    assert [c.action for c in changes] == ["rewrote"] * reads, [(c.action, c.detail) for c in changes]
     weight = {(m, n), (n, m)}
     (backward,) = [r for r in compiled.compile_report.records if r.kind == "backward" and r.stages[0].result.changes]
     dense = [op for op, shape, made_by in backward.stages[-1].ops_after
