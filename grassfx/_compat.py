@@ -210,3 +210,10 @@ def quiet_logging_calls():
         if method is not None:
             funcs.add(method)
     return config.patch(ignore_logging_functions=set(config.ignore_logging_functions) | funcs)
+
+
+def dispatch_mode_base() -> type:
+    """``TorchDispatchMode``: a context that sees every ATen op (explain counts GEMM tokens with it)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    return TorchDispatchMode

@@ -92,7 +92,6 @@ def make_gpt2(seed=0, vocab=80):
     cfg = GPT2Config(vocab_size=vocab, n_positions=64, n_embd=32, n_layer=2, n_head=4,
                      resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0)
     model = GPT2LMHeadModel(cfg)
-    model.loss_type = "ForCausalLM"  # else transformers' warning_once graph-breaks
     return model.eval()
 
 

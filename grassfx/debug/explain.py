@@ -164,10 +164,14 @@ def _first_tensor(value):
 
 
 def _count_tokens(work: GrassModel, args: tuple, kwargs: dict) -> dict:
-    """T per site: all dims but the last of its module's input, summed over calls.
+    """T per site: the token count of its weight-gradient GEMM, summed over uses.
 
-    One eager forward without gradients on the copy, with pre-hooks on the modules that
-    own projected weights (hooks would change what Dynamo traces, so not in the compile).
+    One eager forward without gradients on the copy. Each matmul whose operand is a
+    projected weight (or a piece of it) is seen where it runs, inside its module or not
+    (``nn.MultiheadAttention`` reads ``out_proj.weight`` in a functional helper): T is
+    the other operand's size over the contracted dimension, scaled by the share of the
+    weight the operand is. A weight no matmul was seen to read falls back to its
+    module's input (all dims but the last, summed over calls).
     """
     owners = collections.defaultdict(list)
     for site in work.sites:
@@ -184,14 +188,52 @@ def _count_tokens(work: GrassModel, args: tuple, kwargs: dict) -> dict:
 
     handles = [work.module.get_submodule(name).register_forward_pre_hook(hook_for(name), with_kwargs=True)
                for name in owners]
+    watcher = _MatmulTokens({_storage_key(s.weight): s for s in work.sites})
     try:
-        with torch.no_grad():
+        with torch.no_grad(), watcher:
             work._run(None, args, kwargs)
     finally:
         for h in handles:
             h.remove()
         work._slot.clear()  # as if no eager forward had run
-    return {site.name: (seen[site.module_name] or None) for site in work.sites}
+    tokens = {}
+    for site in work.sites:
+        counted = watcher.tokens.get(site.name)
+        tokens[site.name] = (round(counted) if counted else None) or seen[site.module_name] or None
+    return tokens
+
+
+def _storage_key(tensor: torch.Tensor):
+    return (tensor.device, tensor.untyped_storage().data_ptr())
+
+
+class _MatmulTokens(_compat.dispatch_mode_base()):
+    """Sums, per projected weight, the token count of the GEMMs (ATen ``mm``/``addmm``/``bmm``) that read it."""
+
+    _OPERANDS = {"mm": (0, 1), "bmm": (0, 1), "addmm": (1, 2), "baddbmm": (1, 2), "addbmm": (1, 2)}
+
+    def __init__(self, sites_by_storage: dict):
+        super().__init__()
+        self.sites = sites_by_storage
+        self.tokens = collections.defaultdict(float)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        operands = self._OPERANDS.get(func.overloadpacket.__name__)
+        if operands is not None:
+            self._count(args[operands[0]], args[operands[1]])
+        return func(*args, **(kwargs or {}))
+
+    def _count(self, left: torch.Tensor, right: torch.Tensor) -> None:
+        for weight, other, contracted in ((right, left, -2), (left, right, -1)):
+            site = self.sites.get(_storage_key(weight))
+            if site is None:
+                continue
+            # other @ W contracts W's rows (dim -2); W @ other its columns (dim -1)
+            k = int(weight.shape[contracted])
+            # one matrix of the operand (a batched GEMM broadcasts the weight) may be a piece of the weight
+            share = int(weight.shape[-1]) * int(weight.shape[-2]) / site.weight.numel()
+            self.tokens[site.name] += other.numel() / max(k, 1) * share
+            return
 
 
 # ---------------------------------------------------------------------------------------

@@ -62,6 +62,9 @@ class AnchorSlot:
             return param  # the weight changed since that forward: its anchor is stale
         return self.anchors[name]
 
+    def __deepcopy__(self, memo):
+        return AnchorSlot()  # a copy starts between forwards
+
 
 _SUBCLASSES: dict = {}
 

@@ -4,9 +4,11 @@ A *target* is a 2-D parameter whose gradient comes from a matmul-like use:
 
 * ``nn.Linear.weight`` (layout ``(out, in)``),
 * Hugging Face ``Conv1D.weight`` (GPT-2; layout ``(in, out)``: ``y = x @ W + b``),
-* a 2-D parameter of any other module whose ``forward`` source reads ``self.<name>`` (or
-  a local that is a reshaped/transposed view of it, e.g. ``w = self.qkv.view(...)``) on a line that calls
-  ``linear``/``matmul``/``mm``/``bmm``/``einsum`` or uses ``@``.
+* a 2-D parameter of any other module whose ``forward`` multiplies by it: the weight (or
+  a view or piece of it, e.g. ``w = self.qkv.view(...)``) is an operand of
+  ``linear``/``matmul``/``mm``/``bmm``/``einsum`` or ``@``, directly or inside a Python
+  function it is passed to (``nn.MultiheadAttention.in_proj_weight`` reaches ``linear``
+  through ``F.multi_head_attention_forward``); see :mod:`.usage`.
 
 Never targeted automatically: embeddings (their backward is a scatter) and any weight
 tied to one (for example a tied LM head), the output embedding of a model that names one
@@ -18,14 +20,15 @@ and frozen weights (``requires_grad=False`` before ``grassfx.compile``: they sta
 even when ``targets=`` names them). Pass ``targets=`` to project an output head anyway. ``targets=`` / ``exclude=`` take name globs
 (matched against the parameter's and its module's qualified names) or predicates
 ``f(name, param) -> bool``; ``targets=`` chooses among all 2-D parameters (``None``:
-automatic discovery; an empty list is an error, not "nothing" or "automatic").
+automatic discovery; an empty list is an error, not "nothing" or "automatic"). A glob
+that matches a *module* name (``"*_proj"``) selects that module's 2-D weights and leaves
+its biases and norms dense; a glob or predicate that names a parameter that is not 2-D
+(``"*.bias"``) is an error.
 """
 
 from __future__ import annotations
 
 import fnmatch
-import inspect
-import re
 from dataclasses import dataclass
 from typing import Callable, Iterable, Optional, Sequence, Union
 
@@ -34,11 +37,11 @@ from torch import nn
 
 from grassfx.errors import ConfigError, UnsupportedModelError
 
+from .usage import used_by_matmul
+
 __all__ = ["TargetSpec", "Decision", "find_targets", "plan_targets", "targets_of", "NameFilter"]
 
 NameFilter = Union[str, Callable[[str, torch.Tensor], bool], Sequence[Union[str, Callable]]]
-
-_MATMUL_LINE = re.compile(r"(linear\s*\(|matmul\s*\(|\bmm\s*\(|bmm\s*\(|einsum\s*\(|@)")
 
 
 @dataclass(frozen=True)
@@ -87,27 +90,6 @@ def _output_head_ids(model: nn.Module) -> set:
     return {id(weight)} if isinstance(weight, torch.Tensor) else set()
 
 
-def _forward_uses_matmul(module: nn.Module, attr: str) -> bool:
-    try:
-        source = inspect.getsource(type(module).forward)
-    except (OSError, TypeError):
-        return False
-    # the weight itself, or a local bound from it (``w = self.qkv.view(...)``), on a line
-    # that multiplies
-    names = [r"self\." + re.escape(attr) + r"\b"]
-    layout_of_weight = re.compile(
-        r"\s*self\." + re.escape(attr) + r"((\.(view|reshape|t|T|mT|transpose|permute|unflatten|contiguous|to))"
-        r"(\([^()]*(\([^()]*\)[^()]*)*\))?)*\s*(#.*)?$"
-    )
-    lines = source.splitlines()
-    for line in lines:
-        m = re.match(r"\s*([A-Za-z_]\w*)\s*=(?!=)(.*)", line)
-        if m and layout_of_weight.match(m.group(2)):
-            names.append(r"\b" + re.escape(m.group(1)) + r"\b")
-    pattern = re.compile("|".join(names))
-    return any(pattern.search(line) and _MATMUL_LINE.search(line) for line in lines)
-
-
 def _as_filters(spec, arg: str) -> list:
     if spec is None:
         return []
@@ -127,13 +109,21 @@ def _as_filters(spec, arg: str) -> list:
 
 
 def _matches(filters: list, name: str, module_name: str, param: torch.Tensor) -> bool:
+    return _match_kind(filters, name, module_name, param) is not None
+
+
+def _match_kind(filters: list, name: str, module_name: str, param: torch.Tensor):
+    """``"name"`` when a filter names the parameter itself (a glob on its name, or a
+    predicate), ``"module"`` when only a glob on its module's name matches, else None."""
+    by_module = False
     for f in filters:
         if isinstance(f, str):
-            if fnmatch.fnmatchcase(name, f) or fnmatch.fnmatchcase(module_name, f):
-                return True
+            if fnmatch.fnmatchcase(name, f):
+                return "name"
+            by_module |= fnmatch.fnmatchcase(module_name, f)
         elif f(name, param):
-            return True
-    return False
+            return "name"
+    return "module" if by_module else None
 
 
 def _auto_kind(module: nn.Module, attr: str, param: torch.Tensor, embedding_ids: set):
@@ -145,7 +135,7 @@ def _auto_kind(module: nn.Module, attr: str, param: torch.Tensor, embedding_ids:
         return "conv1d"
     if isinstance(module, (nn.Embedding, nn.EmbeddingBag)):
         return None
-    if _forward_uses_matmul(module, attr):
+    if used_by_matmul(module, attr):
         return "matmul"
     return None
 
@@ -164,8 +154,11 @@ def _iter_params(model: nn.Module) -> Iterable:
 def _choose(include, drop, name, module_name, module, attr, param, embedding_ids, head_ids):
     """The TargetSpec of one parameter, or None when it is not projected."""
     if include:
-        if not _matches(include, name, module_name, param):
+        how = _match_kind(include, name, module_name, param)
+        if how is None:
             return None
+        if how == "module" and param.dim() != 2:
+            return None  # a glob naming a module selects its matrix weights, not its bias or norm
         if param.dim() != 2:
             raise ConfigError(
                 f"targets= matched {name!r} of shape {tuple(param.shape)}: only 2-D "
