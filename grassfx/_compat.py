@@ -217,3 +217,10 @@ def dispatch_mode_base() -> type:
     from torch.utils._python_dispatch import TorchDispatchMode
 
     return TorchDispatchMode
+
+
+def compiled_graph_count() -> int:
+    """How many graphs Dynamo has handed to a backend in this process (all models)."""
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])

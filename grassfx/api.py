@@ -32,6 +32,7 @@ def compile(  # noqa: A001 - the promised public name
     options: dict | None = None,
     data_parallel=None,
     record: bool = False,
+    refresh: str = "eager",
 ) -> GrassModel:
     """Make ``model`` train by Grass: only r rows of each weight gradient are computed.
 
@@ -69,6 +70,12 @@ def compile(  # noqa: A001 - the promised public name
         record: keep node snapshots of every compiled graph before and after each pass
             (for ``grassfx.diff(model)``); off by default (compile time and memory).
             ``GRASSFX_DEBUG>=1`` turns it on too.
+        refresh: how a compiled model runs its refresh steps (one every ``update_freq``
+            steps, where the dense gradients pick the rows): ``"eager"`` (default: no
+            second graph to compile, so compiling costs about what ``torch.compile``
+            costs; each weight's dense gradient is reduced to row norms and freed as soon
+            as it is produced) or ``"compiled"`` (a refresh graph of its own, compiled
+            with ``backend``). Both pick the same rows.
 
     Returns:
         A :class:`grassfx.GrassModel`, called like ``model``.
@@ -101,6 +108,7 @@ def compile(  # noqa: A001 - the promised public name
         compile_options=dict(options or {}),
         data_parallel=data_parallel,
         record=record,
+        refresh=refresh,
     )
     check_not_fsdp(model)
     _check_materialized(model)

@@ -10,11 +10,12 @@ from typing import Any
 from .errors import ConfigError
 from .select import EXPLORING, SELECTORS
 
-__all__ = ["GrassConfig", "PROJ_DIMS", "BACKENDS", "MOMENT_POLICIES"]
+__all__ = ["GrassConfig", "PROJ_DIMS", "BACKENDS", "MOMENT_POLICIES", "REFRESH_MODES"]
 
 PROJ_DIMS = ("auto", "rows", "cols", "smaller")
 BACKENDS = ("inductor", "aot_eager", "eager")
 MOMENT_POLICIES = ("reset", "keep_overlap")
+REFRESH_MODES = ("eager", "compiled")  # how a compiled model runs its refresh steps
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")  # torch.compile(mode=)
 
 
@@ -41,6 +42,7 @@ class GrassConfig:
     compile_options: dict = field(default_factory=dict)
     data_parallel: Any = None  # None: when torch.distributed is initialised; False: never
     record: bool = False  # keep node snapshots before/after each pass (grassfx.diff)
+    refresh: str = "eager"  # how compiled models run refresh steps: "eager" or "compiled"
 
     def __post_init__(self):
         rank = self.rank
@@ -58,6 +60,7 @@ class GrassConfig:
         _check_choice("proj_dim", self.proj_dim, PROJ_DIMS)
         _check_choice("backend", self.backend, BACKENDS)
         _check_choice("moments", self.moments, MOMENT_POLICIES)
+        _check_choice("refresh", self.refresh, REFRESH_MODES)
         if isinstance(self.update_freq, bool) or not isinstance(self.update_freq, numbers.Integral):
             raise ConfigError(f"update_freq={self.update_freq!r}: expected an int >= 1")
         if self.update_freq < 1:

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import resource
+import statistics
 import sys
 
 import torch
 
-__all__ = ["tensor_nbytes", "optimizer_state_bytes", "PeakMemory", "Throughput", "fmt_bytes", "sync"]
+__all__ = ["tensor_nbytes", "optimizer_state_bytes", "PeakMemory", "Throughput", "compiled_graphs", "fmt_bytes",
+           "sync"]
 
 
 def tensor_nbytes(obj, _seen: set | None = None) -> int:
@@ -97,21 +99,58 @@ def sync(device: torch.device) -> None:
 
 
 class Throughput:
-    """Training time and tokens/s, leaving out the first step (compilation, allocator warmup)."""
+    """Training time and tokens/s over the steady steps, and the time spent compiling.
+
+    The first step (allocator warm-up) and every step during which Dynamo compiled a graph
+    (the first step of a compiled run, a recompile) are left out of tokens/s; what a
+    compiling step took beyond a steady step (the median of the others) is counted as
+    compile time. :meth:`add_compile` adds compile time measured elsewhere
+    (the first evaluation of a compiled model).
+    """
 
     def __init__(self, tokens_per_step: int):
-        self.tokens_per_step, self.steps, self.seconds, self.first_step_s = tokens_per_step, 0, 0.0, 0.0
+        self.tokens_per_step, self.first_step_s = tokens_per_step, 0.0
+        self.steady = []  # seconds of each steady step
+        self.compiling = []  # seconds of each step that compiled (the first step included)
+        self.extra_compile_s = 0.0
 
-    def add(self, dt: float) -> None:
-        """Account one step that took ``dt`` seconds."""
-        if self.first_step_s == 0.0:
+    @property
+    def steps(self) -> int:
+        return len(self.steady)
+
+    @property
+    def seconds(self) -> float:
+        return float(sum(self.steady))
+
+    def add(self, dt: float, compiled: bool = False) -> None:
+        """Account one step that took ``dt`` seconds (``compiled``: a graph was compiled in it)."""
+        first = not self.first_step_s
+        if first:
             self.first_step_s = dt
-        else:
-            self.steps, self.seconds = self.steps + 1, self.seconds + dt
+        if compiled:
+            self.compiling.append(dt)
+        elif not first:  # an uncompiled first step is warm-up: neither steady nor compiling
+            self.steady.append(dt)
+
+    def add_compile(self, seconds: float) -> None:
+        self.extra_compile_s += max(0.0, seconds)
+
+    @property
+    def compile_s(self) -> float:
+        """Seconds spent compiling: compiling steps beyond a steady step, plus :meth:`add_compile`."""
+        typical = statistics.median(self.steady) if self.steady else 0.0
+        return sum(max(0.0, dt - typical) for dt in self.compiling) + self.extra_compile_s
 
     @property
     def tokens_per_s(self) -> float:
-        """Mean tokens/s over the timed steps (over the first one when there is no other)."""
-        if self.steps == 0:
+        """Mean tokens/s over the steady steps (over the first one when there is no other)."""
+        if not self.steady:
             return self.tokens_per_step / max(self.first_step_s, 1e-9)
         return self.steps * self.tokens_per_step / max(self.seconds, 1e-9)
+
+
+def compiled_graphs() -> int:
+    """Graphs compiled so far in this process (a step that raises it compiled something)."""
+    from grassfx import _compat
+
+    return _compat.compiled_graph_count()

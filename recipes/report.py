@@ -56,9 +56,10 @@ def plot_losses(records: list[dict], path: Path, title: str):
 
 def results_table(summary: dict) -> str:
     """The final comparison as a plain-text table with aligned columns."""
-    head = ["run", "eval loss", "eval ppl", "train loss", "tokens/s", "peak mem", "opt state", "params", "steps"]
+    head = ["run", "eval loss", "eval ppl", "train loss", "tokens/s", "compile s", "peak mem", "opt state", "params",
+            "steps"]
     rows = [[name, f"{s['eval_loss']:.4f}", f"{s['eval_ppl']:.1f}", f"{s['train_loss']:.4f}",
-             f"{s['tokens_per_s']:,.0f}", fmt_bytes(s["peak_mem_bytes"]),
+             f"{s['tokens_per_s']:,.0f}", _compile_cell(s), fmt_bytes(s["peak_mem_bytes"]),
              fmt_bytes(s["optimizer_state_bytes"]), f"{s['params']:,}", str(s["steps"])]
             for name, s in summary.items()]
     widths = [max(len(r[i]) for r in [head] + rows) for i in range(len(head))]
@@ -67,6 +68,12 @@ def results_table(summary: dict) -> str:
         return "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
 
     return "\n".join([line(head), "  ".join("-" * w for w in widths)] + [line(r) for r in rows])
+
+
+def _compile_cell(s: dict) -> str:
+    if s.get("backend", "eager") == "eager":
+        return "-"  # not compiled
+    return f"{s.get('compile_s', 0.0):.1f}"
 
 
 def json_default(obj):

@@ -31,6 +31,7 @@ import json
 import logging
 import math
 import os
+import statistics
 import sys
 import time
 import warnings
@@ -41,7 +42,7 @@ import torch
 
 from . import data as data_mod
 from . import presets as presets_mod
-from .measure import PeakMemory, Throughput, fmt_bytes, optimizer_state_bytes, sync
+from .measure import PeakMemory, Throughput, compiled_graphs, fmt_bytes, optimizer_state_bytes, sync
 from .options import RunSpec, grass_setting, parse_args, run_specs, setting
 from .report import json_default, plot_losses, results_table
 
@@ -125,8 +126,11 @@ def make_optimizer(model: torch.nn.Module, spec: RunSpec, args: argparse.Namespa
         model = torch.compile(model, backend=args.backend)
     if spec.optimizer == "galore":
         return model, make_galore(model, args)
+    # the baseline at its fastest: the fused kernel (CPU and CUDA), except under DDP's
+    # bucketed gradients where torch's default (foreach) is the tested path
+    fused = getattr(args, "world_size", 1) == 1 and next(model.parameters()).device.type in ("cpu", "cuda")
     opt = torch.optim.AdamW(model.parameters(), lr=setting(args, "lr", "adamw"), betas=(0.9, 0.999), eps=1e-8,
-                            weight_decay=args.weight_decay)
+                            weight_decay=args.weight_decay, fused=fused or None)
     return model, opt
 
 
@@ -145,6 +149,37 @@ def evaluate(model, windows: torch.Tensor, device: torch.device, batch_size: int
         b = windows[start:start + batch_size].to(device)
         total += float(model(input_ids=b, labels=b).loss) * b.shape[0]
         count += b.shape[0]
+    return total / count
+
+
+def uncompiled(model):
+    """The model's eager forward, for evaluation: no inference graph to compile (and the
+    numbers of the reference path). A grassfx model's own module reads its plain weights
+    outside a training forward."""
+    import grassfx
+
+    if isinstance(model, grassfx.GrassModel):
+        return model.module
+    return getattr(model, "_orig_mod", model)
+
+
+def timed_eval(model, windows: torch.Tensor, device: torch.device, speed: Throughput,
+               batch_size: int = 16) -> float:
+    """:func:`evaluate`, batch by batch; a batch during which a graph was compiled (the first
+    evaluation of a compiled model, a last batch of another size) adds what it took beyond
+    a typical batch (the median of the others, per window) to ``speed``'s compile time."""
+    total, count, plain, compiling = 0.0, 0, [], []
+    for start in range(0, windows.shape[0], batch_size):
+        b = windows[start:start + batch_size].to(device)
+        sync(device)
+        graphs, t0 = compiled_graphs(), time.perf_counter()
+        total += evaluate(model, b, device, batch_size) * b.shape[0]
+        sync(device)
+        (compiling if compiled_graphs() != graphs else plain).append(((time.perf_counter() - t0), b.shape[0]))
+        count += b.shape[0]
+    if compiling:
+        per_window = statistics.median(dt / n for dt, n in plain) if plain else 0.0
+        speed.add_compile(sum(dt - per_window * n for dt, n in compiling))
     return total / count
 
 
@@ -191,19 +226,19 @@ def train_run(spec: RunSpec, corpus, eval_set, args, device, log) -> dict:
         x = next(sampler).to(device)
         lr = opt.param_groups[0]["lr"]
         sync(device)
-        t0 = time.perf_counter()
+        graphs, t0 = compiled_graphs(), time.perf_counter()
         loss = train_step(model, opt, sched, x)
         sync(device)
         dt = time.perf_counter() - t0
-        speed.add(dt)
+        speed.add(dt, compiled=compiled_graphs() != graphs)
         if not math.isfinite(loss):
             raise FloatingPointError(f"{spec.name}: the training loss became {loss} at step {step}")
         smooth = loss if smooth is None else 0.95 * smooth + 0.05 * loss
         record = dict(run=spec.name, step=step, loss=loss, lr=lr, tokens_per_s=speed.tokens_per_step / dt)
         if step % args.eval_every == 0 or step == args.steps:  # the curve: the same windows each time
-            eval_loss = record["eval_curve"] = evaluate(model, eval_set.curve, device)
+            eval_loss = record["eval_curve"] = timed_eval(uncompiled(model), eval_set.curve, device, speed)
         if step == args.steps:  # the result: every window of the evaluation split
-            eval_loss = record["eval_loss"] = evaluate(model, eval_set.full, device)
+            eval_loss = record["eval_loss"] = timed_eval(uncompiled(model), eval_set.full, device, speed)
         log(record)
         shown_eval = f"eval {eval_loss:.3f}, " if math.isfinite(eval_loss) else ""
         bar.set_postfix_str(f"loss {smooth:.3f}, {shown_eval}{speed.tokens_per_s:,.0f} tok/s, "
@@ -215,7 +250,8 @@ def train_run(spec: RunSpec, corpus, eval_set, args, device, log) -> dict:
         train_loss=smooth, tokens_per_s=speed.tokens_per_s, peak_mem_bytes=mem.peak(),
         optimizer_state_bytes=optimizer_state_bytes(opt), steps=args.steps,
         tokens=args.steps * speed.tokens_per_step, params=params,
-        train_time_s=speed.seconds + speed.first_step_s, first_step_s=speed.first_step_s)
+        train_time_s=speed.seconds + sum(speed.compiling), first_step_s=speed.first_step_s,
+        compile_s=speed.compile_s, backend=args.backend)
     summary["lr"] = setting(args, "lr", spec.optimizer)
     if spec.optimizer != "adamw":
         summary.update(rank=args.rank, update_freq=setting(args, "update_freq", spec.optimizer),

@@ -254,7 +254,7 @@ def _build_report(model: GrassModel, probe: _Probe) -> Report:
         model=type(model.module).__name__,
         backend=cfg.backend,
         config={"rank": cfg.rank, "selection": cfg.selection, "update_freq": cfg.update_freq,
-                "proj_dim": cfg.proj_dim},
+                "proj_dim": cfg.proj_dim, "refresh": cfg.refresh},
         weights=rows,
         unprojected=_unprojected(model),
         frames=probe.frames,

@@ -220,7 +220,9 @@ def _report_summary(rep: Report) -> str:
         return f"example: {t}; not compiled (backend=eager)"
     train = rep.frames - rep.frames_refresh
     breaks = sum(rep.graph_breaks.values())
-    return (f"example: {t}; {rep.frames} frame(s) compiled (refresh step {rep.frames_refresh}, "
+    refresh = ("refresh steps run eagerly" if rep.config.get("refresh") == "eager"
+               else f"refresh step {rep.frames_refresh}")
+    return (f"example: {t}; {rep.frames} frame(s) compiled ({refresh}, "
             f"training step {train}); {breaks} graph break(s)")
 
 

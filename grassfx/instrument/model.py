@@ -120,6 +120,8 @@ class GrassModel(nn.Module):
             refresh = self._schedule.begin_if_due()
             if dp is not None and refresh is not None:
                 dp.expect_refresh([s for s, plan in zip(self.sites, refresh) if plan is not None])
+        if refresh is not None and self.grass_config.refresh == "eager":
+            return self._run(refresh, args, kwargs, eager=True)  # compiled or not, a refresh runs eagerly
         return self._runner(refresh, args, kwargs)
 
     class _ForwardDescriptor:
@@ -152,8 +154,10 @@ class GrassModel(nn.Module):
             return None
         return dp.group.group_name, dp.size
 
-    def _run(self, refresh, args, kwargs):
-        """The traced region: run the module; each target weight is anchored where it is read."""
+    def _run(self, refresh, args, kwargs, eager=None):
+        """The traced region: run the module; each target weight is anchored where it is read.
+
+        ``eager``: whether this call runs uncompiled (``None``: as the backend says)."""
         group, size = self._dp.group_and_size() if self._dp is not None else ("", 1)
         entries = {}
         for i, site in enumerate(self.sites):
@@ -161,7 +165,8 @@ class GrassModel(nn.Module):
         # compiled backends: Dynamo may run this function itself eagerly (a graph break in
         # the module makes it skip the frame) while it compiles the module's frames, so
         # the backend decides, not torch.compiler.is_compiling()
-        eager = self.grass_config.backend == "eager"
+        if eager is None:
+            eager = self.grass_config.backend == "eager"
         self._slot.begin(_make_anchor, entries, upfront=eager or refresh is not None, eager=eager)
         try:
             return self.module(*args, **kwargs)

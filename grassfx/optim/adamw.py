@@ -136,8 +136,11 @@ class AdamW(GrassOptimizer):
         params: ``model.parameters()`` of a model from :func:`grassfx.compile` (groups ok).
         lr, betas, eps, weight_decay: as ``torch.optim.AdamW``.
         nonfinite: ``"raise"`` (default) or ``"skip"`` a step whose gradients hold NaN/Inf.
-        compiled: run :func:`adamw_step` compiled (``True``), eagerly (``False``), or
-            compiled when a model was compiled with Inductor (``None``, the default).
+        compiled: run :func:`adamw_step` eagerly (``False``, the default: nothing more to
+            compile; its state is r/m of AdamW's, so the step is cheap), compiled into
+            fused kernels (``True``: fewer kernels per step, 10-25 s more compile time on
+            this project's CPU, ``benchmarks/RESULTS.md``), or compiled when a model was
+            compiled with Inductor (``None``).
         rewarmup: ramp a newly selected row's step from 1/K to 1 over its first K steps
             (an int >= 0; 0, the default, turns it off).
         rho_scaling: ``"once"`` (default: each selected row gets one step, whatever the
@@ -154,7 +157,7 @@ class AdamW(GrassOptimizer):
     """
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, *, nonfinite="raise",
-                 compiled=None, rewarmup=0, rho_scaling="once"):
+                 compiled=False, rewarmup=0, rho_scaling="once"):
         check_number("lr", lr, low=0.0)
         if isinstance(rewarmup, bool) or not isinstance(rewarmup, int) or rewarmup < 0:
             raise ConfigError(f"rewarmup={rewarmup!r}: expected an int >= 0 (steps; 0 turns it off)")

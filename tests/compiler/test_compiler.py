@@ -14,7 +14,7 @@ from conftest import llama_batch, make_gpt2, make_llama
 
 def _pair(net, backend, **kw):
     eager = grassfx.compile(copy.deepcopy(net), backend="eager", **kw)
-    compiled = grassfx.compile(net, backend=backend, record=True, **kw)
+    compiled = grassfx.compile(net, backend=backend, record=True, refresh="compiled", **kw)  # the refresh graph too
     return eager, compiled
 
 
@@ -129,7 +129,8 @@ def test_dynamic_sequence_lengths_aot_eager(dynamic):
 
 def test_changing_idx_never_recompiles():
     torch.manual_seed(0)
-    model = grassfx.compile(zoo.Shared(), rank=4, update_freq=2, selection="multinorm", backend="aot_eager")
+    model = grassfx.compile(zoo.Shared(), rank=4, update_freq=2, selection="multinorm", backend="aot_eager",
+                            refresh="compiled")
     opt = grassfx.optim.AdamW(model.parameters(), lr=1e-2)
     seen = []
     for step in range(8):
@@ -139,6 +140,27 @@ def test_changing_idx_never_recompiles():
         seen.append(model.sites[0].idx.clone())
     assert len({tuple(s.tolist()) for s in seen}) > 1  # rows did change
     assert model.compile_report.frames == 2
+
+
+@pytest.mark.slow
+def test_refresh_windows_on_a_compiled_tiny_llama_never_recompile():
+    """Default (refresh steps eager): one training graph, compiled once, through three refresh windows."""
+    from grassfx import _compat
+
+    torch.manual_seed(0)
+    model = grassfx.compile(make_llama(), rank=4, update_freq=2, backend="inductor")
+    opt = grassfx.optim.AdamW(model.parameters(), lr=1e-2)
+    rows, graphs = [], []
+    for step in range(7):  # refreshes at steps 0, 2, 4, 6
+        b = llama_batch(step)
+        model(**b).loss.backward()
+        opt.step()
+        opt.zero_grad()
+        rows.append(tuple(model.sites[0].idx.tolist()))
+        graphs.append(_compat.compiled_graph_count())
+    assert len(set(rows)) > 1  # the rows did change
+    assert graphs[1] == graphs[-1]  # nothing compiled after the first normal step
+    assert model.compile_report.frames == 1
 
 
 def test_unpushable_use_is_reported_and_correct():

@@ -209,3 +209,41 @@ def test_nproc_2_launches_data_parallel_runs(tmp_path, monkeypatch):
         # the same weights on both ranks -> the same evaluation loss on the same batches
         assert lead[name]["eval_loss"] == other[name]["eval_loss"]
     assert (tmp_path / "run" / "loss.png").exists() and not (tmp_path / "run" / "rank1" / "loss.png").exists()
+
+
+# -- compiled by default (the main job runs what grassfx is for) -----------------------------
+def test_default_backend_is_compiled():
+    from grassfx.recipes import options
+
+    assert options.parse_args([]).backend == "inductor"
+    assert options.parse_args(["--demo"]).backend == "inductor"
+    assert options.parse_args(["--backend", "eager"]).backend == "eager"
+
+
+def test_throughput_leaves_compiling_steps_out():
+    speed = measure.Throughput(tokens_per_step=100)
+    for dt, compiled in [(9.0, True), (0.1, False), (4.1, True), (0.1, False), (0.1, False)]:
+        speed.add(dt, compiled=compiled)
+    speed.add_compile(2.0)
+    assert speed.steps == 3 and speed.tokens_per_s == pytest.approx(1000.0)
+    assert speed.compile_s == pytest.approx((9.0 - 0.1) + (4.1 - 0.1) + 2.0)
+    eager = measure.Throughput(tokens_per_step=100)
+    for dt in (0.5, 0.1, 0.1):  # an uncompiled first step is warm-up, not compile time
+        eager.add(dt)
+    assert eager.compile_s == 0.0 and eager.steps == 2 and eager.first_step_s == 0.5
+
+
+@pytest.mark.slow
+def test_compiled_main_job_matches_eager_for_the_first_steps(tmp_path):
+    """The grass run compiled with Inductor (the default) follows the eager reference's losses."""
+    losses = {}
+    for backend in ("eager", "inductor"):
+        out = tmp_path / backend
+        args = ["--preset", "test", "--steps", "6", "--batch-size", "2", "--seq-len", "32", "--eval-every", "3",
+                "--eval-windows", "2", "--threads", "2", "--no-progress", "--optimizer", "grass",
+                "--update-freq", "2", "--backend", backend, "--out", str(out)]
+        summary = train.run(args)
+        records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        losses[backend] = [r["loss"] for r in records]
+        assert (summary["grass"]["compile_s"] > 0) == (backend != "eager")
+    assert losses["inductor"] == pytest.approx(losses["eager"], rel=2e-3)

@@ -1,0 +1,132 @@
+"""Compile time of a Hugging Face Llama training step: grassfx vs plain ``torch.compile``.
+
+Each measurement runs in a fresh process with its own Inductor cache directory:
+
+* *cold*: an empty cache directory (nothing to reuse: Dynamo, AOTAutograd and Inductor
+  all run);
+* *warm*: a second process on the directory the cold one filled (Inductor's FX graph
+  cache and the AOTAutograd cache serve what they can; Dynamo still traces).
+
+Compile time of a run = the time of the steps during which a graph was compiled, minus
+as many steady steps (the median of the steps after them). Dense = ``torch.compile(model)``
++ ``torch.optim.AdamW(fused=True)``; grassfx = ``grassfx.compile(model, rank=...)`` +
+``grassfx.optim.AdamW``, in the configurations given by ``--variants``: refresh steps
+eager (the default) or compiled, optimizer step eager (the default) or compiled.
+
+Example:
+    python benchmarks/compile_time.py --repeats 3 --out benchmarks/results/compile_time.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+VARIANTS = {
+    "dense": {},
+    "grassfx": dict(refresh="eager", opt_compiled=False),
+    "grassfx_refresh_compiled": dict(refresh="compiled", opt_compiled=False),
+    "grassfx_opt_compiled": dict(refresh="eager", opt_compiled=True),
+    "grassfx_both_compiled": dict(refresh="compiled", opt_compiled=True),
+}
+
+
+def _build(layers: int, hidden: int):
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=2048, hidden_size=hidden, intermediate_size=hidden * 8 // 3 // 64 * 64,
+                      num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=4,
+                      max_position_embeddings=256, attention_dropout=0.0, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    return LlamaForCausalLM(cfg)
+
+
+def measure(variant: str, layers: int, hidden: int, steps: int, rank: int) -> dict:
+    """One process, one variant: per-step seconds and which steps compiled."""
+    import torch
+
+    import grassfx
+    from grassfx import _compat
+
+    torch.set_num_threads(int(os.environ.get("THREADS", "2")))
+    model = _build(layers, hidden)
+    g = torch.Generator().manual_seed(1)
+    batches = [torch.randint(0, 2048, (2, 128), generator=g) for _ in range(steps)]
+    if variant == "dense":
+        model = torch.compile(model)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+    else:
+        cfg = VARIANTS[variant]
+        model = grassfx.compile(model, rank=rank, update_freq=1000, refresh=cfg["refresh"])
+        opt = grassfx.optim.AdamW(model.parameters(), lr=1e-4, compiled=cfg["opt_compiled"])
+    times, compiled = [], []
+    for ids in batches:
+        before, t0 = _compat.compiled_graph_count(), time.perf_counter()
+        model(input_ids=ids, labels=ids).loss.backward()
+        opt.step()
+        opt.zero_grad()
+        times.append(time.perf_counter() - t0)
+        compiled.append(_compat.compiled_graph_count() != before)
+    steady = statistics.median(t for t, c in zip(times, compiled) if not c)
+    compile_s = sum(t - steady for t, c in zip(times, compiled) if c)
+    return dict(variant=variant, step_s=times, compiled=compiled, steady_s=steady, compile_s=compile_s)
+
+
+def _child(variant, cache_dir, args) -> dict:
+    env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=cache_dir)
+    cmd = [sys.executable, __file__, "--child", variant, "--layers", str(args.layers), "--hidden", str(args.hidden),
+           "--steps", str(args.steps), "--rank", str(args.rank)]
+    out = subprocess.run(cmd, env=env, check=True, capture_output=True, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--hidden", type=int, default=256)
+    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--rank", type=int, default=32)
+    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--out", default=None)
+    p.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.child:
+        print(json.dumps(measure(args.child, args.layers, args.hidden, args.steps, args.rank)))
+        return
+    runs = []
+    for repeat in range(args.repeats):  # variants interleaved: drifts in machine load hit all alike
+        for variant in args.variants:
+            with tempfile.TemporaryDirectory(prefix="grassfx-cc-") as cache:
+                cold = _child(variant, cache, args)
+                warm = _child(variant, cache, args)
+            runs.append(dict(variant=variant, repeat=repeat, cold=cold, warm=warm))
+            print(f"{variant:>26} repeat {repeat}: cold {cold['compile_s']:.1f} s, warm {warm['compile_s']:.1f} s, "
+                  f"steady {cold['steady_s']:.3f} s/step", flush=True)
+    table = {}
+    for variant in args.variants:
+        mine = [r for r in runs if r["variant"] == variant]
+        table[variant] = {kind: statistics.median(r[kind]["compile_s"] for r in mine) for kind in ("cold", "warm")}
+        table[variant]["steady_s"] = statistics.median(r["cold"]["steady_s"] for r in mine)
+    dense = table.get("dense")
+    print("\nmedians:")
+    for variant, row in table.items():
+        ratio = (f"  ({row['cold'] / dense['cold']:.2f}x cold, {row['warm'] / dense['warm']:.2f}x warm vs dense)"
+                 if dense and variant != "dense" else "")
+        print(f"{variant:>26}: cold {row['cold']:.1f} s, warm {row['warm']:.1f} s, steady {row['steady_s']:.3f} s/step"
+              f"{ratio}")
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(dict(args=vars(args), table=table, runs=runs, threads=os.environ.get("THREADS", "2"),
+                           date=time.strftime("%Y-%m-%d")), f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
