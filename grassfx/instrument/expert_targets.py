@@ -24,6 +24,8 @@ import re
 import torch
 from torch import nn
 
+from .swap import original_class
+
 __all__ = ["EXPERTS", "expert_reason", "is_expert_stack"]
 
 EXPERTS = "experts"  # the TargetSpec kind of an expert stack
@@ -44,8 +46,9 @@ def expert_reason(module: nn.Module, attr: str, param: torch.Tensor) -> str:
     """Why ``param`` (named ``attr`` on ``module``) is an expert stack, or ``""`` when it is not."""
     if param.dim() != 3 or not param.is_floating_point():
         return ""
-    if type(module).__name__.endswith("Experts"):
-        return f"expert stack of {type(module).__name__} ({param.shape[0]} experts)"
+    cls = original_class(module).__name__  # the user's class, also once grassfx swapped it
+    if cls.endswith("Experts"):
+        return f"expert stack of {cls} ({param.shape[0]} experts)"
     if _indexed_in_matmul(module, attr):
         return f"expert stack: forward multiplies by self.{attr}[...] ({param.shape[0]} experts)"
     return ""

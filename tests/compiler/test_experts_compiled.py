@@ -1,0 +1,117 @@
+"""Expert stacks compiled: the expert GEMMs' weight gradients rewritten, or reported."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.fx as fx
+
+import grassfx
+from grassfx.instrument.experts import ExpertSite
+from grassfx.passes.sparsify_wgrad import find_weight_grad_sites
+from moe_zoo import make_loop_experts, make_mixtral, mixtral_batch
+
+
+def _train_pair(net, batches, loss_fn, **kw):
+    """Eager and aot_eager grassfx models trained side by side; gradients compared every step."""
+    eager = grassfx.compile(copy.deepcopy(net), backend="eager", **kw)
+    compiled = grassfx.compile(net, backend="aot_eager", record=True, **kw)
+    opts = [grassfx.optim.AdamW(m.parameters(), lr=1e-2, weight_decay=0.01) for m in (eager, compiled)]
+    seen = []
+    for batch in batches:
+        for m in (eager, compiled):
+            loss_fn(m, batch).backward()
+        for se, sc in zip(eager.sites, compiled.sites):
+            assert torch.equal(se.idx, sc.idx), se.name
+            torch.testing.assert_close(sc.handle.grad, se.handle.grad, rtol=1e-4, atol=1e-6, msg=se.name)
+        seen.append({s.name: s.idx.clone() for s in compiled.sites if isinstance(s, ExpertSite)})
+        for opt in opts:
+            opt.step()
+            opt.zero_grad()
+    for a, b in zip(eager.state_dict().values(), compiled.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4)  # ulp drift, amplified by Adam
+    return eager, compiled, seen
+
+
+def _expert_changes(model):
+    names = {s.name for s in model.sites if isinstance(s, ExpertSite)}
+    return {c.weight: c for c in model.compile_report.changes() if c.weight in names}
+
+
+def _dense_expert_grads(model):
+    """Backward-graph ops (after the passes) that form a per-expert dense (.., m, n) gradient."""
+    shapes = {tuple(s.weight.shape[1:]) for s in model.sites if isinstance(s, ExpertSite) and not s.full}
+    # the frame the rewrites happened in (the refresh frame forms dense gradients on purpose)
+    frames = {g.graph_id.split(".")[0] for g in model.compile_report.graphs if g.changes()}
+    assert len(frames) == 1, frames
+    found = []
+    for rec in model.compile_report.records:
+        if rec.kind != "backward" or rec.graph_id.split(".")[0] not in frames:
+            continue
+        found += [(rec.graph_id, op, sh) for op, sh, made_by in rec.stages[-1].ops_after
+                  if op in ("mm", "bmm", "index_put", "select_backward") and made_by is None
+                  and sh and tuple(sh[-2:]) in shapes]
+    return found
+
+
+def test_mixtral_batched_mm_compiled_matches_eager_with_expert_gemms_rewritten():
+    batches = [mixtral_batch(i) for i in range(5)]  # refreshes at steps 0, 2 and 4
+    _, compiled, seen = _train_pair(make_mixtral(experts_implementation="batched_mm"), batches,
+                                    lambda m, b: m(**b).loss, rank=8, update_freq=2)
+    changes = _expert_changes(compiled)
+    assert len(changes) == 4 and all(c.action == "rewrote" for c in changes.values()), changes
+    assert _dense_expert_grads(compiled) == []
+    name = "model.layers.0.mlp.experts.gate_up_proj"
+    assert not torch.equal(seen[1][name], seen[2][name]) or not torch.equal(seen[3][name], seen[4][name])
+    assert torch._dynamo.utils.counters["graph_break"] == {}
+
+
+def test_mixtral_grouped_mm_falls_back_densely_with_its_reason():
+    batches = [mixtral_batch(i) for i in range(3)]
+    _, compiled, _ = _train_pair(make_mixtral(experts_implementation=None, layers=1), batches,
+                                 lambda m, b: m(**b).loss, rank=8, update_freq=2, targets=["*experts*"])
+    changes = _expert_changes(compiled)
+    assert len(changes) == 2 and all(c.action == "fallback" for c in changes.values())
+    assert all("grouped_mm_fallback_backward" in c.detail for c in changes.values()), changes
+    skipped = [s.reason for g in compiled.compile_report.graphs for r in g.results for s in r.skipped]
+    assert len(skipped) == 2 and all("per-expert GEMM" in s for s in skipped)
+
+
+def test_static_expert_loop_rewrites_each_select_backward():
+    net = make_loop_experts(experts=3, d_in=6, d_out=10)
+    g = torch.Generator().manual_seed(0)
+    batches = [torch.randn(3, 5, 6, generator=g) for _ in range(3)]
+    _, compiled, _ = _train_pair(net, batches, lambda m, x: m(x).pow(2).mean(), rank=4, update_freq=2,
+                                 targets=["w"])
+    changes = [c for c in compiled.compile_report.changes() if c.weight == "w"]
+    assert len(changes) == 3 and all(c.action == "rewrote" for c in changes)  # one read of w per expert
+    assert _dense_expert_grads(compiled) == []
+
+
+def test_find_weight_grad_sites_explains_an_unpushable_expert_gradient():
+    from grassfx.instrument.experts import expertsel
+
+    graph = fx.Graph()
+    grad = graph.placeholder("grad")
+    idx, rho = graph.placeholder("idx"), graph.placeholder("rho")
+    grad.meta["val"] = torch.zeros(2, 5, 3)
+    cum = graph.call_function(torch.ops.aten.cumsum.default, (grad, 1))
+    cum.meta["val"] = torch.zeros(2, 5, 3)
+    graph.output(graph.call_function(torch.ops.grassfx.expertsel.default, (cum, idx, rho, "w")))
+    (site,) = find_weight_grad_sites(graph)
+    assert site.experts and site.plan is None and site.reason == "expert gradient not from a per-expert GEMM: aten.cumsum"
+    assert expertsel(torch.ones(2, 5, 3), torch.tensor([[0, 4], [1, 2]]), torch.ones(2, 2), "w").shape == (2, 2, 3)
+
+
+def test_explain_lists_expert_stacks_with_their_reason():
+    model = grassfx.compile(make_mixtral(layers=1), rank=8, backend="aot_eager", targets=["*experts*"])
+    report = grassfx.explain(model, **mixtral_batch(0))
+    rows = {w.name: w for w in report.weights}
+    up = rows["model.layers.0.mlp.experts.gate_up_proj"]
+    assert up.shape == (4, 96, 32) and up.dim == "rows/expert" and up.rewritten
+    assert up.detail.startswith("expert stack of MixtralExperts (4 experts)")
+    assert up.grad_bytes_grassfx * 12 == up.grad_bytes_dense  # 8 of 96 rows of each expert
+    assert up.flops() == (2 * 16 * 2 * 96 * 32, 2 * 16 * 2 * 8 * 32)  # T = 16 tokens, 2 experts each
+    text = str(report)
+    assert "4 x 96 x 32" in text and "expert stack of MixtralExperts" in text
