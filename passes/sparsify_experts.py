@@ -25,7 +25,6 @@ reported as skipped with its reason. Guarantees: the graph computes exactly
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import operator
 from typing import Union
 
@@ -35,6 +34,8 @@ import torch.fx as fx
 from grassfx import _compat
 
 from .infra import Change, PassResult, Skip, meta_val, norm_args
+# sparsify_wgrad imports this module after its own rules are defined (at its end)
+from .sparsify_wgrad import SAME, Push, Rule, WgradSite, _count_gemms, _Emitter, _erase_dead, _plan
 
 aten = torch.ops.aten
 prims = torch.ops.prims
@@ -49,12 +50,6 @@ def expertsel_op():
 
 
 _CASTS = (aten.alias, aten.clone, prims.convert_element_type, aten._to_copy)
-
-
-def _wgrad():
-    """The module of the 2-D rules (late: it imports this one; the package's attribute of
-    that name is the pass function)."""
-    return importlib.import_module(".sparsify_wgrad", __package__)
 
 
 def _packet(node):
@@ -76,7 +71,6 @@ def _is_zeros(node) -> bool:
 # -- plans ----------------------------------------------------------------------------------
 def _plan_index_put(node, group, args, shape, pk):
     """``index_put(zeros(E, m, n), [ids], V, accumulate=True)``: select rows of each pair of V."""
-    w = _wgrad()
     indices, values = args["indices"], args["values"]
     if not _is_zeros(args["self"]) or len(args["self"].users) != 1:
         return "expert gradient not accumulated into zeros"
@@ -88,17 +82,39 @@ def _plan_index_put(node, group, args, shape, pk):
     # the zeros may read the per-pair gradient for its dtype and device (new_zeros)
     if any(user not in (node, args["self"]) for user in values.users):
         return "dense gradient has other users"
-    casts, bmm = _pair_gemm(values)
-    if _packet(bmm) is not aten.bmm or len(bmm.users) != (1 if casts else len(values.users)):
-        name = _compat.op_name(_packet(bmm)) if _packet(bmm) else getattr(bmm, "op", "constant")
+    casts, gemm = _pair_gemm(values)
+    if len(gemm.users) != (1 if casts else len(values.users)) or _row_operand(gemm) is None:
+        name = _compat.op_name(_packet(gemm)) if _packet(gemm) else getattr(gemm, "op", "constant")
         return f"per-pair expert gradient is not a bmm: {name}"
-    return w.Push(node, group, EXPERT_GATHER, [("values", None, (1, 2))])
+    return Push(node, group, EXPERT_GATHER, [("values", None, (1, 2))])
+
+
+def _row_operand(gemm):
+    """The operand of a per-pair GEMM that carries the rows (dim 1) of its output, or None.
+
+    ``bmm(A, B)``: ``A``. Inductor writes a bmm with inner size 1 (``W[ids] @ x[:, :, None]``'s
+    weight gradient, an outer product per pair) as ``mul(A (S, m, 1), B (S, 1, n))``: the
+    operand whose dim 1 is not broadcast.
+    """
+    pk = _packet(gemm)
+    if pk is aten.bmm:
+        return "self"
+    if pk is not aten.mul:
+        return None
+    args = norm_args(gemm)
+    shapes = {k: _shape(args[k]) if isinstance(args[k], fx.Node) else None for k in ("self", "other")}
+    if any(sh is None or len(sh) != 3 for sh in shapes.values()):
+        return None
+    for rows, other in (("self", "other"), ("other", "self")):
+        if shapes[other][1] == 1 and shapes[rows][1] != 1:
+            return rows
+    return None
 
 
 def _pair_gemm(values) -> tuple:
     """``(casts, producer)``: the dtype casts / aliases above ``values`` and what they wrap."""
     casts, inner = [], values
-    while _packet(inner) in _CASTS and len(inner.users) == 1:
+    while _packet(inner) in _CASTS and (inner is values or len(inner.users) == 1):  # values: users checked
         casts.append(inner)
         inner = norm_args(inner)[_compat.op_schema(inner.target).arguments[0].name]
     return casts, inner
@@ -106,25 +122,29 @@ def _pair_gemm(values) -> tuple:
 
 def _plan_select_backward(node, group, args, shape, pk):
     """``select_backward(g, (E, m, n), 0, e)``: rows ``idx[e]`` of the 2-D gradient ``g``."""
-    w = _wgrad()
     if args["dim"] != 0 or not isinstance(args["index"], int):
         return "expert gradient selected along another dim or by a tensor index"
-    sub = w._plan(args["grad_output"], (0, 1), False)
+    sub = _plan(args["grad_output"], (0, 1), False)
     if isinstance(sub, str):
         return sub
-    return w.Push(node, group, EXPERT_SELECT, [("grad_output", sub, (0, 1))])
+    return Push(node, group, EXPERT_SELECT, [("grad_output", sub, (0, 1))])
 
 
 # -- emits ----------------------------------------------------------------------------------
 def _emit_index_put(em, plan, args, inner):
-    casts, bmm = _pair_gemm(args["values"])
-    bargs = norm_args(bmm)
-    left = bargs["self"]
+    casts, gemm = _pair_gemm(args["values"])
+    gargs = norm_args(gemm)
+    which = _row_operand(gemm)
+    left = gargs[which]
     k = _shape(left)[2]
     pair_idx = em.node(aten.index.Tensor, (em.site.idx, [args["indices"][0]]))  # (S, r): rows of each pair
     where = em.node(aten.expand.default, (em.node(aten.unsqueeze.default, (pair_idx, 2)), [-1, -1, k]))
     rows = em.node(aten.gather.default, (left, 1, where))  # (S, r, k)
-    value = em.node(aten.bmm.default, (rows, bargs["mat2"]))  # (S, r, n) = (S, r, k) @ (S, k, n)
+    if _packet(gemm) is aten.bmm:
+        value = em.node(aten.bmm.default, (rows, gargs["mat2"]))  # (S, r, n) = (S, r, k) @ (S, k, n)
+    else:  # an outer product per pair: (S, r, n) = (S, r, 1) * (S, 1, n)
+        operands = {"self": gargs["self"], "other": gargs["other"], which: rows}
+        value = em.node(gemm.target, (operands["self"], operands["other"]))
     for cast in reversed(casts):
         value = _replay(em, cast, value)
     zeros = args["self"]
@@ -142,10 +162,9 @@ def _emit_index_put(em, plan, args, inner):
 
 
 def _replay(em, cast, value):
-    w = _wgrad()
     args = norm_args(cast)
-    push = w.Push(cast, (1, 2), w.SAME)
-    return w.SAME.emit(em, push, args, {_compat.op_schema(cast.target).arguments[0].name: value})
+    push = Push(cast, (1, 2), SAME)
+    return SAME.emit(em, push, args, {_compat.op_schema(cast.target).arguments[0].name: value})
 
 
 def _emit_select_backward(em, plan, args, inner):
@@ -154,36 +173,24 @@ def _emit_select_backward(em, plan, args, inner):
     return em.node(plan.node.target, (inner["grad_output"], size, 0, args["index"]))
 
 
-def _rules():
-    w = _wgrad()
-    return w.Rule("expert_gather", _plan_index_put, _emit_index_put), w.Rule(
-        "expert_select", _plan_select_backward, _emit_select_backward)
+EXPERT_GATHER = Rule("expert_gather", _plan_index_put, _emit_index_put)
+EXPERT_SELECT = Rule("expert_select", _plan_select_backward, _emit_select_backward)
 
-
-EXPERT_GATHER = EXPERT_SELECT = None  # built on first use (the Rule class lives in sparsify_wgrad)
-EXPERT_RULES = {}
-
-
-def _table() -> dict:
-    global EXPERT_GATHER, EXPERT_SELECT
-    if not EXPERT_RULES:
-        EXPERT_GATHER, EXPERT_SELECT = _rules()
-        EXPERT_RULES.update({aten.index_put: EXPERT_GATHER, aten.select_backward: EXPERT_SELECT})
-    return EXPERT_RULES
+#: How an expert stack's gradient reaches its marker, and the rule that selects rows of each expert.
+EXPERT_RULES = {aten.index_put: EXPERT_GATHER, aten.select_backward: EXPERT_SELECT}
 
 
 def expert_site(node: fx.Node):
     """The ``WgradSite`` of one expertsel node, with its plan or the reason it has none."""
-    w = _wgrad()
     grad, idx, rho, name = node.args[:4]
-    site = w.WgradSite(node, name, 1, grad, idx, rho, experts=True)
+    site = WgradSite(node, name, 1, grad, idx, rho, experts=True)
     plan = plan_expert_grad(grad) if len(grad.users) == 1 else "dense gradient has other users"
     if isinstance(plan, str):
         site.reason = plan
     else:
         site.plan = plan
         sub = plan.children[0][1]
-        site.gemms = w._count_gemms(sub) if sub is not None else 1
+        site.gemms = _count_gemms(sub) if sub is not None else 1
     return site
 
 
@@ -195,7 +202,7 @@ def plan_expert_grad(grad) -> Union[object, str]:
         return ("gradient computed in another graph (graph break: a loop over the experts hit breaks on "
                 "data-dependent routing; transformers' experts_implementation='batched_mm' stays in one graph)")
     pk = _packet(grad)
-    rule = _table().get(pk)
+    rule = EXPERT_RULES.get(pk)
     if rule is None:
         return f"expert gradient not from a per-expert GEMM: {_producer(grad)}"
     return rule.plan(grad, (1, 2), norm_args(grad), _shape(grad), pk)
@@ -221,14 +228,13 @@ def _producer(node) -> str:
 # -- rewrite --------------------------------------------------------------------------------
 def rewrite_expert_site(graph: fx.Graph, site, fake_mode, result: PassResult) -> Change:
     """Replace one expertsel node by its per-expert computation (or the dense fallback)."""
-    w = _wgrad()
-    em = w._Emitter(graph, site, fake_mode)
+    em = _Emitter(graph, site, fake_mode)
     em.r = _shape(site.idx)[1]
     with graph.inserting_before(site.rowsel):
         if site.plan is not None and site.plan.rule is EXPERT_SELECT:
             # below the select: the 2-D rules, gathering rows idx[e] of this expert
             idx_e = em.node(aten.select.int, (site.idx, 0, norm_args(site.plan.node)["index"]))
-            inner = w._Emitter(graph, dataclasses.replace(site, idx=idx_e), fake_mode)
+            inner = _Emitter(graph, dataclasses.replace(site, idx=idx_e), fake_mode)
             picked_e = inner.emit(site.plan.children[0][1])
             em.created += inner.created
             picked = _emit_select_backward(em, site.plan, norm_args(site.plan.node), {"grad_output": picked_e})
@@ -246,7 +252,7 @@ def rewrite_expert_site(graph: fx.Graph, site, fake_mode, result: PassResult) ->
         action, detail = "fallback", site.reason
     out.meta["grassfx"]["role"] = "compressed_grad"
     site.rowsel.replace_all_uses_with(out)
-    erased = w._erase_dead(graph, site.rowsel)
+    erased = _erase_dead(graph, site.rowsel)
     return Change(site.weight, action, detail, em.created, erased)
 
 

@@ -41,7 +41,6 @@ import torch.fx as fx
 from grassfx import _compat
 from grassfx.errors import PassError
 
-from . import sparsify_experts as _experts
 from .infra import PassContext, PassResult, Change, Skip, make_node, meta_val, norm_args, prod, same_size
 
 aten = torch.ops.aten
@@ -466,3 +465,7 @@ def _rewrite(graph: fx.Graph, site: WgradSite, fake_mode, result: PassResult) ->
     site.rowsel.replace_all_uses_with(out)
     erased = _erase_dead(graph, site.rowsel)
     return Change(site.weight, action, detail, emitter.created, erased)
+
+
+# the per-expert rules build on this module's (Rule, Push, _plan, _Emitter), so they load last
+from . import sparsify_experts as _experts  # noqa: E402

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 
+import pytest
 import torch
 import torch.fx as fx
 
@@ -13,10 +14,10 @@ from grassfx.passes.sparsify_wgrad import find_weight_grad_sites
 from moe_zoo import make_loop_experts, make_mixtral, mixtral_batch
 
 
-def _train_pair(net, batches, loss_fn, **kw):
-    """Eager and aot_eager grassfx models trained side by side; gradients compared every step."""
+def _train_pair(net, batches, loss_fn, backend="aot_eager", **kw):
+    """Eager and compiled grassfx models trained side by side; gradients compared every step."""
     eager = grassfx.compile(copy.deepcopy(net), backend="eager", **kw)
-    compiled = grassfx.compile(net, backend="aot_eager", record=True, **kw)
+    compiled = grassfx.compile(net, backend=backend, record=True, **kw)
     opts = [grassfx.optim.AdamW(m.parameters(), lr=1e-2, weight_decay=0.01) for m in (eager, compiled)]
     seen = []
     for batch in batches:
@@ -67,6 +68,17 @@ def test_mixtral_batched_mm_compiled_matches_eager_with_expert_gemms_rewritten()
     assert torch._dynamo.utils.counters["graph_break"] == {}
 
 
+@pytest.mark.slow
+def test_mixtral_batched_mm_inductor_rewrites_the_outer_product_form():
+    # Inductor writes the per-pair weight gradient (a bmm with inner size 1) as a broadcast mul
+    batches = [mixtral_batch(i) for i in range(3)]
+    _, compiled, _ = _train_pair(make_mixtral(experts_implementation="batched_mm", layers=1), batches,
+                                 lambda m, b: m(**b).loss, backend="inductor", rank=8, update_freq=2,
+                                 targets=["*experts*"])
+    changes = _expert_changes(compiled)
+    assert len(changes) == 2 and all(c.action == "rewrote" for c in changes.values()), changes
+
+
 def test_mixtral_grouped_mm_falls_back_densely_with_its_reason():
     batches = [mixtral_batch(i) for i in range(3)]
     _, compiled, _ = _train_pair(make_mixtral(experts_implementation=None, layers=1), batches,
@@ -115,3 +127,42 @@ def test_explain_lists_expert_stacks_with_their_reason():
     assert up.flops() == (2 * 16 * 2 * 96 * 32, 2 * 16 * 2 * 8 * 32)  # T = 16 tokens, 2 experts each
     text = str(report)
     assert "4 x 96 x 32" in text and "expert stack of MixtralExperts" in text
+
+
+
+S, E, M, N = 7, 3, 5, 4
+IDS = torch.tensor([0, 2, 2, 1, 0, 2, 1])  # the expert of each of the S token-expert pairs
+EIDX = torch.tensor([[0, 3], [1, 4], [2, 3]])
+ERHO = torch.tensor([[1.0, 2.0], [0.5, 1.0], [1.0, 3.0]])
+
+
+def _scatter(values, ids, idx, rho):
+    dense = values.new_zeros(E, M, N).index_put((ids,), values, accumulate=True)
+    return torch.ops.grassfx.expertsel(dense, idx, rho, "w")
+
+
+@pytest.mark.parametrize("pair_grad", [
+    lambda a, b: torch.bmm(a, b),  # (S, m, n) = (S, m, 1) @ (S, 1, n)
+    lambda a, b: a * b,  # Inductor's form of a bmm with inner size 1: an outer product
+    lambda a, b: b * a,
+    lambda a, b: torch.bmm(a.double(), b.double()).float(),  # a cast between
+], ids=["bmm", "outer-mul", "outer-mul-swapped", "cast"])
+def test_per_pair_expert_gradients_are_rewritten_exactly(pair_grad):
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    from grassfx.passes.infra import PassContext, settings
+    from grassfx.passes.sparsify_wgrad import sparsify_wgrad
+
+    def fn(a, b, ids, idx, rho):
+        return _scatter(pair_grad(a, b), ids, idx, rho)
+
+    args = (torch.randn(S, M, 1), torch.randn(S, 1, N), IDS, EIDX, ERHO)
+    gm = make_fx(fn, tracing_mode="fake")(*args)
+    result = sparsify_wgrad(gm.graph, PassContext("g0.backward0", "backward", settings()))
+    gm.recompile()
+    assert [c.action for c in result.changes] == ["rewrote"] and not result.skipped
+    ops = {n.target for n in gm.graph.nodes if n.op == "call_function"}
+    assert torch.ops.grassfx.expertsel.default not in ops
+    shapes = [tuple(n.meta["val"].shape) for n in gm.graph.nodes if n.op == "call_function"]
+    assert (S, M, N) not in shapes and (E, M, N) not in shapes  # no dense per-pair or per-expert gradient
+    torch.testing.assert_close(gm(*args), fn(*args))
