@@ -2,14 +2,22 @@
 
 Matches every ``grassfx::expertsel(grad, idx, rho, name)`` node: ``grad`` is the dense
 (E, m, n) gradient of an expert stack, ``idx`` / ``rho`` are (E, r) (rows of each
-expert). Two ways a stack's gradient reaches the marker are rewritten, one
+expert). Three ways a stack's gradient reaches the marker are rewritten, one
 :class:`~passes.sparsify_wgrad.Rule` each (table ``EXPERT_RULES``)::
+
+    bmm over the stack (Llama 4: bmm(x (E, T, k), W (E, k, n)))
+      before: c = expertsel(bmm(A, B), idx, rho)                          # (E, m, n)
+      after:  c = bmm(gather(A, 1, idx), B) * rho[..., None]              # (E, r, n) = (E, r, T) @ (E, T, n)
 
     gather (transformers "batched_mm": W[ids] then bmm, one matrix per token-expert pair)
       before: g = index_put(zeros(E, m, n), [ids], bmm(A, B), True)       # (S, m, n) per pair
               c = expertsel(g, idx, rho)
       after:  rows = gather(A, 1, idx[ids])                               # (S, r, k)
               c = index_put(zeros(E, r, n), [ids], bmm(rows, B), True) * rho[..., None]
+
+    Both batched forms also match through dtype casts and transposes of the last two dims
+    (rows of the weight = columns of the bmm's ``mat2``), and Inductor's form of a bmm
+    with inner size 1, ``mul(A (b, m, 1), B (b, 1, n))``.
 
     one expert (W[e] for a constant e)
       before: g = select_backward(mm(dYᵀ, X), (E, m, n), 0, e)
@@ -26,7 +34,7 @@ from __future__ import annotations
 
 import dataclasses
 import operator
-from typing import Union
+from typing import Optional, Union
 
 import torch
 import torch.fx as fx
@@ -50,6 +58,7 @@ def expertsel_op():
 
 
 _CASTS = (aten.alias, aten.clone, prims.convert_element_type, aten._to_copy)
+_SWAPS = (aten.transpose, aten.permute)
 
 
 def _packet(node):
@@ -68,9 +77,92 @@ def _is_zeros(node) -> bool:
     return pk is aten.full and norm_args(node).get("fill_value") == 0
 
 
-# -- plans ----------------------------------------------------------------------------------
+# -- batched GEMMs: one matrix per batch entry, rows picked per entry ------------------------
+def _swapped(node) -> Optional[bool]:
+    """For a transpose/permute of a 3-D value: True if it swaps dims 1 and 2 (keeping dim 0),
+    False if it changes nothing, None for any other reordering."""
+    args = norm_args(node)
+    if _packet(node) is aten.permute:
+        perm = [d % 3 for d in args["dims"]]
+        return {(0, 2, 1): True, (0, 1, 2): False}.get(tuple(perm))
+    pair = {args["dim0"] % 3, args["dim1"] % 3}
+    return True if pair == {1, 2} else False if len(pair) == 1 else None
+
+
+def _gemm_operand(gemm, dim: int) -> Optional[tuple]:
+    """``(operand, its dim)`` of a batched GEMM that carries ``dim`` (1 or 2) of its output.
+
+    ``bmm(A, B)``: rows come from ``A``, columns from ``B``. Inductor writes a bmm with inner
+    size 1 (an outer product per batch entry) as ``mul(A (b, m, 1), B (b, 1, n))``: the
+    operand whose ``dim`` is not broadcast.
+    """
+    pk = _packet(gemm)
+    if pk is aten.bmm:
+        return ("self", 1) if dim == 1 else ("mat2", 2)
+    if pk is not aten.mul:
+        return None
+    args = norm_args(gemm)
+    shapes = {k: _shape(args[k]) if isinstance(args[k], fx.Node) else None for k in ("self", "other")}
+    if any(sh is None or len(sh) != 3 for sh in shapes.values()):
+        return None
+    for mine, other in (("self", "other"), ("other", "self")):
+        if shapes[other][dim] == 1 and shapes[mine][dim] != 1:
+            return mine, dim
+    return None
+
+
+def _batched_chain(node, allowed_users: int = 1):
+    """``(chain, gemm, dim)``: the casts and 1<->2 transposes from ``node`` down to a batched
+    GEMM, and which dim of the GEMM's output the selected dim 1 of ``node`` is; or a reason."""
+    chain, dim, inner = [], 1, node
+    while True:
+        users = allowed_users if inner is node else 1
+        if len(inner.users) != users:
+            return "dense gradient has other users"
+        pk = _packet(inner)
+        if pk in _CASTS:
+            chain.append(inner)
+        elif pk in _SWAPS and _swapped(inner) is not None:
+            chain.append(inner)
+            dim = 3 - dim if _swapped(inner) else dim
+        elif _gemm_operand(inner, dim) is not None:
+            return chain, inner, dim
+        else:
+            return f"expert gradient not from a per-expert GEMM: {_producer(inner)}"
+        inner = norm_args(inner)[_compat.op_schema(inner.target).arguments[0].name]
+        if _shape(inner) is None or len(_shape(inner)) != 3:
+            return "per-expert gradient from another layout"
+
+
+def _emit_batched(em, top, rows_of, allowed_users: int = 1):
+    """``top`` with dim 1 of each batch entry ``b`` narrowed to rows ``rows_of[b]`` (a (b, r) node)."""
+    chain, gemm, dim = _batched_chain(top, allowed_users)
+    args = norm_args(gemm)
+    name, _ = _gemm_operand(gemm, dim)
+    x = args[name]
+    other = 3 - dim  # gather's index is rows_of broadcast over the operand's other matrix dim
+    size = [-1, -1, -1]
+    size[other] = _shape(x)[other]
+    where = em.node(aten.expand.default, (em.node(aten.unsqueeze.default, (rows_of, other)), size))
+    new = {k: args[k] for k in ("self", "mat2", "other") if k in args}
+    new[name] = em.node(aten.gather.default, (x, dim, where))  # (b, r, k) or (b, k, r)
+    order = ("self", "mat2") if _packet(gemm) is aten.bmm else ("self", "other")
+    value = em.node(gemm.target, tuple(new[k] for k in order))  # (b, r, n) = (b, r, k) @ (b, k, n)
+    for node in reversed(chain):
+        value = _replay(em, node, value)
+    return value
+
+
+def _replay(em, node, value):
+    """``node`` (a cast or a transpose/permute) applied to ``value`` instead of its input."""
+    args = norm_args(node)
+    push = Push(node, (1, 2), SAME)
+    return SAME.emit(em, push, args, {_compat.op_schema(node.target).arguments[0].name: value})
+
+
+# -- plans and emits ---------------------------------------------------------------------------
 def _plan_index_put(node, group, args, shape, pk):
-    """``index_put(zeros(E, m, n), [ids], V, accumulate=True)``: select rows of each pair of V."""
+    """``index_put(zeros(E, m, n), [ids], V, accumulate=True)``: rows ``idx[ids[b]]`` of each V[b]."""
     indices, values = args["indices"], args["values"]
     if not _is_zeros(args["self"]) or len(args["self"].users) != 1:
         return "expert gradient not accumulated into zeros"
@@ -82,42 +174,38 @@ def _plan_index_put(node, group, args, shape, pk):
     # the zeros may read the per-pair gradient for its dtype and device (new_zeros)
     if any(user not in (node, args["self"]) for user in values.users):
         return "dense gradient has other users"
-    casts, gemm = _pair_gemm(values)
-    if len(gemm.users) != (1 if casts else len(values.users)) or _row_operand(gemm) is None:
-        name = _compat.op_name(_packet(gemm)) if _packet(gemm) else getattr(gemm, "op", "constant")
-        return f"per-pair expert gradient is not a bmm: {name}"
+    found = _batched_chain(values, len(values.users))
+    if isinstance(found, str):
+        return found
     return Push(node, group, EXPERT_GATHER, [("values", None, (1, 2))])
 
 
-def _row_operand(gemm):
-    """The operand of a per-pair GEMM that carries the rows (dim 1) of its output, or None.
-
-    ``bmm(A, B)``: ``A``. Inductor writes a bmm with inner size 1 (``W[ids] @ x[:, :, None]``'s
-    weight gradient, an outer product per pair) as ``mul(A (S, m, 1), B (S, 1, n))``: the
-    operand whose dim 1 is not broadcast.
-    """
-    pk = _packet(gemm)
-    if pk is aten.bmm:
-        return "self"
-    if pk is not aten.mul:
-        return None
-    args = norm_args(gemm)
-    shapes = {k: _shape(args[k]) if isinstance(args[k], fx.Node) else None for k in ("self", "other")}
-    if any(sh is None or len(sh) != 3 for sh in shapes.values()):
-        return None
-    for rows, other in (("self", "other"), ("other", "self")):
-        if shapes[other][1] == 1 and shapes[rows][1] != 1:
-            return rows
-    return None
+def _emit_index_put(em, plan, args, inner):
+    ids, values = args["indices"][0], args["values"]
+    pair_rows = em.node(aten.index.Tensor, (em.site.idx, [ids]))  # (S, r): rows of each pair's expert
+    value = _emit_batched(em, values, pair_rows, len(values.users))  # (S, r, n)
+    zeros = args["self"]
+    zargs = norm_args(zeros)
+    size = list(zargs.get("size"))
+    size[1] = em.r
+    kwargs = {key: zeros.kwargs[key] for key in zeros.kwargs if key != "size"}
+    if _packet(zeros) is aten.new_zeros:
+        new_zeros = em.node(zeros.target, (value, size), kwargs)  # dtype and device of the new value
+    elif _packet(zeros) is aten.zeros:
+        new_zeros = em.node(zeros.target, (size,), kwargs)
+    else:
+        new_zeros = em.node(zeros.target, (size, 0), {k: v for k, v in kwargs.items() if k != "fill_value"})
+    return em.node(plan.node.target, (new_zeros, [ids], value, True))  # (E, r, n)
 
 
-def _pair_gemm(values) -> tuple:
-    """``(casts, producer)``: the dtype casts / aliases above ``values`` and what they wrap."""
-    casts, inner = [], values
-    while _packet(inner) in _CASTS and (inner is values or len(inner.users) == 1):  # values: users checked
-        casts.append(inner)
-        inner = norm_args(inner)[_compat.op_schema(inner.target).arguments[0].name]
-    return casts, inner
+def _plan_batched(node, group, args, shape, pk):
+    """A batched GEMM over the experts (``bmm(x, W)`` with W (E, k, n)), under casts and transposes."""
+    found = _batched_chain(node)
+    return found if isinstance(found, str) else Push(node, group, EXPERT_BATCHED, [])
+
+
+def _emit_batched_rule(em, plan, args, inner):
+    return _emit_batched(em, plan.node, em.site.idx)  # (E, r, n)
 
 
 def _plan_select_backward(node, group, args, shape, pk):
@@ -130,43 +218,6 @@ def _plan_select_backward(node, group, args, shape, pk):
     return Push(node, group, EXPERT_SELECT, [("grad_output", sub, (0, 1))])
 
 
-# -- emits ----------------------------------------------------------------------------------
-def _emit_index_put(em, plan, args, inner):
-    casts, gemm = _pair_gemm(args["values"])
-    gargs = norm_args(gemm)
-    which = _row_operand(gemm)
-    left = gargs[which]
-    k = _shape(left)[2]
-    pair_idx = em.node(aten.index.Tensor, (em.site.idx, [args["indices"][0]]))  # (S, r): rows of each pair
-    where = em.node(aten.expand.default, (em.node(aten.unsqueeze.default, (pair_idx, 2)), [-1, -1, k]))
-    rows = em.node(aten.gather.default, (left, 1, where))  # (S, r, k)
-    if _packet(gemm) is aten.bmm:
-        value = em.node(aten.bmm.default, (rows, gargs["mat2"]))  # (S, r, n) = (S, r, k) @ (S, k, n)
-    else:  # an outer product per pair: (S, r, n) = (S, r, 1) * (S, 1, n)
-        operands = {"self": gargs["self"], "other": gargs["other"], which: rows}
-        value = em.node(gemm.target, (operands["self"], operands["other"]))
-    for cast in reversed(casts):
-        value = _replay(em, cast, value)
-    zeros = args["self"]
-    zargs = norm_args(zeros)
-    size = list(zargs.get("size"))
-    size[1] = em.r
-    kwargs = {key: zeros.kwargs[key] for key in zeros.kwargs if key != "size"}
-    if _packet(zeros) is aten.new_zeros:
-        new_zeros = em.node(zeros.target, (value, size), kwargs)  # dtype and device of the new value
-    elif _packet(zeros) is aten.zeros:
-        new_zeros = em.node(zeros.target, (size,), kwargs)
-    else:
-        new_zeros = em.node(zeros.target, (size, 0), {k: v for k, v in kwargs.items() if k != "fill_value"})
-    return em.node(plan.node.target, (new_zeros, [args["indices"][0]], value, True))
-
-
-def _replay(em, cast, value):
-    args = norm_args(cast)
-    push = Push(cast, (1, 2), SAME)
-    return SAME.emit(em, push, args, {_compat.op_schema(cast.target).arguments[0].name: value})
-
-
 def _emit_select_backward(em, plan, args, inner):
     size = list(args["input_sizes"])
     size[1] = em.r
@@ -174,10 +225,18 @@ def _emit_select_backward(em, plan, args, inner):
 
 
 EXPERT_GATHER = Rule("expert_gather", _plan_index_put, _emit_index_put)
+EXPERT_BATCHED = Rule("expert_batched", _plan_batched, _emit_batched_rule)
 EXPERT_SELECT = Rule("expert_select", _plan_select_backward, _emit_select_backward)
 
 #: How an expert stack's gradient reaches its marker, and the rule that selects rows of each expert.
-EXPERT_RULES = {aten.index_put: EXPERT_GATHER, aten.select_backward: EXPERT_SELECT}
+EXPERT_RULES = {
+    aten.index_put: EXPERT_GATHER,  # W[ids] per token-expert pair (transformers "batched_mm")
+    aten.select_backward: EXPERT_SELECT,  # W[e] with a constant e
+    aten.bmm: EXPERT_BATCHED, aten.mul: EXPERT_BATCHED,  # bmm over the experts (e.g. Llama 4)
+    aten.transpose: EXPERT_BATCHED, aten.permute: EXPERT_BATCHED,
+    prims.convert_element_type: EXPERT_BATCHED, aten._to_copy: EXPERT_BATCHED,
+    aten.alias: EXPERT_BATCHED, aten.clone: EXPERT_BATCHED,
+}
 
 
 def expert_site(node: fx.Node):
@@ -189,7 +248,7 @@ def expert_site(node: fx.Node):
         site.reason = plan
     else:
         site.plan = plan
-        sub = plan.children[0][1]
+        sub = plan.children[0][1] if plan.children else None
         site.gemms = _count_gemms(sub) if sub is not None else 1
     return site
 

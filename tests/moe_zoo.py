@@ -50,3 +50,20 @@ class LoopExperts(nn.Module):
 def make_loop_experts(seed=0, **kw):
     torch.manual_seed(seed)
     return LoopExperts(**kw)
+
+
+def make_llama4(seed=0):
+    """Transformers' Llama 4 text model: experts as ``bmm(x, W)`` over a (E, k, n) stack."""
+    from transformers import Llama4ForCausalLM, Llama4TextConfig
+
+    torch.manual_seed(seed)
+    cfg = Llama4TextConfig(vocab_size=64, hidden_size=32, intermediate_size=48, intermediate_size_mlp=64,
+                           num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                           num_local_experts=4, num_experts_per_tok=1, max_position_embeddings=64,
+                           interleave_moe_layer_step=1, attention_chunk_size=16)
+    model = Llama4ForCausalLM(cfg)
+    for p in model.parameters():
+        if p.dim() == 3:  # transformers leaves the expert stacks at zero until weights are loaded
+            nn.init.normal_(p, std=0.05)
+    model.loss_type = "ForCausalLM"
+    return model.eval()

@@ -11,7 +11,7 @@ import torch.fx as fx
 import grassfx
 from grassfx.instrument.experts import ExpertSite
 from grassfx.passes.sparsify_wgrad import find_weight_grad_sites
-from moe_zoo import make_loop_experts, make_mixtral, mixtral_batch
+from moe_zoo import make_llama4, make_loop_experts, make_mixtral, mixtral_batch
 
 
 def _train_pair(net, batches, loss_fn, backend="aot_eager", **kw):
@@ -90,6 +90,15 @@ def test_mixtral_grouped_mm_falls_back_densely_with_its_reason():
     assert len(skipped) == 2 and all("per-expert GEMM" in s for s in skipped)
 
 
+def test_llama4_expert_bmm_over_the_stack_is_rewritten():
+    batches = [mixtral_batch(i) for i in range(3)]
+    _, compiled, _ = _train_pair(make_llama4(), batches, lambda m, b: m(**b).loss, rank=8, update_freq=2)
+    changes = _expert_changes(compiled)
+    assert len(changes) == 4 and all(c.action == "rewrote" for c in changes.values()), changes
+    assert _dense_expert_grads(compiled) == []
+    assert all(not c.action == "fallback" for c in compiled.compile_report.changes())
+
+
 def test_static_expert_loop_rewrites_each_select_backward():
     net = make_loop_experts(experts=3, d_in=6, d_out=10)
     g = torch.Generator().manual_seed(0)
@@ -165,4 +174,28 @@ def test_per_pair_expert_gradients_are_rewritten_exactly(pair_grad):
     assert torch.ops.grassfx.expertsel.default not in ops
     shapes = [tuple(n.meta["val"].shape) for n in gm.graph.nodes if n.op == "call_function"]
     assert (S, M, N) not in shapes and (E, M, N) not in shapes  # no dense per-pair or per-expert gradient
+    torch.testing.assert_close(gm(*args), fn(*args))
+
+
+@pytest.mark.parametrize("expert_grad", [
+    lambda x, dy: torch.bmm(x.transpose(1, 2), dy),  # W (E, k, n) used as bmm(x, W): rows from x
+    lambda x, dy: torch.bmm(dy.transpose(1, 2), x).transpose(1, 2),  # W used transposed: columns of mat2
+    lambda x, dy: torch.bmm(dy.transpose(1, 2), x).permute(0, 2, 1).double().float(),
+], ids=["bmm", "transposed", "permute-cast"])
+def test_batched_expert_gemms_are_rewritten_exactly(expert_grad):
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    from grassfx.passes.infra import PassContext, settings
+    from grassfx.passes.sparsify_wgrad import sparsify_wgrad
+
+    def fn(x, dy, idx, rho):  # x (E, T, m), dy (E, T, n): the stack's gradient is (E, m, n)
+        return torch.ops.grassfx.expertsel(expert_grad(x, dy), idx, rho, "w")
+
+    args = (torch.randn(E, 6, M), torch.randn(E, 6, N), EIDX, ERHO)
+    gm = make_fx(fn, tracing_mode="fake")(*args)
+    result = sparsify_wgrad(gm.graph, PassContext("g0.backward0", "backward", settings()))
+    gm.recompile()
+    assert [c.action for c in result.changes] == ["rewrote"] and not result.skipped
+    shapes = [tuple(n.meta["val"].shape) for n in gm.graph.nodes if n.op == "call_function"]
+    assert (E, M, N) not in shapes and (E, N, M) not in shapes
     torch.testing.assert_close(gm(*args), fn(*args))
