@@ -19,6 +19,10 @@ a weight viewed with merged or split head dims (``qkv.view(3, heads, hd, d)``) p
 through as long as its rows stay contiguous and in order.
 Never through elementwise ops with tensor operands (that would duplicate work).
 
+MoE expert stacks (``grassfx::expertsel``, rows of each expert of an (E, m, n) weight)
+have their own rules, ``EXPERT_RULES`` of :mod:`.sparsify_experts`: a scatter of per-pair
+``bmm`` gradients (``W[ids]``) and a ``select_backward`` (``W[e]``) above the 2-D rules.
+
 Guarantees: the graph computes exactly ``rho * grad.index_select(dim, idx)``. A site it
 cannot push becomes an explicit gather + scale on the dense gradient (dense fallback)
 and is reported as skipped with its reason. Every created node has ``meta["val"]`` and
@@ -99,6 +103,7 @@ class WgradSite:
     plan: Optional[Push] = None
     reason: Optional[str] = None  # why it cannot be pushed (None when plan is set)
     gemms: int = 0  # dense GEMMs the plan removes
+    experts: bool = False  # an expertsel node: idx/rho are (E, r), rows of each expert (sparsify_experts)
 
 
 def _packet(node: fx.Node):
@@ -349,9 +354,12 @@ def _count_gemms(plan: Push) -> int:
 
 def find_weight_grad_sites(graph: fx.Graph) -> list:
     """Every rowsel node with its push plan or the reason it has none (pure)."""
-    rowsel = _rowsel_op()
+    rowsel, expertsel = _rowsel_op(), _experts.expertsel_op()
     sites = []
     for node in graph.nodes:
+        if node.op == "call_function" and node.target is expertsel:
+            sites.append(_experts.expert_site(node))
+            continue
         if node.op != "call_function" or node.target is not rowsel:
             continue
         grad, idx, rho, dim, name = node.args[:5]
@@ -441,6 +449,8 @@ def sparsify_wgrad(graph: fx.Graph, ctx: PassContext) -> PassResult:
 
 def _rewrite(graph: fx.Graph, site: WgradSite, fake_mode, result: PassResult) -> Change:
     """Replace one rowsel node by its selected computation (or the dense fallback)."""
+    if site.experts:
+        return _experts.rewrite_expert_site(graph, site, fake_mode, result)
     emitter = _Emitter(graph, site, fake_mode)
     with graph.inserting_before(site.rowsel):
         if site.plan is not None:
@@ -455,3 +465,7 @@ def _rewrite(graph: fx.Graph, site: WgradSite, fake_mode, result: PassResult) ->
     site.rowsel.replace_all_uses_with(out)
     erased = _erase_dead(graph, site.rowsel)
     return Change(site.weight, action, detail, emitter.created, erased)
+
+
+# the per-expert rules build on this module's (Rule, Push, _plan, _Emitter), so they load last
+from . import sparsify_experts as _experts  # noqa: E402

@@ -76,6 +76,7 @@ def _mixtral():
 
     config = transformers.MixtralConfig(**{**_DECODER, "num_key_value_heads": 2, "num_local_experts": 4,
                                             "num_experts_per_tok": 2})
+    config._experts_implementation = "batched_mm"  # gather + bmm: the expert GEMMs rewritable in one graph
     return transformers.MixtralForCausalLM(_no_dropout(config))
 
 

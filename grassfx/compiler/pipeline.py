@@ -100,9 +100,11 @@ def _pass_modules() -> list:
         mod = sys.modules[fn.__module__]
         if mod not in mods:
             mods.append(mod)
-    from grassfx.instrument import anchors  # the marker op the passes rewrite
+    # helper modules of the passes (e.g. sparsify_experts, which sparsify_wgrad imports)
+    mods += [m for m in vars(_passes).values() if inspect.ismodule(m) and m not in mods]
+    from grassfx.instrument import anchors, experts  # the marker ops the passes rewrite
 
-    return mods + [anchors]
+    return mods + [anchors, experts]
 
 
 def pipeline_uuid(collectives=None, extra: str = "") -> str:

@@ -23,6 +23,8 @@ from grassfx import _compat
 from grassfx.compiler.records import Recorder
 from grassfx.errors import ConfigError
 from grassfx.instrument import GrassModel
+from grassfx.instrument.expert_targets import expert_reason
+from grassfx.instrument.experts import ExpertSite
 from grassfx.instrument.guard import snapshot_handle_versions
 
 from .common import projected_shapes, require_grass_model, trace_artifact
@@ -247,7 +249,8 @@ def _build_report(model: GrassModel, probe: _Probe) -> Report:
     for site in model.sites:
         status = _site_status(site, cfg.backend, changes, skips, disabled)
         rows.append(_weight_row(model, site, status, probe.tokens.get(site.name)))
-    notes = []
+    notes = [f"{row.name}: {row.detail.split('; ')[0]}, {row.rank} rows of each expert's {row.shape[1]}"
+             for row in rows if row.dim == "rows/expert"]
     if cfg.backend != "eager" and probe.frames == 0:
         notes.append("no frame was compiled: Dynamo skipped the model (see TORCH_LOGS=recompiles)")
     return Report(
@@ -300,6 +303,8 @@ def _site_status(site, backend: str, changes: dict, skips: dict, disabled: bool)
 
 
 def _weight_row(model: GrassModel, site, status: tuple, tokens: Optional[int]) -> WeightRow:
+    if isinstance(site, ExpertSite):
+        return _expert_row(model, site, status, tokens)
     rewritten, reason, detail = status
     weight = site.weight
     m, n = (int(s) for s in weight.shape)
@@ -322,6 +327,26 @@ def _weight_row(model: GrassModel, site, status: tuple, tokens: Optional[int]) -
         grad_bytes_grassfx=kept * elt,
         state_bytes_dense=_MOMENTS * m * n * elt,
         state_bytes_grassfx=_MOMENTS * kept * elt,
+    )
+
+
+def _expert_row(model: GrassModel, site: ExpertSite, status: tuple, tokens: Optional[int]) -> WeightRow:
+    """An expert stack (E, m, n): each of the T * k token-expert pairs (k experts per token,
+    from the module's config when it names one) multiplies one (m, n) matrix."""
+    rewritten, reason, detail = status
+    weight = site.weight
+    experts, m, n = (int(s) for s in weight.shape)
+    r, elt = site.rank, weight.element_size()
+    module = model.module.get_submodule(site.module_name)
+    per_token = int(getattr(getattr(module, "config", None), "num_experts_per_tok", 1) or 1)
+    why = expert_reason(module, site.attr, weight) or "expert stack named by targets="
+    dense = 2 * T * per_token * m * n
+    return WeightRow(
+        name=site.name, shape=(experts, m, n), rank=r, dim="rows/expert", rewritten=rewritten, reason=reason,
+        detail=f"{why}; {detail}" if detail else why, tokens=tokens,
+        flops_dense=dense, flops_grassfx=2 * T * per_token * r * n if rewritten else dense,
+        grad_bytes_dense=experts * m * n * elt, grad_bytes_grassfx=experts * r * n * elt,
+        state_bytes_dense=_MOMENTS * experts * m * n * elt, state_bytes_grassfx=_MOMENTS * experts * r * n * elt,
     )
 
 

@@ -24,9 +24,9 @@ class WeightRow:
     """
 
     name: str
-    shape: tuple  # (m, n)
-    rank: int  # r: rows (or columns) kept
-    dim: str  # "rows" | "cols"
+    shape: tuple  # (m, n); (E, m, n) for an expert stack
+    rank: int  # r: rows (or columns) kept (of each expert)
+    dim: str  # "rows" | "cols" | "rows/expert"
     rewritten: bool
     reason: Optional[str]  # why not rewritten (None when rewritten)
     detail: str  # what the pass did, e.g. "1 dense GEMM(s) -> 1 selected GEMM(s)"
@@ -180,7 +180,7 @@ def _format_report(rep: Report) -> str:
             reasons.setdefault(w.reason, len(reasons) + 1)
         dense, grass = w.flops()
         rows.append([
-            w.name, f"{w.shape[0]} x {w.shape[1]}", w.rank, w.dim,
+            w.name, " x ".join(map(str, w.shape)), w.rank, w.dim,
             "yes" if w.rewritten else f"no [{reasons[w.reason]}]",
             f"{w.flops_dense} = {_si(dense)}", f"{w.flops_grassfx} = {_si(grass)}",
             f"{_nbytes(w.grad_bytes_dense)} -> {_nbytes(w.grad_bytes_grassfx)}",

@@ -1,6 +1,8 @@
 """Instrumenting a model for Grass (eager, once, before any compilation).
 
 * :mod:`.targets`: which weights are projected, with a decision and reason for every parameter;
+* :mod:`.expert_targets` / :mod:`.experts`: MoE expert stacks (3-D, one matrix per expert):
+  discovery, ``ExpertSite`` (rows of each expert), the marker op ``grassfx::expertsel``;
 * :mod:`.anchors`: the marker op ``grassfx::rowsel`` and the anchors (autograd Functions);
 * :mod:`.swap`: anchors installed by class swap, so ``module.weight`` reads them;
 * :mod:`.site`: the Grass state of one weight (handle, ``idx``, ``rho``, owed decay);

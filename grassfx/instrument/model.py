@@ -24,6 +24,7 @@ from grassfx.errors import GrassError
 
 from . import guard, registry, swap
 from .anchors import Anchor, FullAnchor, RefreshAnchor
+from .experts import ExpertSite, make_expert_anchor, make_site, matrix_of
 from .refresh import RefreshSchedule
 from .site import Site
 
@@ -37,7 +38,7 @@ class GrassModel(nn.Module):
         super().__init__()
         self.module = module
         self.grass_config = config
-        self.sites = nn.ModuleList(Site(spec, i, module.get_parameter(spec.name), config) for i, spec in enumerate(specs))
+        self.sites = nn.ModuleList(make_site(spec, i, module.get_parameter(spec.name), config) for i, spec in enumerate(specs))
         self.register_buffer("grass_step", torch.zeros((), dtype=torch.int64))
         self.register_buffer("grass_refreshed_at", torch.full((), -1, dtype=torch.int64))
         self.target_decisions = list(decisions)  # grassfx.instrument.targets.Decision per parameter name
@@ -230,6 +231,8 @@ def _make_anchor(entry) -> torch.Tensor:
     w = site.weight
     if site.full:
         return FullAnchor.apply(w, site.handle)
+    if isinstance(site, ExpertSite):
+        return make_expert_anchor(site, plan, group, size)
     if plan is not None:
         probe, noise, age = plan
         return RefreshAnchor.apply(
@@ -272,6 +275,7 @@ def _settle_site(site) -> None:
     from grassfx.optim.decay import settle
 
     # after a refresh the optimizer has not handled yet, the debt is that of the old rows
+    site = matrix_of(site)  # an expert stack: the same rules on its (E*m, n) view
     settle(site, site.prev_idx if site.refreshed and site.prev_idx is not None else site.idx)
 
 

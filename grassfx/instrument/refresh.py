@@ -93,9 +93,7 @@ class RefreshSchedule:
             if site.method == "uniform":
                 site.commit(*_select.draw_uniform(site.rows, site.rank, gen), step)
                 continue
-            noise = _select.draw_noise(site.method, site.rows, site.rank, gen).to(site.idx.device)
-            age = site.ages(step) if site.explore else torch.zeros(0, dtype=torch.float64, device=site.idx.device)
-            probe = torch.zeros(2, site.rank, dtype=torch.float64, device=site.idx.device, requires_grad=True)
+            noise, age, probe = _refresh_inputs(site, gen, step)
             probe.register_post_accumulate_grad_hook(self._commit_hook(i, self.generation))
             plan[i] = (probe, noise, age)
             self.pending.add(i)
@@ -137,3 +135,13 @@ class RefreshSchedule:
     def cancel(self) -> None:
         """Discard a refresh whose forward ran but whose backward will not run."""
         self.pending.clear()
+
+
+def _refresh_inputs(site, gen: torch.Generator, step: int):
+    """``(noise, age, probe)`` of one site's refresh forward (an expert stack makes its own)."""
+    if hasattr(site, "refresh_inputs"):
+        return site.refresh_inputs(gen, step)
+    noise = _select.draw_noise(site.method, site.rows, site.rank, gen).to(site.idx.device)
+    age = site.ages(step) if site.explore else torch.zeros(0, dtype=torch.float64, device=site.idx.device)
+    probe = torch.zeros(2, site.rank, dtype=torch.float64, device=site.idx.device, requires_grad=True)
+    return noise, age, probe

@@ -16,6 +16,7 @@ tied to one (for example a tied LM head), the output embedding of a model that n
 entries, and selecting r of them leaves every other token's logit untrained between
 refreshes -- the GaLore and Grass pretraining setups project attention and MLP weights
 only), parameters with fewer or more than 2 dims (biases, norms, convolution kernels),
+except 3-D MoE expert stacks (one matrix per expert: :mod:`.expert_targets`),
 and frozen weights (``requires_grad=False`` before ``grassfx.compile``: they stay frozen,
 even when ``targets=`` names them). Pass ``targets=`` to project an output head anyway. ``targets=`` / ``exclude=`` take name globs
 (matched against the parameter's and its module's qualified names) or predicates
@@ -37,6 +38,7 @@ from torch import nn
 
 from grassfx.errors import ConfigError, UnsupportedModelError
 
+from .expert_targets import EXPERTS, is_expert_stack
 from .usage import used_by_matmul
 
 __all__ = ["TargetSpec", "Decision", "find_targets", "plan_targets", "targets_of", "NameFilter"]
@@ -52,7 +54,7 @@ class TargetSpec:
     module_name: str
     attr: str
     shape: tuple
-    kind: str  # "linear" | "conv1d" | "matmul" | "explicit"
+    kind: str  # "linear" | "conv1d" | "matmul" | "explicit" | "experts" (3-D, one matrix per expert)
 
 
 @dataclass(frozen=True)
@@ -157,16 +159,18 @@ def _choose(include, drop, name, module_name, module, attr, param, embedding_ids
         how = _match_kind(include, name, module_name, param)
         if how is None:
             return None
-        if how == "module" and param.dim() != 2:
+        if how == "module" and param.dim() not in (2, 3):
             return None  # a glob naming a module selects its matrix weights, not its bias or norm
-        if param.dim() != 2:
+        if param.dim() not in (2, 3):
             raise ConfigError(
                 f"targets= matched {name!r} of shape {tuple(param.shape)}: only 2-D "
-                "weights can be projected; narrow the glob or predicate"
+                "weights and 3-D expert stacks can be projected; narrow the glob or predicate"
             )
-        kind = _auto_kind(module, attr, param, embedding_ids) or "explicit"
+        kind = EXPERTS if param.dim() == 3 else _auto_kind(module, attr, param, embedding_ids) or "explicit"
     else:
         kind = _auto_kind(module, attr, param, embedding_ids)
+        if kind is None and is_expert_stack(module, attr, param):
+            kind = EXPERTS
         if kind is None or id(param) in head_ids:
             return None
     if _matches(drop, name, module_name, param) or not param.requires_grad:
@@ -188,6 +192,8 @@ def _reason(module, attr, param, embedding_ids: set, head_ids: set) -> str:
         return "output embedding (LM head)"
     if param.dim() == 1:
         return "1-D (bias/norm)"
+    if is_expert_stack(module, attr, param):
+        return "excluded by filter"
     if param.dim() != 2:
         return f"{param.dim()}-D (not a matrix)"
     if _auto_kind(module, attr, param, embedding_ids) is not None:

@@ -7,6 +7,7 @@ import math
 import torch
 
 from grassfx.errors import ConfigError
+from grassfx.instrument.experts import flat
 
 from .base import GrassOptimizer, check_number, check_rho_scaling
 from .decay import decay_selected
@@ -94,9 +95,10 @@ class Adafactor(GrassOptimizer):
 
     def _update_projected(self, handle, site, group):
         weight = site.weight
-        state = self._state(handle, handle.grad)
+        grad = flat(site, handle.grad)  # an expert stack: (E*r, n)
+        state = self._state(handle, grad)
         rows = weight if site.full else weight.index_select(site.dim, site.idx)
         alpha = self._step_size(group, state, self._rms(rows))
         decay_selected(site, 1 - group["lr"] * group["weight_decay"])
-        update, inv_clip = self._direction(state, handle.grad, group)
+        update, inv_clip = self._direction(state, grad, group)
         self._apply_projected(site, update, -alpha * inv_clip * site.scale, self.rho_scaling)

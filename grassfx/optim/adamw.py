@@ -28,6 +28,8 @@ import torch
 
 from grassfx.errors import ConfigError
 
+from grassfx.instrument.experts import flat
+
 from .base import GrassOptimizer, check_number, check_rho_scaling, row_weights
 from .decay import decay_rows, owe
 
@@ -109,7 +111,9 @@ class _Lists:
         self.nums.append(nums)
 
     def add_projected(self, site, grad, state, row_weight, *nums):
-        self.add(site.weight, grad, state, *nums)
+        # an expert stack's (E, r, n) gradient and moments as (E*r, n) views of its flat rows
+        moments = {k: flat(site, state[k]) for k in ("exp_avg", "exp_avg_sq")}
+        self.add(site.weight, flat(site, grad), moments, *nums)
         self.dims.append(site.dim)
         self.idxs.append(site.idx)
         self.row_steps.append(state["row_step"])

@@ -42,6 +42,7 @@ from grassfx import select as _select
 from grassfx.errors import ConfigError, NonFiniteGradientError
 from grassfx.instrument import registry
 from grassfx.instrument.anchors import broadcast_along
+from grassfx.instrument.experts import flat, matrix_of
 
 from . import decay
 
@@ -186,7 +187,7 @@ class GrassOptimizer(torch.optim.Optimizer):
             return loss
         work, refreshed = [], False
         for group, p in self._grads():
-            site = registry.site_of(p)
+            site = matrix_of(registry.site_of(p))  # an expert stack: seen as (E*m, n), flat rows
             if site is not None and site.refreshed:
                 self._on_refresh(p, site)
                 refreshed = True
@@ -230,9 +231,11 @@ class GrassOptimizer(torch.optim.Optimizer):
         src = torch.full((site.rows,), -1, dtype=torch.long, device=site.idx.device)
         src[site.prev_idx] = torch.arange(site.rank, device=site.idx.device)
         src = src[site.idx]
-        keep = broadcast_along(src >= 0, handle.dim(), site.dim)
+        keep = broadcast_along(src >= 0, 2, site.dim)
+        shape = flat(site, handle).shape
         for value in state.values():
-            if torch.is_tensor(value) and value.shape == handle.shape:
+            value = flat(site, value) if torch.is_tensor(value) else value  # views: copy_ writes through
+            if torch.is_tensor(value) and value.shape == shape:
                 moved = value.index_select(site.dim, src.clamp_min(0))
                 value.copy_(torch.where(keep, moved, torch.zeros_like(moved)))
             elif torch.is_tensor(value) and value.dim() == 1 and value.shape[0] == site.rank:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from grassfx.errors import ConfigError
 from grassfx.instrument.anchors import broadcast_along
+from grassfx.instrument.experts import flat
 
 from .base import GrassOptimizer, check_number
 
@@ -56,7 +57,7 @@ class SGD(GrassOptimizer):
         p.add_(self._direction(p, grad, group), alpha=-group["lr"])
 
     def _update_projected(self, handle, site, group):
-        grad = handle.grad
+        grad = flat(site, handle.grad)  # an expert stack: (E*r, n)
         if group["weight_decay"]:
             rows = site.weight.index_select(site.dim, site.idx)
             rows = rows * broadcast_along(site.rho, rows.dim(), site.dim).to(rows.dtype)

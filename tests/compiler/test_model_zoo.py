@@ -18,6 +18,7 @@ MUST_PROJECT = {
     "gpt_neox": ["query_key_value.weight"],
     "falcon": ["query_key_value.weight"],
     "mha": ["self_attn.in_proj_weight", "self_attn.out_proj.weight"],  # nn.MultiheadAttention
+    "mixtral": ["experts.gate_up_proj", "experts.down_proj"],  # 3-D expert stacks, per-expert rows
     "mamba": ["in_proj.weight", "x_proj.weight", "dt_proj.weight", "out_proj.weight"],
 }
 
