@@ -162,10 +162,18 @@ class MHANet(nn.Module):
         return nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten())
 
 
+def _llama_with_graph_break():
+    """A Llama whose attention block breaks Dynamo's graph (a hook, as tracing tools add)."""
+    model = _causal("LlamaConfig", "LlamaForCausalLM", num_key_value_heads=2)()
+    model.model.layers[0].self_attn.register_forward_hook(lambda module, args, out: torch._dynamo.graph_break())
+    return model
+
+
 #: name -> (build, batch(seed))
 ZOO = {
     "gpt2": (_gpt2, _lm_batch),
     "llama": (_causal("LlamaConfig", "LlamaForCausalLM", num_key_value_heads=2), _lm_batch),
+    "llama_graph_break": (_llama_with_graph_break, _lm_batch),
     "mistral": (_causal("MistralConfig", "MistralForCausalLM", num_key_value_heads=2), _lm_batch),
     "qwen2": (_causal("Qwen2Config", "Qwen2ForCausalLM", num_key_value_heads=2), _lm_batch),
     "qwen3": (_causal("Qwen3Config", "Qwen3ForCausalLM", num_key_value_heads=2, head_dim=8), _lm_batch),

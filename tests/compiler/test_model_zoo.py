@@ -3,12 +3,14 @@ is rewritten in the compiled graph (no dense fallback), graph breaks or not."""
 
 from __future__ import annotations
 
+import collections
 import copy
 
 import pytest
 import torch
 
 import grassfx
+from grassfx import _compat
 from hf_zoo import ZOO, loss_of
 
 #: weights each architecture must project (substrings of site names), beyond plain Linears
@@ -56,7 +58,10 @@ def _train_pair(name, steps=3):
 
 @pytest.mark.parametrize("name", _params())
 def test_compiled_equals_eager_and_every_projected_weight_is_rewritten(name):
+    breaks = collections.Counter(_compat.graph_break_counts())
     compiled = _train_pair(name)
+    broke = sum((collections.Counter(_compat.graph_break_counts()) - breaks).values())
+    assert (broke > 0) == name.endswith("graph_break"), broke
     projected = {s.name for s in compiled.sites if not s.full}
     for needle in MUST_PROJECT.get(name, []):
         assert any(needle in s for s in projected), (needle, sorted(projected))
