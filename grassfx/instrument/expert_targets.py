@@ -9,8 +9,9 @@ stack* when
 
 * its module's class name ends in ``Experts`` (the transformers convention; such a
   module's ``forward`` may dispatch to one of the implementations above), or
-* its module's ``forward`` indexes it (``self.<name>[...]``) on a line that multiplies
-  (``linear``/``matmul``/``mm``/``bmm``/``einsum``/``@``).
+* its module's ``forward`` multiplies by it or by a piece of it (``self.<name>[e]`` into
+  ``linear``, the whole stack into ``bmm``), found as for 2-D weights
+  (:mod:`grassfx.instrument.usage`).
 
 This module only decides; :mod:`grassfx.instrument.targets` turns the decision into a
 ``TargetSpec`` of kind ``"experts"`` and :mod:`grassfx.instrument.experts` projects it.
@@ -18,29 +19,15 @@ This module only decides; :mod:`grassfx.instrument.targets` turns the decision i
 
 from __future__ import annotations
 
-import inspect
-import re
-
 import torch
 from torch import nn
 
 from .swap import original_class
+from .usage import used_by_matmul
 
 __all__ = ["EXPERTS", "expert_reason", "is_expert_stack"]
 
 EXPERTS = "experts"  # the TargetSpec kind of an expert stack
-
-_MATMUL = re.compile(r"(linear\s*\(|matmul\s*\(|\bmm\s*\(|bmm\s*\(|einsum\s*\(|@)")
-
-
-def _indexed_in_matmul(module: nn.Module, attr: str) -> bool:
-    try:
-        source = inspect.getsource(type(module).forward)
-    except (OSError, TypeError):
-        return False
-    read = re.compile(r"self\." + re.escape(attr) + r"\s*\[")
-    return any(read.search(line) and _MATMUL.search(line) for line in source.splitlines())
-
 
 def expert_reason(module: nn.Module, attr: str, param: torch.Tensor) -> str:
     """Why ``param`` (named ``attr`` on ``module``) is an expert stack, or ``""`` when it is not."""
@@ -49,8 +36,8 @@ def expert_reason(module: nn.Module, attr: str, param: torch.Tensor) -> str:
     cls = original_class(module).__name__  # the user's class, also once grassfx swapped it
     if cls.endswith("Experts"):
         return f"expert stack of {cls} ({param.shape[0]} experts)"
-    if _indexed_in_matmul(module, attr):
-        return f"expert stack: forward multiplies by self.{attr}[...] ({param.shape[0]} experts)"
+    if used_by_matmul(module, attr):
+        return f"expert stack: forward multiplies by self.{attr} ({param.shape[0]} experts)"
     return ""
 
 
