@@ -41,7 +41,7 @@ def test_user_passes_in_a_list_run_after_ours():
     import torch._inductor.config as inductor_config
 
     first, second = _user_pass_class()(), _user_pass_class()()
-    model = grassfx.compile(make_mlp(), rank=4, backend="inductor")
+    model = grassfx.compile(make_mlp(), rank=4, backend="inductor", refresh="compiled")
     with inductor_config.patch(post_grad_custom_pre_pass=[first, second], fx_graph_cache=False):
         for _ in range(2):  # the refresh step, then a normal step (the rowsel graph)
             model(torch.randn(5, 12)).sum().backward()
@@ -94,7 +94,7 @@ def _broken_pass(graph, ctx):
 
 def test_a_failing_pass_is_named_in_the_error(monkeypatch):
     monkeypatch.setattr(grassfx.passes, "PIPELINE", grassfx.passes.PIPELINE + (_broken_pass,))
-    model = grassfx.compile(make_mlp(), rank=4, backend="aot_eager")
+    model = grassfx.compile(make_mlp(), rank=4, backend="aot_eager", refresh="compiled")
     with pytest.raises(Exception) as info:
         model(torch.randn(5, 12)).sum().backward()
     chain, exc = [], info.value

@@ -146,7 +146,7 @@ def test_explain_mid_training_changes_nothing_and_adds_no_recompile():
     assert all(torch.equal(before[k], after[k]) for k in before)
     step(batches[2])
     step(batches[3])  # a refresh and a normal step again: the graphs compiled before serve them
-    assert model.compile_report.frames == frames == 2
+    assert model.compile_report.frames == frames == 1  # the normal graph (refresh steps run eagerly)
 
 
 def test_unpushable_use_is_reported_not_rewritten():
@@ -262,7 +262,7 @@ def test_diff_needs_a_compiled_recorded_step():
         grassfx.diff(model)
     with pytest.raises(grassfx.GrassError, match="backend='eager'"):
         grassfx.diff(grassfx.compile(make_mlp(), rank=4, backend="eager"))
-    unrecorded = grassfx.compile(make_mlp(), rank=4, backend="aot_eager")
+    unrecorded = grassfx.compile(make_mlp(), rank=4, backend="aot_eager", refresh="compiled")
     unrecorded(torch.randn(5, 12)).sum().backward()
     assert unrecorded.compile_report.records is None and unrecorded.compile_report.graphs
     with pytest.raises(grassfx.GrassError, match="record=True"):
@@ -289,7 +289,8 @@ def test_disable_keeps_the_dense_gemm_and_says_so(env_knobs):
 
 def test_dump_dir_and_debug_verify(env_knobs, tmp_path):
     env_knobs(GRASSFX_DUMP_DIR=str(tmp_path), GRASSFX_DEBUG="1")
-    report = grassfx.explain(grassfx.compile(make_mlp(), rank=4, backend="aot_eager"), torch.randn(5, 12))
+    model = grassfx.compile(make_mlp(), rank=4, backend="aot_eager", refresh="compiled")
+    report = grassfx.explain(model, torch.randn(5, 12))
     assert all(w.rewritten for w in report.weights)
     names = sorted(p.name for p in tmp_path.iterdir())
     passes = "|".join(fn.__name__ for fn in grassfx.passes.PIPELINE)
@@ -313,7 +314,7 @@ def _unchecked_node_pass(graph, ctx):
 def test_debug_verify_catches_a_node_without_meta_val(env_knobs, monkeypatch, debug):
     env_knobs(GRASSFX_DEBUG=debug)
     monkeypatch.setattr(grassfx.passes, "PIPELINE", grassfx.passes.PIPELINE + (_unchecked_node_pass,))
-    model = grassfx.compile(make_mlp(), rank=4, backend="aot_eager")
+    model = grassfx.compile(make_mlp(), rank=4, backend="aot_eager", refresh="compiled")
     if debug == "0":
         model(torch.randn(5, 12)).sum().backward()  # not verified: the node goes through
         return
