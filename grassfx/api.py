@@ -32,6 +32,7 @@ def compile(  # noqa: A001 - the promised public name
     options: dict | None = None,
     data_parallel=None,
     record: bool = False,
+    blocks=None,
 ) -> GrassModel:
     """Make ``model`` train by Grass: only r rows of each weight gradient are computed.
 
@@ -69,6 +70,13 @@ def compile(  # noqa: A001 - the promised public name
         record: keep node snapshots of every compiled graph before and after each pass
             (for ``grassfx.diff(model)``); off by default (compile time and memory).
             ``GRASSFX_DEBUG>=1`` turns it on too.
+        blocks: fused weights (q|k|v, gate|up) select rows per logical block, each block
+            getting its share of the rank. ``None`` (default): detect the layouts of
+            Hugging Face and ``nn.MultiheadAttention`` fused weights (docs/layouts.md);
+            ``False``: never split; a dict ``{name glob: [sizes] or None}`` sets the block
+            sizes along the selected dim of the weights a glob matches (``None``: no
+            blocks), others are detected. A glob that matches no projected weight, or
+            sizes that do not sum to the selected dim, raise :class:`ConfigError`.
 
     Returns:
         A :class:`grassfx.GrassModel`, called like ``model``.
@@ -101,6 +109,7 @@ def compile(  # noqa: A001 - the promised public name
         compile_options=dict(options or {}),
         data_parallel=data_parallel,
         record=record,
+        blocks=blocks,
     )
     check_not_fsdp(model)
     _check_materialized(model)

@@ -91,7 +91,7 @@ class RefreshSchedule:
                 continue
             gen = _select.site_generator(seed, site.index, step)
             if site.method == "uniform":
-                site.commit(*_select.draw_uniform(site.rows, site.rank, gen), step)
+                site.commit(*_select.draw_uniform(site.rows, site.rank, gen, site.block_labels, site.blocks), step)
                 continue
             noise = _select.draw_noise(site.method, site.rows, site.rank, gen).to(site.idx.device)
             age = site.ages(step) if site.explore else torch.zeros(0, dtype=torch.float64, device=site.idx.device)
