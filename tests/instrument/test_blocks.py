@@ -322,3 +322,18 @@ def test_checkpoints_round_trip_and_old_ones_load():
     fresh.load_state_dict(state)
     assert torch.equal(fresh.sites[0].idx, model.sites[0].idx)
     assert fresh.sites[0].block_labels.tolist() == [0] * 8 + [1] * 8 + [2] * 8
+
+
+def test_multihead_attention_in_proj_has_three_row_blocks():
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attn = nn.MultiheadAttention(8, 2)
+
+        def forward(self, x):
+            return self.attn(x, x, x)[0]
+
+    model = grassfx.compile(Net(), rank=6, targets=["*in_proj_weight"], backend="eager")
+    site = model.site("attn.in_proj_weight")
+    assert site.dim == 0 and site.block_labels.tolist() == [0] * 8 + [1] * 8 + [2] * 8
+    assert "MultiheadAttention in_proj" in site.block_note
