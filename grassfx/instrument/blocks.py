@@ -14,7 +14,7 @@ Hugging Face ``config``, sizes checked against the weight):
 =====================================  ==========================================  ==========
 weight                                 rows along the fused dim                     fused dim
 =====================================  ==========================================  ==========
-``c_attn`` (GPT-2 ``Conv1D``)          q | k | v (equal)                            1 (out)
+``c_attn`` (GPT-2 ``Conv1D``)          q | k | v; cross-attention k | v (equal)     1 (out)
 ``qkv_proj`` (Phi-3)                   q (heads*hd) | k (kv*hd) | v (kv*hd)         0
 ``gate_up_proj`` (Phi-3)               gate | up (equal)                            0
 ``query_key_value`` (GPT-NeoX, Bloom)  per head: q_h | k_h | v_h                    0
@@ -167,6 +167,15 @@ def _mha_in_proj(module, fused, other):
     return _contiguous("qkv", (other,) * 3, "MultiheadAttention in_proj"), ""
 
 
+def _c_attn(fused, other):
+    """GPT-2 ``c_attn``: q | k | v (self-attention) or k | v (cross-attention), equal blocks."""
+    if fused == 3 * other:
+        return _contiguous("qkv", (other,) * 3, "GPT-2 c_attn"), ""
+    if fused == 2 * other:
+        return _contiguous("kv", (other,) * 2, "GPT-2 cross-attention c_attn"), ""
+    return None, f"c_attn: {fused} outputs is neither 3 nor 2 x {other}: no blocks"
+
+
 def _is_conv1d(module: nn.Module) -> bool:
     return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
 
@@ -186,9 +195,7 @@ def detect_layout(module: nn.Module, leaf: str, attr: str, shape: tuple, dim: in
     if isinstance(module, nn.MultiheadAttention) and attr == "in_proj_weight":
         fused_dim, rule = 0, lambda f, o: _mha_in_proj(module, f, o)
     elif _is_conv1d(module) and attr == "weight" and leaf == "c_attn":
-        fused_dim = 1
-        rule = lambda f, o: ((_contiguous("qkv", (f // 3,) * 3, "GPT-2 c_attn"), "") if f % 3 == 0 and f == 3 * o
-                             else (None, f"c_attn: {f} outputs is not 3 x {o}: no blocks"))
+        fused_dim, rule = 1, _c_attn
     elif isinstance(module, nn.Linear) and attr == "weight" and leaf in _BY_NAME:
         fused_dim, kind = 0, _BY_NAME[leaf]
         rule = lambda f, o: kind(config, f, o)

@@ -339,3 +339,14 @@ def test_multihead_attention_in_proj_has_three_row_blocks():
     site = model.site("attn.in_proj_weight")
     assert site.dim == 0 and site.block_labels.tolist() == [0] * 8 + [1] * 8 + [2] * 8
     assert "MultiheadAttention in_proj" in site.block_note
+
+
+def test_gpt2_cross_attention_c_attn_is_k_and_v():
+    from transformers.pytorch_utils import Conv1D
+
+    from grassfx.instrument.blocks import detect_layout
+
+    choice = detect_layout(Conv1D(64, 32), "c_attn", "weight", (32, 64), 1)
+    assert choice.layout.names == ("k", "v") and choice.layout.sizes == (32, 32)
+    odd = detect_layout(Conv1D(80, 32), "c_attn", "weight", (32, 80), 1)
+    assert odd.layout is None and "neither 3 nor 2 x 32" in odd.note
