@@ -38,6 +38,8 @@ from torch import nn
 
 from grassfx.errors import ConfigError
 
+from .targets import _is_conv1d  # Hugging Face's Conv1D (GPT-2), recognised by name
+
 __all__ = ["BlockLayout", "LayoutChoice", "plan_layouts", "detect_layout", "describe_selection"]
 
 
@@ -174,10 +176,6 @@ def _c_attn(fused, other):
     if fused == 2 * other:
         return _contiguous("kv", (other,) * 2, "GPT-2 cross-attention c_attn"), ""
     return None, f"c_attn: {fused} outputs is neither 3 nor 2 x {other}: no blocks"
-
-
-def _is_conv1d(module: nn.Module) -> bool:
-    return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
 
 
 def detect_layout(module: nn.Module, leaf: str, attr: str, shape: tuple, dim: int, config=None) -> LayoutChoice:
