@@ -84,6 +84,23 @@ PLANS = {
         },
         reference="adamw",
     ),
+    # Fused q|k|v weights (GPT-2's c_attn): row selection per block (q, k, v each get a third
+    # of the rank) against selection over the whole fused weight, with the tiny plan's
+    # settings and the grass arm's tuned point (no tuning: ``point``). Run with --model gpt2.
+    "tiny-blocks": dict(
+        preset="tiny", steps=300, batch_size=4, seq_len=128, eval_every=50, eval_windows=32, rank=64,
+        arms={
+            "grass-blocks": dict(flags=["--optimizer", "grass"] + _GRASS_BASE, point=["--lr", "2e-3", "--scale", "1"]),
+            "grass-no-blocks": dict(flags=["--optimizer", "grass"] + _GRASS_BASE + ["--blocks", "none"],
+                                    like="grass-blocks"),
+            # without coverage rows, top_r alone decides which block trains
+            "grass-blocks-no-explore": dict(flags=["--optimizer", "grass"] + _GRASS_BASE + ["--explore", "0"],
+                                            like="grass-blocks"),
+            "grass-no-blocks-no-explore": dict(flags=["--optimizer", "grass"] + _GRASS_BASE
+                                               + ["--explore", "0", "--blocks", "none"], like="grass-blocks"),
+        },
+        reference="grass-no-blocks",
+    ),
     # CI smoke: the whole procedure on the test preset in a few steps.
     "smoke": dict(
         preset="test", steps=4, batch_size=2, seq_len=32, eval_every=2, eval_windows=2, rank=8,
@@ -115,6 +132,8 @@ def train_argv(plan: dict, args, flags: list[str], seed: int, folder: Path) -> l
             "--backend", args.backend, "--no-progress", "--out", str(folder)]
     if args.data:
         argv += ["--data", args.data]
+    if args.model != "llama":
+        argv += ["--arch", args.model]
     return argv + flags
 
 
@@ -227,6 +246,9 @@ def tune(plan: dict, args) -> dict:
         if best[arm] in (spec["grid"][0], spec["grid"][-1]) and len(spec["grid"]) > 2:
             print(f"  note: {arm}'s best point {best[arm]} is at the edge of its grid", flush=True)
     for arm, spec in plan["arms"].items():
+        if "point" in spec:  # a fixed setting: not tuned
+            best[arm] = spec["point"]
+    for arm, spec in plan["arms"].items():
         if "like" in spec:
             best[arm] = best[spec["like"]]
     return dict(best=best, grid=table, runs=records)
@@ -327,6 +349,8 @@ def plot(records: list[dict], path: Path, title: str) -> bool:
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--plan", default="tiny", choices=list(PLANS), help="arms, grids and run length")
+    p.add_argument("--model", default="llama", choices=["llama", "gpt2"],
+                   help="architecture of every run at the plan's preset size (grassfx train --arch)")
     p.add_argument("--data", default=None, help="corpus (grassfx train --data): shakespeare (default), movies, a path")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="evaluation seeds")
     p.add_argument("--tune-seeds", type=int, nargs="+", default=[100], help="seeds of the tuning runs")
@@ -369,7 +393,7 @@ def main(argv=None) -> dict:
     tuned = tune(plan, args)
     records = evaluate_arms(plan, args, tuned["best"])
     summary = summarize(plan, records, tuned["best"])
-    result = dict(plan=args.plan, preset=plan["preset"], steps=plan["steps"], data=args.data or "shakespeare",
+    result = dict(plan=args.plan, preset=plan["preset"], model=args.model, steps=plan["steps"], data=args.data or "shakespeare",
                   seeds=args.seeds, tune_seeds=args.tune_seeds, backend=args.backend,
                   command="python benchmarks/quality.py " + " ".join(sys.argv[1:] if argv is None else argv),
                   date=time.strftime("%Y-%m-%d"), machine=f"{os.cpu_count()} CPUs, {sys.platform}",
@@ -378,7 +402,8 @@ def main(argv=None) -> dict:
     (out / "quality.json").write_text(json.dumps(result, indent=1) + "\n")
     text = table(summary, plan["reference"])
     (out / "quality.md").write_text(text + "\n")
-    plot(records, out / "curves.png", f"{plan['preset']} LLaMA, {plan['steps']} steps, {result['data']}: "
+    arch_name = "GPT-2" if args.model == "gpt2" else "LLaMA"
+    plot(records, out / "curves.png", f"{plan['preset']} {arch_name}, {plan['steps']} steps, {result['data']}: "
                                       f"eval loss, mean and range over seeds {args.seeds}")
     print("\n" + text)
     print(f"\nwrote {out}/quality.json, quality.md, curves.png ({time.perf_counter() - t0:.0f} s)")

@@ -33,6 +33,7 @@ def compile(  # noqa: A001 - the promised public name
     data_parallel=None,
     record: bool = False,
     refresh: str = "eager",
+    blocks=None,
 ) -> GrassModel:
     """Make ``model`` train by Grass: only r rows of each weight gradient are computed.
 
@@ -76,6 +77,13 @@ def compile(  # noqa: A001 - the promised public name
             costs; each weight's dense gradient is reduced to row norms and freed as soon
             as it is produced) or ``"compiled"`` (a refresh graph of its own, compiled
             with ``backend``). Both pick the same rows.
+        blocks: fused weights (q|k|v, gate|up) select rows per logical block, each block
+            getting its share of the rank. ``None`` (default): detect the layouts of
+            Hugging Face and ``nn.MultiheadAttention`` fused weights (docs/layouts.md);
+            ``False``: never split; a dict ``{name glob: [sizes] or None}`` sets the block
+            sizes along the selected dim of the weights a glob matches (``None``: no
+            blocks), others are detected. A glob that matches no projected weight, or
+            sizes that do not sum to the selected dim, raise :class:`ConfigError`.
 
     Returns:
         A :class:`grassfx.GrassModel`, called like ``model``.
@@ -109,6 +117,7 @@ def compile(  # noqa: A001 - the promised public name
         data_parallel=data_parallel,
         record=record,
         refresh=refresh,
+        blocks=blocks,
     )
     check_not_fsdp(model)
     _check_materialized(model)

@@ -24,6 +24,28 @@ def _check_choice(name: str, value: Any, allowed: tuple) -> None:
         raise ConfigError(f"{name}={value!r} is not supported; allowed values: {', '.join(allowed)}")
 
 
+def _check_blocks(blocks: Any) -> None:
+    """``blocks=``: None, False, or {glob: a list of block sizes, or None/False/[] for no blocks}."""
+    if blocks is None or blocks is False:
+        return
+    if not isinstance(blocks, dict):
+        raise ConfigError(
+            f"blocks={blocks!r}: expected None (detect fused q|k|v and gate|up weights), False (never "
+            "split) or a dict {name glob: [block sizes along the selected dim] or None (no blocks)}"
+        )
+    for glob, sizes in blocks.items():
+        if not isinstance(glob, str) or not glob:
+            raise ConfigError(f"blocks={{{glob!r}: ...}}: keys are parameter or module name globs (str)")
+        if sizes is None or sizes is False:
+            continue
+        if (not isinstance(sizes, (list, tuple)) or
+                any(isinstance(s, bool) or not isinstance(s, numbers.Integral) or s < 1 for s in sizes)):
+            raise ConfigError(
+                f"blocks[{glob!r}]={sizes!r}: expected a list of block sizes (ints >= 1) that sum to the "
+                "weight's selected dim, or None for no blocks"
+            )
+
+
 @dataclass(frozen=True)
 class GrassConfig:
     """Everything ``grassfx.compile`` was asked for, checked once."""
@@ -43,6 +65,7 @@ class GrassConfig:
     data_parallel: Any = None  # None: when torch.distributed is initialised; False: never
     record: bool = False  # keep node snapshots before/after each pass (grassfx.diff)
     refresh: str = "eager"  # how compiled models run refresh steps: "eager" or "compiled"
+    blocks: Any = None  # fused-weight block layouts: None (detect), False (none), {glob: sizes | None}
 
     def __post_init__(self):
         rank = self.rank
@@ -86,6 +109,7 @@ class GrassConfig:
             raise ConfigError(f"record={self.record!r}: expected True or False")
         if isinstance(self.seed, bool) or not isinstance(self.seed, numbers.Integral):
             raise ConfigError(f"seed={self.seed!r}: expected an int")
+        _check_blocks(self.blocks)
 
     def rows_kept(self, rows: int) -> int:
         """The number of rows ``r`` kept out of ``rows`` (``rank >= rows`` keeps all)."""

@@ -132,7 +132,7 @@ class DataParallel:
 
     def _fingerprint(self) -> str:
         cfg = self.model.grass_config
-        sites = [(s.name, tuple(s.weight.shape), s.dim, s.rank) for s in self.model.sites]
+        sites = [(s.name, tuple(s.weight.shape), s.dim, s.rank, s.blocks) for s in self.model.sites]
         key = (cfg.rank, cfg.selection, cfg.update_freq, cfg.seed, cfg.scale, cfg.proj_dim, cfg.moments, cfg.explore, sites)
         return hashlib.sha256(repr(key).encode()).hexdigest()
 

@@ -22,6 +22,14 @@ come from the selector as above and the other ``k`` are the rows left out of it 
 went unselected longest (``age``: steps since a row was last selected; never-selected
 rows are oldest; ties go to the larger norm). Rows that never have the largest norms
 still train once every few windows, instead of staying at their initial values.
+
+**Blocks** (fused weights such as q|k|v, see :mod:`grassfx.instrument.blocks`): ``labels``
+(m,) gives each row's block and ``blocks`` one static ``(size, quota, explore)`` per
+block (quotas sum to r, see :func:`split_rank`). Every block then gets exactly its quota:
+``top_r`` / ``multinorm_nr`` take the best ``quota - explore`` rows of the block and its
+``explore`` oldest other rows; ``multinorm`` and ``uniform`` are stratified -- ``quota``
+i.i.d. draws within the block, ``q_i`` normalised over the block, ``rho = 1/sqrt(quota q_i)``
+(uniform: ``sqrt(size / quota)``), so ``E[P Pᵀ] = I`` still holds block by block.
 """
 
 from __future__ import annotations
@@ -31,7 +39,7 @@ import math
 import torch
 
 __all__ = ["SELECTORS", "NEEDS_NORMS", "EXPLORING", "UNIT_RHO", "WITH_REPLACEMENT", "select_rows", "draw_noise",
-           "draw_uniform", "site_generator"]
+           "draw_uniform", "site_generator", "split_rank"]
 
 SELECTORS = ("top_r", "multinorm", "multinorm_nr", "uniform")
 #: selectors that need the dense gradient's row norms at a refresh
@@ -64,11 +72,44 @@ def draw_noise(method: str, m: int, r: int, gen: torch.Generator) -> torch.Tenso
     raise ValueError(f"selector {method!r} draws no noise")
 
 
-def draw_uniform(m: int, r: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """``uniform``: r i.i.d. uniform rows (with replacement), rho = sqrt(m / r)."""
-    idx = torch.randint(m, (r,), generator=gen).sort().values
-    rho = torch.full((r,), math.sqrt(m / r))
-    return idx, rho
+def draw_uniform(m: int, r: int, gen: torch.Generator, labels: torch.Tensor | None = None,
+                 blocks: tuple | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``uniform``: r i.i.d. uniform rows (with replacement), rho = sqrt(m / r).
+
+    With ``labels``/``blocks``: ``quota`` uniform draws within each block, rho = sqrt(size / quota).
+    """
+    if labels is None:
+        idx = torch.randint(m, (r,), generator=gen).sort().values
+        return idx, torch.full((r,), math.sqrt(m / r))
+    members = torch.argsort(labels.cpu(), stable=True)  # the rows of block 0, then of block 1, ...
+    parts, scales, start = [], [], 0
+    for size, quota, _ in blocks:
+        parts.append(members[start + torch.randint(size, (quota,), generator=gen)])
+        scales.append(torch.full((quota,), math.sqrt(size / quota)))
+        start += size
+    idx, order = torch.cat(parts).sort()
+    return idx, torch.cat(scales)[order]
+
+
+def split_rank(total: int, sizes) -> list[int]:
+    """``total`` split in proportion to ``sizes`` (largest remainders), each >= 1 when ``total >= len(sizes)``.
+
+    Example:
+        >>> split_rank(24, [64, 32, 32]), split_rank(3, [1000, 10, 10])
+        ([12, 6, 6], [1, 1, 1])
+    """
+    whole = sum(sizes)
+    exact = [total * s / whole for s in sizes]
+    shares = [int(math.floor(e)) for e in exact]
+    by_remainder = sorted(range(len(sizes)), key=lambda b: (shares[b] - exact[b], b))
+    for b in by_remainder[: total - sum(shares)]:
+        shares[b] += 1
+    if total >= len(sizes):
+        for b in range(len(sizes)):
+            if shares[b] == 0:  # take one from the largest share
+                shares[max(range(len(sizes)), key=lambda c: (shares[c], -c))] -= 1
+                shares[b] = 1
+    return shares
 
 
 def _probabilities(sq_norms: torch.Tensor) -> torch.Tensor:
@@ -83,22 +124,75 @@ def _probabilities(sq_norms: torch.Tensor) -> torch.Tensor:
 EXPLORING = frozenset({"top_r", "multinorm_nr"})
 
 
-def _oldest_rest(scores: torch.Tensor, picked: torch.Tensor, age: torch.Tensor, k: int) -> torch.Tensor:
-    """The ``k`` rows outside ``picked`` with the largest ``age`` (ties: largest ``scores``)."""
+def _age_key(scores: torch.Tensor, picked: torch.Tensor, age: torch.Tensor) -> torch.Tensor:
+    """Rows outside ``picked`` keyed by ``age`` (ties: larger ``scores``); picked rows: -inf."""
     m = scores.shape[0]
     taken = torch.zeros(m, dtype=torch.bool, device=scores.device).index_fill_(0, picked, True)
     # ranks of the scores in [0, 1) break ties between equal ages without reordering ages
     order = torch.argsort(torch.argsort(scores)).to(torch.float64) / m
     key = torch.where(taken, torch.full_like(order, -math.inf), age.to(order) + order)
-    return torch.topk(key, k, sorted=False).indices
+    return key
+
+
+def _oldest_rest(scores: torch.Tensor, picked: torch.Tensor, age: torch.Tensor, k: int) -> torch.Tensor:
+    """The ``k`` rows outside ``picked`` with the largest ``age`` (ties: largest ``scores``)."""
+    return torch.topk(_age_key(scores, picked, age), k, sorted=False).indices
+
+
+def _top_per_block(key: torch.Tensor, labels: torch.Tensor, blocks: tuple, column: int) -> torch.Tensor:
+    """Per block, the ``blocks[b][column]`` rows with the largest ``key`` (ties: lower row first).
+
+    Sorting by key (descending), then stably by block, lines the rows up block by block,
+    best first; block sizes are static, so each block's first rows are a static slice.
+    """
+    order = torch.argsort(key, descending=True, stable=True)
+    grouped = order[torch.argsort(labels[order], stable=True)]
+    parts, start = [], 0
+    for block in blocks:
+        if block[column]:
+            parts.append(grouped[start:start + block[column]])
+        start += block[0]
+    return torch.cat(parts)
+
+
+def _pick_best(scores: torch.Tensor, r: int, explore: int, age, labels, blocks) -> torch.Tensor:
+    """``top_r``-style picks: the best ``r - explore`` rows plus ``explore`` oldest (per block with ``labels``)."""
+    if labels is None:
+        idx = torch.topk(scores, r - explore, sorted=False).indices
+        if explore:
+            idx = torch.cat([idx, _oldest_rest(scores, idx, age, explore)])
+        return idx
+    best = tuple((size, quota - extra, extra) for size, quota, extra in blocks)
+    idx = _top_per_block(scores, labels, best, 1)
+    if explore:
+        idx = torch.cat([idx, _top_per_block(_age_key(scores, idx, age), labels, best, 2)])
+    return idx
+
+
+def _stratified_multinorm(sq_norms: torch.Tensor, noise: torch.Tensor, labels: torch.Tensor, blocks: tuple):
+    """``multinorm`` within each block: ``quota`` draws, q_i ∝ ‖G_i‖ over the block's rows."""
+    members = torch.argsort(labels, stable=True)
+    grouped = sq_norms[members]
+    picks, rhos, start, used = [], [], 0, 0
+    for size, quota, _ in blocks:
+        q = _probabilities(grouped[start:start + size])
+        cdf = torch.cumsum(q, 0)
+        local = torch.searchsorted(cdf, noise[used:used + quota].to(cdf) * cdf[-1], right=True).clamp_max(size - 1)
+        picks.append(members[start + local])
+        rhos.append(torch.rsqrt(quota * q[local]))
+        start, used = start + size, used + quota
+    idx, order = torch.cat(picks).sort()
+    return idx, torch.cat(rhos)[order].float()
 
 
 def select_rows(sq_norms: torch.Tensor, noise: torch.Tensor, r: int, method: str,
-                age: torch.Tensor | None = None, explore: int = 0):
+                age: torch.Tensor | None = None, explore: int = 0, labels: torch.Tensor | None = None,
+                blocks: tuple | None = None):
     """Pick ``r`` rows from squared row norms ``sq_norms`` (m,).
 
     ``explore = k`` (with ``age``, (m,)) reserves ``k`` of the ``r`` rows for the rows
-    unselected longest (see the module docstring).
+    unselected longest (see the module docstring). ``labels`` (m,) int64 and ``blocks``
+    (``(size, quota, explore)`` per block) select per block.
 
     Returns ``(idx, rho)``: int64 (r,) sorted ascending, float32 (r,).
 
@@ -110,11 +204,10 @@ def select_rows(sq_norms: torch.Tensor, noise: torch.Tensor, r: int, method: str
     if explore and method not in EXPLORING:
         raise ValueError(f"select_rows: explore is supported by {sorted(EXPLORING)}, not {method!r}")
     if method == "top_r":
-        scores = sq_norms.float()
-        idx = torch.topk(scores, r - explore, sorted=False).indices
-        if explore:
-            idx = torch.cat([idx, _oldest_rest(scores, idx, age, explore)])
+        idx = _pick_best(sq_norms.float(), r, explore, age, labels, blocks)
         return idx.sort().values, torch.ones(r, dtype=torch.float32, device=sq_norms.device)
+    if method == "multinorm" and labels is not None:
+        return _stratified_multinorm(sq_norms, noise, labels, blocks)
     if method == "multinorm":
         q = _probabilities(sq_norms)
         cdf = torch.cumsum(q, 0)
@@ -125,9 +218,6 @@ def select_rows(sq_norms: torch.Tensor, noise: torch.Tensor, r: int, method: str
     if method == "multinorm_nr":
         q = _probabilities(sq_norms)
         keys = torch.where(q > 0, torch.log(q.clamp_min(1e-300)), torch.full_like(q, -math.inf))
-        scores = keys + noise.to(keys)
-        idx = torch.topk(scores, r - explore, sorted=False).indices
-        if explore:
-            idx = torch.cat([idx, _oldest_rest(scores, idx, age, explore)])
+        idx = _pick_best(keys + noise.to(keys), r, explore, age, labels, blocks)
         return idx.sort().values, torch.ones(r, dtype=torch.float32, device=sq_norms.device)
     raise ValueError(f"select_rows: unknown selector {method!r}; choose one of {SELECTORS}")

@@ -131,6 +131,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compare", action="store_true", help="run adamw, galore and grass")
     p.add_argument("--preset", default="tiny", choices=list(presets_mod.PRESETS),
                    help="model size (default: tiny)")
+    p.add_argument("--arch", default="llama", choices=list(presets_mod.ARCHS),
+                   help="architecture built at the preset's size (default: llama; gpt2: fused c_attn, 4x MLP)")
     p.add_argument("--rank", type=_positive_int, default=None,
                    help="projection rank of galore and grass (default: the preset's, 64 for tiny)")
     p.add_argument("--selection", action="append", choices=SELECTIONS, dest="selections",
@@ -149,6 +151,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--explore", type=float, default=None,
                    help="grass: share of each rank given at a refresh to the rows unselected longest "
                         "(0: off; default: the recommended value)")
+    p.add_argument("--blocks", default="auto", choices=["auto", "none"],
+                   help="grass: per-block row selection of fused weights (q|k|v, gate|up; default: auto, "
+                        "detected; none: select over the whole weight)")
     p.add_argument("--rewarmup", type=int, default=None,
                    help="grass: steps over which a newly selected row's update ramps up from 0 "
                         "(0: off; default: the recommended value)")

@@ -92,16 +92,49 @@ def build_config(preset: Preset, vocab_size: int | None = None, attn_implementat
     return config
 
 
+#: model architectures a preset can be built as (``grassfx train --arch``)
+ARCHS = ("llama", "gpt2")
+
+
+def build_gpt2_config(preset: Preset, vocab_size: int | None = None):
+    """A ``GPT2Config`` of the preset's width, depth and heads (MLP 4x wide, as GPT-2; no dropout).
+
+    GPT-2 reads its attention weights through one fused ``c_attn`` (q|k|v along the
+    output dim), the layout whose row selection :mod:`grassfx.instrument.blocks` splits.
+    """
+    from transformers import GPT2Config
+
+    config = GPT2Config(
+        vocab_size=preset.vocab_size if vocab_size is None else vocab_size,
+        n_positions=preset.max_position_embeddings, n_embd=preset.hidden_size,
+        n_layer=preset.num_hidden_layers, n_head=preset.num_attention_heads, n_inner=4 * preset.hidden_size,
+        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0,
+        tie_word_embeddings=True, use_cache=False,
+    )
+    config.loss_type = "ForCausalLMLoss"  # as for LLaMA: no warning (graph break) in the loss
+    return config
+
+
 def build_model(preset: Preset, seed: int, vocab_size: int | None = None,
-                attn_implementation: str = "sdpa"):
-    """A randomly initialised ``LlamaForCausalLM``; the same ``seed`` gives the same weights."""
+                attn_implementation: str = "sdpa", arch: str = "llama"):
+    """A randomly initialised causal LM (``arch``: ``"llama"`` or ``"gpt2"``); the same ``seed`` gives the same weights."""
     import torch
+
+    if arch not in ARCHS:
+        raise ValueError(f"arch={arch!r}: choose one of {', '.join(ARCHS)}")
+    torch.manual_seed(seed)
+    if arch == "gpt2":
+        from transformers import GPT2LMHeadModel
+
+        config = build_gpt2_config(preset, vocab_size)
+        config._attn_implementation = attn_implementation
+        model = GPT2LMHeadModel(config)
+        model.loss_type = "ForCausalLM"  # GPT-2 reads it from the model, not the config
+        return model
     from transformers import LlamaForCausalLM
 
     config = build_config(preset, vocab_size, attn_implementation)
-    torch.manual_seed(seed)
-    model = LlamaForCausalLM(config)
-    return model
+    return LlamaForCausalLM(config)
 
 
 def count_params(model) -> int:

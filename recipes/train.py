@@ -110,7 +110,8 @@ def make_grass(model: torch.nn.Module, spec: RunSpec, args: argparse.Namespace):
     model = grassfx.compile(model, rank=args.rank, selection=spec.selection,
                             update_freq=setting(args, "update_freq", "grass"), scale=setting(args, "scale", "grass"),
                             proj_dim=args.proj_dim, moments=grass_setting(args, "moments"),
-                            explore=grass_setting(args, "explore"), seed=args.seed, backend=args.backend)
+                            explore=grass_setting(args, "explore"), seed=args.seed, backend=args.backend,
+                            blocks=None if args.blocks == "auto" else False)
     opt = grassfx.optim.AdamW(model.parameters(), lr=setting(args, "lr", "grass"), betas=(0.9, 0.999), eps=1e-8,
                               weight_decay=args.weight_decay, rewarmup=grass_setting(args, "rewarmup"))
     return model, opt
@@ -212,7 +213,7 @@ def train_run(spec: RunSpec, corpus, eval_set, args, device, log) -> dict:
     gc.collect()
     mem = PeakMemory(device)
     preset = presets_mod.get_preset(args.preset)
-    model = presets_mod.build_model(preset, args.seed, vocab_size=corpus.vocab_size).to(device)
+    model = presets_mod.build_model(preset, args.seed, vocab_size=corpus.vocab_size, arch=args.arch).to(device)
     params = presets_mod.count_params(model)
     model, opt = make_optimizer(model, spec, args)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(args.steps))
@@ -319,7 +320,7 @@ def write_config(out: Path, args, specs, corpus, device) -> None:
 def warm_up(corpus, args, device, steps: int = 2) -> None:
     """A few throwaway forward/backward passes, so the first run is not timed on a cold process."""
     model = presets_mod.build_model(presets_mod.get_preset(args.preset), args.seed,
-                                    vocab_size=corpus.vocab_size).to(device)
+                                    vocab_size=corpus.vocab_size, arch=args.arch).to(device)
     sampler = data_mod.BatchSampler(corpus.train, args.batch_size, args.seq_len, seed=args.seed + 2)
     for _ in range(steps):
         x = next(sampler).to(device)
@@ -408,14 +409,15 @@ def run(argv: list[str] | None = None) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     say(f"data: {corpus.source}: {corpus.train.numel():,} train / {corpus.eval.numel():,} eval tokens, "
         f"vocab {corpus.vocab_size} ({time.perf_counter() - t_start:.1f} s)")
-    say(f"model: {preset.name} LLaMA; runs: {', '.join(s.name for s in specs)}; {args.steps} steps x "
+    arch_name = "GPT-2" if args.arch == "gpt2" else "LLaMA"
+    say(f"model: {preset.name} {arch_name}; runs: {', '.join(s.name for s in specs)}; {args.steps} steps x "
         f"{args.batch_size} x {args.seq_len} tokens x {args.world_size} process(es); device {device}, "
         f"{torch.get_num_threads()} threads; out {out}")
     write_config(out, args, specs, corpus, device)
     summary, records = run_all(specs, corpus, eval_set, args, device, out)
     source = Path(corpus.source).name if args.data else "Shakespeare"
     plotted = lead and plot_losses(records, out / "loss.png",
-                                   f"{preset.name} LLaMA ({summary[specs[0].name]['params'] / 1e6:.1f}M params) on {source}")
+                                   f"{preset.name} {arch_name} ({summary[specs[0].name]['params'] / 1e6:.1f}M params) on {source}")
     say()
     say(results_table(summary))
     if lead and not plotted:

@@ -25,6 +25,7 @@ from grassfx.errors import ConfigError
 from grassfx.instrument import GrassModel
 from grassfx.instrument.expert_targets import expert_reason
 from grassfx.instrument.experts import ExpertSite
+from grassfx.instrument.blocks import describe_selection
 from grassfx.instrument.guard import snapshot_handle_versions
 
 from .common import projected_shapes, require_grass_model, trace_artifact
@@ -327,6 +328,7 @@ def _weight_row(model: GrassModel, site, status: tuple, tokens: Optional[int]) -
         grad_bytes_grassfx=kept * elt,
         state_bytes_dense=_MOMENTS * m * n * elt,
         state_bytes_grassfx=_MOMENTS * kept * elt,
+        blocks=describe_selection(site.layout, site.blocks, site.block_note),
     )
 
 

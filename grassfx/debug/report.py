@@ -37,6 +37,7 @@ class WeightRow:
     grad_bytes_grassfx: int
     state_bytes_dense: int
     state_bytes_grassfx: int
+    blocks: str = ""  # fused weight: its blocks and rows selected per block, or why none ("": not fused)
 
     def flops(self) -> tuple:
         """``(dense, grassfx)`` FLOPs for the example's token count (None if unknown)."""
@@ -60,6 +61,7 @@ class WeightRow:
                             "dense": dense, "grassfx": grass},
             "grad_bytes": {"dense": self.grad_bytes_dense, "grassfx": self.grad_bytes_grassfx},
             "optimizer_state_bytes": {"dense": self.state_bytes_dense, "grassfx": self.state_bytes_grassfx},
+            "blocks": self.blocks,
         }
 
 
@@ -195,7 +197,7 @@ def _format_report(rep: Report) -> str:
     header = ["weight", "shape", "r", "sel", "rewritten", "wgrad FLOPs: dense", "grassfx", "grad bytes",
               "AdamW state bytes"]
     lines = [_report_title(rep), _report_summary(rep), ""] + _table(header, rows)
-    lines += _footnotes(reasons) + _unprojected_lines(rep.unprojected) + _break_lines(rep.graph_breaks)
+    lines += _footnotes(reasons) + _block_lines(rep.weights) + _unprojected_lines(rep.unprojected) + _break_lines(rep.graph_breaks)
     lines += [f"note: {n}" for n in rep.notes]
     return "\n".join(lines)
 
@@ -230,6 +232,14 @@ def _footnotes(reasons: dict) -> list:
     if not reasons:
         return []
     return ["", "not rewritten:"] + [f"  [{i}] {reason}" for reason, i in reasons.items()]
+
+
+def _block_lines(weights: list) -> list:
+    """Fused weights: the blocks each selects rows from (or why it selects over the whole weight)."""
+    fused = [w for w in weights if w.blocks]
+    if not fused:
+        return []
+    return ["", "fused weights (rows selected per block):"] + [f"  {w.name}: {w.blocks}" for w in fused]
 
 
 def _unprojected_lines(items: list, shown: int = 3) -> list:

@@ -80,26 +80,26 @@ class RefreshAnchor(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, weight, handle, probe, noise, age, dim: int, rank: int, explore: int, method: str,
-                group: str, world: int):
-        ctx.save_for_backward(noise, age)
-        ctx.dim, ctx.rank, ctx.method, ctx.explore = dim, rank, method, explore
+                group: str, world: int, labels=None, blocks=None):
+        ctx.save_for_backward(noise, age, labels)
+        ctx.dim, ctx.rank, ctx.method, ctx.explore, ctx.blocks = dim, rank, method, explore, blocks
         ctx.group, ctx.world = group, world
         ctx.handle_dtype = handle.dtype
         return weight.view_as(weight)
 
     @staticmethod
     def backward(ctx, grad):
-        noise, age = ctx.saved_tensors
+        noise, age, labels = ctx.saved_tensors
         if ctx.world > 1:  # data parallel: select from the exact global gradient
             grad = _compat.all_reduce_mean(grad, ctx.group, ctx.world)
         g32 = grad.float()
         other = 1 - ctx.dim
         sq_norms = (g32 * g32).sum(dim=other)  # (m,) squared norms along the selected dim
-        idx, rho = _select.select_rows(sq_norms, noise, ctx.rank, ctx.method, age, ctx.explore)
+        idx, rho = _select.select_rows(sq_norms, noise, ctx.rank, ctx.method, age, ctx.explore, labels, ctx.blocks)
         compressed = select_scaled(grad, idx, rho, ctx.dim)
         poison = sq_norms.sum().to(torch.float64) * 0.0  # NaN iff any norm is NaN/Inf
         record = torch.stack([idx.to(torch.float64), rho.to(torch.float64) + poison])  # (2, r)
-        return None, compressed.to(ctx.handle_dtype), record, None, None, None, None, None, None, None, None
+        return (None, compressed.to(ctx.handle_dtype), record) + (None,) * 10
 
 
 class FullAnchor(torch.autograd.Function):

@@ -33,6 +33,7 @@ from grassfx import select as _select
 from grassfx.config import GrassConfig
 from grassfx.errors import ConfigError
 
+from .blocks import LayoutChoice
 from .site import Site
 from .targets import TargetSpec
 
@@ -122,6 +123,8 @@ class ExpertSite(Site):
         self.register_buffer("rho", torch.ones(experts, self.rank, device=dev))
         self.register_buffer("decay_pending", torch.ones((), dtype=torch.float64, device=dev))
         self.register_buffer("last_seen", torch.full((experts, rows), -1, dtype=torch.int64, device=dev))
+        # rows are selected per expert; fused blocks inside an expert (gate|up) are not split
+        self._set_blocks(LayoutChoice(None, "expert stack: r rows of each expert"), dev)
         self.prev_idx = None
         self.refreshed = False
         self.handle_version = _compat.version(self.handle)
@@ -158,10 +161,12 @@ class ExpertSite(Site):
         return (idx + offsets).reshape(-1)
 
 
-def make_site(spec: TargetSpec, index: int, weight: torch.Tensor, config: GrassConfig) -> Site:
-    """The site of one target: :class:`ExpertSite` for an expert stack, else :class:`Site`."""
-    cls = ExpertSite if weight.dim() == 3 else Site
-    return cls(spec, index, weight, config)
+def make_site(spec: TargetSpec, index: int, weight: torch.Tensor, config: GrassConfig, layout=None) -> Site:
+    """The site of one target: :class:`ExpertSite` for an expert stack, else :class:`Site`
+    (with ``layout``, the block layout of a fused weight)."""
+    if weight.dim() == 3:
+        return ExpertSite(spec, index, weight, config)
+    return Site(spec, index, weight, config, layout)
 
 
 class ExpertAnchor(torch.autograd.Function):

@@ -24,6 +24,7 @@ from grassfx.errors import GrassError
 
 from . import guard, registry, swap
 from .anchors import Anchor, FullAnchor, RefreshAnchor
+from .blocks import plan_layouts
 from .experts import ExpertSite, make_expert_anchor, make_site, matrix_of
 from .refresh import RefreshSchedule
 from .site import Site
@@ -38,7 +39,9 @@ class GrassModel(nn.Module):
         super().__init__()
         self.module = module
         self.grass_config = config
-        self.sites = nn.ModuleList(make_site(spec, i, module.get_parameter(spec.name), config) for i, spec in enumerate(specs))
+        layouts = plan_layouts(module, specs, config)  # fused weights (q|k|v, gate|up) select per block
+        self.sites = nn.ModuleList(make_site(spec, i, module.get_parameter(spec.name), config, layouts[i])
+                                   for i, spec in enumerate(specs))
         self.register_buffer("grass_step", torch.zeros((), dtype=torch.int64))
         self.register_buffer("grass_refreshed_at", torch.full((), -1, dtype=torch.int64))
         self.target_decisions = list(decisions)  # grassfx.instrument.targets.Decision per parameter name
@@ -236,7 +239,8 @@ def _make_anchor(entry) -> torch.Tensor:
     if plan is not None:
         probe, noise, age = plan
         return RefreshAnchor.apply(
-            w, site.handle, probe, noise, age, site.dim, site.rank, site.explore, site.method, group, size
+            w, site.handle, probe, noise, age, site.dim, site.rank, site.explore, site.method, group, size,
+            site.block_labels, site.blocks,
         )
     return Anchor.apply(w, site.handle, site.idx, site.rho, site.dim, site.name)
 

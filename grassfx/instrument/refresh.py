@@ -91,7 +91,7 @@ class RefreshSchedule:
                 continue
             gen = _select.site_generator(seed, site.index, step)
             if site.method == "uniform":
-                site.commit(*_select.draw_uniform(site.rows, site.rank, gen), step)
+                site.commit(*_select.draw_uniform(site.rows, site.rank, gen, site.block_labels, site.blocks), step)
                 continue
             noise, age, probe = _refresh_inputs(site, gen, step)
             probe.register_post_accumulate_grad_hook(self._commit_hook(i, self.generation))

@@ -8,7 +8,11 @@ A target weight ``W`` (m x n) is frozen and gets
 * ``decay_pending`` — decoupled weight decay owed by rows outside ``idx`` (see
   :mod:`grassfx.optim.decay`),
 * ``last_seen`` — the step at which each of the ``rows`` rows was last selected (-1:
-  never); coverage (``explore``) reads it as each row's age.
+  never); coverage (``explore``) reads it as each row's age,
+* ``block_labels`` — for a fused weight (q|k|v, gate|up; :mod:`.blocks`), each row's
+  block, int64 (rows,), with ``blocks`` = static ``(size, quota, explore)`` per block:
+  every refresh selects exactly ``quota`` rows of each block. ``None`` otherwise. Not
+  saved in ``state_dict`` (the layout is configuration, rebuilt by ``grassfx.compile``).
 
 What an optimizer may use: ``weight``, ``handle``, ``idx``, ``rho``, ``dim``, ``rows``,
 ``rank``, ``full``, ``method``, ``scale``, ``moments``, ``refreshed`` / ``prev_idx`` (a committed
@@ -26,6 +30,7 @@ from grassfx import _compat
 from grassfx import select as _select
 from grassfx.config import GrassConfig
 
+from .blocks import LayoutChoice
 from .targets import TargetSpec
 
 __all__ = ["Site"]
@@ -34,7 +39,8 @@ __all__ = ["Site"]
 class Site(nn.Module):
     """Grass state of one projected weight (see the module docstring)."""
 
-    def __init__(self, spec: TargetSpec, index: int, weight: torch.Tensor, config: GrassConfig):
+    def __init__(self, spec: TargetSpec, index: int, weight: torch.Tensor, config: GrassConfig,
+                 layout: LayoutChoice | None = None):
         super().__init__()
         self.name = spec.name
         self.module_name = spec.module_name
@@ -56,11 +62,29 @@ class Site(nn.Module):
         self.register_buffer("rho", torch.ones(self.rank, device=weight.device))
         self.register_buffer("decay_pending", torch.ones((), dtype=torch.float64, device=weight.device))
         self.register_buffer("last_seen", torch.full((self.rows,), -1, dtype=torch.int64, device=weight.device))
+        self._set_blocks(layout or LayoutChoice(None), weight.device)
         self.prev_idx = None  # rows selected before the last refresh (set when one commits)
         self.refreshed = False  # a refresh committed and the optimizer has not seen it yet
         self.handle_version = _compat.version(self.handle)
         self.schedule = None  # the model's RefreshSchedule (set by link)
         self._owner = None  # weakref to the module that owns the weight (set by link)
+
+    def _set_blocks(self, choice: LayoutChoice, device) -> None:
+        """Install a block layout: labels, names and per-block ``(size, quota, explore)``."""
+        layout, self.block_note = choice.layout, choice.note
+        if layout is not None and (self.full or self.rank < len(layout.names)):
+            why = "every row kept" if self.full else f"rank {self.rank} < {len(layout.names)} blocks"
+            layout, self.block_note = None, f"{layout.describe()}: {why}, selection over the whole weight"
+        self.layout = layout
+        self.blocks = None
+        labels = None
+        if layout is not None:
+            quotas = _select.split_rank(self.rank, layout.sizes)
+            explores = [min(e, q - 1) for e, q in zip(_select.split_rank(self.explore, quotas), quotas)]
+            self.explore = sum(explores)  # a block's quota keeps at least one selected row
+            self.blocks = tuple(zip(layout.sizes, quotas, explores))
+            labels = layout.labels(device)
+        self.register_buffer("block_labels", labels, persistent=False)
 
     def link(self, owner: nn.Module, schedule) -> None:
         """Point this site at the module owning its weight and at the model's schedule."""
@@ -78,7 +102,8 @@ class Site(nn.Module):
 
     def extra_repr(self) -> str:
         axis = "rows" if self.dim == 0 else "cols"
-        return f"{self.name!r}, {axis} {self.rank}/{self.rows}, selection={self.method}"
+        split = "" if self.blocks is None else f", blocks={[q for _, q, _ in self.blocks]}"
+        return f"{self.name!r}, {axis} {self.rank}/{self.rows}, selection={self.method}{split}"
 
     def commit(self, idx: torch.Tensor, rho: torch.Tensor, step: int) -> None:
         """Install a new selection (called by a refresh at optimizer step ``step``)."""

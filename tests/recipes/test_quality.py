@@ -69,3 +69,17 @@ def test_quality_harness_smoke(tmp_path, monkeypatch):
     assert summary["adamw"]["point"][1] == min(tuned, key=tuned.get)
     assert json.loads((out / "quality.json").read_text())["summary"].keys() == summary.keys()
     assert (out / "quality.md").read_text().count("\n") == 5
+
+
+def test_fixed_point_arms_and_the_model_option():
+    """Arms with a fixed ``point`` are not tuned (``like`` arms take it); ``--model gpt2`` reaches every run."""
+    spec = importlib.util.spec_from_file_location("quality", ROOT / "benchmarks" / "quality.py")
+    quality = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(quality)
+    args = quality.parse_args(["--plan", "tiny-blocks", "--model", "gpt2", "--out", "unused"])
+    plan = quality.PLANS["tiny-blocks"]
+    tuned = quality.tune(plan, args)
+    assert tuned["runs"] == []
+    assert set(map(tuple, tuned["best"].values())) == {("--lr", "2e-3", "--scale", "1")}
+    argv = quality.train_argv(plan, args, plan["arms"]["grass-no-blocks"]["flags"], 0, Path("x"))
+    assert argv[argv.index("--arch") + 1] == "gpt2" and argv[argv.index("--blocks") + 1] == "none"

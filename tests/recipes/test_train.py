@@ -10,7 +10,7 @@ import subprocess
 import pytest
 import torch
 
-from grassfx.recipes import data, measure, presets, train
+from grassfx.recipes import data, measure, options, presets, train
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 HAS_GALORE = importlib.util.find_spec("galore_torch") is not None
@@ -247,3 +247,16 @@ def test_compiled_main_job_matches_eager_for_the_first_steps(tmp_path):
         losses[backend] = [r["loss"] for r in records]
         assert (summary["grass"]["compile_s"] > 0) == (backend != "eager")
     assert losses["inductor"] == pytest.approx(losses["eager"], rel=2e-3)
+
+
+@pytest.mark.parametrize("flag, split", [("auto", True), ("none", False)])
+def test_gpt2_arch_and_the_blocks_flag(flag, split):
+    """``--arch gpt2`` builds GPT-2 (fused c_attn) at the preset's size; ``--blocks`` reaches grassfx.compile."""
+    args = options.parse_args(["--preset", "test", "--arch", "gpt2", "--blocks", flag, "--rank", "6"])
+    model = presets.build_model(presets.get_preset("test"), 0, arch=args.arch)
+    assert type(model).__name__ == "GPT2LMHeadModel" and model.config.n_embd == 32
+    grass, _ = train.make_grass(model, options.run_specs(args)[0], args)
+    fused = [s for s in grass.sites if s.name.endswith("c_attn.weight")]
+    assert len(fused) == 2 and all((s.blocks is not None) == split for s in fused)
+    with pytest.raises(ValueError, match="arch"):
+        presets.build_model(presets.get_preset("test"), 0, arch="bert")
