@@ -24,6 +24,15 @@ MUST_PROJECT = {
     "mamba": ["in_proj.weight", "x_proj.weight", "dt_proj.weight", "out_proj.weight"],
 }
 
+#: fused weights whose logical blocks (q|k|v, gate|up) must each get rows (docs/layouts.md)
+FUSED = {
+    "gpt2": ["attn.c_attn.weight"],
+    "phi3": ["qkv_proj.weight", "gate_up_proj.weight"],
+    "gpt_neox": ["query_key_value.weight"],
+    "falcon": ["query_key_value.weight"],
+    "mha": ["self_attn.in_proj_weight"],
+}
+
 #: architectures whose compile dominates the suite's time
 SLOW = {"t5", "whisper", "mixtral", "mamba", "bert"}
 
@@ -65,6 +74,11 @@ def test_compiled_equals_eager_and_every_projected_weight_is_rewritten(name):
     projected = {s.name for s in compiled.sites if not s.full}
     for needle in MUST_PROJECT.get(name, []):
         assert any(needle in s for s in projected), (needle, sorted(projected))
+    for site in compiled.sites:  # fused weights: every block holds selected rows
+        if any(site.name.endswith(f) for f in FUSED.get(name, [])):
+            assert site.blocks is not None, site.name
+            picked = site.block_labels[site.idx].unique().tolist()
+            assert picked == list(range(len(site.blocks))), (site.name, picked)
     changes = compiled.compile_report.changes()
     fallback = {c.weight: c.detail for c in changes if c.action != "rewrote"}
     assert fallback == {}
