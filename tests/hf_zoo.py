@@ -30,87 +30,47 @@ _DECODER = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidd
                 max_position_embeddings=64, tie_word_embeddings=False)
 
 
-def _causal(config_cls, model_cls, **kw):
+def _hf(config_cls: str, model_cls: str, after=None, **kw):
+    """A builder of ``transformers.<model_cls>(<config_cls>(**kw))`` with dropout off;
+    ``after(config)`` may adjust the config first."""
+
     def build():
         import transformers
 
-        config = _no_dropout(getattr(transformers, config_cls)(**{**_DECODER, **kw}))
+        config = _no_dropout(getattr(transformers, config_cls)(**kw))
+        if after is not None:
+            after(config)
         return getattr(transformers, model_cls)(config)
 
     return build
 
 
-def _gpt2():
-    import transformers
-
-    config = transformers.GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=1, n_head=4, n_positions=64)
-    return transformers.GPT2LMHeadModel(_no_dropout(config))
+def _causal(config_cls, model_cls, **kw):
+    return _hf(config_cls, model_cls, **{**_DECODER, **kw})
 
 
-def _neox():
-    import transformers
-
-    config = transformers.GPTNeoXConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
-                                        num_attention_heads=4, max_position_embeddings=64, tie_word_embeddings=False)
-    return transformers.GPTNeoXForCausalLM(_no_dropout(config))
-
-
-def _opt():
-    import transformers
-
-    config = transformers.OPTConfig(vocab_size=VOCAB, hidden_size=32, ffn_dim=48, num_hidden_layers=1,
-                                    num_attention_heads=4, max_position_embeddings=64, word_embed_proj_dim=32)
-    return transformers.OPTForCausalLM(_no_dropout(config))
-
-
-def _falcon():
-    import transformers
-
-    config = transformers.FalconConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
-                                       new_decoder_architecture=True, num_kv_heads=2)
-    return transformers.FalconForCausalLM(_no_dropout(config))
-
-
-def _mixtral():
-    import transformers
-
-    config = transformers.MixtralConfig(**{**_DECODER, "num_key_value_heads": 2, "num_local_experts": 4,
-                                            "num_experts_per_tok": 2})
+def _batched_experts(config):
     config._experts_implementation = "batched_mm"  # gather + bmm: the expert GEMMs rewritable in one graph
-    return transformers.MixtralForCausalLM(_no_dropout(config))
 
 
-def _bert():
-    import transformers
-
-    config = transformers.BertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
-                                     intermediate_size=48, max_position_embeddings=64)
-    return transformers.BertForMaskedLM(_no_dropout(config))
-
-
-def _t5():
-    import transformers
-
-    config = transformers.T5Config(vocab_size=VOCAB, d_model=32, d_kv=8, d_ff=48, num_layers=1, num_heads=4,
-                                   decoder_start_token_id=0)
-    return transformers.T5ForConditionalGeneration(_no_dropout(config))
-
-
-def _mamba():
-    import transformers
-
-    config = transformers.MambaConfig(vocab_size=VOCAB, hidden_size=32, state_size=8, num_hidden_layers=1,
-                                      expand=2, conv_kernel=4, tie_word_embeddings=False)
-    return transformers.MambaForCausalLM(_no_dropout(config))
-
-
-def _vit():
-    import transformers
-
-    config = transformers.ViTConfig(image_size=16, patch_size=8, num_channels=3, hidden_size=32, num_hidden_layers=1,
-                                    num_attention_heads=4, intermediate_size=48, num_labels=5,
-                                    problem_type="single_label_classification")
-    return transformers.ViTForImageClassification(_no_dropout(config))
+_gpt2 = _hf("GPT2Config", "GPT2LMHeadModel", vocab_size=VOCAB, n_embd=32, n_layer=1, n_head=4, n_positions=64)
+_neox = _hf("GPTNeoXConfig", "GPTNeoXForCausalLM", vocab_size=VOCAB, hidden_size=32, intermediate_size=48,
+            num_hidden_layers=1, num_attention_heads=4, max_position_embeddings=64, tie_word_embeddings=False)
+_opt = _hf("OPTConfig", "OPTForCausalLM", vocab_size=VOCAB, hidden_size=32, ffn_dim=48, num_hidden_layers=1,
+           num_attention_heads=4, max_position_embeddings=64, word_embed_proj_dim=32)
+_falcon = _hf("FalconConfig", "FalconForCausalLM", vocab_size=VOCAB, hidden_size=32, num_hidden_layers=1,
+              num_attention_heads=4, new_decoder_architecture=True, num_kv_heads=2)
+_mixtral = _causal("MixtralConfig", "MixtralForCausalLM", after=_batched_experts, num_key_value_heads=2,
+                   num_local_experts=4, num_experts_per_tok=2)
+_bert = _hf("BertConfig", "BertForMaskedLM", vocab_size=VOCAB, hidden_size=32, num_hidden_layers=1,
+            num_attention_heads=4, intermediate_size=48, max_position_embeddings=64)
+_t5 = _hf("T5Config", "T5ForConditionalGeneration", vocab_size=VOCAB, d_model=32, d_kv=8, d_ff=48, num_layers=1,
+          num_heads=4, decoder_start_token_id=0)
+_mamba = _hf("MambaConfig", "MambaForCausalLM", vocab_size=VOCAB, hidden_size=32, state_size=8, num_hidden_layers=1,
+             expand=2, conv_kernel=4, tie_word_embeddings=False)
+_vit = _hf("ViTConfig", "ViTForImageClassification", image_size=16, patch_size=8, num_channels=3, hidden_size=32,
+           num_hidden_layers=1, num_attention_heads=4, intermediate_size=48, num_labels=5,
+           problem_type="single_label_classification")
 
 
 def _vit_batch(seed):
@@ -118,14 +78,10 @@ def _vit_batch(seed):
     return {"pixel_values": torch.randn(2, 3, 16, 16, generator=g), "labels": torch.randint(0, 5, (2,), generator=g)}
 
 
-def _whisper():
-    import transformers
-
-    config = transformers.WhisperConfig(vocab_size=VOCAB, num_mel_bins=8, d_model=32, encoder_layers=1,
-                                        decoder_layers=1, encoder_attention_heads=4, decoder_attention_heads=4,
-                                        encoder_ffn_dim=48, decoder_ffn_dim=48, max_source_positions=8,
-                                        max_target_positions=16, decoder_start_token_id=1, pad_token_id=0)
-    return transformers.WhisperForConditionalGeneration(_no_dropout(config))
+_whisper = _hf("WhisperConfig", "WhisperForConditionalGeneration", vocab_size=VOCAB, num_mel_bins=8, d_model=32,
+               encoder_layers=1, decoder_layers=1, encoder_attention_heads=4, decoder_attention_heads=4,
+               encoder_ffn_dim=48, decoder_ffn_dim=48, max_source_positions=8, max_target_positions=16,
+               decoder_start_token_id=1, pad_token_id=0)
 
 
 def _whisper_batch(seed):
