@@ -402,3 +402,22 @@ def test_cli_train_dispatches_lazily(monkeypatch):
     assert cli.main(["train", "--demo", "--steps", "3"]) == 0
     assert seen == [["--demo", "--steps", "3"]]
 
+
+
+def test_explain_counts_tokens_of_weights_read_outside_their_module():
+    """nn.MultiheadAttention reads out_proj.weight in a functional helper, not in out_proj's forward."""
+
+    class Attn(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.att = torch.nn.MultiheadAttention(16, 2, batch_first=True)
+            self.fc = torch.nn.Linear(16, 4)
+
+        def forward(self, x):
+            return self.fc(self.att(x, x, x, need_weights=False)[0])
+
+    torch.manual_seed(0)
+    report = grassfx.explain(grassfx.compile(Attn(), rank=4, backend="aot_eager"), torch.randn(3, 5, 16))
+    tokens = {w.name: w.tokens for w in report.weights}
+    assert tokens == {"att.in_proj_weight": 15, "att.out_proj.weight": 15, "fc.weight": 15}
+    assert all(w.flops()[0] == 2 * 15 * w.shape[0] * w.shape[1] for w in report.weights)
