@@ -78,11 +78,21 @@ PLANS = {
                                       like="grass", seeds=1),
             "grass-reset": dict(flags=["--optimizer", "grass"] + _GRASS_BASE + ["--moments", "reset"],
                                 like="grass", seeds=1),
+            # the selected rows trained by grassfx.optim.Muon (orthogonalized momentum, half the
+            # state) instead of AdamW; everything else AdamW at the same lr. No re-warmup: the
+            # orthogonalization sets each row's step size (its ablation below puts it back)
+            "grass-muon": dict(flags=["--optimizer", "grass", "--grass-optimizer", "muon"] + _GRASS_BASE
+                               + ["--rewarmup", "0"],
+                               grid=[["--lr", lr, "--scale", sc] for lr, sc in
+                                     (("2e-3", "1"), ("4e-3", "1"), ("2e-3", "2"), ("8e-3", "1"))]),
+            "grass-muon-rewarmup": dict(flags=["--optimizer", "grass", "--grass-optimizer", "muon"] + _GRASS_BASE,
+                                        like="grass-muon", seeds=1),
             # the previous defaults (one refresh per 200 steps, reset, no coverage, no re-warmup)
             "grass-before": dict(flags=["--optimizer", "grass", "--update-freq", "200", "--moments", "reset",
                                         "--explore", "0", "--rewarmup", "0"], like="grass", seeds=1),
         },
         reference="adamw",
+        second="galore",
     ),
     # Fused q|k|v weights (GPT-2's c_attn): row selection per block (q, k, v each get a third
     # of the rank) against selection over the whole fused weight, with the tiny plan's
@@ -108,8 +118,10 @@ PLANS = {
             "adamw": dict(flags=["--optimizer", "adamw"], grid=_LR(1e-3, 3e-3)),
             "grass": dict(flags=["--optimizer", "grass"], grid=_LR(3e-3)),
             "grass-cover": dict(flags=["--optimizer", "grass", "--explore", "0.25"], like="grass"),
+            "grass-muon": dict(flags=["--optimizer", "grass", "--grass-optimizer", "muon"], like="grass"),
         },
         reference="adamw",
+        second="grass",
     ),
 }
 
@@ -278,6 +290,9 @@ def summarize(plan: dict, records: list[dict], best: dict) -> dict:
                    tokens_per_s=statistics.fmean(runs[s]["tokens_per_s"] for s in seeds))
         if ref in by_arm and arm != ref:
             row.update(_paired(runs, by_arm[ref]))
+        second = plan.get("second")
+        if second in by_arm and arm != second:  # e.g. GaLore: the other method grassfx must match
+            row["vs_second"] = dict(_paired(runs, by_arm[second]), base=second)
         base = plan["arms"].get(arm, {}).get("like")
         if base in by_arm:  # an ablation: also paired against the arm it varies
             row["vs_base"] = dict(_paired(runs, by_arm[base]), base=base)
@@ -294,19 +309,24 @@ def _paired(runs: dict, ref: dict) -> dict:
     return dict(diff=diffs, diff_mean=dm, diff_se=dse, ppl_ratio=math.exp(dm))
 
 
-def table(summary: dict, ref: str) -> str:
-    """Markdown table of :func:`summarize`'s result."""
+def _vs(row: dict, key: str) -> str:
+    vs = row.get(key)
+    return f"{vs['base']}: {vs['diff_mean']:+.4f} ± {vs['diff_se']:.4f}" if vs and "diff_mean" in vs else "—"
+
+
+def table(summary: dict, ref: str, second: str | None = None) -> str:
+    """Markdown table of :func:`summarize`'s result (a ``second`` reference adds its paired column)."""
+    extra = f" Δ vs {second} (paired, nats) |" if second else ""
     lines = [f"| arm | tuned setting | seeds | eval loss (nats), mean ± s.e. | ppl | Δ vs {ref} (paired, nats) | "
-             "ppl ratio | Δ vs the arm it varies | optimizer state | tokens/s |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             f"ppl ratio |{extra} Δ vs the arm it varies | optimizer state | tokens/s |",
+             "|---|---|---|---|---|---|---|---|---|---|" + ("---|" if second else "")]
     for arm, row in summary.items():
         diff = (f"{row['diff_mean']:+.4f} ± {row['diff_se']:.4f}" if "diff_mean" in row else "—")
         ratio = f"{row['ppl_ratio']:.3f}" if "ppl_ratio" in row else "—"
-        vs = row.get("vs_base")
-        base = f"{vs['base']}: {vs['diff_mean']:+.4f} ± {vs['diff_se']:.4f}" if vs and "diff_mean" in vs else "—"
+        col = f" {_vs(row, 'vs_second')} |" if second else ""
         lines.append(f"| {arm} | `{' '.join(row['point'])}` | {len(row['seeds'])} | {row['mean']:.4f} ± {row['se']:.4f} | "
-                     f"{row['ppl']:.1f} | {diff} | {ratio} | {base} | {row['optimizer_state_bytes'] / 2**20:.1f} MiB | "
-                     f"{row['tokens_per_s']:,.0f} |")
+                     f"{row['ppl']:.1f} | {diff} | {ratio} |{col} {_vs(row, 'vs_base')} | "
+                     f"{row['optimizer_state_bytes'] / 2**20:.1f} MiB | {row['tokens_per_s']:,.0f} |")
     return "\n".join(lines)
 
 
@@ -400,7 +420,7 @@ def main(argv=None) -> dict:
                   tuned=tuned["best"], grid=tuned["grid"], summary=summary,
                   runs=tuned["runs"] + records, wall_s=time.perf_counter() - t0)
     (out / "quality.json").write_text(json.dumps(result, indent=1) + "\n")
-    text = table(summary, plan["reference"])
+    text = table(summary, plan["reference"], plan.get("second"))
     (out / "quality.md").write_text(text + "\n")
     arch_name = "GPT-2" if args.model == "gpt2" else "LLaMA"
     plot(records, out / "curves.png", f"{plan['preset']} {arch_name}, {plan['steps']} steps, {result['data']}: "

@@ -29,7 +29,7 @@ BACKENDS = ("eager", "aot_eager", "inductor")
 RECOMMENDED = {
     "adamw": dict(lr=1e-3),
     "galore": dict(lr=4e-3, scale=1.0, windows=25),
-    "grass": dict(lr=2e-3, scale=1.0, windows=25, moments="keep_overlap", explore=0.25, rewarmup=10),
+    "grass": dict(lr=2e-3, scale=1.0, windows=25, moments="keep_overlap", explore=0.25, rewarmup=10, optimizer="adamw"),
 }
 
 # What --demo stands for; flags given next to --demo override these.
@@ -112,8 +112,9 @@ def setting(args: argparse.Namespace, key: str, optimizer: str):
 
 
 def grass_setting(args: argparse.Namespace, key: str):
-    """A grass-only flag (``--moments``, ``--explore``, ``--rewarmup``), or its recommended value."""
-    value = getattr(args, key)
+    """A grass-only flag (``--moments``, ``--explore``, ``--rewarmup``, ``--grass-optimizer``), or its
+    recommended value."""
+    value = getattr(args, "grass_optimizer" if key == "optimizer" else key)
     return RECOMMENDED["grass"][key] if value is None else value
 
 
@@ -154,6 +155,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--blocks", default="auto", choices=["auto", "none"],
                    help="grass: per-block row selection of fused weights (q|k|v, gate|up; default: auto, "
                         "detected; none: select over the whole weight)")
+    p.add_argument("--grass-optimizer", default=None, choices=["adamw", "muon"],
+                   help="grass: how the selected rows are updated: adamw (per-element Adam moments) or "
+                        "muon (orthogonalized momentum, grassfx.optim.Muon; half the state); every other "
+                        "parameter is trained by AdamW either way (default: the recommended one)")
     p.add_argument("--rewarmup", type=int, default=None,
                    help="grass: steps over which a newly selected row's update ramps up from 0 "
                         "(0: off; default: the recommended value)")

@@ -103,7 +103,7 @@ def make_galore(model: torch.nn.Module, args: argparse.Namespace) -> torch.optim
 
 
 def make_grass(model: torch.nn.Module, spec: RunSpec, args: argparse.Namespace):
-    """``grassfx.compile`` the model and build ``grassfx.optim.AdamW`` on it."""
+    """``grassfx.compile`` the model and build ``grassfx.optim.AdamW`` (or ``Muon``) on it."""
     import grassfx
     import grassfx.optim
 
@@ -112,9 +112,11 @@ def make_grass(model: torch.nn.Module, spec: RunSpec, args: argparse.Namespace):
                             proj_dim=args.proj_dim, moments=grass_setting(args, "moments"),
                             explore=grass_setting(args, "explore"), seed=args.seed, backend=args.backend,
                             blocks=None if args.blocks == "auto" else False)
-    opt = grassfx.optim.AdamW(model.parameters(), lr=setting(args, "lr", "grass"), betas=(0.9, 0.999), eps=1e-8,
-                              weight_decay=args.weight_decay, rewarmup=grass_setting(args, "rewarmup"))
-    return model, opt
+    common = dict(lr=setting(args, "lr", "grass"), betas=(0.9, 0.999), eps=1e-8, weight_decay=args.weight_decay,
+                  rewarmup=grass_setting(args, "rewarmup"))
+    if grass_setting(args, "optimizer") == "muon":
+        return model, grassfx.optim.Muon(model.parameters(), **common)
+    return model, grassfx.optim.AdamW(model.parameters(), **common)
 
 
 def make_optimizer(model: torch.nn.Module, spec: RunSpec, args: argparse.Namespace):

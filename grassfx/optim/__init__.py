@@ -2,6 +2,7 @@
 
 * :mod:`.base`: ``GrassOptimizer`` (classification, finite checks, refresh handling, stepping);
 * :mod:`.adamw`: ``AdamW`` and ``adamw_step``, the one AdamW kernel (eager or compiled);
+* :mod:`.muon`: ``Muon``, orthogonalized momentum of the selected rows (AdamW for the rest);
 * :mod:`.sgd`: ``SGD`` (momentum, Nesterov); :mod:`.adafactor`: ``Adafactor``;
 * :mod:`.decay`: decoupled weight decay of projected weights and its debt.
 
@@ -32,6 +33,7 @@ from __future__ import annotations
 from .adafactor import Adafactor
 from .adamw import AdamW, row_factors
 from .base import GrassOptimizer
+from .muon import Muon
 from .sgd import SGD
 
-__all__ = ["AdamW", "SGD", "Adafactor", "GrassOptimizer", "row_factors"]
+__all__ = ["AdamW", "Muon", "SGD", "Adafactor", "GrassOptimizer", "row_factors"]

@@ -21,7 +21,6 @@ vectors are tensors, so neither new rows nor ages ever recompile.
 
 from __future__ import annotations
 
-import itertools
 import math
 
 import torch
@@ -30,7 +29,7 @@ from grassfx.errors import ConfigError
 
 from grassfx.instrument.experts import flat
 
-from .base import GrassOptimizer, check_number, check_rho_scaling, row_weights
+from .base import GrassOptimizer, check_adam_settings, check_rho_scaling, row_weights
 from .decay import decay_rows, owe
 
 __all__ = ["AdamW", "adamw_step", "row_factors"]
@@ -162,21 +161,12 @@ class AdamW(GrassOptimizer):
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, *, nonfinite="raise",
                  compiled=False, rewarmup=0, rho_scaling="once"):
-        check_number("lr", lr, low=0.0)
-        if isinstance(rewarmup, bool) or not isinstance(rewarmup, int) or rewarmup < 0:
-            raise ConfigError(f"rewarmup={rewarmup!r}: expected an int >= 0 (steps; 0 turns it off)")
-        self.rewarmup = rewarmup
+        self.rewarmup = check_adam_settings(lr, betas, eps, weight_decay, rewarmup)
         self.rho_scaling = check_rho_scaling(rho_scaling)
         if compiled not in (None, True, False):
             raise ConfigError(f"compiled={compiled!r}: expected None (follow the model's backend), True or False")
         self._compiled_flag = compiled
         self._compiled_step = None
-        if not (isinstance(betas, (tuple, list)) and len(betas) == 2):
-            raise ConfigError(f"betas={betas!r}: expected a pair (beta1, beta2)")
-        check_number("betas[0]", betas[0], low=0.0, high=1.0)
-        check_number("betas[1]", betas[1], low=0.0, high=1.0)
-        check_number("eps", eps, low=0.0)
-        check_number("weight_decay", weight_decay, low=0.0)
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, nonfinite=nonfinite)
         super().__init__(params, defaults)
 
@@ -192,18 +182,6 @@ class AdamW(GrassOptimizer):
             state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
             state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
         return state
-
-    def load_state_dict(self, state_dict) -> None:
-        """As ``torch.optim.Optimizer``'s, but per-row step counts stay float32: the base class
-        casts every floating state tensor but ``step`` to its parameter's dtype, and a
-        bfloat16 count stops at 256."""
-        saved = itertools.chain.from_iterable(g["params"] for g in state_dict["param_groups"])
-        mine = itertools.chain.from_iterable(g["params"] for g in self.param_groups)
-        counts = {p: state_dict["state"][k]["row_step"].to(torch.float32, copy=True)
-                  for k, p in zip(saved, mine) if "row_step" in state_dict["state"].get(k, {})}
-        super().load_state_dict(state_dict)
-        for p, count in counts.items():
-            self.state[p]["row_step"] = count.to(p.device)
 
     def _use_compiled(self) -> bool:
         if self._compiled_flag is not None:

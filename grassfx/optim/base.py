@@ -34,6 +34,7 @@ empty keeps its settings and updates nothing.
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import torch
@@ -46,7 +47,7 @@ from grassfx.instrument.experts import flat, matrix_of
 
 from . import decay
 
-__all__ = ["GrassOptimizer", "check_number", "check_rho_scaling", "row_weights", "RHO_SCALINGS"]
+__all__ = ["GrassOptimizer", "check_adam_settings", "check_number", "check_rho_scaling", "row_weights", "RHO_SCALINGS"]
 
 _NONFINITE = ("raise", "skip")
 RHO_SCALINGS = ("once", "twice")
@@ -60,6 +61,21 @@ def check_number(name, value, low=None, high=None, low_open=False):
         raise ConfigError(f"{name}={value!r}: must be {'>' if low_open else '>='} {low}")
     if high is not None and value >= high:
         raise ConfigError(f"{name}={value!r}: must be < {high}")
+
+
+def check_adam_settings(lr, betas, eps, weight_decay, rewarmup) -> int:
+    """Check the settings AdamW-style optimizers share (ConfigError naming the bad one);
+    returns ``rewarmup``."""
+    check_number("lr", lr, low=0.0)
+    if isinstance(rewarmup, bool) or not isinstance(rewarmup, int) or rewarmup < 0:
+        raise ConfigError(f"rewarmup={rewarmup!r}: expected an int >= 0 (steps; 0 turns it off)")
+    if not (isinstance(betas, (tuple, list)) and len(betas) == 2):
+        raise ConfigError(f"betas={betas!r}: expected a pair (beta1, beta2)")
+    check_number("betas[0]", betas[0], low=0.0, high=1.0)
+    check_number("betas[1]", betas[1], low=0.0, high=1.0)
+    check_number("eps", eps, low=0.0)
+    check_number("weight_decay", weight_decay, low=0.0)
+    return rewarmup
 
 
 def check_rho_scaling(rho_scaling) -> str:
@@ -149,6 +165,18 @@ class GrassOptimizer(torch.optim.Optimizer):
         super().add_param_group(param_group)
         if hasattr(self, "_schedules"):
             self._classify()
+
+    def load_state_dict(self, state_dict) -> None:
+        """As ``torch.optim.Optimizer``'s, but per-row step counts (``row_step``) stay float32:
+        the base class casts every floating state tensor but ``step`` to its parameter's
+        dtype, and a bfloat16 count stops at 256."""
+        saved = itertools.chain.from_iterable(g["params"] for g in state_dict["param_groups"])
+        mine = itertools.chain.from_iterable(g["params"] for g in self.param_groups)
+        counts = {p: state_dict["state"][k]["row_step"].to(torch.float32, copy=True)
+                  for k, p in zip(saved, mine) if "row_step" in state_dict["state"].get(k, {})}
+        super().load_state_dict(state_dict)
+        for p, count in counts.items():
+            self.state[p]["row_step"] = count.to(p.device)
 
     # -- the step -----------------------------------------------------------------------
     def _grads(self):

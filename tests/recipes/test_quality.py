@@ -58,17 +58,22 @@ def test_quality_harness_smoke(tmp_path, monkeypatch):
     result = quality.main(["--plan", "smoke", "--data", str(text), "--seeds", "0", "1", "--tune-seeds", "5",
                            "--out", str(out), "--inprocess"])
     summary = result["summary"]
-    assert set(summary) == {"adamw", "grass", "grass-cover"}
+    assert set(summary) == {"adamw", "grass", "grass-cover", "grass-muon"}
     assert summary["grass-cover"]["point"] == summary["grass"]["point"]  # "like": the base arm's tuned lr
     for arm, row in summary.items():
         assert row["seeds"] == [0, 1] and all(math.isfinite(v) for v in row["eval_loss"])
         if arm != "adamw":
             expect = [a - b for a, b in zip(row["eval_loss"], summary["adamw"]["eval_loss"])]
             assert row["diff"] == pytest.approx(expect)
+        if arm not in ("adamw", "grass"):  # the plan's second reference: paired against grass too
+            expect = [a - b for a, b in zip(row["eval_loss"], summary["grass"]["eval_loss"])]
+            assert row["vs_second"]["diff"] == pytest.approx(expect)
+    assert summary["grass-muon"]["eval_loss"] != summary["grass"]["eval_loss"]  # Muon really ran
     tuned = {g["point"][1]: g["eval_loss"] for g in result["grid"]["adamw"]}
     assert summary["adamw"]["point"][1] == min(tuned, key=tuned.get)
     assert json.loads((out / "quality.json").read_text())["summary"].keys() == summary.keys()
-    assert (out / "quality.md").read_text().count("\n") == 5
+    md = (out / "quality.md").read_text()
+    assert md.count("\n") == 6 and "Δ vs grass (paired, nats)" in md
 
 
 def test_fixed_point_arms_and_the_model_option():

@@ -260,3 +260,19 @@ def test_gpt2_arch_and_the_blocks_flag(flag, split):
     assert len(fused) == 2 and all((s.blocks is not None) == split for s in fused)
     with pytest.raises(ValueError, match="arch"):
         presets.build_model(presets.get_preset("test"), 0, arch="bert")
+
+
+@pytest.mark.parametrize("flag, kind", [(None, options.RECOMMENDED["grass"]["optimizer"]), ("adamw", "adamw"),
+                                        ("muon", "muon")])
+def test_grass_optimizer_flag_picks_the_row_update(flag, kind):
+    """``--grass-optimizer`` chooses how the selected rows train; unset, the recommended one."""
+    import grassfx.optim
+
+    argv = ["--preset", "test", "--optimizer", "grass", "--rewarmup", "3", "--rank", "6"]
+    args = options.parse_args(argv + (["--grass-optimizer", flag] if flag else []))
+    model = presets.build_model(presets.get_preset("test"), 0)
+    _, opt = train.make_grass(model, options.run_specs(args)[0], args)
+    assert type(opt) is {"adamw": grassfx.optim.AdamW, "muon": grassfx.optim.Muon}[kind]
+    assert opt.rewarmup == 3 and opt.defaults["lr"] == options.setting(args, "lr", "grass")
+    with pytest.raises(SystemExit):
+        options.parse_args(argv + ["--grass-optimizer", "sgd"])

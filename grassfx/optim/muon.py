@@ -1,0 +1,169 @@
+"""Muon for the selected rows of projected weights, AdamW for every other parameter.
+
+Muon (Jordan et al., 2024, "Muon: an optimizer for hidden layers") replaces Adam's
+per-element normalization of a weight matrix's step by an orthogonalization of the
+momentum: the update is ``U Vᵀ`` of the momentum's SVD, computed approximately by a few
+Newton-Schulz iterations, so every direction of the step gets the same size whatever the
+gradient's spectrum. Here it is applied to what grassfx trains of a projected weight:
+the (r x n) compressed gradient ``C`` of the selected rows, with one (r x n) momentum
+buffer (half of AdamW's moments)::
+
+    M  = momentum * M + C
+    U  = C + momentum * M              (nesterov=True; else U = M)
+    O  = orthogonalize(U)              (r x n; an expert stack: each expert's block)
+    W[idx] -= lr * scale * rms * sqrt(max(r, n)) * O
+
+The factor ``rms * sqrt(max(r, n))`` gives ``O`` (whose singular values are ~1) an
+entry RMS of ``rms`` = 0.2, the typical RMS of an AdamW step, so one learning rate serves
+the AdamW-trained parameters and the orthogonalized ones (the matching proposed by Liu
+et al., 2025, "Muon is scalable for LLM training"). The dense gradient is never needed:
+``C`` is all the update reads.
+
+Refreshes behave as with :class:`grassfx.optim.AdamW`: ``moments="reset"`` drops the
+momentum, ``"keep_overlap"`` keeps the rows selected before and after and zeroes the new
+ones; ``rewarmup=K`` ramps a new row's step from 1/K to 1 over its first K steps (per-row
+step counts, ``state["row_step"]``). A selector's ``rho`` is divided out by the
+orthogonalization's normalization, so it is applied once (as ``rho_scaling="once"`` of
+AdamW: a row drawn twice gets one step). Decoupled weight decay follows the AdamW rules
+(:mod:`grassfx.optim.decay`). Every parameter that is not a projected weight (embeddings,
+norms, biases, an output head) is trained by AdamW (:func:`grassfx.optim.adamw.adamw_step`,
+``betas``/``eps``) at the group's ``lr``.
+
+Measured against AdamW-on-rows in ``benchmarks/RESULTS.md`` (section 3).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from grassfx.errors import ConfigError
+from grassfx.instrument.anchors import broadcast_along
+from grassfx.instrument.experts import flat
+
+from .adamw import _Lists, adamw_step
+from .base import GrassOptimizer, check_adam_settings, check_number, row_weights
+from .decay import decay_rows, owe
+
+__all__ = ["Muon", "orthogonalize", "NS_COEFFICIENTS"]
+
+# The quintic Newton-Schulz iteration's coefficients published with Muon (Jordan et al.,
+# 2024): they push every singular value of a matrix of norm <= 1 towards [0.7, 1.2] in
+# five iterations.
+NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
+
+
+def orthogonalize(x: torch.Tensor, steps: int = 5, eps: float = 1e-7) -> torch.Tensor:
+    """Approximately ``U Vᵀ`` of ``x = U S Vᵀ`` over the last two dims (float32).
+
+    Quintic Newton-Schulz: ``X <- a X + (b A + c A²) X`` with ``A = X Xᵀ``, started from
+    ``x / ‖x‖_F`` (so every singular value is <= 1), on the wide orientation of ``x``
+    (a tall matrix is transposed, iterated, transposed back). A leading batch dim is one
+    matrix per entry (an expert stack).
+    """
+    a, b, c = NS_COEFFICIENTS
+    y = x.float()
+    tall = y.shape[-2] > y.shape[-1]
+    if tall:
+        y = y.mT
+    y = y / (torch.linalg.matrix_norm(y, keepdim=True) + eps)
+    for _ in range(steps):
+        gram = y @ y.mT
+        y = a * y + (b * gram + c * (gram @ gram)) @ y
+    return y.mT if tall else y
+
+
+class Muon(GrassOptimizer):
+    """Orthogonalized momentum for projected weights' selected rows; AdamW for the rest.
+
+    Args:
+        params: ``model.parameters()`` of a model from :func:`grassfx.compile` (groups ok).
+        lr: learning rate of every parameter (the orthogonalized step is matched to AdamW's
+            RMS, see the module docstring); a projected weight's step is also multiplied by
+            its ``scale`` (``grassfx.compile(..., scale=)``).
+        momentum: the (r x n) momentum's decay (0 <= momentum < 1).
+        nesterov: orthogonalize ``C + momentum * M`` (True, the default) or ``M``.
+        ns_steps: Newton-Schulz iterations (an int >= 1).
+        rms: target entry RMS of the orthogonalized step before ``lr`` (> 0).
+        betas, eps: AdamW's, for the parameters that are not projected.
+        weight_decay: decoupled, for every parameter (``lr * weight_decay`` per step).
+        nonfinite: ``"raise"`` (default) or ``"skip"`` a step whose gradients hold NaN/Inf.
+        rewarmup: ramp a newly selected row's step from 1/K to 1 over its first K steps.
+
+    Example:
+        >>> import torch, grassfx
+        >>> model = grassfx.compile(torch.nn.Linear(32, 32), rank=4, backend="eager")
+        >>> opt = grassfx.optim.Muon(model.parameters(), lr=2e-3)
+        >>> model(torch.randn(2, 32)).sum().backward(); opt.step()
+        >>> {k: tuple(v.shape) for k, v in opt.state[model.sites[0].handle].items()}
+        {'row_step': (4,), 'momentum_buffer': (4, 32)}
+    """
+
+    def __init__(self, params, lr=2e-3, momentum=0.95, nesterov=True, ns_steps=5, rms=0.2, betas=(0.9, 0.999),
+                 eps=1e-8, weight_decay=0.0, *, nonfinite="raise", rewarmup=0):
+        self.rewarmup = check_adam_settings(lr, betas, eps, weight_decay, rewarmup)
+        check_number("momentum", momentum, low=0.0, high=1.0)
+        check_number("rms", rms, low=0.0, low_open=True)
+        if isinstance(ns_steps, bool) or not isinstance(ns_steps, int) or ns_steps < 1:
+            raise ConfigError(f"ns_steps={ns_steps!r}: expected an int >= 1 (Newton-Schulz iterations)")
+        if not isinstance(nesterov, bool):
+            raise ConfigError(f"nesterov={nesterov!r}: expected True or False")
+        defaults = dict(lr=lr, momentum=momentum, nesterov=nesterov, ns_steps=ns_steps, rms=rms, betas=tuple(betas),
+                        eps=eps, weight_decay=weight_decay, nonfinite=nonfinite)
+        super().__init__(params, defaults)
+
+    def _apply(self, work) -> None:
+        by_consts = {}  # the AdamW kernel bakes betas and eps in: one call per distinct pair
+        for group, p, site in work:
+            if site is None:
+                by_consts.setdefault((tuple(group["betas"]), group["eps"]), []).append((group, p))
+            else:
+                self._update_rows(p, site, group)
+        for ((beta1, beta2), eps), items in by_consts.items():
+            dense = _Lists()
+            for group, p in items:
+                state = self.state[p]
+                if not state:
+                    state["step"] = 0
+                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["step"] += 1
+                t = state["step"]
+                dense.add(p, p.grad, state, -group["lr"] / (1 - beta1**t), math.sqrt(1 - beta2**t),
+                          1 - group["lr"] * group["weight_decay"])
+            decays = any(group["weight_decay"] != 0 for group, _ in items)
+            adamw_step(dense.dense_args(), _Lists().proj_args(), beta1, beta2, eps, decays)
+
+    def _update_rows(self, handle, site, group) -> None:
+        """The orthogonalized momentum step of one projected weight's selected rows."""
+        state = self.state[handle]
+        if not state:
+            if not site.full:
+                state["row_step"] = torch.zeros(site.rank, dtype=torch.float32, device=handle.device)
+            state["momentum_buffer"] = torch.zeros_like(handle, memory_format=torch.preserve_format)
+        grad, buf, beta = handle.grad, state["momentum_buffer"], group["momentum"]
+        buf.mul_(beta).add_(grad)
+        direction = grad.add(buf, alpha=beta) if group["nesterov"] else buf
+        ortho = orthogonalize(direction, group["ns_steps"])  # handle-shaped: (r, n), (m, r) or (E, r, n)
+        alpha = -group["lr"] * site.scale * group["rms"] * math.sqrt(max(ortho.shape[-2:]))
+        update = flat(site, ortho)  # an expert stack: (E*r, n), rows as the weight's flat view
+        decay = 1 - group["lr"] * group["weight_decay"]
+        weight = site.weight
+        if site.full:
+            if decay != 1.0:
+                weight.mul_(decay)
+            weight.add_((update * alpha).to(weight.dtype))
+            return
+        state["row_step"].add_(1)
+        factor = torch.full((site.rank,), alpha, dtype=torch.float32, device=update.device)
+        if self.rewarmup:
+            factor = factor * (state["row_step"] / self.rewarmup).clamp(max=1.0)
+        weights = row_weights(site, "once")  # 1 / copies for a row drawn more than once
+        if weights is not None:
+            factor = factor * weights
+        if decay != 1.0:
+            decay_rows(weight, site.idx, site.dim, decay)
+            owe(site, decay)
+        update = update * broadcast_along(factor, update.dim(), site.dim)
+        weight.index_add_(site.dim, site.idx, update.to(weight.dtype))

@@ -1,0 +1,192 @@
+"""grassfx.optim.Muon: orthogonalized momentum of the selected rows, AdamW for the rest.
+
+Oracles: a per-row reference that keeps one momentum vector per row of the dense weight
+(what the optimizer must be equivalent to, refreshes included); the Newton-Schulz
+iteration against the SVD; torch.optim.AdamW for the parameters that are not projected.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import grassfx
+from grassfx.optim.muon import orthogonalize
+
+from conftest import make_mlp
+from moe_zoo import make_loop_experts
+
+LR, MOMENTUM, RMS = 1e-2, 0.9, 0.2
+
+
+class RowMuon:
+    """Muon on the selected rows of one dense (m, n) weight, one momentum vector per row.
+
+    Every row decays every step (grassfx settles the others' debt at a refresh, and the
+    model's ``state_dict`` shows settled weights); at a refresh ``reset`` forgets every
+    row's momentum and ``keep_overlap`` keeps the rows selected before and after.
+    """
+
+    def __init__(self, weight, moments, weight_decay=0.0, rewarmup=0):
+        self.w = weight.detach().clone()
+        self.moments, self.wd, self.rewarmup = moments, weight_decay, rewarmup
+        self.buf, self.age = {}, {}
+
+    def step(self, idx, grad_rows, refreshed):
+        rows = [int(i) for i in idx]
+        if refreshed:
+            keep = set(rows) if self.moments == "keep_overlap" else set()
+            self.buf = {i: b for i, b in self.buf.items() if i in keep}
+            self.age = {i: a for i, a in self.age.items() if i in keep}
+        direction = []
+        for i, g in zip(rows, grad_rows):
+            self.buf[i] = MOMENTUM * self.buf.get(i, torch.zeros_like(g)) + g
+            self.age[i] = self.age.get(i, 0) + 1
+            direction.append(g + MOMENTUM * self.buf[i])
+        ortho = orthogonalize(torch.stack(direction))
+        self.w *= 1 - LR * self.wd
+        size = RMS * math.sqrt(max(ortho.shape))
+        for j, i in enumerate(rows):
+            ramp = min(1.0, self.age[i] / self.rewarmup) if self.rewarmup else 1.0
+            self.w[i] -= LR * size * ramp * ortho[j]
+
+
+@pytest.mark.parametrize("shape", [(8, 32), (32, 8), (3, 5, 40)])
+def test_orthogonalize_approximates_the_polar_factor(shape):
+    x = torch.randn(*shape, generator=torch.Generator().manual_seed(0))
+    o = orthogonalize(x)
+    assert o.shape == x.shape and o.dtype == torch.float32
+    sv = torch.linalg.svdvals(o)  # the quintic iteration lands every singular value in ~[0.7, 1.2]
+    assert sv.min() > 0.6 and sv.max() < 1.25, sv
+    u, _, vh = torch.linalg.svd(x, full_matrices=False)
+    polar = u @ vh  # same singular vectors: o is close to U V^T (cosine over all entries)
+    cos = (o * polar).sum() / (o.norm() * polar.norm())
+    assert cos > 0.97, cos
+
+
+@pytest.mark.parametrize("moments, weight_decay, rewarmup", [("reset", 0.1, 0), ("keep_overlap", 0.0, 3)])
+def test_projected_rows_follow_a_per_row_reference(moments, weight_decay, rewarmup):
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(6, 40, bias=False), nn.Tanh(), nn.Linear(40, 3, bias=False))
+    model = grassfx.compile(net, rank=6, update_freq=2, moments=moments, explore=0.5, backend="eager",
+                            targets=["0"])
+    site = model.sites[0]
+    opt = grassfx.optim.Muon(model.parameters(), lr=LR, momentum=MOMENTUM, rms=RMS, weight_decay=weight_decay,
+                             rewarmup=rewarmup)
+    ref = RowMuon(site.weight, moments, weight_decay, rewarmup)
+    g = torch.Generator().manual_seed(1)
+    kept_some = False
+    for step in range(7):  # refreshes at steps 0, 2, 4, 6
+        before = site.idx.clone()
+        model(torch.randn(5, 6, generator=g)).pow(2).mean().backward()
+        refreshed = step % 2 == 0
+        if refreshed and step:
+            common = set(before.tolist()) & set(site.idx.tolist())
+            kept_some |= 0 < len(common) < site.rank
+        ref.step(site.idx, site.handle.grad, refreshed)
+        opt.step()
+        opt.zero_grad()
+        torch.testing.assert_close(model.state_dict()["module.0.weight"], ref.w, rtol=1e-5, atol=1e-6,
+                                   msg=f"step {step}")
+    state = opt.state[site.handle]
+    assert set(state) == {"row_step", "momentum_buffer"} and tuple(state["momentum_buffer"].shape) == (6, 6)
+    if moments == "keep_overlap":
+        assert kept_some  # the policy was exercised
+        assert state["row_step"].tolist() == [ref.age[int(i)] for i in site.idx]
+
+
+def test_parameters_that_are_not_projected_get_torch_adamw():
+    net = make_mlp()
+    model = grassfx.compile(net, rank=3, backend="eager")
+    projected = {id(s.weight) for s in model.sites}
+    dense = [p for p in net.parameters() if id(p) not in projected]
+    shadow = [p.detach().clone().requires_grad_() for p in dense]  # torch's AdamW fed the same gradients
+    opt = grassfx.optim.Muon(model.parameters(), lr=LR, weight_decay=0.1)
+    ropt = torch.optim.AdamW(shadow, lr=LR, weight_decay=0.1)
+    g = torch.Generator().manual_seed(1)
+    for _ in range(4):
+        model(torch.randn(8, 12, generator=g)).pow(2).mean().backward()
+        for p, q in zip(dense, shadow):
+            q.grad = p.grad.clone()
+        opt.step()
+        ropt.step()
+        opt.zero_grad()
+    assert len(dense) >= 2 and projected
+    for p, q in zip(dense, shadow):
+        torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-6, atol=1e-7)
+
+
+def test_full_rank_weight_is_orthogonalized_whole():
+    torch.manual_seed(0)
+    net = nn.Linear(12, 5, bias=False)
+    w0 = net.weight.detach().clone()
+    model = grassfx.compile(net, rank=1.0, backend="eager")
+    opt = grassfx.optim.Muon(model.parameters(), lr=LR, momentum=MOMENTUM, nesterov=False)
+    model(torch.randn(4, 12)).sum().backward()
+    grad = model.sites[0].handle.grad.clone()
+    opt.step()
+    expected = w0 - LR * RMS * math.sqrt(12) * orthogonalize(grad)
+    torch.testing.assert_close(net.weight.detach(), expected, rtol=1e-5, atol=1e-7)
+
+
+def test_expert_stacks_are_orthogonalized_per_expert():
+    gm = grassfx.compile(make_loop_experts(), rank=4, update_freq=100, backend="eager", targets=["w"])
+    site = gm.sites[0]
+    opt = grassfx.optim.Muon(gm.parameters(), lr=LR, momentum=MOMENTUM, nesterov=False)
+    before = site.weight.detach().clone()
+    gm(torch.randn(3, 5, 6, generator=torch.Generator().manual_seed(0))).pow(2).mean().backward()
+    grad = site.handle.grad.clone()  # (E, r, n)
+    opt.step()
+    ortho = orthogonalize(grad)
+    for e in range(site.experts):
+        moved = site.weight.detach()[e] - before[e]
+        rows = site.idx[e]
+        expected = -LR * RMS * math.sqrt(max(grad.shape[-2:])) * ortho[e]
+        torch.testing.assert_close(moved[rows], expected, rtol=1e-5, atol=1e-7)
+        others = torch.ones(site.rows, dtype=torch.bool)
+        others[rows] = False
+        assert torch.equal(moved[others], torch.zeros_like(moved[others]))
+
+
+def test_state_dict_round_trip_resumes_bit_exactly():
+    def make(seed):
+        torch.manual_seed(seed)
+        net = nn.Sequential(nn.Linear(6, 24), nn.Tanh(), nn.Linear(24, 3))
+        gm = grassfx.compile(net, rank=4, update_freq=2, moments="keep_overlap", backend="eager")
+        return gm, grassfx.optim.Muon(gm.parameters(), lr=LR, weight_decay=0.1, rewarmup=2)
+
+    g = torch.Generator().manual_seed(3)
+    batches = [torch.randn(5, 6, generator=g) for _ in range(7)]
+    gm, opt = make(0)
+    for x in batches[:3]:
+        gm(x).pow(2).mean().backward()
+        opt.step()
+        opt.zero_grad()
+    buf = io.BytesIO()
+    torch.save({"model": gm.state_dict(), "opt": opt.state_dict()}, buf)
+    buf.seek(0)
+    saved = torch.load(buf, weights_only=True)
+    gm2, opt2 = make(1)
+    gm2.load_state_dict(saved["model"])
+    opt2.load_state_dict(saved["opt"])
+    for x in batches[3:]:
+        for m, o in ((gm, opt), (gm2, opt2)):
+            m(x).pow(2).mean().backward()
+            o.step()
+            o.zero_grad()
+    for (k, a), b in zip(gm.state_dict().items(), gm2.state_dict().values()):
+        assert torch.equal(a, b), k
+
+
+@pytest.mark.parametrize("kw, words", [
+    (dict(momentum=1.0), "momentum"), (dict(ns_steps=0), "ns_steps"), (dict(rms=0.0), "rms"),
+    (dict(nesterov="yes"), "nesterov"), (dict(rewarmup=-1), "rewarmup"), (dict(lr=-1.0), "lr"),
+])
+def test_bad_settings_raise_config_errors(kw, words):
+    model = grassfx.compile(nn.Linear(8, 8), rank=2, backend="eager")
+    with pytest.raises(grassfx.ConfigError, match=words):
+        grassfx.optim.Muon(model.parameters(), **kw)
