@@ -84,7 +84,8 @@ PLANS = {
             "grass-muon": dict(flags=["--optimizer", "grass", "--grass-optimizer", "muon"] + _GRASS_BASE
                                + ["--rewarmup", "0"],
                                grid=[["--lr", lr, "--scale", sc] for lr, sc in
-                                     (("2e-3", "1"), ("4e-3", "1"), ("2e-3", "2"), ("8e-3", "1"))]),
+                                     (("4e-3", "1"), ("8e-3", "1"), ("4e-3", "2"), ("8e-3", "0.5"),
+                                      ("16e-3", "1"))]),
             "grass-muon-rewarmup": dict(flags=["--optimizer", "grass", "--grass-optimizer", "muon"] + _GRASS_BASE,
                                         like="grass-muon", seeds=1),
             # the previous defaults (one refresh per 200 steps, reset, no coverage, no re-warmup)
