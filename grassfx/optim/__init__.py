@@ -4,6 +4,8 @@
 * :mod:`.adamw`: ``AdamW`` and ``adamw_step``, the one AdamW kernel (eager or compiled);
 * :mod:`.sgd`: ``SGD`` (momentum, Nesterov); :mod:`.adafactor`: ``Adafactor``;
 * :mod:`.decay`: decoupled weight decay of projected weights and its debt.
+* :mod:`.rounding`: how bf16/fp16 weights receive updates (``AdamW(update_rounding=...)``):
+  pure bf16 training without a float32 master copy (``docs/precision.md``).
 
 With every row selected, ``AdamW`` / ``SGD`` / ``Adafactor`` here equal ``torch.optim``'s.
 
