@@ -85,7 +85,7 @@ PLANS = {
                                + ["--rewarmup", "0"],
                                grid=[["--lr", lr, "--scale", sc] for lr, sc in
                                      (("4e-3", "1"), ("8e-3", "1"), ("4e-3", "2"), ("8e-3", "0.5"),
-                                      ("16e-3", "1"))]),
+                                      ("16e-3", "1"), ("16e-3", "0.25"))]),
             "grass-muon-rewarmup": dict(flags=["--optimizer", "grass", "--grass-optimizer", "muon"] + _GRASS_BASE,
                                         like="grass-muon", seeds=1),
             # the previous defaults (one refresh per 200 steps, reset, no coverage, no re-warmup)

@@ -5,6 +5,8 @@
 * :mod:`.muon`: ``Muon``, orthogonalized momentum of the selected rows (AdamW for the rest);
 * :mod:`.sgd`: ``SGD`` (momentum, Nesterov); :mod:`.adafactor`: ``Adafactor``;
 * :mod:`.decay`: decoupled weight decay of projected weights and its debt.
+* :mod:`.rounding`: how bf16/fp16 weights receive updates (``AdamW(update_rounding=...)``):
+  pure bf16 training without a float32 master copy (``docs/precision.md``).
 
 With every row selected, ``AdamW`` / ``SGD`` / ``Adafactor`` here equal ``torch.optim``'s.
 

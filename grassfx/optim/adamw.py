@@ -25,12 +25,13 @@ import math
 
 import torch
 
+from grassfx import select as _select
 from grassfx.errors import ConfigError
-
 from grassfx.instrument.experts import flat
 
 from .base import GrassOptimizer, check_adam_settings, check_rho_scaling, row_weights
 from .decay import decay_rows, owe
+from .rounding import check_state_dtype, check_update_rounding, first_copies, round_update, rounding_of
 
 __all__ = ["AdamW", "adamw_step", "row_factors"]
 
@@ -58,6 +59,7 @@ def row_factors(row_step: torch.Tensor, alpha, beta1: float, beta2: float, rewar
 
 def _moments(exp_avg, exp_avg_sq, grad, beta1: float, beta2: float, bc2, eps: float):
     """Advance both moments by ``grad``; return the denominator ``sqrt(v) / bc2 + eps``."""
+    grad = grad.to(exp_avg.dtype)  # the gradient itself when the state has the parameter's dtype
     exp_avg.lerp_(grad, 1 - beta1)
     exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
     return (exp_avg_sq.sqrt() / bc2).add_(eps)
@@ -66,32 +68,51 @@ def _moments(exp_avg, exp_avg_sq, grad, beta1: float, beta2: float, bc2, eps: fl
 def adamw_step(dense, proj, beta1: float, beta2: float, eps: float, decays: bool = True, rewarmup: int = 0) -> None:
     """One AdamW step over flat lists (see the module docstring).
 
-    ``dense``: ``(params, grads, exp_avgs, exp_avg_sqs, nums)``, parameters updated in full;
-    ``nums[:, i]`` = (step size ``-lr * scale / bc1``, ``sqrt(bc2)``, decay factor), float64.
-    ``proj``: ``(weights, grads, exp_avgs, exp_avg_sqs, nums, dims, idxs, row_steps,
-    row_weights)``, projected weights: grads and moments are (r, n) (or (m, r)); each row is
-    bias-corrected by its own step count (``row_steps[i]``, advanced here; :func:`row_factors`,
-    with ``row_weights[i]`` or None), the update goes to the selected rows and decoupled
-    decay hits each selected row once (the caller records the other rows' debt);
-    ``nums[:, i]`` = (``-lr * scale``, decay factor), float64.
+    ``dense``: ``(params, grads, exp_avgs, exp_avg_sqs, nums, modes, comps)``, parameters
+    updated in full; ``nums[:, i]`` = (step size ``-lr * scale / bc1``, ``sqrt(bc2)``, decay
+    factor), float64.
+    ``proj``: ``(weights, grads, exp_avgs, exp_avg_sqs, nums, modes, comps, dims, idxs,
+    row_steps, row_weights, firsts)``, projected weights: grads and moments are (r, n) (or
+    (m, r)); each row is bias-corrected by its own step count (``row_steps[i]``, advanced
+    here; :func:`row_factors`, with ``row_weights[i]`` or None), the update goes to the
+    selected rows and decoupled decay hits each selected row once (the caller records the
+    other rows' debt); ``nums[:, i]`` = (``-lr * scale``, decay factor), float64.
+    ``modes[i]``: how the new value is rounded into the weight (:mod:`.rounding`; fp32
+    weights always ``"nearest"``), ``comps[i]`` its Kahan buffer or None, ``firsts[i]``
+    (:func:`~grassfx.optim.rounding.first_copies`) or None where no row is drawn twice.
     ``decays=False`` (every decay factor is 1) leaves the decay code out.
     """
-    params, grads, exp_avgs, exp_avg_sqs, nums = dense
+    params, grads, exp_avgs, exp_avg_sqs, nums, modes, comps = dense
     for i in range(len(params)):
-        step, bc2, factor = nums[0, i].float(), nums[1, i].float(), nums[2, i].float()
-        if decays:
-            params[i].mul_(factor)
+        p, step, bc2, factor = params[i], nums[0, i].float(), nums[1, i].float(), nums[2, i].float()
+        if modes[i] == "nearest":  # torch.optim.AdamW's arithmetic, in the weight's dtype
+            if decays:
+                p.mul_(factor)
+            denom = _moments(exp_avgs[i], exp_avg_sqs[i], grads[i], beta1, beta2, bc2, eps)
+            p.add_(exp_avgs[i] * step / denom)
+            continue
         denom = _moments(exp_avgs[i], exp_avg_sqs[i], grads[i], beta1, beta2, bc2, eps)
-        params[i].add_(exp_avgs[i] * step / denom)
-    weights, grads, exp_avgs, exp_avg_sqs, nums, dims, idxs, row_steps, weights_ = proj
+        new = p.float() * factor if decays else p.float()  # the new value in float32, rounded once
+        p.copy_(round_update(modes[i], new + (exp_avgs[i] * step / denom).float(), p.dtype, comps[i]))
+    weights, grads, exp_avgs, exp_avg_sqs, nums, modes, comps, dims, idxs, row_steps, weights_, firsts = proj
     for i in range(len(weights)):
         w, dim, idx = weights[i], dims[i], idxs[i]
-        if decays:
+        if decays and modes[i] == "nearest":
             decay_rows(w, idx, dim, nums[1, i].float())
         row_steps[i].add_(1)
         factor, bc2 = row_factors(row_steps[i], nums[0, i], beta1, beta2, rewarmup, weights_[i])
         denom = _moments(exp_avgs[i], exp_avg_sqs[i], grads[i], beta1, beta2, bc2.unsqueeze(1 - dim), eps)
-        w.index_add_(dim, idx, (exp_avgs[i] / denom * factor.unsqueeze(1 - dim)).to(w.dtype))  # (r, n) into (m, n)
+        update = exp_avgs[i] / denom * factor.unsqueeze(1 - dim)  # (r, n)
+        if modes[i] == "nearest":
+            w.index_add_(dim, idx, update.to(w.dtype))  # (r, n) into (m, n)
+            continue
+        update = update.float()
+        if firsts[i] is not None:  # a row drawn twice: every copy carries the row's whole update
+            update = torch.zeros_like(update).index_add_(dim, firsts[i], update).index_select(dim, firsts[i])
+        rows = w.index_select(dim, idx).float()  # (r, n), decayed once each, then updated in float32
+        if decays:
+            rows = rows * nums[1, i].float()
+        w.index_copy_(dim, idx, round_update(modes[i], rows + update, w.dtype, comps[i]))
 
 
 class _Lists:
@@ -100,23 +121,28 @@ class _Lists:
     def __init__(self):
         self.params, self.grads, self.exp_avgs, self.exp_avg_sqs = [], [], [], []
         self.nums = []  # per parameter: the float64 column of adamw_step's ``nums``
-        self.dims, self.idxs, self.row_steps, self.row_weights, self.sites = [], [], [], [], []
+        self.modes, self.comps = [], []
+        self.dims, self.idxs, self.row_steps, self.row_weights, self.firsts, self.sites = [], [], [], [], [], []
 
-    def add(self, param, grad, state, *nums):
+    def add(self, param, grad, state, mode, *nums):
         self.params.append(param)
         self.grads.append(grad)
         self.exp_avgs.append(state["exp_avg"])
         self.exp_avg_sqs.append(state["exp_avg_sq"])
+        self.modes.append(mode)
+        self.comps.append(state.get("kahan_comp"))
         self.nums.append(nums)
 
-    def add_projected(self, site, grad, state, row_weight, *nums):
-        # an expert stack's (E, r, n) gradient and moments as (E*r, n) views of its flat rows
-        moments = {k: flat(site, state[k]) for k in ("exp_avg", "exp_avg_sq")}
-        self.add(site.weight, flat(site, grad), moments, *nums)
+    def add_projected(self, site, grad, state, mode, row_weight, *nums):
+        # an expert stack's (E, r, n) gradient and state as (E*r, n) views of its flat rows
+        views = {k: flat(site, state[k]) for k in ("exp_avg", "exp_avg_sq", "kahan_comp") if k in state}
+        self.add(site.weight, flat(site, grad), views, mode, *nums)
         self.dims.append(site.dim)
         self.idxs.append(site.idx)
         self.row_steps.append(state["row_step"])
         self.row_weights.append(row_weight)
+        drawn_twice = mode != "nearest" and site.method in _select.WITH_REPLACEMENT
+        self.firsts.append(first_copies(site.idx, site.weight.shape[site.dim]) if drawn_twice else None)
         self.sites.append(site)
 
     def _nums(self):
@@ -125,11 +151,11 @@ class _Lists:
         return torch.tensor(self.nums, dtype=torch.float64, device=self.params[0].device).t()
 
     def dense_args(self):
-        return self.params, self.grads, self.exp_avgs, self.exp_avg_sqs, self._nums()
+        return self.params, self.grads, self.exp_avgs, self.exp_avg_sqs, self._nums(), tuple(self.modes), self.comps
 
     def proj_args(self):
-        return (self.params, self.grads, self.exp_avgs, self.exp_avg_sqs, self._nums(),
-                tuple(self.dims), self.idxs, self.row_steps, self.row_weights)
+        return (self.params, self.grads, self.exp_avgs, self.exp_avg_sqs, self._nums(), tuple(self.modes),
+                self.comps, tuple(self.dims), self.idxs, self.row_steps, self.row_weights, self.firsts)
 
 
 class AdamW(GrassOptimizer):
@@ -149,6 +175,14 @@ class AdamW(GrassOptimizer):
         rho_scaling: ``"once"`` (default: each selected row gets one step, whatever the
             selector's ``rho``) or ``"twice"`` (the paper's ``P step(Pᵀ G)``); see
             :func:`grassfx.optim.base.row_weights`.
+        update_rounding: how a bf16/fp16 weight receives its update (pure low-precision
+            training, no float32 master copy; :mod:`grassfx.optim.rounding`):
+            ``"nearest"`` (default: as ``torch.optim.AdamW``), ``"stochastic"`` (unbiased
+            random rounding of the float32 new value; global RNG) or ``"kahan"``
+            (compensated summation, a buffer of the weight's dtype in the state). Float32
+            weights are updated exactly alike in every mode.
+        state_dtype: dtype of the moments: ``None`` (default: each parameter's dtype),
+            ``torch.float32``, ``torch.bfloat16`` or ``torch.float16``.
 
     Example:
         >>> import torch, grassfx
@@ -160,8 +194,10 @@ class AdamW(GrassOptimizer):
     """
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, *, nonfinite="raise",
-                 compiled=False, rewarmup=0, rho_scaling="once"):
+                 compiled=False, rewarmup=0, rho_scaling="once", update_rounding="nearest", state_dtype=None):
         self.rewarmup = check_adam_settings(lr, betas, eps, weight_decay, rewarmup)
+        self.update_rounding = check_update_rounding(update_rounding)
+        self.state_dtype = check_state_dtype(state_dtype)
         self.rho_scaling = check_rho_scaling(rho_scaling)
         if compiled not in (None, True, False):
             raise ConfigError(f"compiled={compiled!r}: expected None (follow the model's backend), True or False")
@@ -171,17 +207,26 @@ class AdamW(GrassOptimizer):
         super().__init__(params, defaults)
 
     def _state(self, p, site=None):
-        """Moments of ``p``, with one shared ``step`` (updated in full) or, for the handle of a
-        projected weight (``site`` not full), ``row_step``: each selected row's own step count."""
+        """Moments of ``p`` (in ``state_dtype``), with one shared ``step`` (updated in full) or,
+        for the handle of a projected weight (``site`` not full), ``row_step``: each selected
+        row's own step count; with ``update_rounding="kahan"`` and a bf16/fp16 weight, the
+        compensation ``kahan_comp`` (the shape of ``p``, the weight's dtype)."""
         state = self.state[p]
         if not state:
             if site is None or site.full:
                 state["step"] = 0
             else:
                 state["row_step"] = torch.zeros(site.rank, dtype=torch.float32, device=p.device)
-            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            dtype = self.state_dtype or p.dtype
+            state["exp_avg"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
+            if self._rounding(p, site) == "kahan":
+                state["kahan_comp"] = torch.zeros_like(p, memory_format=torch.preserve_format)
         return state
+
+    def _rounding(self, p, site=None) -> str:
+        """The update rounding of ``p`` (a handle: of its weight)."""
+        return rounding_of(p if site is None else site.weight, self.update_rounding)
 
     def _use_compiled(self) -> bool:
         if self._compiled_flag is not None:
@@ -208,13 +253,14 @@ class AdamW(GrassOptimizer):
             state = self._state(p, site)
             scale = 1.0 if site is None else site.scale
             decay = 1 - group["lr"] * group["weight_decay"]
+            mode = self._rounding(p, site)
             if site is None or site.full:
                 state["step"] += 1
                 t = state["step"]
-                dense.add(p if site is None else site.weight, p.grad, state,
+                dense.add(p if site is None else site.weight, p.grad, state, mode,
                           -group["lr"] * scale / (1 - beta1**t), math.sqrt(1 - beta2**t), decay)
             else:  # bias correction per row, inside the kernel
-                proj.add_projected(site, p.grad, state, row_weights(site, self.rho_scaling),
+                proj.add_projected(site, p.grad, state, mode, row_weights(site, self.rho_scaling),
                                    -group["lr"] * scale, decay)
         # without weight decay the decay code is left out of the kernel (fewer kernels to
         # compile and two fewer passes over each selected row); compiled, a bool guard

@@ -167,16 +167,20 @@ class GrassOptimizer(torch.optim.Optimizer):
             self._classify()
 
     def load_state_dict(self, state_dict) -> None:
-        """As ``torch.optim.Optimizer``'s, but per-row step counts (``row_step``) stay float32:
-        the base class casts every floating state tensor but ``step`` to its parameter's
-        dtype, and a bfloat16 count stops at 256."""
+        """As ``torch.optim.Optimizer``'s, but every state tensor keeps the dtype it was saved
+        in: the base class casts every floating state tensor but ``step`` to its parameter's
+        dtype, which would turn float32 moments of a bf16 weight (``state_dtype``) into bf16
+        and stop a bfloat16 per-row step count at 256."""
         saved = itertools.chain.from_iterable(g["params"] for g in state_dict["param_groups"])
         mine = itertools.chain.from_iterable(g["params"] for g in self.param_groups)
-        counts = {p: state_dict["state"][k]["row_step"].to(torch.float32, copy=True)
-                  for k, p in zip(saved, mine) if "row_step" in state_dict["state"].get(k, {})}
+        tensors = {p: {key: value.clone() for key, value in state_dict["state"].get(k, {}).items()
+                       if torch.is_tensor(value)} for k, p in zip(saved, mine)}
         super().load_state_dict(state_dict)
-        for p, count in counts.items():
-            self.state[p]["row_step"] = count.to(p.device)
+        for p, values in tensors.items():
+            for key, value in values.items():
+                if key == "row_step":
+                    value = value.to(torch.float32)  # checkpoints from before it was kept float32
+                self.state[p][key] = value.to(p.device)
 
     # -- the step -----------------------------------------------------------------------
     def _grads(self):

@@ -42,9 +42,10 @@ from grassfx.errors import ConfigError
 from grassfx.instrument.anchors import broadcast_along
 from grassfx.instrument.experts import flat
 
-from .adamw import _Lists, adamw_step
-from .base import GrassOptimizer, check_adam_settings, check_number, row_weights
+from .adamw import AdamW
+from .base import check_number, row_weights
 from .decay import decay_rows, owe
+from .rounding import first_copies, round_update
 
 __all__ = ["Muon", "orthogonalize", "NS_COEFFICIENTS"]
 
@@ -74,11 +75,12 @@ def orthogonalize(x: torch.Tensor, steps: int = 5, eps: float = 1e-7) -> torch.T
     return y.mT if tall else y
 
 
-class Muon(GrassOptimizer):
+class Muon(AdamW):
     """Orthogonalized momentum for projected weights' selected rows; AdamW for the rest.
 
     Args:
-        params: ``model.parameters()`` of a model from :func:`grassfx.compile` (groups ok).
+        params: ``model.parameters()`` of a model from :func:`grassfx.compile` (groups ok;
+            ``lr`` and ``weight_decay`` per group, the Muon settings below are the optimizer's).
         lr: learning rate of every parameter (the orthogonalized step is matched to AdamW's
             RMS, see the module docstring); a projected weight's step is also multiplied by
             its ``scale`` (``grassfx.compile(..., scale=)``).
@@ -90,6 +92,12 @@ class Muon(GrassOptimizer):
         weight_decay: decoupled, for every parameter (``lr * weight_decay`` per step).
         nonfinite: ``"raise"`` (default) or ``"skip"`` a step whose gradients hold NaN/Inf.
         rewarmup: ramp a newly selected row's step from 1/K to 1 over its first K steps.
+        update_rounding, state_dtype: as :class:`grassfx.optim.AdamW` (pure bf16 training:
+            the momentum buffer is kept in ``state_dtype``, and the selected rows' new values
+            are rounded as ``update_rounding`` says). Newton-Schulz gives every direction of
+            the compressed gradient a step of the same size, so a rank-deficient gradient
+            (a batch of fewer tokens than ``min(r, n)``) computed in bf16 has its rounding
+            noise lifted to full-size steps: train with batches of at least that many tokens.
 
     Example:
         >>> import torch, grassfx
@@ -101,59 +109,50 @@ class Muon(GrassOptimizer):
     """
 
     def __init__(self, params, lr=2e-3, momentum=0.95, nesterov=True, ns_steps=5, rms=0.2, betas=(0.9, 0.999),
-                 eps=1e-8, weight_decay=0.0, *, nonfinite="raise", rewarmup=0):
-        self.rewarmup = check_adam_settings(lr, betas, eps, weight_decay, rewarmup)
+                 eps=1e-8, weight_decay=0.0, *, nonfinite="raise", rewarmup=0, update_rounding="nearest",
+                 state_dtype=None):
         check_number("momentum", momentum, low=0.0, high=1.0)
         check_number("rms", rms, low=0.0, low_open=True)
         if isinstance(ns_steps, bool) or not isinstance(ns_steps, int) or ns_steps < 1:
             raise ConfigError(f"ns_steps={ns_steps!r}: expected an int >= 1 (Newton-Schulz iterations)")
         if not isinstance(nesterov, bool):
             raise ConfigError(f"nesterov={nesterov!r}: expected True or False")
-        defaults = dict(lr=lr, momentum=momentum, nesterov=nesterov, ns_steps=ns_steps, rms=rms, betas=tuple(betas),
-                        eps=eps, weight_decay=weight_decay, nonfinite=nonfinite)
-        super().__init__(params, defaults)
+        self.momentum, self.nesterov, self.ns_steps, self.rms = momentum, nesterov, ns_steps, rms
+        super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, nonfinite=nonfinite,
+                         rewarmup=rewarmup, update_rounding=update_rounding, state_dtype=state_dtype)
 
-    def _apply(self, work) -> None:
-        by_consts = {}  # the AdamW kernel bakes betas and eps in: one call per distinct pair
+    def _apply_lists(self, work, beta1: float, beta2: float, eps: float) -> None:
+        rest = []
         for group, p, site in work:
             if site is None:
-                by_consts.setdefault((tuple(group["betas"]), group["eps"]), []).append((group, p))
+                rest.append((group, p, site))
             else:
                 self._update_rows(p, site, group)
-        for ((beta1, beta2), eps), items in by_consts.items():
-            dense = _Lists()
-            for group, p in items:
-                state = self.state[p]
-                if not state:
-                    state["step"] = 0
-                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                    state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                state["step"] += 1
-                t = state["step"]
-                dense.add(p, p.grad, state, -group["lr"] / (1 - beta1**t), math.sqrt(1 - beta2**t),
-                          1 - group["lr"] * group["weight_decay"])
-            decays = any(group["weight_decay"] != 0 for group, _ in items)
-            adamw_step(dense.dense_args(), _Lists().proj_args(), beta1, beta2, eps, decays)
+        if rest:  # every parameter that is not projected: AdamW's kernel
+            super()._apply_lists(rest, beta1, beta2, eps)
 
     def _update_rows(self, handle, site, group) -> None:
         """The orthogonalized momentum step of one projected weight's selected rows."""
-        state = self.state[handle]
+        state, mode = self.state[handle], self._rounding(handle, site)
         if not state:
             if not site.full:
                 state["row_step"] = torch.zeros(site.rank, dtype=torch.float32, device=handle.device)
-            state["momentum_buffer"] = torch.zeros_like(handle, memory_format=torch.preserve_format)
-        grad, buf, beta = handle.grad, state["momentum_buffer"], group["momentum"]
-        buf.mul_(beta).add_(grad)
-        direction = grad.add(buf, alpha=beta) if group["nesterov"] else buf
-        ortho = orthogonalize(direction, group["ns_steps"])  # handle-shaped: (r, n), (m, r) or (E, r, n)
-        alpha = -group["lr"] * site.scale * group["rms"] * math.sqrt(max(ortho.shape[-2:]))
+            state["momentum_buffer"] = torch.zeros_like(handle, dtype=self.state_dtype or handle.dtype,
+                                                        memory_format=torch.preserve_format)
+            if mode == "kahan":
+                state["kahan_comp"] = torch.zeros_like(handle, dtype=site.weight.dtype)
+        grad, buf = handle.grad.to(state["momentum_buffer"].dtype), state["momentum_buffer"]
+        buf.mul_(self.momentum).add_(grad)
+        direction = grad.add(buf, alpha=self.momentum) if self.nesterov else buf
+        ortho = orthogonalize(direction, self.ns_steps)  # handle-shaped: (r, n), (m, r) or (E, r, n)
+        alpha = -group["lr"] * site.scale * self.rms * math.sqrt(max(ortho.shape[-2:]))
         update = flat(site, ortho)  # an expert stack: (E*r, n), rows as the weight's flat view
         decay = 1 - group["lr"] * group["weight_decay"]
-        weight = site.weight
+        weight, comp = site.weight, state.get("kahan_comp")
+        comp = None if comp is None else flat(site, comp)
         if site.full:
-            if decay != 1.0:
-                weight.mul_(decay)
-            weight.add_((update * alpha).to(weight.dtype))
+            new = weight.float() * decay + update * alpha
+            weight.copy_(new.to(weight.dtype) if mode == "nearest" else round_update(mode, new, weight.dtype, comp))
             return
         state["row_step"].add_(1)
         factor = torch.full((site.rank,), alpha, dtype=torch.float32, device=update.device)
@@ -162,8 +161,16 @@ class Muon(GrassOptimizer):
         weights = row_weights(site, "once")  # 1 / copies for a row drawn more than once
         if weights is not None:
             factor = factor * weights
-        if decay != 1.0:
-            decay_rows(weight, site.idx, site.dim, decay)
-            owe(site, decay)
         update = update * broadcast_along(factor, update.dim(), site.dim)
-        weight.index_add_(site.dim, site.idx, update.to(weight.dtype))
+        if decay != 1.0:
+            owe(site, decay)  # the rows outside the selection
+        if mode == "nearest":
+            if decay != 1.0:
+                decay_rows(weight, site.idx, site.dim, decay)
+            weight.index_add_(site.dim, site.idx, update.to(weight.dtype))
+            return
+        if weights is not None:  # a row drawn twice: every copy carries the row's whole update
+            firsts = first_copies(site.idx, site.rows)
+            update = torch.zeros_like(update).index_add_(site.dim, firsts, update).index_select(site.dim, firsts)
+        rows = weight.index_select(site.dim, site.idx).float() * decay  # decayed once each, in float32
+        weight.index_copy_(site.dim, site.idx, round_update(mode, rows + update, weight.dtype, comp))

@@ -190,3 +190,34 @@ def test_bad_settings_raise_config_errors(kw, words):
     model = grassfx.compile(nn.Linear(8, 8), rank=2, backend="eager")
     with pytest.raises(grassfx.ConfigError, match=words):
         grassfx.optim.Muon(model.parameters(), **kw)
+
+
+@pytest.mark.parametrize("selection", ["top_r", "multinorm"])
+def test_pure_bf16_rows_keep_updates_below_bf16_resolution(selection):
+    """Steps below half of bf16's spacing: nearest loses them all; kahan and stochastic
+    rounding follow the float32 run (stochastic with its rounding noise, unbiased)."""
+    def run(dtype, rounding):
+        torch.manual_seed(0)
+        net = nn.Linear(16, 32, bias=False)
+        nn.init.uniform_(net.weight, 0.5, 1.0)  # bf16 spacing 2^-8 here; a step is ~8e-4 < 2e-3
+        net = net.to(dtype)
+        model = grassfx.compile(net, rank=8, update_freq=1000, selection=selection, seed=0, backend="eager")
+        opt = grassfx.optim.Muon(model.parameters(), lr=1e-3, update_rounding=rounding)
+        start = net.weight.detach().float().clone()
+        # a full-rank gradient: Newton-Schulz would lift a rank-deficient one's bf16 noise
+        x = torch.randn(64, 16, generator=torch.Generator().manual_seed(2)).to(dtype)
+        for _ in range(100):
+            model(x).float().pow(2).mean().backward()
+            opt.step()
+            opt.zero_grad()
+        return net.weight.detach().float() - start, model.sites[0].idx
+
+    exact, rows = run(torch.float32, "nearest")
+    moved = exact[rows].abs().mean()
+    errors = {}
+    for rounding in ("nearest", "kahan", "stochastic"):
+        got, got_rows = run(torch.bfloat16, rounding)
+        assert torch.equal(got_rows, rows)
+        errors[rounding] = float((got[rows] - exact[rows]).abs().mean() / moved)
+    assert errors["nearest"] > 0.9, errors  # every step rounded away
+    assert errors["kahan"] < 0.2 and errors["stochastic"] < 0.6, errors
