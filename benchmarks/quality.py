@@ -58,10 +58,16 @@ PLANS = {
     "tiny": dict(
         preset="tiny", steps=300, batch_size=4, seq_len=128, eval_every=50, eval_windows=32, rank=64,
         arms={
-            "adamw": dict(flags=["--optimizer", "adamw"], grid=_LR(5e-4, 1e-3, 2e-3)),
+            # --scale is, for AdamW, the lr multiplier of the attention/MLP weights (the ones
+            # the other methods project): the last two points give embeddings and norms a
+            # higher rate than the matrices, as the other methods' best points do
+            "adamw": dict(flags=["--optimizer", "adamw"],
+                          grid=_LR(5e-4, 1e-3, 2e-3) + [["--lr", lr, "--scale", sc] for lr, sc in
+                                                       (("4e-3", "0.25"), ("8e-3", "0.125"))]),
             "galore": dict(flags=["--optimizer", "galore", "--update-freq", "12"],
                            grid=[["--lr", lr, "--scale", sc] for lr, sc in
-                                 (("1e-3", "1"), ("2e-3", "1"), ("1e-3", "2"), ("4e-3", "1"), ("8e-3", "1"))]),
+                                 (("1e-3", "1"), ("2e-3", "1"), ("1e-3", "2"), ("4e-3", "1"), ("8e-3", "1"),
+                                  ("8e-3", "0.5"), ("16e-3", "0.25"))]),
             # the candidate default: kept moments, a quarter of the rank for coverage, new
             # rows re-warmed over 10 steps
             "grass": dict(flags=["--optimizer", "grass"] + _GRASS_BASE,
@@ -85,7 +91,11 @@ PLANS = {
                                + ["--rewarmup", "0"],
                                grid=[["--lr", lr, "--scale", sc] for lr, sc in
                                      (("4e-3", "1"), ("8e-3", "1"), ("4e-3", "2"), ("8e-3", "0.5"),
-                                      ("16e-3", "1"), ("16e-3", "0.25"))]),
+                                      ("16e-3", "1"), ("16e-3", "0.25"), ("32e-3", "0.125"))]),
+            # reference: the same optimizer with every row of every weight (rank >= rows: no
+            # selection), i.e. Muon on full matrices; how much of its gain row selection keeps
+            "muon-full": dict(flags=["--optimizer", "grass", "--grass-optimizer", "muon"] + _GRASS_BASE
+                              + ["--rewarmup", "0", "--rank", "688"], like="grass-muon", seeds=1),
             "grass-muon-rewarmup": dict(flags=["--optimizer", "grass", "--grass-optimizer", "muon"] + _GRASS_BASE,
                                         like="grass-muon", seeds=1),
             # the previous defaults (one refresh per 200 steps, reset, no coverage, no re-warmup)

@@ -27,7 +27,7 @@ BACKENDS = ("eager", "aot_eager", "inductor")
 # larger step for the projected rows, scale 2 or lr 4e-3, was worse). grassfx's refresh
 # options are the configuration that grid ran with (docs/quality.md).
 RECOMMENDED = {
-    "adamw": dict(lr=1e-3),
+    "adamw": dict(lr=1e-3, scale=1.0),
     "galore": dict(lr=4e-3, scale=1.0, windows=25),
     "grass": dict(lr=2e-3, scale=1.0, windows=25, moments="keep_overlap", explore=0.25, rewarmup=10, optimizer="adamw"),
 }
@@ -145,7 +145,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="grass: which dim of each weight is sampled (default: auto, the larger; "
                         "smaller: the smaller, as GaLore projects)")
     p.add_argument("--scale", type=_per_optimizer(_positive_float), action=_MergeDicts, default=None,
-                   help="update scale alpha of the projected weights of galore and grass: X, or "
+                   help="update scale alpha of the projected weights of galore and grass (for adamw: "
+                        "the learning-rate multiplier of the same attention/MLP weights): X, or "
                         "OPTIMIZER=X (repeatable; default: each optimizer's recommended value)")
     p.add_argument("--moments", default=None, choices=["reset", "keep_overlap"],
                    help="grass: Adam moments at a refresh (default: the recommended one)")

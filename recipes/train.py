@@ -132,7 +132,13 @@ def make_optimizer(model: torch.nn.Module, spec: RunSpec, args: argparse.Namespa
     # the baseline at its fastest: the fused kernel (CPU and CUDA), except under DDP's
     # bucketed gradients where torch's default (foreach) is the tested path
     fused = getattr(args, "world_size", 1) == 1 and next(model.parameters()).device.type in ("cpu", "cuda")
-    opt = torch.optim.AdamW(model.parameters(), lr=setting(args, "lr", "adamw"), betas=(0.9, 0.999), eps=1e-8,
+    # --scale: the lr multiplier of the attention/MLP weights (what GaLore and grass project),
+    # so every method can give them and the rest (embeddings, norms) different rates
+    lr, scale = setting(args, "lr", "adamw"), setting(args, "scale", "adamw")
+    matrices = {id(p) for _, p in lowrank_weights(model)}
+    groups = [{"params": [p for p in model.parameters() if id(p) in matrices], "lr": lr * scale},
+              {"params": [p for p in model.parameters() if id(p) not in matrices], "lr": lr}]
+    opt = torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, betas=(0.9, 0.999), eps=1e-8,
                             weight_decay=args.weight_decay, fused=fused or None)
     return model, opt
 
