@@ -3,7 +3,8 @@
 * :mod:`.base`: ``GrassOptimizer`` (classification, finite checks, refresh handling, stepping);
 * :mod:`.adamw`: ``AdamW`` and ``adamw_step``, the one AdamW kernel (eager or compiled);
 * :mod:`.sgd`: ``SGD`` (momentum, Nesterov); :mod:`.adafactor`: ``Adafactor``;
-* :mod:`.decay`: decoupled weight decay of projected weights and its debt.
+* :mod:`.decay`: decoupled weight decay of projected weights and its debt;
+* :mod:`.inbackward`: updates inside backward (``update_in_backward=True``).
 
 With every row selected, ``AdamW`` / ``SGD`` / ``Adafactor`` here equal ``torch.optim``'s.
 
@@ -22,6 +23,11 @@ paper's ``P step(Pᵀ G)``. ``SGD`` always uses the paper's form (unbiased ``P P
 gradients that exist: ``C`` for projected weights. With ``rho = 1`` (``top_r``,
 ``multinorm_nr``) ‖C‖ is the norm of the selected rows (<= the dense norm); with
 ``multinorm`` and ``uniform`` E‖C‖² equals the dense ‖G‖² (an unbiased estimate).
+
+**Updates inside backward.** ``update_in_backward=True`` (every optimizer here) updates
+each parameter as soon as its gradient exists and frees the gradient
+(:mod:`.inbackward`); gradient accumulation, data parallelism and clipping cannot work
+that way (the first two are refused).
 
 **State** holds tensors and numbers only (``torch.load(weights_only=True)`` works), and a
 run saved after step N resumes bit-exactly with the model's own ``state_dict``.

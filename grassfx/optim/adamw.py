@@ -150,6 +150,10 @@ class AdamW(GrassOptimizer):
         rho_scaling: ``"once"`` (default: each selected row gets one step, whatever the
             selector's ``rho``) or ``"twice"`` (the paper's ``P step(Pᵀ G)``); see
             :func:`grassfx.optim.base.row_weights`.
+        update_in_backward: update each parameter inside backward, as soon as its gradient
+            exists, and free the gradient (:mod:`grassfx.optim.inbackward`): no gradient of
+            the whole model is alive at once. Refuses gradient accumulation, data
+            parallelism, ``nonfinite="skip"`` and ``compiled=True``; gradients cannot be clipped.
 
     Example:
         >>> import torch, grassfx
@@ -161,7 +165,7 @@ class AdamW(GrassOptimizer):
     """
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, *, nonfinite="raise",
-                 compiled=False, rewarmup=0, rho_scaling="once"):
+                 compiled=False, rewarmup=0, rho_scaling="once", update_in_backward=False):
         check_number("lr", lr, low=0.0)
         if isinstance(rewarmup, bool) or not isinstance(rewarmup, int) or rewarmup < 0:
             raise ConfigError(f"rewarmup={rewarmup!r}: expected an int >= 0 (steps; 0 turns it off)")
@@ -169,6 +173,9 @@ class AdamW(GrassOptimizer):
         self.rho_scaling = check_rho_scaling(rho_scaling)
         if compiled not in (None, True, False):
             raise ConfigError(f"compiled={compiled!r}: expected None (follow the model's backend), True or False")
+        if compiled and update_in_backward:
+            raise ConfigError("compiled=True with update_in_backward=True: updates inside backward run "
+                              "one parameter at a time, eagerly (one compiled kernel per shape would recompile)")
         self._compiled_flag = compiled
         self._compiled_step = None
         if not (isinstance(betas, (tuple, list)) and len(betas) == 2):
@@ -178,7 +185,7 @@ class AdamW(GrassOptimizer):
         check_number("eps", eps, low=0.0)
         check_number("weight_decay", weight_decay, low=0.0)
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, nonfinite=nonfinite)
-        super().__init__(params, defaults)
+        super().__init__(params, defaults, update_in_backward)
 
     def _state(self, p, site=None):
         """Moments of ``p``, with one shared ``step`` (updated in full) or, for the handle of a
@@ -206,6 +213,8 @@ class AdamW(GrassOptimizer):
             self.state[p]["row_step"] = count.to(p.device)
 
     def _use_compiled(self) -> bool:
+        if self.update_in_backward:
+            return False
         if self._compiled_flag is not None:
             return self._compiled_flag
         return any(s.config.backend == "inductor" for s in self._schedules)
