@@ -21,7 +21,8 @@ Symbolic (sympy) in the rank ``r``, the bytes per element of weights ``b_w``, gr
   are those of ``grassfx``.
 
 Unprojected parameters (embedding, an untied LM head, norms) always keep a full gradient
-and full moments.
+and full moments. grassfx's weights include its gradient handles (a zero parameter of the
+compressed gradient's shape per projected weight).
 Activations are what Hugging Face's ``LlamaForCausalLM`` (eager, sdpa attention, no
 checkpointing) saves for backward, counted tensor by tensor, per layer
 ``T (8 h + 4 I + 2 kv + 2 + H)`` elements, plus ``T (3 h + 1 + V) + 2 S h/H`` outside the
@@ -133,10 +134,11 @@ def memory(shape: LlamaShape) -> dict:
         "grassfx": dict(gradients=b_g * (kept + dense), optimizer_state=2 * b_s * (kept + dense) + index),
         "grassfx_fused": dict(gradients=b_g * largest_grad, optimizer_state=2 * b_s * (kept + dense) + index),
     }
-    for parts in out.values():
-        parts["weights"] = weights
+    for method, parts in out.items():
+        # grassfx's gradient handles: one zero (r x n) parameter per projected weight, in its dtype
+        parts["weights"] = weights + (b_w * kept if method.startswith("grassfx") else 0)
         parts["activations"] = acts
-        parts["total"] = weights + parts["gradients"] + parts["optimizer_state"] + acts
+        parts["total"] = parts["weights"] + parts["gradients"] + parts["optimizer_state"] + acts
     return out
 
 
