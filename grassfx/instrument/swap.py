@@ -15,8 +15,8 @@ Eager forwards and refresh forwards make one anchor per weight (a refresh select
 the weight's whole gradient; activation checkpointing recomputes with the same anchors):
 eagerly at the weight's first read, so autograd, which runs the most recently made node
 first, reduces each dense gradient as soon as it exists and frees it before the next is
-formed; compiled refresh graphs make them before the module runs. A refresh step forms dense gradients anyway, so a graph break there costs
-nothing.
+formed; compiled refresh graphs make them before the module runs. A refresh step forms
+dense gradients anyway, so a graph break there costs nothing.
 
 In eager mode the anchors stay readable after the forward, so activation checkpointing
 recomputes with them; an anchor is served only while the weight is unmodified since that
