@@ -21,7 +21,7 @@ __all__ = [
     "mode_options", "aot_autograd", "boxed", "own_code", "compile_caches_off", "graph_break_counts",
     "trace_artifact", "fake_mode_of", "op_schema", "op_name", "functional_all_reduce",
     "functional_wait", "all_reduce_mean", "queue_backward_callback", "called_by", "version",
-    "raw_parameter", "module_parameters", "set_class",
+    "raw_parameter", "module_parameters", "set_class", "allocation_events",
 ]
 
 
@@ -224,3 +224,17 @@ def compiled_graph_count() -> int:
     from torch._dynamo.utils import counters
 
     return int(counters["stats"]["unique_graphs"])
+
+
+def allocation_events(prof, device_type: str = "cpu") -> list:
+    """``(time ns, bytes)`` of every allocation (> 0) and free (< 0) on ``device_type`` a finished
+    ``torch.profiler.profile(profile_memory=True)`` recorded, in order.
+
+    The public ``prof.events()`` folds memory events into the ops that made them; the
+    kineto result list keeps each one (inside compiled graphs too: they allocate through
+    the same c10 allocator).
+    """
+    kind = torch.device(device_type).type.upper()
+    events = [e for e in prof.profiler.kineto_results.events()
+              if e.name() == "[memory]" and str(e.device_type()).endswith(kind)]
+    return sorted(((e.start_ns(), e.nbytes()) for e in events), key=lambda pair: pair[0])

@@ -12,11 +12,17 @@ Symbolic (sympy) in the rank ``r``, the bytes per element of weights ``b_w``, gr
   larger dim), two moments of that size, the ``idx``/``rho`` buffers and AdamW's per-row
   step count (16 bytes a selected row, r < rows), and ``last_seen`` (8 bytes a row of the
   selected dim);
-* ``grassfx_fused``: grassfx with per-layer fused updates, where each projected weight's
-  compressed gradient is consumed in the backward, so at most the largest one is alive.
+* ``grassfx_fused``: grassfx with updates inside backward
+  (``grassfx.optim.AdamW(..., update_in_backward=True)``): each parameter's gradient (a
+  projected weight's compressed one, and the embedding's, head's and norms' dense ones) is
+  consumed by its update as soon as it exists, so at most the largest single gradient is
+  alive. That holds where autograd runs layer by layer (eager backward, refresh steps);
+  a compiled backward graph returns all its gradients at once, so there the gradients
+  are those of ``grassfx``.
 
 Unprojected parameters (embedding, an untied LM head, norms) always keep a full gradient
-and full moments.
+and full moments. grassfx's weights include its gradient handles (a zero parameter of the
+compressed gradient's shape per projected weight).
 Activations are what Hugging Face's ``LlamaForCausalLM`` (eager, sdpa attention, no
 checkpointing) saves for backward, counted tensor by tensor, per layer
 ``T (8 h + 4 I + 2 kv + 2 + H)`` elements, plus ``T (3 h + 1 + V) + 2 S h/H`` outside the
@@ -117,6 +123,7 @@ def memory(shape: LlamaShape) -> dict:
     full = sum(m * n for m, n in proj)
     kept = sum(sp.Min(r, max(m, n)) * min(m, n) for m, n in proj)
     largest_kept = sp.Max(*[sp.Min(r, max(m, n)) * min(m, n) for m, n in proj])
+    largest_grad = sp.Max(largest_kept, shape.vocab * shape.hidden)  # or the embedding / head
     galore_state = sum(2 * sp.Min(r, min(m, n)) * max(m, n) + sp.Min(r, min(m, n)) * min(m, n) for m, n in proj)
     weights = b_w * (full + dense)
     acts = _activations(shape)
@@ -125,12 +132,13 @@ def memory(shape: LlamaShape) -> dict:
         "adamw": dict(gradients=b_g * (full + dense), optimizer_state=2 * b_s * (full + dense)),
         "galore": dict(gradients=b_g * (full + dense), optimizer_state=b_s * (galore_state + 2 * dense)),
         "grassfx": dict(gradients=b_g * (kept + dense), optimizer_state=2 * b_s * (kept + dense) + index),
-        "grassfx_fused": dict(gradients=b_g * (largest_kept + dense), optimizer_state=2 * b_s * (kept + dense) + index),
+        "grassfx_fused": dict(gradients=b_g * largest_grad, optimizer_state=2 * b_s * (kept + dense) + index),
     }
-    for parts in out.values():
-        parts["weights"] = weights
+    for method, parts in out.items():
+        # grassfx's gradient handles: one zero (r x n) parameter per projected weight, in its dtype
+        parts["weights"] = weights + (b_w * kept if method.startswith("grassfx") else 0)
         parts["activations"] = acts
-        parts["total"] = weights + parts["gradients"] + parts["optimizer_state"] + acts
+        parts["total"] = parts["weights"] + parts["gradients"] + parts["optimizer_state"] + acts
     return out
 
 

@@ -53,7 +53,7 @@ def worker(rank, world, port, out_dir, opts):
             wrapped = torch.nn.parallel.DistributedDataParallel(model)
         else:
             model = wrapped = grassfx.compile(net, **kw)
-        opt = grassfx.optim.AdamW(model.parameters(), lr=1e-2)
+        opt = grassfx.optim.AdamW(model.parameters(), lr=1e-2, update_in_backward=opts.get("in_backward", False))
         per = GLOBAL_BATCH // world
         shard = slice(rank * per, (rank + 1) * per)
 

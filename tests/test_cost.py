@@ -83,6 +83,7 @@ def test_grassfx_gradients_and_state_match_exactly(model_and_numbers):
     index = sum(s.idx.nbytes + s.rho.nbytes + s.last_seen.nbytes + opt.state[s.handle]["row_step"].nbytes
                 for s in gm.sites)
     assert _moment_bytes(opt) + index == nums["grassfx"]["optimizer_state"]
+    assert sum(p.nbytes for p in gm.parameters()) == nums["grassfx"]["weights"]  # with the handles
     assert nums["grassfx"]["optimizer_state"] < nums["galore"]["optimizer_state"] < nums["adamw"]["optimizer_state"]
 
 

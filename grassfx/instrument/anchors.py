@@ -20,7 +20,7 @@ import torch
 from grassfx import _compat
 from grassfx import select as _select
 
-__all__ = ["rowsel", "select_scaled", "broadcast_along", "Anchor", "RefreshAnchor", "FullAnchor"]
+__all__ = ["rowsel", "select_scaled", "broadcast_along", "squared_norms", "Anchor", "RefreshAnchor", "FullAnchor"]
 
 
 def broadcast_along(vec: torch.Tensor, ndim: int, dim: int) -> torch.Tensor:
@@ -34,6 +34,25 @@ def select_scaled(grad: torch.Tensor, idx: torch.Tensor, rho: torch.Tensor, dim:
     """``rho * grad.index_select(dim, idx)``: the compressed gradient (rho broadcast along ``dim``)."""
     picked = grad.index_select(dim, idx)
     return picked * broadcast_along(rho, grad.dim(), dim).to(picked.dtype)
+
+
+def squared_norms(grad: torch.Tensor, reduce_dim: int, row_dim: int) -> torch.Tensor:
+    """float32 squared norms of ``grad`` over ``reduce_dim``, with no temporary as large as ``grad``.
+
+    A refresh holds one dense gradient at a time; squaring it first (``(g * g).sum()``)
+    would hold a second one. float32/float64 gradients reduce in one ``vector_norm`` (no
+    copy). bfloat16/float16 ones accumulate in float32, which needs a cast: eagerly an
+    eighth of the rows (``row_dim``) is cast at a time (a float32 copy of 1/8 of the
+    gradient, 1/4 of its bytes); traced into a compiled refresh, Inductor fuses the cast
+    into the reduction.
+    """
+    if grad.dtype in (torch.float32, torch.float64):
+        return torch.linalg.vector_norm(grad, dim=reduce_dim).float().square()
+    if torch.compiler.is_compiling():
+        return torch.linalg.vector_norm(grad, dim=reduce_dim, dtype=torch.float32).square()
+    step = max(1, -(-grad.shape[row_dim] // 8))
+    parts = [torch.linalg.vector_norm(part, dim=reduce_dim, dtype=torch.float32) for part in grad.split(step, row_dim)]
+    return torch.cat(parts, dim=row_dim if row_dim < reduce_dim else row_dim - 1).square()
 
 
 @torch.library.custom_op("grassfx::rowsel", mutates_args=())
@@ -92,9 +111,7 @@ class RefreshAnchor(torch.autograd.Function):
         noise, age, labels = ctx.saved_tensors
         if ctx.world > 1:  # data parallel: select from the exact global gradient
             grad = _compat.all_reduce_mean(grad, ctx.group, ctx.world)
-        g32 = grad.float()
-        other = 1 - ctx.dim
-        sq_norms = (g32 * g32).sum(dim=other)  # (m,) squared norms along the selected dim
+        sq_norms = squared_norms(grad, 1 - ctx.dim, ctx.dim)  # (m,) along the selected dim
         idx, rho = _select.select_rows(sq_norms, noise, ctx.rank, ctx.method, age, ctx.explore, labels, ctx.blocks)
         compressed = select_scaled(grad, idx, rho, ctx.dim)
         poison = sq_norms.sum().to(torch.float64) * 0.0  # NaN iff any norm is NaN/Inf

@@ -33,6 +33,7 @@ from grassfx import select as _select
 from grassfx.config import GrassConfig
 from grassfx.errors import ConfigError
 
+from .anchors import squared_norms
 from .blocks import LayoutChoice
 from .site import Site
 from .targets import TargetSpec
@@ -204,8 +205,7 @@ class ExpertRefreshAnchor(torch.autograd.Function):
         (noise,) = ctx.saved_tensors
         if ctx.world > 1:
             grad = _compat.all_reduce_mean(grad, ctx.group, ctx.world)
-        g32 = grad.float()
-        sq_norms = (g32 * g32).sum(dim=2)  # (E, m)
+        sq_norms = squared_norms(grad, 2, 1)  # (E, m)
         idx, rho = select_expert_rows(sq_norms, noise, ctx.rank, ctx.method)
         compressed = select_experts(grad, idx, rho)
         poison = sq_norms.sum().to(torch.float64) * 0.0  # NaN iff any norm is NaN/Inf

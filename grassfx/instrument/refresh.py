@@ -38,6 +38,7 @@ class RefreshSchedule:
         self.pending = set()  # indices of sites whose refresh backward has not run yet
         self.pending_ok = True  # False once a pending refresh saw a non-finite gradient
         self.on_refresh_seen = []  # callbacks run when the optimizer handles committed refreshes
+        self.on_commit = []  # callbacks (schedule, site index) once a refresh backward has handled a site
         self.generation = 0  # counts forwards with gradients on; a refresh's probes carry theirs
         self.superseded = set()  # generations whose refresh a later forward replaced
         self.advanced_by = None  # (generation, optimizer id) of the last advance: one per forward
@@ -107,6 +108,11 @@ class RefreshSchedule:
         def hook(probe: torch.Tensor) -> None:
             record = probe.grad
             probe.grad = None
+            commit(record)
+            for callback in self.on_commit:  # an optimizer updating inside backward waits for it
+                callback(self, i)
+
+        def commit(record: torch.Tensor) -> None:
             if generation in self.superseded:
                 raise GrassError(
                     "backward() of a refresh step's forward that a later forward superseded: at a "

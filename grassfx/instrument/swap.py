@@ -11,10 +11,12 @@ Compiled normal steps make anchors *lazily*, one per read of the weight: under
 reads the weight, so a graph break anywhere in the model (a logging call, data-dependent
 control flow) leaves every rewrite in place, and no anchor escapes its frame (the
 compressed gradients of two reads add up to the compressed gradient of their sum).
-Eager forwards and refresh forwards make one anchor per weight up front (a refresh
-selects from the weight's whole gradient; activation checkpointing recomputes with the
-same anchors). A refresh step forms dense gradients anyway, so a graph break there costs
-nothing.
+Eager forwards and refresh forwards make one anchor per weight (a refresh selects from
+the weight's whole gradient; activation checkpointing recomputes with the same anchors):
+eagerly at the weight's first read, so autograd, which runs the most recently made node
+first, reduces each dense gradient as soon as it exists and frees it before the next is
+formed; compiled refresh graphs make them before the module runs. A refresh step forms
+dense gradients anyway, so a graph break there costs nothing.
 
 In eager mode the anchors stay readable after the forward, so activation checkpointing
 recomputes with them; an anchor is served only while the weight is unmodified since that
@@ -23,6 +25,9 @@ forward (version counter), otherwise the Parameter itself.
 
 from __future__ import annotations
 
+import contextlib
+
+import torch
 from torch import nn
 
 from grassfx import _compat
@@ -42,13 +47,17 @@ class AnchorSlot:
     def begin(self, make, entries: dict, upfront: bool, eager: bool) -> None:
         """A forward starts: a weight's anchor is ``make(entries[name])``.
 
-        ``upfront``: one anchor per weight, made now, for the whole forward (eager, and
-        refresh forwards: a refresh must see the weight's whole gradient; activation
-        checkpointing recomputes with the same anchors). Otherwise every read makes its
-        own anchor where it happens, so no anchor outlives the compiled frame that made it.
+        ``upfront``: one anchor per weight for the whole forward (eager, and refresh
+        forwards: a refresh must see the weight's whole gradient; activation checkpointing
+        recomputes with the same anchors), made at the weight's first read when ``eager``
+        (so its backward runs as soon as the weight's gradient exists), else now.
+        Otherwise every read makes its own anchor where it happens, so no anchor outlives
+        the compiled frame that made it.
         """
         self.make, self.entries = make, entries
-        self.anchors = {name: make(entry) for name, entry in entries.items()} if upfront else None
+        self.anchors = None
+        if upfront:
+            self.anchors = {} if eager else {name: make(entry) for name, entry in entries.items()}
         self.versions = {name: _compat.version(entry[0].weight) for name, entry in entries.items()} if eager else None
 
     def clear(self) -> None:
@@ -60,10 +69,37 @@ class AnchorSlot:
             return self.make(self.entries[name])
         if self.versions is not None and self.versions[name] != _compat.version(param):
             return param  # the weight changed since that forward: its anchor is stale
-        return self.anchors[name]
+        anchor = self.anchors.get(name)
+        if anchor is None:
+            if not torch.is_grad_enabled():
+                return param  # nothing to route: a later read with gradients makes the anchor
+            # made at the first read, not before the module runs: autograd runs the node
+            # that was made last first, so the anchor's backward (the refresh's row norms,
+            # the eager rowsel) runs right after the backward of the op that read the
+            # weight, and each dense gradient is freed before the next one is formed
+            with _plain_saves():
+                anchor = self.anchors[name] = self.make(self.entries[name])
+        return anchor
 
     def __deepcopy__(self, memo):
         return AnchorSlot()  # a copy starts between forwards
+
+
+def _kept(tensor):
+    return tensor
+
+
+def _plain_saves():
+    """Save the anchor's own tensors as if it were made before the module ran.
+
+    A first read inside an activation-checkpointed region would otherwise count the
+    anchor's saved tensors (idx, rho) into the region's, and the recomputation, which
+    reuses the anchor, would save fewer (``CheckpointError``). Compiled frames handle
+    checkpointing in the graph; this applies to eager forwards.
+    """
+    if torch.compiler.is_compiling():
+        return contextlib.nullcontext()
+    return torch.autograd.graph.saved_tensors_hooks(_kept, _kept)
 
 
 _SUBCLASSES: dict = {}

@@ -4,9 +4,10 @@
 * :mod:`.adamw`: ``AdamW`` and ``adamw_step``, the one AdamW kernel (eager or compiled);
 * :mod:`.muon`: ``Muon``, orthogonalized momentum of the selected rows (AdamW for the rest);
 * :mod:`.sgd`: ``SGD`` (momentum, Nesterov); :mod:`.adafactor`: ``Adafactor``;
-* :mod:`.decay`: decoupled weight decay of projected weights and its debt.
+* :mod:`.decay`: decoupled weight decay of projected weights and its debt;
 * :mod:`.rounding`: how bf16/fp16 weights receive updates (``AdamW(update_rounding=...)``):
-  pure bf16 training without a float32 master copy (``docs/precision.md``).
+  pure bf16 training without a float32 master copy (``docs/precision.md``);
+* :mod:`.inbackward`: updates inside backward (``update_in_backward=True``).
 
 With every row selected, ``AdamW`` / ``SGD`` / ``Adafactor`` here equal ``torch.optim``'s.
 
@@ -25,6 +26,11 @@ paper's ``P step(Pᵀ G)``. ``SGD`` always uses the paper's form (unbiased ``P P
 gradients that exist: ``C`` for projected weights. With ``rho = 1`` (``top_r``,
 ``multinorm_nr``) ‖C‖ is the norm of the selected rows (<= the dense norm); with
 ``multinorm`` and ``uniform`` E‖C‖² equals the dense ‖G‖² (an unbiased estimate).
+
+**Updates inside backward.** ``update_in_backward=True`` (every optimizer here) updates
+each parameter as soon as its gradient exists and frees the gradient
+(:mod:`.inbackward`); gradient accumulation, data parallelism and clipping cannot work
+that way (the first two are refused).
 
 **State** holds tensors and numbers only (``torch.load(weights_only=True)`` works), and a
 run saved after step N resumes bit-exactly with the model's own ``state_dict``.

@@ -22,7 +22,8 @@ class Adafactor(GrassOptimizer):
     ``eps=(eps1, eps2)``, ``d``, decoupled ``weight_decay``), so with every row selected
     it matches it. For a projected weight the parameter-scale term ``RMS(W)`` is taken
     over the selected rows. ``rho_scaling``: ``"once"`` (default) or ``"twice"`` (the
-    paper's form), see :func:`grassfx.optim.base.row_weights`.
+    paper's form), see :func:`grassfx.optim.base.row_weights`. ``update_in_backward``: as
+    :class:`grassfx.optim.AdamW`'s (updates inside backward, :mod:`grassfx.optim.inbackward`).
 
     Example:
         >>> import torch, grassfx
@@ -31,7 +32,7 @@ class Adafactor(GrassOptimizer):
     """
 
     def __init__(self, params, lr=1e-2, beta2_decay=-0.8, eps=(None, 1e-3), d=1.0, weight_decay=0.0, *, nonfinite="raise",
-                 rho_scaling="once"):
+                 rho_scaling="once", update_in_backward=False):
         check_number("lr", lr, low=0.0)
         self.rho_scaling = check_rho_scaling(rho_scaling)
         check_number("beta2_decay", beta2_decay, high=0.0 + 1e-300)
@@ -44,7 +45,7 @@ class Adafactor(GrassOptimizer):
         check_number("weight_decay", weight_decay, low=0.0)
         defaults = dict(lr=lr, beta2_decay=beta2_decay, eps=tuple(eps), d=d, weight_decay=weight_decay,
                         nonfinite=nonfinite)
-        super().__init__(params, defaults)
+        super().__init__(params, defaults, update_in_backward)
 
     def _state(self, p, grad):
         state = self.state[p]

@@ -183,6 +183,10 @@ class AdamW(GrassOptimizer):
             weights are updated exactly alike in every mode.
         state_dtype: dtype of the moments: ``None`` (default: each parameter's dtype),
             ``torch.float32``, ``torch.bfloat16`` or ``torch.float16``.
+        update_in_backward: update each parameter inside backward, as soon as its gradient
+            exists, and free the gradient (:mod:`grassfx.optim.inbackward`): no gradient of
+            the whole model is alive at once. Refuses gradient accumulation, data
+            parallelism, ``nonfinite="skip"`` and ``compiled=True``; gradients cannot be clipped.
 
     Example:
         >>> import torch, grassfx
@@ -194,17 +198,21 @@ class AdamW(GrassOptimizer):
     """
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, *, nonfinite="raise",
-                 compiled=False, rewarmup=0, rho_scaling="once", update_rounding="nearest", state_dtype=None):
+                 compiled=False, rewarmup=0, rho_scaling="once", update_rounding="nearest", state_dtype=None,
+                 update_in_backward=False):
         self.rewarmup = check_adam_settings(lr, betas, eps, weight_decay, rewarmup)
         self.update_rounding = check_update_rounding(update_rounding)
         self.state_dtype = check_state_dtype(state_dtype)
         self.rho_scaling = check_rho_scaling(rho_scaling)
         if compiled not in (None, True, False):
             raise ConfigError(f"compiled={compiled!r}: expected None (follow the model's backend), True or False")
+        if compiled and update_in_backward:
+            raise ConfigError("compiled=True with update_in_backward=True: updates inside backward run "
+                              "one parameter at a time, eagerly (one compiled kernel per shape would recompile)")
         self._compiled_flag = compiled
         self._compiled_step = None
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, nonfinite=nonfinite)
-        super().__init__(params, defaults)
+        super().__init__(params, defaults, update_in_backward)
 
     def _state(self, p, site=None):
         """Moments of ``p`` (in ``state_dtype``), with one shared ``step`` (updated in full) or,
@@ -229,6 +237,8 @@ class AdamW(GrassOptimizer):
         return rounding_of(p if site is None else site.weight, self.update_rounding)
 
     def _use_compiled(self) -> bool:
+        if self.update_in_backward:
+            return False
         if self._compiled_flag is not None:
             return self._compiled_flag
         return any(s.config.backend == "inductor" for s in self._schedules)

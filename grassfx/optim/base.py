@@ -108,14 +108,21 @@ def row_weights(site, rho_scaling: str):
 class GrassOptimizer(torch.optim.Optimizer):
     """Base class: parameter classification, refresh handling, checks, stepping."""
 
-    def __init__(self, params, defaults):
+    def __init__(self, params, defaults, update_in_backward: bool = False):
         nonfinite = defaults.get("nonfinite", "raise")
         if nonfinite not in _NONFINITE:
             raise ConfigError(f"nonfinite={nonfinite!r}: allowed values: raise, skip")
+        if update_in_backward not in (True, False):
+            raise ConfigError(f"update_in_backward={update_in_backward!r}: expected True or False")
         super().__init__(params, defaults)
         self.skipped_steps = 0
         self._schedules = []
+        self._in_backward = None
         self._classify()
+        if update_in_backward:
+            from .inbackward import BackwardUpdates
+
+            self._in_backward = BackwardUpdates(self)
 
     # -- setup --------------------------------------------------------------------------
     def _group_handles_with_weights(self) -> None:
@@ -165,6 +172,13 @@ class GrassOptimizer(torch.optim.Optimizer):
         super().add_param_group(param_group)
         if hasattr(self, "_schedules"):
             self._classify()
+        if getattr(self, "_in_backward", None) is not None:
+            self._in_backward.install()
+
+    @property
+    def update_in_backward(self) -> bool:
+        """Whether each parameter is updated inside backward (:mod:`grassfx.optim.inbackward`)."""
+        return self._in_backward is not None
 
     def load_state_dict(self, state_dict) -> None:
         """As ``torch.optim.Optimizer``'s, but every state tensor keeps the dtype it was saved
@@ -214,6 +228,8 @@ class GrassOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        if self._in_backward is not None:
+            self._in_backward.finish()  # the updates ran in backward; gradients set by hand still apply
         if not self._all_finite():
             self.skipped_steps += 1
             return loss

@@ -98,6 +98,8 @@ class Muon(AdamW):
             the compressed gradient a step of the same size, so a rank-deficient gradient
             (a batch of fewer tokens than ``min(r, n)``) computed in bf16 has its rounding
             noise lifted to full-size steps: train with batches of at least that many tokens.
+        update_in_backward: as :class:`grassfx.optim.AdamW` (each parameter updated inside
+            backward as soon as its gradient exists).
 
     Example:
         >>> import torch, grassfx
@@ -110,7 +112,7 @@ class Muon(AdamW):
 
     def __init__(self, params, lr=2e-3, momentum=0.95, nesterov=True, ns_steps=5, rms=0.2, betas=(0.9, 0.999),
                  eps=1e-8, weight_decay=0.0, *, nonfinite="raise", rewarmup=0, update_rounding="nearest",
-                 state_dtype=None):
+                 state_dtype=None, update_in_backward=False):
         check_number("momentum", momentum, low=0.0, high=1.0)
         check_number("rms", rms, low=0.0, low_open=True)
         if isinstance(ns_steps, bool) or not isinstance(ns_steps, int) or ns_steps < 1:
@@ -119,7 +121,8 @@ class Muon(AdamW):
             raise ConfigError(f"nesterov={nesterov!r}: expected True or False")
         self.momentum, self.nesterov, self.ns_steps, self.rms = momentum, nesterov, ns_steps, rms
         super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, nonfinite=nonfinite,
-                         rewarmup=rewarmup, update_rounding=update_rounding, state_dtype=state_dtype)
+                         rewarmup=rewarmup, update_rounding=update_rounding, state_dtype=state_dtype,
+                         update_in_backward=update_in_backward)
 
     def _apply_lists(self, work, beta1: float, beta2: float, eps: float) -> None:
         rest = []

@@ -19,7 +19,8 @@ class SGD(GrassOptimizer):
     """SGD with momentum (optionally Nesterov) and (r x n) momentum buffers.
 
     Args match ``torch.optim.SGD``: ``lr``, ``momentum``, ``dampening``,
-    ``weight_decay`` (L2 on the gradient), ``nesterov``.
+    ``weight_decay`` (L2 on the gradient), ``nesterov``. ``update_in_backward``: as
+    :class:`grassfx.optim.AdamW`'s (updates inside backward, :mod:`grassfx.optim.inbackward`).
 
     Example:
         >>> import torch, grassfx
@@ -27,7 +28,8 @@ class SGD(GrassOptimizer):
         >>> opt = grassfx.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, nesterov=True)
     """
 
-    def __init__(self, params, lr=1e-3, momentum=0.0, dampening=0.0, weight_decay=0.0, nesterov=False, *, nonfinite="raise"):
+    def __init__(self, params, lr=1e-3, momentum=0.0, dampening=0.0, weight_decay=0.0, nesterov=False, *, nonfinite="raise",
+                 update_in_backward=False):
         check_number("lr", lr, low=0.0)
         check_number("momentum", momentum, low=0.0)
         check_number("dampening", dampening)
@@ -36,7 +38,7 @@ class SGD(GrassOptimizer):
             raise ConfigError("nesterov=True needs momentum > 0 and dampening = 0")
         defaults = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
                         nesterov=bool(nesterov), nonfinite=nonfinite)
-        super().__init__(params, defaults)
+        super().__init__(params, defaults, update_in_backward)
 
     def _direction(self, p, grad, group):
         momentum = group["momentum"]

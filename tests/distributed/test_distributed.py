@@ -68,6 +68,13 @@ def test_different_configurations_are_refused(tmp_path):
         assert "ranks compiled different grassfx configurations" in r.get("error", ""), r.get("trace")
 
 
+def test_updates_inside_backward_are_refused(tmp_path):
+    r0, r1 = _launch(tmp_path, in_backward=True)
+    for r in (r0, r1):
+        assert "update_in_backward=True cannot train data-parallel" in r.get("error", ""), r.get("trace")
+        assert r["error"].startswith("ConfigError")
+
+
 def test_ddp_wrapping_works_and_grassfx_steps_aside(tmp_path):
     r0, r1 = _launch(tmp_path, ddp=True)
     assert "error" not in r0, r0.get("trace")
