@@ -63,11 +63,12 @@ PLANS = {
             # higher rate than the matrices, as the other methods' best points do
             "adamw": dict(flags=["--optimizer", "adamw"],
                           grid=_LR(5e-4, 1e-3, 2e-3) + [["--lr", lr, "--scale", sc] for lr, sc in
-                                                       (("4e-3", "0.25"), ("8e-3", "0.125"))]),
+                                                       (("4e-3", "0.25"), ("8e-3", "0.125"),
+                                                        ("16e-3", "0.0625"))]),
             "galore": dict(flags=["--optimizer", "galore", "--update-freq", "12"],
                            grid=[["--lr", lr, "--scale", sc] for lr, sc in
                                  (("1e-3", "1"), ("2e-3", "1"), ("1e-3", "2"), ("4e-3", "1"), ("8e-3", "1"),
-                                  ("8e-3", "0.5"), ("16e-3", "0.25"))]),
+                                  ("8e-3", "0.5"), ("16e-3", "0.25"), ("32e-3", "0.125"))]),
             # the candidate default: kept moments, a quarter of the rank for coverage, new
             # rows re-warmed over 10 steps
             "grass": dict(flags=["--optimizer", "grass"] + _GRASS_BASE,
@@ -129,7 +130,7 @@ PLANS = {
             "adamw": dict(flags=["--optimizer", "adamw"], grid=_LR(1e-3, 3e-3)),
             "grass": dict(flags=["--optimizer", "grass"], grid=_LR(3e-3)),
             "grass-cover": dict(flags=["--optimizer", "grass", "--explore", "0.25"], like="grass"),
-            "grass-muon": dict(flags=["--optimizer", "grass", "--grass-optimizer", "muon"], like="grass"),
+            "grass-adamw-rows": dict(flags=["--optimizer", "grass", "--grass-optimizer", "adamw"], like="grass"),
         },
         reference="adamw",
         second="grass",

@@ -58,7 +58,7 @@ def test_quality_harness_smoke(tmp_path, monkeypatch):
     result = quality.main(["--plan", "smoke", "--data", str(text), "--seeds", "0", "1", "--tune-seeds", "5",
                            "--out", str(out), "--inprocess"])
     summary = result["summary"]
-    assert set(summary) == {"adamw", "grass", "grass-cover", "grass-muon"}
+    assert set(summary) == {"adamw", "grass", "grass-cover", "grass-adamw-rows"}
     assert summary["grass-cover"]["point"] == summary["grass"]["point"]  # "like": the base arm's tuned lr
     for arm, row in summary.items():
         assert row["seeds"] == [0, 1] and all(math.isfinite(v) for v in row["eval_loss"])
@@ -68,7 +68,8 @@ def test_quality_harness_smoke(tmp_path, monkeypatch):
         if arm not in ("adamw", "grass"):  # the plan's second reference: paired against grass too
             expect = [a - b for a, b in zip(row["eval_loss"], summary["grass"]["eval_loss"])]
             assert row["vs_second"]["diff"] == pytest.approx(expect)
-    assert summary["grass-muon"]["eval_loss"] != summary["grass"]["eval_loss"]  # Muon really ran
+    # grass's default row update (Muon) and row-wise AdamW really differ
+    assert summary["grass-adamw-rows"]["eval_loss"] != summary["grass"]["eval_loss"]
     tuned = {g["point"][1]: g["eval_loss"] for g in result["grid"]["adamw"]}
     assert summary["adamw"]["point"][1] == min(tuned, key=tuned.get)
     assert json.loads((out / "quality.json").read_text())["summary"].keys() == summary.keys()
