@@ -48,6 +48,9 @@ ROOT = Path(__file__).resolve().parent.parent
 # An arm: the ``grassfx train`` flags that define it, and either a grid (flag lists, one
 # per point; the best point is its tuned setting) or ``like`` (reuse that arm's tuned point).
 _LR = lambda *values: [["--lr", str(v)] for v in values]  # noqa: E731
+# row-wise AdamW on the selected rows: what every grass arm ran before Muon became
+# ``grassfx train``'s default row update (pinned, so these arms stay reproducible)
+_GRASS_ADAM = ["--optimizer", "grass", "--grass-optimizer", "adamw"]
 _GRASS_BASE = ["--update-freq", "12", "--moments", "keep_overlap", "--explore", "0.25", "--rewarmup", "10"]
 
 PLANS = {
@@ -71,19 +74,19 @@ PLANS = {
                                   ("8e-3", "0.5"), ("16e-3", "0.25"), ("32e-3", "0.125"))]),
             # the candidate default: kept moments, a quarter of the rank for coverage, new
             # rows re-warmed over 10 steps
-            "grass": dict(flags=["--optimizer", "grass"] + _GRASS_BASE,
+            "grass": dict(flags=_GRASS_ADAM + _GRASS_BASE,
                           grid=[["--lr", lr, "--scale", sc] for lr, sc in
                                 (("1e-3", "1"), ("1e-3", "2"), ("2e-3", "2"), ("2e-3", "1"), ("4e-3", "1"),
                                  ("4e-3", "0.5"))]),
             # equal optimizer memory to GaLore: select along the smaller side, as GaLore projects
-            "grass-smaller": dict(flags=["--optimizer", "grass", "--proj-dim", "smaller"] + _GRASS_BASE, like="grass",
+            "grass-smaller": dict(flags=_GRASS_ADAM + ["--proj-dim", "smaller"] + _GRASS_BASE, like="grass",
                                   seeds=1),
             # ablations of the candidate, one option each, on the first seed (paired with it)
-            "grass-no-explore": dict(flags=["--optimizer", "grass"] + _GRASS_BASE + ["--explore", "0"],
+            "grass-no-explore": dict(flags=_GRASS_ADAM + _GRASS_BASE + ["--explore", "0"],
                                      like="grass", seeds=1),
-            "grass-no-rewarmup": dict(flags=["--optimizer", "grass"] + _GRASS_BASE + ["--rewarmup", "0"],
+            "grass-no-rewarmup": dict(flags=_GRASS_ADAM + _GRASS_BASE + ["--rewarmup", "0"],
                                       like="grass", seeds=1),
-            "grass-reset": dict(flags=["--optimizer", "grass"] + _GRASS_BASE + ["--moments", "reset"],
+            "grass-reset": dict(flags=_GRASS_ADAM + _GRASS_BASE + ["--moments", "reset"],
                                 like="grass", seeds=1),
             # the selected rows trained by grassfx.optim.Muon (orthogonalized momentum, half the
             # state) instead of AdamW; everything else AdamW at the same lr. No re-warmup: the
@@ -94,13 +97,16 @@ PLANS = {
                                      (("4e-3", "1"), ("8e-3", "1"), ("4e-3", "2"), ("8e-3", "0.5"),
                                       ("16e-3", "1"), ("16e-3", "0.25"), ("32e-3", "0.125"))]),
             # reference: the same optimizer with every row of every weight (rank >= rows: no
-            # selection), i.e. Muon on full matrices; how much of its gain row selection keeps
+            # selection), i.e. Muon on full matrices; how much of its gain row selection keeps.
+            # It and the re-warmup ablation ran at grass-muon's tuned point of the grid's first
+            # four points (8e-3 / 0.5), before the grid was widened to larger lr
             "muon-full": dict(flags=["--optimizer", "grass", "--grass-optimizer", "muon"] + _GRASS_BASE
-                              + ["--rewarmup", "0", "--rank", "688"], like="grass-muon", seeds=1),
+                              + ["--rewarmup", "0", "--rank", "688"], point=["--lr", "8e-3", "--scale", "0.5"],
+                              seeds=1),
             "grass-muon-rewarmup": dict(flags=["--optimizer", "grass", "--grass-optimizer", "muon"] + _GRASS_BASE,
-                                        like="grass-muon", seeds=1),
+                                        point=["--lr", "8e-3", "--scale", "0.5"], seeds=1),
             # the previous defaults (one refresh per 200 steps, reset, no coverage, no re-warmup)
-            "grass-before": dict(flags=["--optimizer", "grass", "--update-freq", "200", "--moments", "reset",
+            "grass-before": dict(flags=_GRASS_ADAM + ["--update-freq", "200", "--moments", "reset",
                                         "--explore", "0", "--rewarmup", "0"], like="grass", seeds=1),
         },
         reference="adamw",
@@ -112,13 +118,13 @@ PLANS = {
     "tiny-blocks": dict(
         preset="tiny", steps=300, batch_size=4, seq_len=128, eval_every=50, eval_windows=32, rank=64,
         arms={
-            "grass-blocks": dict(flags=["--optimizer", "grass"] + _GRASS_BASE, point=["--lr", "2e-3", "--scale", "1"]),
-            "grass-no-blocks": dict(flags=["--optimizer", "grass"] + _GRASS_BASE + ["--blocks", "none"],
+            "grass-blocks": dict(flags=_GRASS_ADAM + _GRASS_BASE, point=["--lr", "2e-3", "--scale", "1"]),
+            "grass-no-blocks": dict(flags=_GRASS_ADAM + _GRASS_BASE + ["--blocks", "none"],
                                     like="grass-blocks"),
             # without coverage rows, top_r alone decides which block trains
-            "grass-blocks-no-explore": dict(flags=["--optimizer", "grass"] + _GRASS_BASE + ["--explore", "0"],
+            "grass-blocks-no-explore": dict(flags=_GRASS_ADAM + _GRASS_BASE + ["--explore", "0"],
                                             like="grass-blocks"),
-            "grass-no-blocks-no-explore": dict(flags=["--optimizer", "grass"] + _GRASS_BASE
+            "grass-no-blocks-no-explore": dict(flags=_GRASS_ADAM + _GRASS_BASE
                                                + ["--explore", "0", "--blocks", "none"], like="grass-blocks"),
         },
         reference="grass-no-blocks",
