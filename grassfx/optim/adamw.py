@@ -30,8 +30,8 @@ from grassfx.errors import ConfigError
 from grassfx.instrument.experts import flat
 
 from .base import GrassOptimizer, check_adam_settings, check_rho_scaling, row_weights
-from .decay import decay_rows, owe
-from .rounding import check_state_dtype, check_update_rounding, first_copies, round_update, rounding_of
+from .decay import owe
+from .rounding import add_to_rows, check_state_dtype, check_update_rounding, first_copies, round_update, rounding_of
 
 __all__ = ["AdamW", "adamw_step", "row_factors"]
 
@@ -97,23 +97,11 @@ def adamw_step(dense, proj, beta1: float, beta2: float, eps: float, decays: bool
     weights, grads, exp_avgs, exp_avg_sqs, nums, modes, comps, dims, idxs, row_steps, weights_, firsts = proj
     for i in range(len(weights)):
         w, dim, idx = weights[i], dims[i], idxs[i]
-        if decays and modes[i] == "nearest":
-            decay_rows(w, idx, dim, nums[1, i].float())
         row_steps[i].add_(1)
         factor, bc2 = row_factors(row_steps[i], nums[0, i], beta1, beta2, rewarmup, weights_[i])
         denom = _moments(exp_avgs[i], exp_avg_sqs[i], grads[i], beta1, beta2, bc2.unsqueeze(1 - dim), eps)
         update = exp_avgs[i] / denom * factor.unsqueeze(1 - dim)  # (r, n)
-        if modes[i] == "nearest":
-            w.index_add_(dim, idx, update.to(w.dtype))  # (r, n) into (m, n)
-            continue
-        update = update.float()
-        if firsts[i] is not None:  # a row drawn twice: every copy carries the row's whole update
-            update = torch.zeros_like(update).index_add_(dim, firsts[i], update).index_select(dim, firsts[i])
-        rows = w.index_select(dim, idx).float()  # (r, n), decayed once each, then updated in float32
-        if decays:
-            rows = rows * nums[1, i].float()
-        w.index_copy_(dim, idx, round_update(modes[i], rows + update, w.dtype, comps[i]))
-
+        add_to_rows(w, dim, idx, update, modes[i], comps[i], firsts[i], nums[1, i].float() if decays else None)
 
 class _Lists:
     """Flat lists for :func:`adamw_step` (one entry per parameter)."""

@@ -44,8 +44,8 @@ from grassfx.instrument.experts import flat
 
 from .adamw import AdamW
 from .base import check_number, row_weights
-from .decay import decay_rows, owe
-from .rounding import first_copies, round_update
+from .decay import owe
+from .rounding import add_to_rows, first_copies, round_update
 
 __all__ = ["Muon", "orthogonalize", "NS_COEFFICIENTS"]
 
@@ -154,8 +154,7 @@ class Muon(AdamW):
         weight, comp = site.weight, state.get("kahan_comp")
         comp = None if comp is None else flat(site, comp)
         if site.full:
-            new = weight.float() * decay + update * alpha
-            weight.copy_(new.to(weight.dtype) if mode == "nearest" else round_update(mode, new, weight.dtype, comp))
+            weight.copy_(round_update(mode, weight.float() * decay + update * alpha, weight.dtype, comp))
             return
         state["row_step"].add_(1)
         factor = torch.full((site.rank,), alpha, dtype=torch.float32, device=update.device)
@@ -167,13 +166,5 @@ class Muon(AdamW):
         update = update * broadcast_along(factor, update.dim(), site.dim)
         if decay != 1.0:
             owe(site, decay)  # the rows outside the selection
-        if mode == "nearest":
-            if decay != 1.0:
-                decay_rows(weight, site.idx, site.dim, decay)
-            weight.index_add_(site.dim, site.idx, update.to(weight.dtype))
-            return
-        if weights is not None:  # a row drawn twice: every copy carries the row's whole update
-            firsts = first_copies(site.idx, site.rows)
-            update = torch.zeros_like(update).index_add_(site.dim, firsts, update).index_select(site.dim, firsts)
-        rows = weight.index_select(site.dim, site.idx).float() * decay  # decayed once each, in float32
-        weight.index_copy_(site.dim, site.idx, round_update(mode, rows + update, weight.dtype, comp))
+        firsts = first_copies(site.idx, site.rows) if weights is not None and mode != "nearest" else None
+        add_to_rows(weight, site.dim, site.idx, update, mode, comp, firsts, decay if decay != 1.0 else None)

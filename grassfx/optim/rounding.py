@@ -32,8 +32,10 @@ import torch
 
 from grassfx.errors import ConfigError
 
+from .decay import decay_rows
+
 __all__ = ["UPDATE_ROUNDINGS", "STATE_DTYPES", "check_update_rounding", "check_state_dtype", "rounding_of",
-           "stochastic_round", "nearest_value", "kahan_round", "round_update", "first_copies"]
+           "stochastic_round", "nearest_value", "kahan_round", "round_update", "add_to_rows", "first_copies"]
 
 UPDATE_ROUNDINGS = ("nearest", "stochastic", "kahan")
 #: optimizer-state dtypes: None keeps each parameter's own dtype
@@ -118,6 +120,25 @@ def round_update(mode: str, x: torch.Tensor, dtype: torch.dtype, comp) -> torch.
     if mode == "stochastic":
         return stochastic_round(x, dtype)
     return x.to(dtype)
+
+
+def add_to_rows(weight, dim: int, idx, update, mode: str, comp, firsts, decay=None) -> None:
+    """Decay the selected rows ``idx`` of ``weight`` once each (``decay``: a factor, or None)
+    and add ``update`` (r, n) to them, rounded as ``mode`` says (``comp``: its Kahan buffer;
+    ``firsts``: :func:`first_copies` where a row may be drawn twice, else None). Nearest
+    rounding is ``index_add_`` in the weight's dtype (a row drawn twice gets each copy's share)."""
+    if mode == "nearest":
+        if decay is not None:
+            decay_rows(weight, idx, dim, decay)
+        weight.index_add_(dim, idx, update.to(weight.dtype))  # (r, n) into (m, n)
+        return
+    update = update.float()
+    if firsts is not None:  # a row drawn twice: every copy carries the row's whole update
+        update = torch.zeros_like(update).index_add_(dim, firsts, update).index_select(dim, firsts)
+    rows = weight.index_select(dim, idx).float()  # (r, n), decayed once each, then updated in float32
+    if decay is not None:
+        rows = rows * decay
+    weight.index_copy_(dim, idx, round_update(mode, rows + update, weight.dtype, comp))
 
 
 def first_copies(idx: torch.Tensor, rows: int) -> torch.Tensor:
