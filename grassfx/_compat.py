@@ -21,7 +21,7 @@ __all__ = [
     "mode_options", "aot_autograd", "boxed", "own_code", "compile_caches_off", "graph_break_counts",
     "trace_artifact", "fake_mode_of", "op_schema", "op_name", "functional_all_reduce",
     "functional_wait", "all_reduce_mean", "queue_backward_callback", "called_by", "version",
-    "raw_parameter", "module_parameters", "set_class", "allocation_events",
+    "raw_parameter", "module_parameters", "set_class", "allocation_events", "fused_adamw",
 ]
 
 
@@ -238,3 +238,30 @@ def allocation_events(prof, device_type: str = "cpu") -> list:
     events = [e for e in prof.profiler.kineto_results.events()
               if e.name() == "[memory]" and str(e.device_type()).endswith(kind)]
     return sorted(((e.start_ns(), e.nbytes()) for e in events), key=lambda pair: pair[0])
+
+
+# -- optimizer kernels -----------------------------------------------------------------------
+_FUSED_ADAMW_DEVICES = ("cpu", "cuda")
+_FUSED_ADAMW_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def fused_adamw(params, grads, exp_avgs, exp_avg_sqs, steps, *, lr: float, beta1: float, beta2: float,
+                weight_decay: float, eps: float) -> bool:
+    """``torch._fused_adamw_``: torch.optim.AdamW(fused=True)'s kernel, one pass per tensor.
+
+    ``steps`` are float32 0-d tensors already advanced (torch's fused AdamW adds 1 before
+    calling the kernel). Returns False, doing nothing, where the kernel does not exist or
+    the tensors are not on one CPU/CUDA device with one float dtype (the caller falls back).
+    """
+    kernel = getattr(torch, "_fused_adamw_", None)
+    if kernel is None or not params:
+        return False
+    device, dtype = params[0].device, params[0].dtype
+    if device.type not in _FUSED_ADAMW_DEVICES or dtype not in _FUSED_ADAMW_DTYPES:
+        return False
+    for group in (params, grads, exp_avgs, exp_avg_sqs):
+        if any(t.device != device or t.dtype != dtype for t in group):
+            return False
+    kernel(params, grads, exp_avgs, exp_avg_sqs, [], steps, amsgrad=False, lr=lr, beta1=beta1, beta2=beta2,
+           weight_decay=weight_decay, eps=eps, maximize=False, grad_scale=None, found_inf=None)
+    return True

@@ -8,8 +8,11 @@ factor) travel as one float64 tensor, so learning-rate schedules never recompile
 
 For a parameter updated in full (every unprojected parameter, and projected weights with
 ``rank >= rows``) the arithmetic is that of ``torch.optim.AdamW`` operation for
-operation (``p + (step * m) / (sqrt(v) / bc2 + eps)``, as its ``addcdiv_``), so at full
-rank the two agree exactly.
+operation (``p + (step * m) / (sqrt(v) / bc2 + eps)``, as its ``addcdiv_``). Eagerly, such
+a parameter (with ``scale`` 1, nearest rounding and moments in its own dtype, on a CPU or
+CUDA device) is updated by torch's fused AdamW kernel instead, one pass over each tensor
+(the embeddings and an LM head are most of a step's optimizer time), so at full rank
+``grassfx.optim.AdamW`` equals ``torch.optim.AdamW(fused=True)`` bit for bit.
 
 A projected weight counts steps per selected row (``state["row_step"]``, float32 (r,),
 instead of one shared ``step``): each row is bias-corrected by its own age
@@ -25,6 +28,7 @@ import math
 
 import torch
 
+from grassfx import _compat
 from grassfx import select as _select
 from grassfx.errors import ConfigError
 from grassfx.instrument.experts import flat
@@ -202,6 +206,35 @@ class AdamW(GrassOptimizer):
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, nonfinite=nonfinite)
         super().__init__(params, defaults, update_in_backward)
 
+    def _fused_dense(self, work, beta1: float, beta2: float, eps: float) -> list:
+        """Update what is trained in full (with ``scale`` 1, nearest rounding, moments in the
+        parameter's dtype) by torch's fused AdamW kernel: the arithmetic of
+        ``torch.optim.AdamW(fused=True)``, one pass over each tensor instead of the eager
+        kernel's several (the embeddings and the LM head are most of a step's optimizer
+        time). Returns the rest of ``work``, for :func:`adamw_step`."""
+        rest, batches = [], {}
+        for item in work:
+            group, p, site = item
+            param = p if site is None else site.weight
+            if (site is not None and not (site.full and site.scale == 1.0)) or self._rounding(p, site) != "nearest" \
+                    or p.grad.dtype != param.dtype or (self.state_dtype not in (None, param.dtype)):
+                rest.append(item)
+                continue
+            key = (group["lr"], group["weight_decay"], param.device, param.dtype)
+            batches.setdefault(key, []).append(item)
+        for (lr, weight_decay, device, _), items in batches.items():
+            states = [self._state(p, site) for _, p, site in items]
+            params = [p if site is None else site.weight for _, p, site in items]
+            steps = [torch.tensor(float(state["step"] + 1), dtype=torch.float32, device=device) for state in states]
+            if _compat.fused_adamw(params, [p.grad for _, p, _ in items], [s["exp_avg"] for s in states],
+                                   [s["exp_avg_sq"] for s in states], steps, lr=lr, beta1=beta1, beta2=beta2,
+                                   weight_decay=weight_decay, eps=eps):
+                for state in states:
+                    state["step"] += 1
+            else:
+                rest.extend(items)
+        return rest
+
     def _state(self, p, site=None):
         """Moments of ``p`` (in ``state_dtype``), with one shared ``step`` (updated in full) or,
         for the handle of a projected weight (``site`` not full), ``row_step``: each selected
@@ -246,6 +279,8 @@ class AdamW(GrassOptimizer):
             self._apply_lists(items, beta1, beta2, eps)
 
     def _apply_lists(self, work, beta1: float, beta2: float, eps: float) -> None:
+        if not self._use_compiled():
+            work = self._fused_dense(work, beta1, beta2, eps)
         dense, proj = _Lists(), _Lists()
         for group, p, site in work:
             state = self._state(p, site)

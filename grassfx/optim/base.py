@@ -105,6 +105,20 @@ def row_weights(site, rho_scaling: str):
     return counts[site.idx].reciprocal()
 
 
+def finite_flags(tensors: list) -> list[bool]:
+    """Whether each tensor holds only finite numbers, with one reduction per tensor and one sync.
+
+    ``isfinite().all()`` reads a tensor several times and allocates a bool copy of it; a
+    float32 (float64) sum is finite when every entry is and NaN/Inf otherwise, unless finite
+    entries overflow it, so a non-finite sum is confirmed entry by entry.
+    """
+    if not tensors:
+        return []
+    sums = [t.sum(dtype=torch.float64 if t.dtype == torch.float64 else torch.float32) for t in tensors]
+    ok = torch.isfinite(torch.stack([s.to(sums[0].device, torch.float32) for s in sums])).tolist()
+    return [True if good else bool(torch.isfinite(t).all()) for good, t in zip(ok, tensors)]
+
+
 class GrassOptimizer(torch.optim.Optimizer):
     """Base class: parameter classification, refresh handling, checks, stepping."""
 
@@ -204,16 +218,13 @@ class GrassOptimizer(torch.optim.Optimizer):
                     yield group, p
 
     def _all_finite(self) -> bool:
-        flags = [torch.isfinite(p.grad).all() for _, p in self._grads()]
-        if not flags:
-            return True
-        ok = bool(torch.stack(flags).all())
-        if ok:
+        flags = finite_flags([p.grad for _, p in self._grads()])
+        if all(flags):
             return True
         if self.defaults.get("nonfinite", "raise") == "skip":
             return False
         for (_, p), flag in zip(self._grads(), flags):
-            if not bool(flag):
+            if not flag:
                 name = registry.name_of(p) or f"parameter of shape {tuple(p.shape)}"
                 raise NonFiniteGradientError(
                     f"the gradient of {name} holds NaN or Inf; no weight was changed. Lower the "

@@ -37,6 +37,7 @@ import torch
 from grassfx.errors import ConfigError, GrassError, NonFiniteGradientError
 from grassfx.instrument import registry
 from grassfx.instrument.experts import matrix_of
+from .base import finite_flags
 
 __all__ = ["BackwardUpdates"]
 
@@ -134,7 +135,7 @@ class BackwardUpdates:
     def _update(self, p: torch.Tensor, site) -> None:
         opt = self.opt
         self.done.add(id(p))
-        if not bool(torch.isfinite(p.grad).all()):
+        if not finite_flags([p.grad])[0]:
             name = registry.name_of(p) or f"parameter of shape {tuple(p.shape)}"
             p.grad = None
             raise NonFiniteGradientError(

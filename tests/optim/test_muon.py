@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 import grassfx
-from grassfx.optim.muon import orthogonalize
+from grassfx.optim.muon import orthogonalize, orthogonalize_many
 
 from conftest import make_mlp
 from moe_zoo import make_loop_experts
@@ -66,6 +66,20 @@ def test_orthogonalize_approximates_the_polar_factor(shape):
     polar = u @ vh  # same singular vectors: o is close to U V^T (cosine over all entries)
     cos = (o * polar).sum() / (o.norm() * polar.norm())
     assert cos > 0.97, cos
+
+
+@pytest.mark.parametrize("max_elements", [1 << 24, 3000])  # one batch per shape; chunks of a few matrices
+def test_orthogonalize_many_equals_one_matrix_at_a_time(max_elements):
+    torch.manual_seed(0)
+    xs = [torch.randn(16, 40), torch.randn(40, 16), torch.randn(16, 40), torch.randn(3, 16, 40),
+          torch.randn(8, 24).double(), torch.randn(40, 16), torch.randn(12, 12)]
+    got = orthogonalize_many(xs, max_elements=max_elements)
+    assert len(got) == len(xs)
+    for x, y in zip(xs, got):
+        want = orthogonalize(x)
+        assert y.shape == x.shape and y.dtype == torch.float32
+        torch.testing.assert_close(y, want, rtol=1e-5, atol=1e-5)
+    assert orthogonalize_many([]) == []
 
 
 @pytest.mark.parametrize("moments, weight_decay, rewarmup", [("reset", 0.1, 0), ("keep_overlap", 0.0, 3)])
