@@ -129,6 +129,21 @@ PLANS = {
         },
         reference="grass-no-blocks",
     ),
+    # The `small` preset (20.5M parameters, 8 layers, d 384, rank 128) at the tiny plan's
+    # run length, each method at its point tuned on the tiny preset (no grid: CPU time),
+    # grassfx with Muon rows as `grass train` runs it by default.
+    "small-transfer": dict(
+        preset="small", steps=300, batch_size=4, seq_len=128, eval_every=50, eval_windows=32, rank=128,
+        arms={
+            "adamw": dict(flags=["--optimizer", "adamw"], point=["--lr", "16e-3", "--scale", "0.0625"]),
+            "galore": dict(flags=["--optimizer", "galore", "--update-freq", "12"],
+                           point=["--lr", "16e-3", "--scale", "0.25"]),
+            "grass-muon": dict(flags=["--optimizer", "grass", "--grass-optimizer", "muon"] + _GRASS_BASE
+                               + ["--rewarmup", "0"], point=["--lr", "32e-3", "--scale", "0.125"]),
+        },
+        reference="adamw",
+        second="galore",
+    ),
     # CI smoke: the whole procedure on the test preset in a few steps.
     "smoke": dict(
         preset="test", steps=4, batch_size=2, seq_len=32, eval_every=2, eval_windows=2, rank=8,

@@ -22,6 +22,7 @@ __all__ = [
     "trace_artifact", "fake_mode_of", "op_schema", "op_name", "functional_all_reduce",
     "functional_wait", "all_reduce_mean", "queue_backward_callback", "called_by", "version",
     "raw_parameter", "module_parameters", "set_class", "allocation_events", "fused_adamw",
+    "foreach_momentum",
 ]
 
 
@@ -265,3 +266,12 @@ def fused_adamw(params, grads, exp_avgs, exp_avg_sqs, steps, *, lr: float, beta1
     kernel(params, grads, exp_avgs, exp_avg_sqs, [], steps, amsgrad=False, lr=lr, beta1=beta1, beta2=beta2,
            weight_decay=weight_decay, eps=eps, maximize=False, grad_scale=None, found_inf=None)
     return True
+
+
+def foreach_momentum(bufs: list, grads: list, momentum: float, nesterov: bool) -> list:
+    """``buf = momentum * buf + grad`` for every pair, in place, by ``torch._foreach_*`` (one
+    call per list instead of two ops per tensor); returns the Nesterov directions
+    ``grad + momentum * buf`` (new tensors) or ``bufs`` themselves. One device and dtype."""
+    torch._foreach_mul_(bufs, momentum)
+    torch._foreach_add_(bufs, grads)
+    return list(torch._foreach_add(grads, bufs, alpha=momentum)) if nesterov else bufs

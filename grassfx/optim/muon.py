@@ -38,6 +38,7 @@ import math
 
 import torch
 
+from grassfx import _compat
 from grassfx.errors import ConfigError
 from grassfx.instrument.anchors import broadcast_along
 from grassfx.instrument.experts import flat
@@ -205,9 +206,7 @@ class Muon(AdamW):
         for (_, dtype), members in groups.items():
             bufs = [self.state[handles[i]]["momentum_buffer"] for i in members]
             grads = [handles[i].grad.to(dtype) for i in members]
-            torch._foreach_mul_(bufs, self.momentum)
-            torch._foreach_add_(bufs, grads)
-            directions = torch._foreach_add(grads, bufs, alpha=self.momentum) if self.nesterov else bufs
+            directions = _compat.foreach_momentum(bufs, grads, self.momentum, self.nesterov)
             for i, d in zip(members, directions):
                 out[i] = d
         return out
