@@ -98,23 +98,22 @@ def orthogonalize_many(xs: list[torch.Tensor], steps: int = 5, eps: float = 1e-7
     for i, x in enumerate(xs):
         r, n = x.shape[-2:]
         groups.setdefault((min(r, n), max(r, n), x.device), []).append(i)
-    for (small, large, _), members in groups.items():
-        chunk, size = [], 0
-        for i in members + [None]:
-            count = None if i is None else xs[i].numel()
-            if chunk and (i is None or size + count > max_elements):
-                wide = [xs[j].float().reshape(-1, *xs[j].shape[-2:]) for j in chunk]
-                wide = [w.mT if w.shape[-2] > w.shape[-1] else w for w in wide]
-                stacked = orthogonalize(torch.cat(wide), steps, eps)
-                pieces = stacked.split([w.shape[0] for w in wide])
-                for j, piece in zip(chunk, pieces):
-                    x = xs[j]
-                    piece = piece.mT if x.shape[-2] > x.shape[-1] else piece
-                    out[j] = piece.reshape(x.shape)
-                chunk, size = [], 0
-            if i is not None:
-                chunk.append(i)
-                size += count
+    for members in groups.values():
+        chunks, size = [[]], 0
+        for i in members:
+            if chunks[-1] and size + xs[i].numel() > max_elements:
+                chunks.append([])
+                size = 0
+            chunks[-1].append(i)
+            size += xs[i].numel()
+        for chunk in chunks:
+            # each as (batch, small, large): orthogonalize would orient it alike, one at a time
+            wide = [xs[j].float().reshape(-1, *xs[j].shape[-2:]) for j in chunk]
+            wide = [w.mT if w.shape[-2] > w.shape[-1] else w for w in wide]
+            pieces = orthogonalize(torch.cat(wide), steps, eps).split([w.shape[0] for w in wide])
+            for j, piece in zip(chunk, pieces):
+                tall = xs[j].shape[-2] > xs[j].shape[-1]
+                out[j] = (piece.mT if tall else piece).reshape(xs[j].shape)
     return out
 
 
@@ -223,18 +222,16 @@ class Muon(AdamW):
             weight.copy_(round_update(mode, weight.float() * decay + update * alpha, weight.dtype, comp))
             return
         state["row_step"].add_(1)
-        weights = row_weights(site, "once")  # 1 / copies for a row drawn more than once
-        if mode == "nearest" and decay == 1.0 and not self.rewarmup and weights is None \
-                and weight.dtype == update.dtype:
-            # every selected row gets the same step: one index_add_ (the common case)
-            weight.index_add_(site.dim, site.idx, update, alpha=alpha)
-            return
-        factor = torch.full((site.rank,), alpha, dtype=torch.float32, device=update.device)
-        if self.rewarmup:
-            factor = factor * (state["row_step"] / self.rewarmup).clamp(max=1.0)
+        # per-row factors only where rows differ: the re-warmup ramp, 1 / copies for a row
+        # drawn more than once; otherwise every selected row gets the same step
+        factor = (state["row_step"] / self.rewarmup).clamp(max=1.0) if self.rewarmup else None
+        weights = row_weights(site, "once")
         if weights is not None:
-            factor = factor * weights
-        update = update * broadcast_along(factor, update.dim(), site.dim)
+            factor = weights if factor is None else factor * weights
+        if factor is None:
+            update = update * alpha
+        else:
+            update = update * broadcast_along(factor * alpha, update.dim(), site.dim)
         if decay != 1.0:
             owe(site, decay)  # the rows outside the selection
         firsts = first_copies(site.idx, site.rows) if weights is not None and mode != "nearest" else None

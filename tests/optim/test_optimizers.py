@@ -290,3 +290,19 @@ def test_state_dict_is_tensors_and_numbers(opt_cls):
     assert [p for p, _ in _leaves(loaded)] == [p for p, _ in _leaves(saved)]
     for (path, a), (_, b) in zip(_leaves(saved), _leaves(loaded)):
         assert (torch.equal(a, b) if torch.is_tensor(a) else a == b), path
+
+
+def test_finite_check_confirms_an_overflowing_sum_entry_by_entry():
+    from grassfx.optim.base import finite_flags
+
+    big = torch.full((4,), 3e38)  # finite entries whose float32 sum is inf
+    nan, inf = torch.tensor([1.0, float("nan")]), torch.tensor([float("-inf"), 2.0])
+    half = torch.tensor([60000.0, 60000.0], dtype=torch.float16)  # sums past float16's range
+    assert finite_flags([big, nan, inf, half, torch.ones(3, dtype=torch.float64)]) == [True, False, False, True, True]
+    assert finite_flags([]) == []
+    model = grassfx.compile(make_mlp(), rank=3, backend="eager")
+    opt = grassfx.optim.AdamW(model.parameters(), lr=1e-3)
+    model(torch.randn(4, 12)).pow(2).mean().backward()
+    model.sites[0].handle.grad.fill_(3e38)  # huge but finite: the step is taken, not refused
+    opt.step()
+    assert opt.skipped_steps == 0
