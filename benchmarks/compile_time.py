@@ -76,7 +76,21 @@ def measure(variant: str, layers: int, hidden: int, steps: int, rank: int) -> di
         compiled.append(_compat.compiled_graph_count() != before)
     steady = statistics.median(t for t, c in zip(times, compiled) if not c)
     compile_s = sum(t - steady for t, c in zip(times, compiled) if c)
-    return dict(variant=variant, step_s=times, compiled=compiled, steady_s=steady, compile_s=compile_s)
+    return dict(variant=variant, step_s=times, compiled=compiled, steady_s=steady, compile_s=compile_s,
+                phases_s=_phases())
+
+
+# Dynamo's timers (``torch._dynamo.utils.compile_times``) for the phases this benchmark
+# reports: Dynamo's bytecode tracing, AOTAutograd's joint trace, Inductor's code
+# generation and its compilation of the generated code (C++ on CPU)
+PHASES = ("bytecode_tracing", "aot_trace_joint_graph", "GraphLowering.codegen", "compile_file")
+
+
+def _phases() -> dict:
+    from torch._dynamo.utils import compile_times
+
+    headers, values = compile_times(repr="csv", aggregate=True)
+    return {name: float(value) for name, value in zip(headers, values) if name in PHASES}
 
 
 def _child(variant, cache_dir, args) -> dict:
@@ -109,7 +123,8 @@ def main(argv=None):
                 warm = _child(variant, cache, args)
             runs.append(dict(variant=variant, repeat=repeat, cold=cold, warm=warm))
             print(f"{variant:>26} repeat {repeat}: cold {cold['compile_s']:.1f} s, warm {warm['compile_s']:.1f} s, "
-                  f"steady {cold['steady_s']:.3f} s/step", flush=True)
+                  f"steady {cold['steady_s']:.3f} s/step; cold phases "
+                  + ", ".join(f"{k} {v:.1f} s" for k, v in cold["phases_s"].items()), flush=True)
     table = {}
     for variant in args.variants:
         mine = [r for r in runs if r["variant"] == variant]
