@@ -306,3 +306,28 @@ def test_finite_check_confirms_an_overflowing_sum_entry_by_entry():
     model.sites[0].handle.grad.fill_(3e38)  # huge but finite: the step is taken, not refused
     opt.step()
     assert opt.skipped_steps == 0
+
+
+
+def test_full_rank_weights_off_the_fused_path_still_equal_torch_adamw():
+    # scale != 1 keeps full-rank weights on grassfx's own kernel (adamw_step) while the
+    # biases take torch's fused kernel: each against the torch AdamW it reproduces
+    net = make_mlp()
+    ref = copy.deepcopy(net)
+    model = grassfx.compile(net, rank=10_000, scale=0.5, backend="eager")
+    opt = grassfx.optim.AdamW(model.parameters(), lr=1e-2)  # no decay (torch's default is 0.01)
+    weights = [p for p in ref.parameters() if p.dim() == 2]  # the projected (full-rank) ones
+    biases = [p for p in ref.parameters() if p.dim() == 1]  # biases and norms
+    assert len(weights) == len(model.sites) and biases
+    ropts = [torch.optim.AdamW(weights, lr=5e-3, weight_decay=0.0, foreach=False),
+             torch.optim.AdamW(biases, lr=1e-2, weight_decay=0.0, fused=True)]
+    g = torch.Generator().manual_seed(1)
+    for _ in range(5):
+        x = torch.randn(8, 12, generator=g)
+        _step(model, opt, x)
+        ref(x).pow(2).mean().backward()
+        for o in ropts:
+            o.step()
+            o.zero_grad()
+    for (name, a), b in zip(net.named_parameters(), ref.parameters()):
+        assert torch.equal(a, b), name
