@@ -5,7 +5,7 @@ from __future__ import annotations
 from torch import nn
 
 from .config import GrassConfig
-from .distributed import check_not_fsdp
+from . import fsdp
 from .errors import ConfigError, UnsupportedModelError
 from .instrument import GrassModel, registry
 from .instrument.targets import plan_targets, targets_of
@@ -119,9 +119,9 @@ def compile(  # noqa: A001 - the promised public name
         refresh=refresh,
         blocks=blocks,
     )
-    check_not_fsdp(model)
     _check_materialized(model)
     decisions = plan_targets(model, targets=targets, exclude=exclude)
+    fsdp.check_model(model, [t.name for t in targets_of(decisions, model)])
     grass_model = GrassModel(model, targets_of(decisions, model), config, decisions)
     if config.backend != "eager":
         from .compiler import install_compiled_runner

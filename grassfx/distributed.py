@@ -22,8 +22,10 @@ data-parallel with no wrapper:
 * **Gradient accumulation**: wrap all but the last micro-batch in ``model.no_sync()``.
 * Wrapping the model in ``DistributedDataParallel`` also works: grassfx notices the
   wrapper and leaves the reduction to DDP, which sees only the handles (r x n) and the
-  unprojected parameters, because projected weights are frozen. FSDP is not supported
-  and is refused with a clear error.
+  unprojected parameters, because projected weights are frozen.
+* FSDP2 (``fully_shard`` applied before ``grassfx.compile``): FSDP2 reduce-scatters its
+  sharded parameters' gradients; this reducer averages only the handles
+  (:mod:`grassfx.fsdp`). FSDP1 wrappers are refused.
 """
 
 from __future__ import annotations
@@ -34,10 +36,10 @@ import os
 
 import torch
 
-from . import _compat
+from . import _compat, fsdp
 from .errors import GrassError, UnsupportedModelError
 
-__all__ = ["DataParallel", "attach", "world", "check_not_fsdp", "BUCKET_BYTES"]
+__all__ = ["DataParallel", "attach", "world", "BUCKET_BYTES"]
 
 BUCKET_BYTES = 25 * 2**20
 
@@ -50,19 +52,6 @@ def world():
         return None, 1
     size = dist.get_world_size()
     return (dist.group.WORLD, size) if size > 1 else (None, 1)
-
-
-def check_not_fsdp(model) -> None:
-    """Refuse FSDP-wrapped models (FSDP1 wrappers or FSDP2 ``fully_shard`` modules)."""
-    for mod in model.modules():
-        names = {c.__name__ for c in type(mod).__mro__}
-        if names & {"FullyShardedDataParallel", "FSDPModule"}:
-            raise UnsupportedModelError(
-                "grassfx does not support FSDP yet: projected weights are frozen and updated "
-                "row-wise by grassfx.optim, which FSDP's sharded parameters cannot take. Use "
-                "data parallelism (grassfx trains data-parallel by itself under torchrun) or "
-                "DistributedDataParallel"
-            )
 
 
 def attach(model):
@@ -115,7 +104,8 @@ class DataParallel:
     def _trainable(self):
         frozen = {id(s.weight) for s in self.model.sites}
         for _, p in self.model.named_parameters():
-            if p.requires_grad and id(p) not in frozen:
+            # FSDP2's sharded parameters (DTensors) are reduce-scattered by FSDP2 itself
+            if p.requires_grad and id(p) not in frozen and not fsdp.is_dtensor(p):
                 yield p
 
     # -- first forward --------------------------------------------------------------------
@@ -126,8 +116,11 @@ class DataParallel:
         if _compat.called_by("DistributedDataParallel"):
             self.enabled = False
         if _compat.called_by("FullyShardedDataParallel") or _compat.called_by("FSDPModule"):
-            check_not_fsdp(self.model)  # pragma: no cover - FSDP wraps before forward
-            raise UnsupportedModelError("grassfx does not support FSDP yet")
+            raise UnsupportedModelError(
+                "a grassfx model is being run inside an FSDP wrapper: FSDP was applied after "
+                "grassfx.compile; apply fully_shard to the blocks and the root first, then call "
+                "grassfx.compile on the sharded model (docs/distributed.md)")
+        fsdp.check_not_sharded_after(self.model.sites)
         self._check_same_config()
 
     def _fingerprint(self) -> str:

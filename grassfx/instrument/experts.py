@@ -117,6 +117,7 @@ class ExpertSite(Site):
                               f"yet: use explore=0, or exclude=[{spec.name!r}]")
         self.explore = 0
         self.scale = float(config.scale)
+        self.sharded = False  # grassfx.fsdp refuses sharded expert stacks
         self.moments = config.moments
         dev = weight.device
         self.handle = nn.Parameter(torch.zeros(experts, self.rank, cols, dtype=weight.dtype, device=dev))

@@ -26,7 +26,7 @@ import weakref
 import torch
 from torch import nn
 
-from grassfx import _compat
+from grassfx import _compat, fsdp
 from grassfx import select as _select
 from grassfx.config import GrassConfig
 
@@ -54,6 +54,7 @@ class Site(nn.Module):
         self.method = config.selection
         self.explore = config.explored(self.rank) if not self.full else 0  # rows reserved for coverage
         self.scale = float(config.scale)
+        self.sharded = fsdp.is_dtensor(weight)  # an FSDP2 shard when grassfx.compile ran
         self.moments = config.moments
         shape = list(weight.shape)
         shape[self.dim] = self.rank

@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from grassfx import _compat
+from grassfx.fsdp import is_dtensor
 
 __all__ = ["AnchorSlot", "install", "uninstall", "original_class"]
 
@@ -58,18 +59,27 @@ class AnchorSlot:
         self.anchors = None
         if upfront:
             self.anchors = {} if eager else {name: make(entry) for name, entry in entries.items()}
-        self.versions = {name: _compat.version(entry[0].weight) for name, entry in entries.items()} if eager else None
+        # the weight each anchor is made from, and its version: FSDP2 registers the gathered
+        # weight only while its module runs, so an eager anchor notes the one it was made from
+        self.versions = {name: (id(entry[0].weight), _compat.version(entry[0].weight))
+                         for name, entry in entries.items()} if eager else None
 
     def clear(self) -> None:
         self.make = self.entries = self.anchors = self.versions = None
 
     def read(self, name: str, param):
         """The anchored view of ``param`` (named ``name``) for this forward."""
+        if is_dtensor(param):
+            return param  # FSDP2's sharded weight, read by FSDP2 itself between unshards
         if self.anchors is None:
             return self.make(self.entries[name])
-        if self.versions is not None and self.versions[name] != _compat.version(param):
-            return param  # the weight changed since that forward: its anchor is stale
         anchor = self.anchors.get(name)
+        if self.versions is not None:
+            made_from, version = self.versions[name]
+            if anchor is None and made_from != id(param):  # FSDP2's gathered weight, first read
+                self.versions[name] = made_from, version = id(param), _compat.version(param)
+            if made_from != id(param) or version != _compat.version(param):
+                return param  # the weight changed since that forward: its anchor is stale
         if anchor is None:
             if not torch.is_grad_enabled():
                 return param  # nothing to route: a later read with gradients makes the anchor

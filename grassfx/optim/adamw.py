@@ -31,11 +31,13 @@ import torch
 from grassfx import _compat
 from grassfx import select as _select
 from grassfx.errors import ConfigError
+from grassfx.fsdp import is_dtensor, local
 from grassfx.instrument.experts import flat
 
 from .base import GrassOptimizer, check_adam_settings, check_rho_scaling, row_weights
 from .decay import owe
 from .rounding import add_to_rows, check_state_dtype, check_update_rounding, first_copies, round_update, rounding_of
+from .sharded import adamw_site_step
 
 __all__ = ["AdamW", "adamw_step", "row_factors"]
 
@@ -117,12 +119,13 @@ class _Lists:
         self.dims, self.idxs, self.row_steps, self.row_weights, self.firsts, self.sites = [], [], [], [], [], []
 
     def add(self, param, grad, state, mode, *nums):
-        self.params.append(param)
-        self.grads.append(grad)
-        self.exp_avgs.append(state["exp_avg"])
-        self.exp_avg_sqs.append(state["exp_avg_sq"])
+        # FSDP2's sharded parameters and their state: the local shards (views)
+        self.params.append(local(param))
+        self.grads.append(local(grad))
+        self.exp_avgs.append(local(state["exp_avg"]))
+        self.exp_avg_sqs.append(local(state["exp_avg_sq"]))
         self.modes.append(mode)
-        self.comps.append(state.get("kahan_comp"))
+        self.comps.append(local(state.get("kahan_comp")))
         self.nums.append(nums)
 
     def add_projected(self, site, grad, state, mode, row_weight, *nums):
@@ -224,10 +227,10 @@ class AdamW(GrassOptimizer):
             batches.setdefault(key, []).append(item)
         for (lr, weight_decay, device, _), items in batches.items():
             states = [self._state(p, site) for _, p, site in items]
-            params = [p if site is None else site.weight for _, p, site in items]
+            params = [local(p if site is None else site.weight) for _, p, site in items]
             steps = [torch.tensor(float(state["step"] + 1), dtype=torch.float32, device=device) for state in states]
-            if _compat.fused_adamw(params, [p.grad for _, p, _ in items], [s["exp_avg"] for s in states],
-                                   [s["exp_avg_sq"] for s in states], steps, lr=lr, beta1=beta1, beta2=beta2,
+            if _compat.fused_adamw(params, [local(p.grad) for _, p, _ in items], [local(s["exp_avg"]) for s in states],
+                                   [local(s["exp_avg_sq"]) for s in states], steps, lr=lr, beta1=beta1, beta2=beta2,
                                    weight_decay=weight_decay, eps=eps):
                 for state in states:
                     state["step"] += 1
@@ -258,7 +261,7 @@ class AdamW(GrassOptimizer):
         return rounding_of(p if site is None else site.weight, self.update_rounding)
 
     def _use_compiled(self) -> bool:
-        if self.update_in_backward:
+        if self.update_in_backward or self._sharded:
             return False
         if self._compiled_flag is not None:
             return self._compiled_flag
@@ -279,6 +282,11 @@ class AdamW(GrassOptimizer):
             self._apply_lists(items, beta1, beta2, eps)
 
     def _apply_lists(self, work, beta1: float, beta2: float, eps: float) -> None:
+        if self._sharded:  # FSDP2-sharded projected weights: their own step (grassfx.optim.sharded)
+            sharded = [item for item in work if item[2] is not None and is_dtensor(item[2].weight)]
+            work = [item for item in work if item[2] is None or not is_dtensor(item[2].weight)]
+            for group, p, site in sharded:
+                adamw_site_step(self, group, p, site, beta1, beta2, eps)
         if not self._use_compiled():
             work = self._fused_dense(work, beta1, beta2, eps)
         dense, proj = _Lists(), _Lists()

@@ -39,6 +39,7 @@ import math
 
 import torch
 
+from grassfx import fsdp
 from grassfx import select as _select
 from grassfx.errors import ConfigError, NonFiniteGradientError
 from grassfx.instrument import registry
@@ -172,6 +173,14 @@ class GrassOptimizer(torch.optim.Optimizer):
                     schedules[id(site.schedule)] = site.schedule
         self._schedules = list(schedules.values())
         self._target_ids = {id(site.weight) for schedule in self._schedules for site in schedule.sites}
+        sites = [site for schedule in self._schedules for site in schedule.sites]
+        fsdp.check_not_sharded_after(sites)
+        sharded = [site for site in sites if fsdp.is_dtensor(site.weight)]
+        self._sharded = bool(sharded) or any(fsdp.is_dtensor(p) for g in self.param_groups for p in g["params"])
+        if sharded:
+            from .sharded import check_supported
+
+            check_supported(self, sharded)
         for group in self.param_groups:
             for p in group["params"]:
                 site = registry.target_of(p)
@@ -218,7 +227,13 @@ class GrassOptimizer(torch.optim.Optimizer):
                     yield group, p
 
     def _all_finite(self) -> bool:
-        flags = finite_flags([p.grad for _, p in self._grads()])
+        flags = finite_flags([fsdp.local(p.grad) for _, p in self._grads()])
+        if self._sharded:  # FSDP2: each rank sees its shard of the gradients; all must agree
+            import torch.distributed as dist
+
+            agreed = torch.tensor([float(f) for f in flags], dtype=torch.float32)
+            dist.all_reduce(agreed, op=dist.ReduceOp.MIN)
+            flags = [bool(f) for f in agreed.tolist()]
         if all(flags):
             return True
         if self.defaults.get("nonfinite", "raise") == "skip":
@@ -278,7 +293,11 @@ class GrassOptimizer(torch.optim.Optimizer):
         decay.settle(site, site.prev_idx)
         state = self.state[handle]
         if state:
-            if site.moments == "keep_overlap" and site.prev_idx is not None:
+            if site.moments == "keep_overlap" and site.prev_idx is not None and fsdp.is_dtensor(site.weight):
+                from .sharded import remap
+
+                remap(state, site)
+            elif site.moments == "keep_overlap" and site.prev_idx is not None:
                 self._remap_moments(state, handle, site)
             else:
                 self.state[handle] = {}

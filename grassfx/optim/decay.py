@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import torch
 
+from grassfx import fsdp
 from grassfx.instrument.anchors import broadcast_along
 
 __all__ = ["decay_rows", "decay_selected", "owe", "settle"]
@@ -62,5 +63,10 @@ def settle(site, kept) -> None:
         weight = site.weight
         scale = torch.full((site.rows,), factor, dtype=weight.dtype, device=weight.device)
         scale[kept] = 1.0
+        if fsdp.is_dtensor(weight):  # FSDP2: this rank's rows of the weight
+            rows = fsdp.chunk_of(weight.shape[0], weight.device_mesh.size(), weight.device_mesh.get_local_rank())
+            weight = fsdp.local(weight)
+            if site.dim == 0:
+                scale = scale[rows.start:rows.stop]
         weight.mul_(broadcast_along(scale, weight.dim(), site.dim))
     site.decay_pending.fill_(1.0)

@@ -1,0 +1,172 @@
+"""FSDP2 (``torch.distributed.fsdp.fully_shard``) with grassfx: who holds what.
+
+The supported order is the user's usual recipe, then grassfx::
+
+    for block in model.layers:
+        fully_shard(block)
+    fully_shard(model)
+    model = grassfx.compile(model, rank=256)
+    opt = grassfx.optim.AdamW(model.parameters(), lr=1e-3)
+
+What lives where (``docs/distributed.md``):
+
+* **Projected weights** stay FSDP2 parameters: each rank stores its ``Shard(0)`` rows and
+  FSDP2 all-gathers them for forward and backward. They are frozen, so FSDP2 reduces no
+  gradient for them.
+* **Handles** (the (r x n) / (m x r) compressed gradients) are ordinary, replicated
+  parameters that FSDP2 does not manage; grassfx averages them across ranks (eager hooks,
+  or all-reduces inside the compiled backward), as in plain data parallelism.
+* **Optimizer state of a projected weight** is sharded along the handle's first dim with
+  ``torch.chunk``'s rule, as a ``DTensor`` ``Shard(0)`` on FSDP2's mesh, so
+  ``torch.distributed.checkpoint`` saves and reshards it like any FSDP2 state:
+
+  - columns selected (``dim=1``, handle (m x r)): the handle's rows *are* the weight's
+    rows, so each rank's state and update cover exactly its shard of the weight; no
+    communication beyond the gradient average;
+  - rows selected (``dim=0``, handle (r x n)): rank k owns the k-th chunk of the r
+    selection slots; it advances their moments, and the (r x n) update is all-gathered so
+    that each rank writes the selected rows that fall in its shard of the weight.
+
+* **Dense parameters** (embeddings, norms, head) follow FSDP2's path: sharded, gradients
+  reduce-scattered by FSDP2, updated on the local shard.
+
+Anything else (FSDP1 wrappers, 2-D meshes (HSDP), other placements, ``fully_shard``
+applied after ``grassfx.compile``) is refused with an error that names the problem.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .errors import UnsupportedModelError
+
+__all__ = ["is_dtensor", "local", "fsdp2_modules", "check_model", "check_not_sharded_after", "Chunk", "chunk_of",
+           "shard_like", "all_gather_rows"]
+
+_ORDER = ("apply fully_shard to the blocks and the root first, then call grassfx.compile on the sharded model "
+          "(docs/distributed.md)")
+
+
+def is_dtensor(tensor) -> bool:
+    """Whether ``tensor`` is a ``torch.distributed.tensor.DTensor`` (FSDP2's sharded parameters)."""
+    if not torch.distributed.is_available():
+        return False
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(tensor, DTensor)
+
+
+def local(tensor):
+    """The local shard of a DTensor (a view: in-place updates write through), else ``tensor``."""
+    return tensor.to_local() if is_dtensor(tensor) else tensor
+
+
+def fsdp2_modules(model) -> list:
+    """The modules of ``model`` that ``fully_shard`` was applied to."""
+    if not torch.distributed.is_available():
+        return []
+    from torch.distributed.fsdp import FSDPModule
+
+    return [m for m in model.modules() if isinstance(m, FSDPModule)]
+
+
+def check_model(model, target_names) -> bool:
+    """Before grassfx instruments ``model``: refuse FSDP1 and unsupported FSDP2 layouts.
+
+    Returns whether the model is sharded by FSDP2. ``target_names``: the names of the
+    weights grassfx will project (each must be a ``Shard(0)`` DTensor on a 1-D mesh).
+    """
+    for mod in model.modules():
+        if "FullyShardedDataParallel" in {c.__name__ for c in type(mod).__mro__}:
+            raise UnsupportedModelError(
+                "grassfx does not support FSDP1 (FullyShardedDataParallel wrappers): use FSDP2, "
+                f"torch.distributed.fsdp.fully_shard; {_ORDER}"
+            )
+    if not fsdp2_modules(model):
+        return False
+    params = dict(model.named_parameters())
+    for name in target_names:
+        p = params[name]
+        if not is_dtensor(p):
+            raise UnsupportedModelError(
+                f"{name!r} is not sharded although the model uses fully_shard: grassfx needs every "
+                "projected weight inside a fully_shard module (apply fully_shard to the root too) "
+                "or excluded (grassfx.compile(..., exclude=[...]))"
+            )
+        if p.dim() != 2:
+            raise UnsupportedModelError(
+                f"{name!r} is a {p.dim()}-D expert stack: grassfx does not project FSDP2-sharded expert "
+                "stacks; exclude them (grassfx.compile(..., exclude=[...])) or do not shard them")
+        mesh, placements = p.device_mesh, tuple(p.placements)
+        if mesh.ndim != 1 or len(placements) != 1 or not placements[0].is_shard(0):
+            raise UnsupportedModelError(
+                f"{name!r} is sharded as {placements} on a {mesh.ndim}-D mesh: grassfx supports "
+                "FSDP2's default layout only (Shard(0) on a 1-D mesh; no HSDP, no shard_placement_fn)"
+            )
+        if mesh.size() != torch.distributed.get_world_size():
+            raise UnsupportedModelError(
+                f"{name!r} is sharded over {mesh.size()} of {torch.distributed.get_world_size()} ranks: "
+                "grassfx averages compressed gradients over the whole world, so FSDP2's mesh must span it"
+            )
+    return True
+
+
+def check_not_sharded_after(sites) -> None:
+    """Raise if ``fully_shard`` was applied after ``grassfx.compile`` (to the grassfx model,
+    which shards the handles, or to the module inside it, which replaces the weights that
+    grassfx registered)."""
+    for site in sites:
+        if is_dtensor(site.handle) or is_dtensor(site.weight) != site.sharded:
+            raise UnsupportedModelError(
+                f"the gradient handle of {site.name!r} is sharded: fully_shard was applied after "
+                f"grassfx.compile, which is not supported; {_ORDER}"
+            )
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """This rank's part of a dimension of size ``size`` split with ``torch.chunk``'s rule."""
+
+    start: int
+    length: int
+    size: int
+    world: int
+
+    @property
+    def stop(self) -> int:
+        return self.start + self.length
+
+    @property
+    def per_rank(self) -> int:
+        return -(-self.size // self.world)  # ceil: every chunk but the last ones has this length
+
+
+def chunk_of(size: int, world: int, rank: int) -> Chunk:
+    """``torch.chunk(range(size), world)[rank]`` as a :class:`Chunk` (possibly empty), as FSDP2 shards."""
+    per = -(-size // world)
+    start = min(size, rank * per)
+    return Chunk(start, max(0, min(size, start + per) - start), size, world)
+
+
+def shard_like(local_tensor: torch.Tensor, weight, global_shape) -> torch.Tensor:
+    """``local_tensor`` as a ``Shard(0)`` DTensor of ``global_shape`` on ``weight``'s mesh."""
+    from torch.distributed.tensor import DTensor, Shard
+
+    shape = torch.Size(global_shape)
+    stride = torch.empty(shape, device="meta").stride()
+    return DTensor.from_local(local_tensor, weight.device_mesh, [Shard(0)], run_check=False, shape=shape,
+                              stride=stride)
+
+
+def all_gather_rows(local_rows: torch.Tensor, chunk: Chunk, group) -> torch.Tensor:
+    """Concatenate every rank's ``local_rows`` (dim 0 chunked as ``chunk``) into the whole tensor."""
+    import torch.distributed as dist
+
+    per = chunk.per_rank
+    padded = local_rows.new_zeros((per, *local_rows.shape[1:]))
+    padded[: chunk.length] = local_rows
+    out = local_rows.new_empty((per * chunk.world, *local_rows.shape[1:]))
+    dist.all_gather_into_tensor(out, padded.contiguous(), group=group)
+    return out[: chunk.size]

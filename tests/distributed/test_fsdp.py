@@ -1,0 +1,89 @@
+"""FSDP2 (fully_shard) + grassfx on 2 gloo processes: equal to one process, sharded state, DCP resume."""
+
+from __future__ import annotations
+
+import socket
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+import grassfx
+
+import fsdp_worker as W
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _launch(tmp_path, **opts):
+    ctx = mp.get_context("spawn")
+    port = _free_port()
+    procs = [ctx.Process(target=W.worker, args=(r, 2, port, str(tmp_path), opts)) for r in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=240)
+        assert p.exitcode == 0, f"worker exit code {p.exitcode}"
+    return [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
+
+
+def _single_process():
+    model = grassfx.compile(W.make_net(), **dict(W.CONFIG, backend="eager"))
+    opt = grassfx.optim.AdamW(model.parameters(), **W.OPT)
+    W.train(model, opt, slice(None))
+    return W.full_state(model)
+
+
+def _ok(*results):
+    for r in results:
+        assert "error" not in r, r.get("trace")
+
+
+@pytest.mark.parametrize("backend", ["eager", "inductor"])
+def test_fsdp2_equals_single_process_on_the_full_batch(tmp_path, backend):
+    r0, r1 = _launch(tmp_path, backend=backend)
+    _ok(r0, r1)
+    ref = _single_process()
+    assert set(r0["state"]) == set(ref)
+    for k in ref:
+        assert torch.equal(r0["state"][k], r1["state"][k]), k  # identical on both ranks
+        torch.testing.assert_close(r0["state"][k], ref[k], rtol=1e-5, atol=1e-6, msg=k)
+    # both selection axes are covered: rows (25-row weight) and columns (7-row weight)
+    assert r0["dims"] == {"0.lin.weight": 0, "1.lin.weight": 1, "2.weight": 1}
+
+
+def test_each_rank_stores_its_shard_of_weights_and_projected_state(tmp_path):
+    r0, r1 = _launch(tmp_path)
+    _ok(r0, r1)
+    for name, rows in r0["weight_rows"].items():
+        # torch.chunk's split, as FSDP2 shards: ceil(rows / 2) on rank 0, the rest on rank 1
+        assert r0["local_weight_rows"][name] == -(-rows // 2), name
+        assert r0["local_weight_rows"][name] + r1["local_weight_rows"][name] == rows, name
+        for key, numel in r0["state_global"][name].items():
+            mine, theirs = r0["state_numel"][name][key], r1["state_numel"][name][key]
+            if key == "row_step" and r0["dims"][name] == 1:
+                assert mine == theirs == numel  # r step counts of the selected columns, on both
+            else:
+                assert mine + theirs == numel and mine < numel, (name, key)
+
+
+def test_dcp_checkpoint_resumes_exactly(tmp_path):
+    r0, r1 = _launch(tmp_path, checkpoint=True)
+    _ok(r0, r1)
+    for r in (r0, r1):
+        for k, v in r["uninterrupted"].items():
+            assert torch.equal(v, r["resumed"][k]), k
+
+
+def test_compile_then_shard_is_refused_naming_the_order(tmp_path):
+    r0, _ = _launch(tmp_path, order="compile_then_shard")
+    assert "fully_shard" in r0.get("error", "") and "then call grassfx.compile" in r0["error"], r0
+
+
+def test_muon_with_sharded_weights_is_refused(tmp_path):
+    r0, _ = _launch(tmp_path, muon=True)
+    assert "grassfx.optim.AdamW" in r0.get("error", ""), r0

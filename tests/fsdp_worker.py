@@ -1,0 +1,129 @@
+"""Worker processes for tests/distributed/test_fsdp.py: FSDP2 (fully_shard) + grassfx on gloo, CPU."""
+
+from __future__ import annotations
+
+import datetime
+import gc
+import os
+import traceback
+
+import torch
+from torch import nn
+
+import grassfx
+
+STEPS, GLOBAL_BATCH, UPDATE_FREQ = 6, 8, 2
+# 25 rows (uneven shards 13 / 12) with rows selected; 7 rows (4 / 3) with columns selected
+CONFIG = dict(rank=5, selection="multinorm", update_freq=UPDATE_FREQ, moments="keep_overlap")
+OPT = dict(lr=1e-2, weight_decay=0.1)
+
+
+class Block(nn.Module):
+    def __init__(self, d_in, d_out):
+        super().__init__()
+        self.lin = nn.Linear(d_in, d_out)
+        self.norm = nn.LayerNorm(d_out)
+
+    def forward(self, x):
+        return self.norm(torch.tanh(self.lin(x)))
+
+
+def make_net():
+    torch.manual_seed(0)
+    return nn.Sequential(Block(12, 25), Block(25, 7), nn.Linear(7, 3))
+
+
+def batch(step):
+    g = torch.Generator().manual_seed(100 + step)
+    return torch.randn(GLOBAL_BATCH, 12, generator=g)
+
+
+def train(model, opt, shard, steps=range(STEPS)):
+    for step in steps:
+        model(batch(step)[shard]).pow(2).mean().backward()
+        opt.step()
+        opt.zero_grad()
+
+
+def full_state(model) -> dict:
+    """Every tensor of the model's state, whole (sharded ones all-gathered)."""
+    out = {}
+    for k, v in model.state_dict().items():
+        out[k] = (v.full_tensor() if grassfx.fsdp.is_dtensor(v) else v).detach().clone()
+    return out
+
+
+def shard(net):
+    from torch.distributed.fsdp import fully_shard
+
+    for block in net[:2]:
+        fully_shard(block)
+    fully_shard(net)
+    return net
+
+
+def worker(rank, world, port, out_dir, opts):
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), GRASSFX_CHECK_RANKS="1")
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=120))
+    result = {}
+    try:
+        per = GLOBAL_BATCH // world
+        rows = slice(rank * per, (rank + 1) * per)
+        kw = dict(CONFIG, backend=opts.get("backend", "eager"))
+        if opts.get("order") == "compile_then_shard":
+            model = grassfx.compile(make_net(), **kw)
+            shard(model.module)
+            opt = grassfx.optim.AdamW(model.parameters(), **OPT)
+            train(model, opt, rows)
+        else:
+            model = grassfx.compile(shard(make_net()), **kw)
+            opt = (grassfx.optim.Muon if opts.get("muon") else grassfx.optim.AdamW)(model.parameters(), **OPT)
+            if opts.get("checkpoint"):
+                _checkpoint_run(model, opt, rows, out_dir, result)
+            else:
+                train(model, opt, rows)
+            result["state"] = full_state(model)
+            result["local_weight_rows"] = {s.name: grassfx.fsdp.local(s.weight).shape[0] for s in model.sites}
+            result["weight_rows"] = {s.name: s.weight.shape[0] for s in model.sites}
+            result["state_numel"] = {s.name: {k: grassfx.fsdp.local(v).numel() for k, v in opt.state[s.handle].items()
+                                              if torch.is_tensor(v)} for s in model.sites}
+            result["state_global"] = {s.name: {k: v.numel() for k, v in opt.state[s.handle].items()
+                                               if torch.is_tensor(v)} for s in model.sites}
+            result["dims"] = {s.name: s.dim for s in model.sites}
+            result["bytes"] = dict(model._dp.bytes_sent)
+    except Exception as exc:  # reported to the test, which asserts on it
+        result["error"] = f"{type(exc).__name__}: {exc}"
+        result["trace"] = traceback.format_exc()
+    torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
+    model = opt = None  # noqa: F841
+    gc.collect()
+    try:
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def _checkpoint_run(model, opt, rows, out_dir, result):
+    """Train half, save with DCP, train on; then a fresh model and optimizer load the
+    checkpoint and train the second half again: both ends must be equal."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    half = STEPS // 2 + 1  # odd: the checkpoint falls between refreshes
+    train(model, opt, rows, range(half))
+    msd, osd = get_state_dict(model, opt)
+    dcp.save({"model": msd, "optim": osd}, checkpoint_id=os.path.join(out_dir, "ckpt"))
+    train(model, opt, rows, range(half, STEPS))
+    result["uninterrupted"] = full_state(model)
+
+    fresh = grassfx.compile(shard(make_net()), **dict(CONFIG, backend="eager"))
+    fresh_opt = grassfx.optim.AdamW(fresh.parameters(), **OPT)
+    msd, osd = get_state_dict(fresh, fresh_opt)
+    state = {"model": msd, "optim": osd}
+    dcp.load(state, checkpoint_id=os.path.join(out_dir, "ckpt"))
+    set_state_dict(fresh, fresh_opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    train(fresh, fresh_opt, rows, range(half, STEPS))
+    result["resumed"] = full_state(fresh)
