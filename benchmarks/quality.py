@@ -146,14 +146,15 @@ PLANS = {
     ),
     # The `small` preset (20.5M parameters, 8 layers, d 384, rank 128), tuned: each method's
     # matrix step at 1/2, 1 and 2 times its point tuned on the tiny preset, the dense lr
-    # (embeddings, norms) kept at that point's. 25 refresh windows, 3 evaluation seeds.
+    # (embeddings, norms) kept at that point's; a grid extended where its best point was at
+    # an edge (GaLore: 1/4). 25 refresh windows, 3 evaluation seeds.
     "small": dict(
         preset="small", steps=300, batch_size=4, seq_len=128, eval_every=50, eval_windows=32, rank=128,
         arms={
             "adamw": dict(flags=["--optimizer", "adamw"],
                           grid=[["--lr", "16e-3", "--scale", sc] for sc in ("0.03125", "0.0625", "0.125")]),
             "galore": dict(flags=["--optimizer", "galore", "--update-freq", "12"],
-                           grid=[["--lr", "16e-3", "--scale", sc] for sc in ("0.125", "0.25", "0.5")]),
+                           grid=[["--lr", "16e-3", "--scale", sc] for sc in ("0.125", "0.25", "0.5", "0.0625")]),
             "grass-muon": dict(flags=["--optimizer", "grass", "--grass-optimizer", "muon"] + _GRASS_BASE
                                + ["--rewarmup", "0"],
                                grid=[["--lr", "32e-3", "--scale", sc] for sc in ("0.0625", "0.125", "0.25")]),

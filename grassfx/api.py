@@ -119,6 +119,7 @@ def compile(  # noqa: A001 - the promised public name
         refresh=refresh,
         blocks=blocks,
     )
+    fsdp.refuse_fsdp1(model)
     _check_materialized(model)
     decisions = plan_targets(model, targets=targets, exclude=exclude)
     fsdp.check_model(model, [t.name for t in targets_of(decisions, model)])

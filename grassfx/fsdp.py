@@ -42,7 +42,7 @@ import torch
 
 from .errors import UnsupportedModelError
 
-__all__ = ["is_dtensor", "local", "fsdp2_modules", "check_model", "check_not_sharded_after", "Chunk", "chunk_of",
+__all__ = ["is_dtensor", "local", "fsdp2_modules", "refuse_fsdp1", "check_model", "check_not_sharded_after", "Chunk", "chunk_of",
            "shard_like", "all_gather_rows"]
 
 _ORDER = ("apply fully_shard to the blocks and the root first, then call grassfx.compile on the sharded model "
@@ -72,18 +72,23 @@ def fsdp2_modules(model) -> list:
     return [m for m in model.modules() if isinstance(m, FSDPModule)]
 
 
-def check_model(model, target_names) -> bool:
-    """Before grassfx instruments ``model``: refuse FSDP1 and unsupported FSDP2 layouts.
-
-    Returns whether the model is sharded by FSDP2. ``target_names``: the names of the
-    weights grassfx will project (each must be a ``Shard(0)`` DTensor on a 1-D mesh).
-    """
+def refuse_fsdp1(model) -> None:
+    """Raise if ``model`` holds FSDP1 wrappers (``FullyShardedDataParallel``)."""
     for mod in model.modules():
         if "FullyShardedDataParallel" in {c.__name__ for c in type(mod).__mro__}:
             raise UnsupportedModelError(
                 "grassfx does not support FSDP1 (FullyShardedDataParallel wrappers): use FSDP2, "
                 f"torch.distributed.fsdp.fully_shard; {_ORDER}"
             )
+
+
+def check_model(model, target_names) -> bool:
+    """Before grassfx instruments ``model``: refuse unsupported FSDP2 layouts.
+
+    Returns whether the model is sharded by FSDP2. ``target_names``: the names of the
+    weights grassfx will project (each must be a ``Shard(0)`` DTensor on a 1-D mesh).
+    """
+    refuse_fsdp1(model)
     if not fsdp2_modules(model):
         return False
     params = dict(model.named_parameters())
@@ -168,5 +173,6 @@ def all_gather_rows(local_rows: torch.Tensor, chunk: Chunk, group) -> torch.Tens
     padded = local_rows.new_zeros((per, *local_rows.shape[1:]))
     padded[: chunk.length] = local_rows
     out = local_rows.new_empty((per * chunk.world, *local_rows.shape[1:]))
-    dist.all_gather_into_tensor(out, padded.contiguous(), group=group)
+    gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor  # renamed in torch 2.13
+    gather(out, padded.contiguous(), group=group)
     return out[: chunk.size]

@@ -13,6 +13,7 @@ from torch import nn
 import grassfx
 
 STEPS, GLOBAL_BATCH, UPDATE_FREQ = 6, 8, 2
+HALF = STEPS // 2 + 1  # checkpoint after 4 steps: odd, between refreshes
 # 25 rows (uneven shards 13 / 12) with rows selected; 7 rows (4 / 3) with columns selected
 CONFIG = dict(rank=5, selection="multinorm", update_freq=UPDATE_FREQ, moments="keep_overlap")
 OPT = dict(lr=1e-2, weight_decay=0.1)
@@ -83,6 +84,9 @@ def worker(rank, world, port, out_dir, opts):
             opt = (grassfx.optim.Muon if opts.get("muon") else grassfx.optim.AdamW)(model.parameters(), **OPT)
             if opts.get("checkpoint"):
                 _checkpoint_run(model, opt, rows, out_dir, result)
+            elif opts.get("resume"):  # another world size than the one that saved
+                _load(model, opt, opts["resume"])
+                train(model, opt, rows, range(HALF, STEPS))
             else:
                 train(model, opt, rows)
             result["state"] = full_state(model)
@@ -93,7 +97,15 @@ def worker(rank, world, port, out_dir, opts):
             result["state_global"] = {s.name: {k: v.numel() for k, v in opt.state[s.handle].items()
                                                if torch.is_tensor(v)} for s in model.sites}
             result["dims"] = {s.name: s.dim for s in model.sites}
-            result["bytes"] = dict(model._dp.bytes_sent)
+            result["bytes"] = dict(model._dp.bytes_sent) if model._dp is not None else None
+            result["reduced_in_graph"] = sorted(model._dp.reduced_in_graph) if model._dp is not None else []
+            report = model.compile_report
+            result["changes"] = sorted({(c.weight, c.action) for c in report.changes()}) if report else []
+            result["frames"] = report.frames if report else 0
+            if kw["backend"] == "inductor":  # the same graphs again: Inductor's caches are warm now
+                again = grassfx.compile(shard(make_net()), **kw)
+                train(again, grassfx.optim.AdamW(again.parameters(), **OPT), rows, range(2))
+                result["reduced_in_graph_warm"] = sorted(again._dp.reduced_in_graph)
     except Exception as exc:  # reported to the test, which asserts on it
         result["error"] = f"{type(exc).__name__}: {exc}"
         result["trace"] = traceback.format_exc()
@@ -110,20 +122,26 @@ def _checkpoint_run(model, opt, rows, out_dir, result):
     """Train half, save with DCP, train on; then a fresh model and optimizer load the
     checkpoint and train the second half again: both ends must be equal."""
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+    from torch.distributed.checkpoint.state_dict import get_state_dict
 
-    half = STEPS // 2 + 1  # odd: the checkpoint falls between refreshes
-    train(model, opt, rows, range(half))
+    train(model, opt, rows, range(HALF))
     msd, osd = get_state_dict(model, opt)
     dcp.save({"model": msd, "optim": osd}, checkpoint_id=os.path.join(out_dir, "ckpt"))
-    train(model, opt, rows, range(half, STEPS))
+    train(model, opt, rows, range(HALF, STEPS))
     result["uninterrupted"] = full_state(model)
 
     fresh = grassfx.compile(shard(make_net()), **dict(CONFIG, backend="eager"))
     fresh_opt = grassfx.optim.AdamW(fresh.parameters(), **OPT)
-    msd, osd = get_state_dict(fresh, fresh_opt)
-    state = {"model": msd, "optim": osd}
-    dcp.load(state, checkpoint_id=os.path.join(out_dir, "ckpt"))
-    set_state_dict(fresh, fresh_opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
-    train(fresh, fresh_opt, rows, range(half, STEPS))
+    _load(fresh, fresh_opt, os.path.join(out_dir, "ckpt"))
+    train(fresh, fresh_opt, rows, range(HALF, STEPS))
     result["resumed"] = full_state(fresh)
+
+
+def _load(model, opt, path):
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    msd, osd = get_state_dict(model, opt)
+    state = {"model": msd, "optim": osd}
+    dcp.load(state, checkpoint_id=path)
+    set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])

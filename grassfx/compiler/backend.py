@@ -79,7 +79,13 @@ def _inductor_backend(report: CompileReport, cfg, collectives):
         report.frames += 1
         ours = grass_post_grad_pass(report, frame, collectives)
         passes = _compat.post_grad_pre_passes(ours, _compat.user_post_grad_pre_pass())
-        return _compat.compile_fx(gm, example_inputs, {**patches, "post_grad_custom_pre_pass": passes})
+        extra = {"post_grad_custom_pre_pass": passes}
+        if collectives() is not None:
+            # a graph served from Inductor's FX graph cache skips our pass, so the report would
+            # not list the compressed gradients it averages and the eager hooks would reduce
+            # them a second time: data-parallel graphs are always compiled
+            extra["fx_graph_cache"] = False
+        return _compat.compile_fx(gm, example_inputs, {**patches, **extra})
 
     return backend
 

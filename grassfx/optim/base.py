@@ -134,6 +134,9 @@ class GrassOptimizer(torch.optim.Optimizer):
         self._schedules = []
         self._in_backward = None
         self._classify()
+        if update_in_backward and self._sharded:
+            raise ConfigError("update_in_backward=True with FSDP2-sharded parameters is not supported: "
+                              "FSDP2 reduce-scatters gradients after the backward; pass update_in_backward=False")
         if update_in_backward:
             from .inbackward import BackwardUpdates
 

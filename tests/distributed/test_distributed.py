@@ -98,9 +98,10 @@ def one_process_group():
 
 
 @pytest.mark.filterwarnings("ignore:FSDP is switching to use `NO_SHARD`")
-def test_fsdp_is_refused(one_process_group):
+def test_fsdp1_and_unsupported_fsdp2_layouts_are_refused(one_process_group):
     from torch import nn
     from torch.distributed.fsdp import FullyShardedDataParallel, fully_shard
+    from torch.distributed.tensor import Shard
 
     def net():
         torch.manual_seed(0)
@@ -108,8 +109,40 @@ def test_fsdp_is_refused(one_process_group):
 
     assert len(grassfx.compile(net(), rank=2, backend="eager").sites) == 2  # the same model, unwrapped: fine
     wrapped = FullyShardedDataParallel(net(), device_id=torch.device("cpu"))  # FSDP1
+    with pytest.raises(grassfx.UnsupportedModelError, match="FSDP1"):
+        grassfx.compile(wrapped, rank=2, backend="eager")
     inner = net()
-    fully_shard(inner[2])  # FSDP2, on a submodule only
-    for model in (wrapped, inner):
-        with pytest.raises(grassfx.UnsupportedModelError, match="FSDP"):
-            grassfx.compile(model, rank=2, backend="eager")
+    fully_shard(inner[2])  # FSDP2, on a submodule only: the first weight is not sharded
+    with pytest.raises(grassfx.UnsupportedModelError, match="'0.weight' is not sharded"):
+        grassfx.compile(inner, rank=2, backend="eager")
+    cols = net()
+    fully_shard(cols, shard_placement_fn=lambda p: Shard(p.dim() - 1))  # matrices by columns: not the default
+    with pytest.raises(grassfx.UnsupportedModelError, match="Shard\\(0\\) on a 1-D mesh"):
+        grassfx.compile(cols, rank=2, backend="eager")
+
+
+def test_fsdp2_on_one_rank_equals_the_unsharded_model(one_process_group):
+    """FSDP2 over a mesh of one: the sharded optimizer path (DTensor weights and state)
+    trains exactly as the plain model does."""
+    from torch import nn
+    from torch.distributed.fsdp import fully_shard
+
+    def net():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 4))
+
+    def run(model):
+        opt = grassfx.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+        for step in range(5):
+            model(torch.randn(4, 8, generator=torch.Generator().manual_seed(step))).pow(2).mean().backward()
+            opt.step()
+            opt.zero_grad()
+        return {k: v.full_tensor() if grassfx.fsdp.is_dtensor(v) else v for k, v in model.state_dict().items()}
+
+    kw = dict(rank=3, backend="eager", update_freq=2, moments="keep_overlap")
+    sharded = net()
+    fully_shard(sharded[0])
+    fully_shard(sharded)
+    got, ref = run(grassfx.compile(sharded, **kw)), run(grassfx.compile(net(), **kw))
+    for k in ref:
+        torch.testing.assert_close(got[k], ref[k], rtol=1e-6, atol=1e-7, msg=k)

@@ -19,16 +19,16 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def _launch(tmp_path, **opts):
+def _launch(tmp_path, world=2, **opts):
     ctx = mp.get_context("spawn")
     port = _free_port()
-    procs = [ctx.Process(target=W.worker, args=(r, 2, port, str(tmp_path), opts)) for r in range(2)]
+    procs = [ctx.Process(target=W.worker, args=(r, world, port, str(tmp_path), opts)) for r in range(world)]
     for p in procs:
         p.start()
     for p in procs:
         p.join(timeout=240)
         assert p.exitcode == 0, f"worker exit code {p.exitcode}"
-    return [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
+    return [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(world)]
 
 
 def _single_process():
@@ -54,6 +54,13 @@ def test_fsdp2_equals_single_process_on_the_full_batch(tmp_path, backend):
         torch.testing.assert_close(r0["state"][k], ref[k], rtol=1e-5, atol=1e-6, msg=k)
     # both selection axes are covered: rows (25-row weight) and columns (7-row weight)
     assert r0["dims"] == {"0.lin.weight": 0, "1.lin.weight": 1, "2.weight": 1}
+    if backend == "inductor":
+        # compiled: the compressed gradients are averaged inside the backward graphs, also
+        # when the same graphs are compiled again with warm caches (the eager hooks skip them)
+        assert r0["reduced_in_graph"] == r0["reduced_in_graph_warm"] == sorted(r0["dims"])
+        # the selected GEMMs in the blocks' graphs; the head, read in the root's frame after
+        # FSDP2's graph breaks, falls back to selecting rows of its dense gradient
+        assert {w for w, action in r0["changes"] if action == "rewrote"} == {"0.lin.weight", "1.lin.weight"}
 
 
 def test_each_rank_stores_its_shard_of_weights_and_projected_state(tmp_path):
@@ -77,6 +84,12 @@ def test_dcp_checkpoint_resumes_exactly(tmp_path):
     for r in (r0, r1):
         for k, v in r["uninterrupted"].items():
             assert torch.equal(v, r["resumed"][k]), k
+    # onto one process: DCP reshards the weights and the slot-sharded moments
+    (tmp_path / "one").mkdir()
+    (alone,) = _launch(tmp_path / "one", world=1, resume=str(tmp_path / "ckpt"))
+    _ok(alone)
+    for k, v in r0["uninterrupted"].items():
+        torch.testing.assert_close(alone["state"][k], v, rtol=1e-5, atol=1e-6, msg=k)
 
 
 def test_compile_then_shard_is_refused_naming_the_order(tmp_path):
