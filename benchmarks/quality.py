@@ -53,6 +53,12 @@ _LR = lambda *values: [["--lr", str(v)] for v in values]  # noqa: E731
 _GRASS_ADAM = ["--optimizer", "grass", "--grass-optimizer", "adamw"]
 _GRASS_BASE = ["--update-freq", "12", "--moments", "keep_overlap", "--explore", "0.25", "--rewarmup", "10"]
 
+
+def _dense_lr_probes(lr: str, scale: str) -> list:
+    """Two grid points with the matrix step ``lr * scale`` kept and the dense lr halved / doubled."""
+    lr_f, sc_f = float(lr), float(scale)
+    return [["--lr", f"{lr_f * k:g}", "--scale", f"{sc_f / k:g}"] for k in (0.5, 2.0)]
+
 PLANS = {
     # 300 steps of 4 x 128 tokens on the tiny preset (5.3M parameters), 25 refresh windows
     # for grassfx (GaLore updates its projection as often). Each method tunes the learning
@@ -146,18 +152,22 @@ PLANS = {
     ),
     # The `small` preset (20.5M parameters, 8 layers, d 384, rank 128), tuned: each method's
     # matrix step at 1/2, 1 and 2 times its point tuned on the tiny preset, the dense lr
-    # (embeddings, norms) kept at that point's; a grid extended where its best point was at
-    # an edge (GaLore: 1/4). 25 refresh windows, 3 evaluation seeds.
+    # (embeddings, norms) kept at that point's; extended where the best point was at an
+    # edge (GaLore and grassfx: 1/4), then the dense lr halved and doubled at the best
+    # matrix step (_dense_lr_probes). 25 refresh windows, 3 evaluation seeds.
     "small": dict(
         preset="small", steps=300, batch_size=4, seq_len=128, eval_every=50, eval_windows=32, rank=128,
         arms={
             "adamw": dict(flags=["--optimizer", "adamw"],
-                          grid=[["--lr", "16e-3", "--scale", sc] for sc in ("0.03125", "0.0625", "0.125")]),
+                          grid=[["--lr", "16e-3", "--scale", sc] for sc in ("0.03125", "0.0625", "0.125")]
+                          + _dense_lr_probes("16e-3", "0.0625")),
             "galore": dict(flags=["--optimizer", "galore", "--update-freq", "12"],
-                           grid=[["--lr", "16e-3", "--scale", sc] for sc in ("0.125", "0.25", "0.5", "0.0625")]),
+                           grid=[["--lr", "16e-3", "--scale", sc] for sc in ("0.125", "0.25", "0.5", "0.0625")]
+                           + _dense_lr_probes("16e-3", "0.125")),
             "grass-muon": dict(flags=["--optimizer", "grass", "--grass-optimizer", "muon"] + _GRASS_BASE
                                + ["--rewarmup", "0"],
-                               grid=[["--lr", "32e-3", "--scale", sc] for sc in ("0.0625", "0.125", "0.25")]),
+                               grid=[["--lr", "32e-3", "--scale", sc] for sc in ("0.0625", "0.125", "0.25", "0.03125")]
+                               + _dense_lr_probes("32e-3", "0.0625")),
         },
         reference="adamw",
         second="galore",

@@ -103,9 +103,12 @@ class DataParallel:
 
     def _trainable(self):
         frozen = {id(s.weight) for s in self.model.sites}
+        # parameters inside fully_shard modules are FSDP2's to reduce-scatter (sharded or, after a
+        # forward without backward, gathered: either way not ours); the handles and anything
+        # outside every fully_shard module are averaged here
+        managed = {id(p) for m in fsdp.fsdp2_modules(self.model.module) for p in m.parameters()}
         for _, p in self.model.named_parameters():
-            # FSDP2's sharded parameters (DTensors) are reduce-scattered by FSDP2 itself
-            if p.requires_grad and id(p) not in frozen and not fsdp.is_dtensor(p):
+            if p.requires_grad and id(p) not in frozen and id(p) not in managed and not fsdp.is_dtensor(p):
                 yield p
 
     # -- first forward --------------------------------------------------------------------

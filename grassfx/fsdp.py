@@ -42,7 +42,8 @@ import torch
 
 from .errors import UnsupportedModelError
 
-__all__ = ["is_dtensor", "local", "fsdp2_modules", "refuse_fsdp1", "check_model", "check_not_sharded_after", "Chunk", "chunk_of",
+__all__ = ["is_dtensor", "local", "fsdp2_modules", "refuse_fsdp1", "check_model", "check_not_sharded_after", "sharded_weight", "Chunk",
+           "chunk_of",
            "shard_like", "all_gather_rows"]
 
 _ORDER = ("apply fully_shard to the blocks and the root first, then call grassfx.compile on the sharded model "
@@ -123,11 +124,23 @@ def check_not_sharded_after(sites) -> None:
     which shards the handles, or to the module inside it, which replaces the weights that
     grassfx registered)."""
     for site in sites:
-        if is_dtensor(site.handle) or is_dtensor(site.weight) != site.sharded:
+        # (a weight sharded at compile time may be a plain tensor now: FSDP2 has it gathered)
+        if is_dtensor(site.handle) or (is_dtensor(site.weight) and not site.sharded):
             raise UnsupportedModelError(
                 f"the gradient handle of {site.name!r} is sharded: fully_shard was applied after "
                 f"grassfx.compile, which is not supported; {_ORDER}"
             )
+
+
+def sharded_weight(site):
+    """The FSDP2 shard of a site's weight (a DTensor); raises if FSDP2 holds it gathered now."""
+    weight = site.weight
+    if not is_dtensor(weight):
+        raise UnsupportedModelError(
+            f"{site.name!r} is gathered by FSDP2 at the optimizer step (a forward ran without its "
+            "backward, e.g. an evaluation under torch.no_grad()): call model.reshard() on the "
+            "fully_shard root (or run the backward) before stepping the optimizer")
+    return weight
 
 
 @dataclass(frozen=True)

@@ -82,6 +82,11 @@ def worker(rank, world, port, out_dir, opts):
         else:
             model = grassfx.compile(shard(make_net()), **kw)
             opt = (grassfx.optim.Muon if opts.get("muon") else grassfx.optim.AdamW)(model.parameters(), **OPT)
+            if opts.get("explain"):  # on the sharded model itself, before training: must leave it as it was
+                report = grassfx.explain(model, batch(0)[rows])
+                result["explained"] = [(w.name, w.rewritten) for w in report.weights]
+                result["explain_reduced"] = sorted({c.weight for c in report.stats.changes()
+                                                    if c.action == "all_reduce"}) if report.stats else []
             if opts.get("checkpoint"):
                 _checkpoint_run(model, opt, rows, out_dir, result)
             elif opts.get("resume"):  # another world size than the one that saved

@@ -19,7 +19,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from grassfx import _compat
+from grassfx import _compat, fsdp
 from grassfx.compiler.records import Recorder
 from grassfx.errors import ConfigError
 from grassfx.instrument import GrassModel
@@ -71,11 +71,63 @@ def explain(model: nn.Module, *example_args, **example_kwargs) -> Report:
     """
     require_grass_model(model, "explain")
     probe = _Probe(model, example_args, example_kwargs)
-    with _preserved_rng(model):
-        probe.run()
-    report = _build_report(model, probe)
+    in_place = _InPlace(model) if any(site.sharded for site in model.sites) else None
+    try:
+        with _preserved_rng(model):
+            probe.run(in_place)
+        report = _build_report(model, probe)
+    finally:
+        if in_place is not None:
+            in_place.restore()
     trace_artifact("grassfx_explain", report)
     return report
+
+
+class _InPlace:
+    """A model whose probe runs on itself: FSDP2 modules cannot be deep-copied.
+
+    Holds everything the probe's two steps change (gradients, grassfx's buffers, the sites'
+    refresh bookkeeping, the schedule, the reducer's counters) and puts it back. Weights do
+    not change (no optimizer step). The probe must compile the model's graphs for the first
+    time (Dynamo would reuse graphs compiled before and run no pass), so a compiled FSDP2
+    model is explained before its first training step.
+    """
+
+    _SCHEDULE = ("pending", "pending_ok", "generation", "superseded", "advanced_by")
+
+    def __init__(self, model: GrassModel):
+        if model.grass_config.backend != "eager" and model.compile_report is not None \
+                and model.compile_report.frames:
+            raise ConfigError(
+                "explain on an FSDP2-sharded model runs the model itself (FSDP2 modules cannot be "
+                "deep-copied) and must compile its graphs for the first time: call grassfx.explain "
+                "before the model's first training step")
+        self.model = model
+        self.grads = [(p, p.grad) for p in model.parameters()]
+        self.buffers = {name: b.clone() for name, b in model.named_buffers() if not name.startswith("module.")}
+        self.sites = [(site, site.prev_idx, site.refreshed) for site in model.sites]
+        self.schedule = {key: copy.copy(getattr(model._schedule, key)) for key in self._SCHEDULE}
+        self.records = model.compile_report.records if model.compile_report is not None else None
+        self.sent = dict(model._dp.bytes_sent) if model._dp is not None else None
+
+    def restore(self) -> None:
+        model = self.model
+        with torch.no_grad():
+            for name, value in self.buffers.items():
+                model.get_buffer(name).copy_(value)
+        for p, grad in self.grads:
+            p.grad = grad
+        for site, prev_idx, refreshed in self.sites:
+            site.prev_idx, site.refreshed = prev_idx, refreshed
+        for key, value in self.schedule.items():
+            setattr(model._schedule, key, value)
+        if model.compile_report is not None:
+            model.compile_report.records = self.records
+        if self.sent is not None:
+            model._dp.bytes_sent.update(self.sent)
+        for module in fsdp.fsdp2_modules(model.module):  # the probe's forward without backward
+            module.reshard()                                  # left some weights gathered
+        snapshot_handle_versions(model.sites)
 
 
 @contextlib.contextmanager
@@ -100,8 +152,8 @@ class _Probe:
         self.graph_breaks = {}
         self.stats = None
 
-    def run(self) -> None:
-        work = self._copy()
+    def run(self, in_place: "_InPlace | None" = None) -> None:
+        work = self._copy() if in_place is None else self._in_place()
         self.tokens = _count_tokens(work, self.args, self.kwargs)
         if work.grass_config.backend == "eager":
             return
@@ -124,6 +176,12 @@ class _Probe:
         work = copy.deepcopy(self.model)
         work.cancel_refresh()  # a refresh the user left half-done is not ours to finish
         snapshot_handle_versions(work.sites)
+        _drop_grads(work)
+        self.work = work
+        return work
+
+    def _in_place(self) -> GrassModel:
+        work = self.model
         _drop_grads(work)
         self.work = work
         return work
@@ -191,7 +249,8 @@ def _count_tokens(work: GrassModel, args: tuple, kwargs: dict) -> dict:
 
     handles = [work.module.get_submodule(name).register_forward_pre_hook(hook_for(name), with_kwargs=True)
                for name in owners]
-    watcher = _MatmulTokens({_storage_key(s.weight): s for s in work.sites})
+    # FSDP2 shards have no storage of the gathered weight the GEMMs read: module inputs count
+    watcher = _MatmulTokens({_storage_key(s.weight): s for s in work.sites if not s.sharded})
     try:
         with torch.no_grad(), watcher:
             work._run(None, args, kwargs)

@@ -31,7 +31,7 @@ import torch
 from grassfx import _compat
 from grassfx import select as _select
 from grassfx.errors import ConfigError
-from grassfx.fsdp import is_dtensor, local
+from grassfx.fsdp import local
 from grassfx.instrument.experts import flat
 
 from .base import GrassOptimizer, check_adam_settings, check_rho_scaling, row_weights
@@ -283,8 +283,8 @@ class AdamW(GrassOptimizer):
 
     def _apply_lists(self, work, beta1: float, beta2: float, eps: float) -> None:
         if self._sharded:  # FSDP2-sharded projected weights: their own step (grassfx.optim.sharded)
-            sharded = [item for item in work if item[2] is not None and is_dtensor(item[2].weight)]
-            work = [item for item in work if item[2] is None or not is_dtensor(item[2].weight)]
+            sharded = [item for item in work if item[2] is not None and item[2].sharded]
+            work = [item for item in work if item[2] is None or not item[2].sharded]
             for group, p, site in sharded:
                 adamw_site_step(self, group, p, site, beta1, beta2, eps)
         if not self._use_compiled():

@@ -178,7 +178,7 @@ class GrassOptimizer(torch.optim.Optimizer):
         self._target_ids = {id(site.weight) for schedule in self._schedules for site in schedule.sites}
         sites = [site for schedule in self._schedules for site in schedule.sites]
         fsdp.check_not_sharded_after(sites)
-        sharded = [site for site in sites if fsdp.is_dtensor(site.weight)]
+        sharded = [site for site in sites if site.sharded]
         self._sharded = bool(sharded) or any(fsdp.is_dtensor(p) for g in self.param_groups for p in g["params"])
         if sharded:
             from .sharded import check_supported
@@ -296,7 +296,7 @@ class GrassOptimizer(torch.optim.Optimizer):
         decay.settle(site, site.prev_idx)
         state = self.state[handle]
         if state:
-            if site.moments == "keep_overlap" and site.prev_idx is not None and fsdp.is_dtensor(site.weight):
+            if site.moments == "keep_overlap" and site.prev_idx is not None and site.sharded:
                 from .sharded import remap
 
                 remap(state, site)

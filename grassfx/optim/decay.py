@@ -60,10 +60,10 @@ def settle(site, kept) -> None:
     """
     factor = float(site.decay_pending)
     if factor != 1.0 and kept is not None:
-        weight = site.weight
+        weight = fsdp.sharded_weight(site) if site.sharded else site.weight
         scale = torch.full((site.rows,), factor, dtype=weight.dtype, device=weight.device)
         scale[kept] = 1.0
-        if fsdp.is_dtensor(weight):  # FSDP2: this rank's rows of the weight
+        if site.sharded:  # FSDP2: this rank's rows of the weight
             rows = fsdp.chunk_of(weight.shape[0], weight.device_mesh.size(), weight.device_mesh.get_local_rank())
             weight = fsdp.local(weight)
             if site.dim == 0:

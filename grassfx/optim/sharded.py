@@ -46,7 +46,7 @@ class Layout:
 
 def layout_of(site) -> Layout:
     """The :class:`Layout` of ``site`` on this rank (its weight is a ``Shard(0)`` DTensor)."""
-    weight = site.weight
+    weight = fsdp.sharded_weight(site)
     mesh = weight.device_mesh
     world, rank = mesh.size(), mesh.get_local_rank()
     rows = fsdp.chunk_of(weight.shape[0], world, rank)
@@ -79,7 +79,7 @@ def adamw_state(optimizer, handle, site, lay: Layout) -> dict:
     state = optimizer.state[handle]
     if state:
         return state
-    weight, dtype = site.weight, optimizer.state_dtype or handle.dtype
+    weight, dtype = fsdp.sharded_weight(site), optimizer.state_dtype or handle.dtype
     shape = (lay.slots.length, *handle.shape[1:])
     for key in ("exp_avg", "exp_avg_sq"):
         state[key] = fsdp.shard_like(torch.zeros(shape, dtype=dtype, device=handle.device), weight, handle.shape)
@@ -101,7 +101,7 @@ def adamw_site_step(optimizer, group, handle, site, beta1: float, beta2: float, 
     state = adamw_state(optimizer, handle, site, lay)
     exp_avg, exp_avg_sq = fsdp.local(state["exp_avg"]), fsdp.local(state["exp_avg_sq"])
     grad = handle.grad[lay.slots.start:lay.slots.stop]
-    weight = fsdp.local(site.weight)
+    weight = fsdp.local(fsdp.sharded_weight(site))
     lr, scale = group["lr"], site.scale
     decay = 1 - lr * group["weight_decay"]
     mode = optimizer._rounding(handle, site)

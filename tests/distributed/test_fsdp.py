@@ -45,7 +45,8 @@ def _ok(*results):
 
 @pytest.mark.parametrize("backend", ["eager", "inductor"])
 def test_fsdp2_equals_single_process_on_the_full_batch(tmp_path, backend):
-    r0, r1 = _launch(tmp_path, backend=backend)
+    """Also after grassfx.explain ran on the sharded model (in place: it must restore it)."""
+    r0, r1 = _launch(tmp_path, backend=backend, explain=True)
     _ok(r0, r1)
     ref = _single_process()
     assert set(r0["state"]) == set(ref)
@@ -58,6 +59,8 @@ def test_fsdp2_equals_single_process_on_the_full_batch(tmp_path, backend):
         # compiled: the compressed gradients are averaged inside the backward graphs, also
         # when the same graphs are compiled again with warm caches (the eager hooks skip them)
         assert r0["reduced_in_graph"] == r0["reduced_in_graph_warm"] == sorted(r0["dims"])
+        assert r0["explain_reduced"] == sorted(r0["dims"])  # explain shows the in-graph all-reduces
+        assert dict(r0["explained"]) == {"0.lin.weight": True, "1.lin.weight": True, "2.weight": False}
         # the selected GEMMs in the blocks' graphs; the head, read in the root's frame after
         # FSDP2's graph breaks, falls back to selecting rows of its dense gradient
         assert {w for w, action in r0["changes"] if action == "rewrote"} == {"0.lin.weight", "1.lin.weight"}
