@@ -102,6 +102,12 @@ PLANS = {
                                grid=[["--lr", lr, "--scale", sc] for lr, sc in
                                      (("4e-3", "1"), ("8e-3", "1"), ("4e-3", "2"), ("8e-3", "0.5"),
                                       ("16e-3", "1"), ("16e-3", "0.25"), ("32e-3", "0.125"))]),
+            # single-option ablations of the default (grass-muon), 3 seeds each, paired with it:
+            # no coverage rows, and moments reset at every refresh instead of kept
+            "grass-muon-no-explore": dict(flags=["--optimizer", "grass", "--grass-optimizer", "muon"] + _GRASS_BASE
+                                          + ["--rewarmup", "0", "--explore", "0"], like="grass-muon"),
+            "grass-muon-reset": dict(flags=["--optimizer", "grass", "--grass-optimizer", "muon"] + _GRASS_BASE
+                                     + ["--rewarmup", "0", "--moments", "reset"], like="grass-muon"),
             # reference: the same optimizer with every row of every weight (rank >= rows: no
             # selection), i.e. Muon on full matrices; how much of its gain row selection keeps.
             # It and the re-warmup ablation ran at grass-muon's tuned point of the grid's first
