@@ -74,14 +74,11 @@ def worker(rank, world, port, out_dir, opts):
         per = GLOBAL_BATCH // world
         rows = slice(rank * per, (rank + 1) * per)
         kw = dict(CONFIG, backend=opts.get("backend", "eager"))
-        if opts.get("order") == "compile_then_shard":
-            model = grassfx.compile(make_net(), **kw)
-            shard(model.module)
-            opt = grassfx.optim.AdamW(model.parameters(), **OPT)
-            train(model, opt, rows)
+        if opts.get("refusals"):
+            result["refused"] = _refusals(kw, rows)
         else:
             model = grassfx.compile(shard(make_net()), **kw)
-            opt = (grassfx.optim.Muon if opts.get("muon") else grassfx.optim.AdamW)(model.parameters(), **OPT)
+            opt = grassfx.optim.AdamW(model.parameters(), **OPT)
             if opts.get("explain"):  # on the sharded model itself, before training: must leave it as it was
                 report = grassfx.explain(model, batch(0)[rows])
                 result["explained"] = [(w.name, w.rewritten) for w in report.weights]
@@ -150,3 +147,20 @@ def _load(model, opt, path):
     state = {"model": msd, "optim": osd}
     dcp.load(state, checkpoint_id=path)
     set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
+
+
+def _refusals(kw, rows) -> list:
+    """The errors of: fully_shard after grassfx.compile; Muon on sharded weights."""
+    messages = []
+    model = grassfx.compile(make_net(), **kw)
+    shard(model.module)
+    try:
+        train(model, grassfx.optim.AdamW(model.parameters(), **OPT), rows)
+    except grassfx.UnsupportedModelError as exc:
+        messages.append(str(exc))
+    model = grassfx.compile(shard(make_net()), **kw)
+    try:
+        grassfx.optim.Muon(model.parameters(), lr=1e-2)
+    except grassfx.ConfigError as exc:
+        messages.append(str(exc))
+    return messages
