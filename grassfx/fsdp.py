@@ -44,7 +44,7 @@ from .errors import UnsupportedModelError
 
 __all__ = ["is_dtensor", "local", "fsdp2_modules", "refuse_fsdp1", "check_model", "check_not_sharded_after", "sharded_weight", "Chunk",
            "chunk_of",
-           "shard_like", "all_gather_rows"]
+           "shard_like", "all_gather_rows", "clip_grad_norm_"]
 
 _ORDER = ("apply fully_shard to the blocks and the root first, then call grassfx.compile on the sharded model "
           "(docs/distributed.md)")
@@ -189,3 +189,45 @@ def all_gather_rows(local_rows: torch.Tensor, chunk: Chunk, group) -> torch.Tens
     gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor  # renamed in torch 2.13
     gather(out, padded.contiguous(), group=group)
     return out[: chunk.size]
+
+
+@torch.no_grad()
+def clip_grad_norm_(parameters, max_norm: float, eps: float = 1e-6) -> torch.Tensor:
+    """``torch.nn.utils.clip_grad_norm_`` (L2) for an FSDP2 model trained by grassfx.
+
+    Its gradients mix FSDP2's sharded ones (DTensors: each rank holds a slice) with
+    grassfx's compressed ones (plain tensors, the same on every rank), which torch's
+    version cannot combine. The squared norms of the shards are summed across the mesh,
+    the replicated ones counted once; every gradient is then scaled by
+    ``min(1, max_norm / (norm + eps))``. Returns the total norm (a 0-d float32 tensor).
+    Without FSDP2 it equals torch's.
+    """
+    import torch.distributed as dist
+
+    from .errors import ConfigError
+
+    if isinstance(max_norm, bool) or not isinstance(max_norm, (int, float)) or not max_norm > 0:
+        raise ConfigError(f"max_norm={max_norm!r}: expected a number > 0")
+    if isinstance(parameters, torch.Tensor):
+        parameters = [parameters]
+    grads = [p.grad for p in parameters if p.grad is not None]
+    if not grads:
+        return torch.zeros(())
+    device = local(grads[0]).device
+    sharded = torch.zeros((), dtype=torch.float32, device=device)
+    replicated = torch.zeros((), dtype=torch.float32, device=device)
+    group = None
+    for g in grads:
+        square = local(g).float().pow(2).sum()
+        if is_dtensor(g) and any(p.is_shard() for p in g.placements):
+            sharded += square
+            group = g.device_mesh.get_group()
+        else:
+            replicated += square
+    if group is not None:
+        dist.all_reduce(sharded, group=group)
+    total = (sharded + replicated).sqrt()
+    coef = (max_norm / (total + eps)).clamp(max=1.0)
+    for g in grads:
+        local(g).mul_(coef.to(g.dtype))
+    return total

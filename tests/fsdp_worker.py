@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import gc
 import os
@@ -12,7 +13,8 @@ from torch import nn
 
 import grassfx
 
-STEPS, GLOBAL_BATCH, UPDATE_FREQ = 6, 8, 2
+STEPS, GLOBAL_BATCH, UPDATE_FREQ, WORLD = 6, 8, 2, 2
+CLIP = 0.5  # below the gradient norm of the first steps
 HALF = STEPS // 2 + 1  # checkpoint after 4 steps: odd, between refreshes
 # 25 rows (uneven shards 13 / 12) with rows selected; 7 rows (4 / 3) with columns selected
 CONFIG = dict(rank=5, selection="multinorm", update_freq=UPDATE_FREQ, moments="keep_overlap")
@@ -39,9 +41,26 @@ def batch(step):
     return torch.randn(GLOBAL_BATCH, 12, generator=g)
 
 
-def train(model, opt, shard, steps=range(STEPS)):
+def micro_batches(ranks, accumulate: int) -> list:
+    """Rows of each micro-batch for the processes ``ranks`` of a world of ``len(ranks)`` or
+    more: micro-batch i is every listed rank's i-th slice of its rows, so one process that
+    lists all ranks sees what they see together (a refresh selects from the first one)."""
+    per = GLOBAL_BATCH // WORLD
+    return [torch.cat([torch.arange(r * per, (r + 1) * per).chunk(accumulate)[i] for r in ranks])
+            for i in range(accumulate)]
+
+
+def train(model, opt, shard, steps=range(STEPS), clip=None):
+    """``shard``: this process's rows, or a list of micro-batch rows (all but the last run
+    under ``model.no_sync()``). ``clip``: a function clipping the model's gradients."""
     for step in steps:
-        model(batch(step)[shard]).pow(2).mean().backward()
+        x = batch(step)
+        parts = shard if isinstance(shard, list) else [shard]
+        for i, rows in enumerate(parts):
+            with model.no_sync() if i < len(parts) - 1 else contextlib.nullcontext():
+                (model(x[rows]).pow(2).mean() / len(parts)).backward()
+        if clip is not None:
+            clip(model)
         opt.step()
         opt.zero_grad()
 
@@ -89,8 +108,10 @@ def worker(rank, world, port, out_dir, opts):
             elif opts.get("resume"):  # another world size than the one that saved
                 _load(model, opt, opts["resume"])
                 train(model, opt, rows, range(HALF, STEPS))
-            else:
-                train(model, opt, rows)
+            elif opts.get("accumulate"):
+                train(model, opt, micro_batches([rank], opts["accumulate"]))
+            else:  # gradients clipped to a norm they exceed: the norm spans the shards
+                train(model, opt, rows, clip=lambda m: grassfx.fsdp.clip_grad_norm_(m.parameters(), CLIP))
             result["state"] = full_state(model)
             result["local_weight_rows"] = {s.name: grassfx.fsdp.local(s.weight).shape[0] for s in model.sites}
             result["weight_rows"] = {s.name: s.weight.shape[0] for s in model.sites}

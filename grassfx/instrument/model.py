@@ -147,9 +147,22 @@ class GrassModel(nn.Module):
             self._dp.first_forward()
         return self._dp
 
+    @contextlib.contextmanager
     def no_sync(self):
-        """Skip gradient averaging (for all but the last micro-batch of an accumulation)."""
-        return self._dp.no_sync() if self._dp is not None else contextlib.nullcontext()
+        """Skip gradient averaging (for all but the last micro-batch of an accumulation);
+        with FSDP2, also its reduce-scatter (``set_requires_gradient_sync(False)`` on every
+        ``fully_shard`` module, set back to True on exit)."""
+        from grassfx.fsdp import fsdp2_modules
+
+        sharded = fsdp2_modules(self.module)
+        for module in sharded:
+            module.set_requires_gradient_sync(False, recurse=False)
+        try:
+            with self._dp.no_sync() if self._dp is not None else contextlib.nullcontext():
+                yield
+        finally:
+            for module in sharded:
+                module.set_requires_gradient_sync(True, recurse=False)
 
     def graph_collectives(self):
         """``(group name, world size)`` when compiled graphs should average gradients, else None."""

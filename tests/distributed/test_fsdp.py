@@ -31,10 +31,16 @@ def _launch(tmp_path, world=2, **opts):
     return [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(world)]
 
 
-def _single_process():
+def _single_process(accumulate=0):
     model = grassfx.compile(W.make_net(), **dict(W.CONFIG, backend="eager"))
     opt = grassfx.optim.AdamW(model.parameters(), **W.OPT)
-    W.train(model, opt, slice(None))
+    if accumulate:
+        W.train(model, opt, W.micro_batches(range(W.WORLD), accumulate))
+    else:  # clipped by torch's own function, as the 2-process run clips with grassfx.fsdp's
+        norms = []
+        W.train(model, opt, slice(None),
+                clip=lambda m: norms.append(float(torch.nn.utils.clip_grad_norm_(m.parameters(), W.CLIP))))
+        assert max(norms) > W.CLIP  # the clipping acted
     return W.full_state(model)
 
 
@@ -45,10 +51,14 @@ def _ok(*results):
 
 @pytest.mark.parametrize("backend", ["eager", "inductor"])
 def test_fsdp2_equals_single_process_on_the_full_batch(tmp_path, backend):
-    """Also after grassfx.explain ran on the sharded model (in place: it must restore it)."""
-    r0, r1 = _launch(tmp_path, backend=backend, explain=True)
+    """Eager: gradients clipped (grassfx.fsdp.clip_grad_norm_ against torch's on one process).
+    Also after grassfx.explain ran on the sharded model (in place: it must restore it);
+    compiled, with gradients accumulated over two micro-batches (model.no_sync()), against
+    one process accumulating the same two micro-batches of the whole batch."""
+    accumulate = 2 if backend == "inductor" else 0
+    r0, r1 = _launch(tmp_path, backend=backend, explain=True, accumulate=accumulate)
     _ok(r0, r1)
-    ref = _single_process()
+    ref = _single_process(accumulate)
     assert set(r0["state"]) == set(ref)
     for k in ref:
         assert torch.equal(r0["state"][k], r1["state"][k]), k  # identical on both ranks
