@@ -230,11 +230,13 @@ class GrassOptimizer(torch.optim.Optimizer):
                     yield group, p
 
     def _all_finite(self) -> bool:
-        flags = finite_flags([fsdp.local(p.grad) for _, p in self._grads()])
-        if self._sharded:  # FSDP2: each rank sees its shard of the gradients; all must agree
+        grads = [fsdp.local(p.grad) for _, p in self._grads()]
+        flags = finite_flags(grads)
+        if self._sharded and grads:  # FSDP2: each rank sees its shard of the gradients; all must agree
             import torch.distributed as dist
 
-            agreed = torch.tensor([float(f) for f in flags], dtype=torch.float32)
+            # on the gradients' device: NCCL reduces CUDA tensors only
+            agreed = torch.tensor([float(f) for f in flags], dtype=torch.float32, device=grads[0].device)
             dist.all_reduce(agreed, op=dist.ReduceOp.MIN)
             flags = [bool(f) for f in agreed.tolist()]
         if all(flags):
