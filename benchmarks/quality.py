@@ -178,6 +178,22 @@ PLANS = {
         reference="adamw",
         second="galore",
     ),
+    # A second corpus at the tiny preset: each method's point tuned on Shakespeare and its
+    # matrix step halved and doubled (the dense lr kept), tuned again on this corpus.
+    "tiny-second-corpus": dict(
+        preset="tiny", steps=300, batch_size=4, seq_len=128, eval_every=50, eval_windows=32, rank=64,
+        arms={
+            "adamw": dict(flags=["--optimizer", "adamw"],
+                          grid=[["--lr", "16e-3", "--scale", sc] for sc in ("0.0625", "0.03125", "0.125")]),
+            "galore": dict(flags=["--optimizer", "galore", "--update-freq", "12"],
+                           grid=[["--lr", "16e-3", "--scale", sc] for sc in ("0.25", "0.125", "0.5")]),
+            "grass-muon": dict(flags=["--optimizer", "grass", "--grass-optimizer", "muon"] + _GRASS_BASE
+                               + ["--rewarmup", "0"],
+                               grid=[["--lr", "32e-3", "--scale", sc] for sc in ("0.125", "0.0625", "0.25")]),
+        },
+        reference="adamw",
+        second="galore",
+    ),
     # CI smoke: the whole procedure on the test preset in a few steps.
     "smoke": dict(
         preset="test", steps=4, batch_size=2, seq_len=32, eval_every=2, eval_windows=2, rank=8,
