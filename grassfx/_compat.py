@@ -20,7 +20,7 @@ __all__ = [
     "custom_graph_pass_base", "post_grad_pre_passes", "user_post_grad_pre_pass", "compile_fx",
     "mode_options", "aot_autograd", "boxed", "own_code", "compile_caches_off", "graph_break_counts",
     "trace_artifact", "fake_mode_of", "op_schema", "op_name", "functional_all_reduce",
-    "functional_wait", "all_reduce_mean", "queue_backward_callback", "called_by", "version",
+    "functional_wait", "all_reduce_mean", "queue_backward_callback", "called_by", "initializing_checkpoint_state", "version",
     "raw_parameter", "module_parameters", "set_class", "allocation_events", "fused_adamw",
     "foreach_momentum",
 ]
@@ -167,6 +167,20 @@ def called_by(class_name: str, depth: int = 12) -> bool:
             return False
         owner = frame.f_locals.get("self")
         if owner is not None and any(c.__name__ == class_name for c in type(owner).__mro__):
+            return True
+        frame = frame.f_back
+    return False
+
+
+def initializing_checkpoint_state(depth: int = 8) -> bool:
+    """True when ``torch.distributed.checkpoint.state_dict._init_optim_state`` is among our
+    caller's callers: it creates an empty optimizer's state by calling ``step()`` with zero
+    gradients and lr 0 (a step grassfx must not count)."""
+    frame = sys._getframe(2)
+    for _ in range(depth):
+        if frame is None:
+            return False
+        if frame.f_code.co_name == "_init_optim_state" and "checkpoint" in frame.f_code.co_filename:
             return True
         frame = frame.f_back
     return False

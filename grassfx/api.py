@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from .config import GrassConfig
@@ -122,7 +123,11 @@ def compile(  # noqa: A001 - the promised public name
     fsdp.refuse_fsdp1(model)
     _check_materialized(model)
     decisions = plan_targets(model, targets=targets, exclude=exclude)
-    fsdp.check_model(model, [t.name for t in targets_of(decisions, model)])
+    if fsdp.check_model(model, [t.name for t in targets_of(decisions, model)]) and data_parallel is False \
+            and torch.distributed.get_world_size() > 1:
+        raise ConfigError("data_parallel=False with an FSDP2 model on several ranks: FSDP2's ranks train one "
+                          "model together, so grassfx must average the compressed gradients and selections "
+                          "across them; leave data_parallel at None")
     grass_model = GrassModel(model, targets_of(decisions, model), config, decisions)
     if config.backend != "eager":
         from .compiler import install_compiled_runner

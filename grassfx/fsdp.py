@@ -103,19 +103,28 @@ def check_model(model, target_names) -> bool:
             )
         if p.dim() != 2:
             raise UnsupportedModelError(
-                f"{name!r} is a {p.dim()}-D expert stack: grassfx does not project FSDP2-sharded expert "
-                "stacks; exclude them (grassfx.compile(..., exclude=[...])) or do not shard them")
+                f"{name!r} is {p.dim()}-D (an expert stack): grassfx projects only 2-D FSDP2-sharded "
+                "weights; exclude it (grassfx.compile(..., exclude=[...])) or do not shard it")
         mesh, placements = p.device_mesh, tuple(p.placements)
         if mesh.ndim != 1 or len(placements) != 1 or not placements[0].is_shard(0):
             raise UnsupportedModelError(
                 f"{name!r} is sharded as {placements} on a {mesh.ndim}-D mesh: grassfx supports "
                 "FSDP2's default layout only (Shard(0) on a 1-D mesh; no HSDP, no shard_placement_fn)"
             )
+        if p.device.type != mesh.device_type:
+            raise UnsupportedModelError(
+                f"{name!r} is stored on {p.device.type} but computed on {mesh.device_type}: FSDP2's CPU "
+                "offload (offload_policy) is not supported with grassfx")
         if mesh.size() != torch.distributed.get_world_size():
             raise UnsupportedModelError(
                 f"{name!r} is sharded over {mesh.size()} of {torch.distributed.get_world_size()} ranks: "
                 "grassfx averages compressed gradients over the whole world, so FSDP2's mesh must span it"
             )
+    for name, p in params.items():
+        if p.requires_grad and not is_dtensor(p) and name not in target_names:
+            raise UnsupportedModelError(
+                f"{name!r} is trainable but outside every fully_shard module: apply fully_shard to the "
+                "root module too (grassfx supports FSDP2 models whose every parameter FSDP2 manages)")
     return True
 
 
@@ -125,9 +134,12 @@ def check_not_sharded_after(sites) -> None:
     grassfx registered)."""
     for site in sites:
         # (a weight sharded at compile time may be a plain tensor now: FSDP2 has it gathered)
-        if is_dtensor(site.handle) or (is_dtensor(site.weight) and not site.sharded):
+        what = ("its gradient handle is sharded" if is_dtensor(site.handle) else
+                "it was not sharded when grassfx.compile ran" if is_dtensor(site.weight) and not site.sharded
+                else None)
+        if what is not None:
             raise UnsupportedModelError(
-                f"the gradient handle of {site.name!r} is sharded: fully_shard was applied after "
+                f"{site.name!r} is an FSDP2 shard but {what}: fully_shard was applied after "
                 f"grassfx.compile, which is not supported; {_ORDER}"
             )
 
@@ -137,9 +149,9 @@ def sharded_weight(site):
     weight = site.weight
     if not is_dtensor(weight):
         raise UnsupportedModelError(
-            f"{site.name!r} is gathered by FSDP2 at the optimizer step (a forward ran without its "
-            "backward, e.g. an evaluation under torch.no_grad()): call model.reshard() on the "
-            "fully_shard root (or run the backward) before stepping the optimizer")
+            f"{site.name!r} is gathered by FSDP2 now (a forward ran without its backward, e.g. an "
+            "evaluation under torch.no_grad()): call reshard() on the fully_shard root (or run the "
+            "backward) before stepping the optimizer, saving or unwrapping")
     return weight
 
 
@@ -192,7 +204,7 @@ def all_gather_rows(local_rows: torch.Tensor, chunk: Chunk, group) -> torch.Tens
 
 
 @torch.no_grad()
-def clip_grad_norm_(parameters, max_norm: float, eps: float = 1e-6) -> torch.Tensor:
+def clip_grad_norm_(parameters, max_norm: float, norm_type: float = 2.0, *, eps: float = 1e-6) -> torch.Tensor:
     """``torch.nn.utils.clip_grad_norm_`` (L2) for an FSDP2 model trained by grassfx.
 
     Its gradients mix FSDP2's sharded ones (DTensors: each rank holds a slice) with
@@ -208,6 +220,8 @@ def clip_grad_norm_(parameters, max_norm: float, eps: float = 1e-6) -> torch.Ten
 
     if isinstance(max_norm, bool) or not isinstance(max_norm, (int, float)) or not max_norm > 0:
         raise ConfigError(f"max_norm={max_norm!r}: expected a number > 0")
+    if norm_type != 2:
+        raise ConfigError(f"norm_type={norm_type!r}: grassfx.fsdp.clip_grad_norm_ computes the L2 norm only (2)")
     if isinstance(parameters, torch.Tensor):
         parameters = [parameters]
     grads = [p.grad for p in parameters if p.grad is not None]

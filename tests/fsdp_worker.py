@@ -164,14 +164,18 @@ def _load(model, opt, path):
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
-    msd, osd = get_state_dict(model, opt)
+    before = int(model.grass_step)
+    msd, osd = get_state_dict(model, opt)  # an empty optimizer: DCP makes its state by a step
+    assert int(model.grass_step) == before, "DCP's state-making step advanced grassfx's step counter"
+    assert all(opt.state[s.handle] for s in model.sites), "DCP's state-making step made no state"
     state = {"model": msd, "optim": osd}
     dcp.load(state, checkpoint_id=path)
     set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
 
 
 def _refusals(kw, rows) -> list:
-    """The errors of: fully_shard after grassfx.compile; Muon on sharded weights."""
+    """The errors of: fully_shard after grassfx.compile; Muon on sharded weights;
+    data_parallel=False on an FSDP2 model of several ranks."""
     messages = []
     model = grassfx.compile(make_net(), **kw)
     shard(model.module)
@@ -182,6 +186,10 @@ def _refusals(kw, rows) -> list:
     model = grassfx.compile(shard(make_net()), **kw)
     try:
         grassfx.optim.Muon(model.parameters(), lr=1e-2)
+    except grassfx.ConfigError as exc:
+        messages.append(str(exc))
+    try:
+        grassfx.compile(shard(make_net()), **dict(kw, data_parallel=False))
     except grassfx.ConfigError as exc:
         messages.append(str(exc))
     return messages

@@ -86,8 +86,9 @@ def explain(model: nn.Module, *example_args, **example_kwargs) -> Report:
 class _InPlace:
     """A model whose probe runs on itself: FSDP2 modules cannot be deep-copied.
 
-    Holds everything the probe's two steps change (gradients, grassfx's buffers, the sites'
-    refresh bookkeeping, the schedule, the reducer's counters) and puts it back. Weights do
+    Holds everything the probe's two steps change (gradients, every buffer: grassfx's and
+    the model's, such as normalization statistics; the sites' refresh bookkeeping, the
+    schedule, the reducer's counters) and puts it back. Weights do
     not change (no optimizer step). The probe must compile the model's graphs for the first
     time (Dynamo would reuse graphs compiled before and run no pass), so a compiled FSDP2
     model is explained before its first training step.
@@ -104,7 +105,7 @@ class _InPlace:
                 "before the model's first training step")
         self.model = model
         self.grads = [(p, p.grad) for p in model.parameters()]
-        self.buffers = {name: b.clone() for name, b in model.named_buffers() if not name.startswith("module.")}
+        self.buffers = {name: b.clone() for name, b in model.named_buffers()}  # grassfx's, and the model's
         self.sites = [(site, site.prev_idx, site.refreshed) for site in model.sites]
         self.schedule = {key: copy.copy(getattr(model._schedule, key)) for key in self._SCHEDULE}
         self.records = model.compile_report.records if model.compile_report is not None else None
@@ -123,8 +124,9 @@ class _InPlace:
             setattr(model._schedule, key, value)
         if model.compile_report is not None:
             model.compile_report.records = self.records
-        if self.sent is not None:
-            model._dp.bytes_sent.update(self.sent)
+        if model._dp is not None:  # the reducer's counters: as before (zero if the probe made it)
+            for key in model._dp.bytes_sent:
+                model._dp.bytes_sent[key] = (self.sent or {}).get(key, 0)
         for module in fsdp.fsdp2_modules(model.module):  # the probe's forward without backward
             module.reshard()                                  # left some weights gathered
         snapshot_handle_versions(model.sites)

@@ -47,6 +47,9 @@ class Adafactor(GrassOptimizer):
                         nonfinite=nonfinite)
         super().__init__(params, defaults, update_in_backward)
 
+    def _create_state(self, p, site) -> None:
+        self._state(p, p.grad)
+
     def _state(self, p, grad):
         state = self.state[p]
         if not state:

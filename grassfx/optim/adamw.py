@@ -256,6 +256,14 @@ class AdamW(GrassOptimizer):
                 state["kahan_comp"] = torch.zeros_like(p, memory_format=torch.preserve_format)
         return state
 
+    def _create_state(self, p, site) -> None:
+        if site is not None and site.sharded:
+            from .sharded import adamw_state, layout_of
+
+            adamw_state(self, p, site, layout_of(site))
+        else:
+            self._state(p, site)
+
     def _rounding(self, p, site=None) -> str:
         """The update rounding of ``p`` (a handle: of its weight)."""
         return rounding_of(p if site is None else site.weight, self.update_rounding)

@@ -39,7 +39,7 @@ import math
 
 import torch
 
-from grassfx import fsdp
+from grassfx import _compat, fsdp
 from grassfx import select as _select
 from grassfx.errors import ConfigError, NonFiniteGradientError
 from grassfx.instrument import registry
@@ -259,6 +259,13 @@ class GrassOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        if _compat.initializing_checkpoint_state():
+            # torch.distributed.checkpoint makes an empty optimizer's state by a step with zero
+            # gradients and lr 0: create the state, change nothing else (not the model's step
+            # counter, not a pending refresh)
+            for _, p in self._grads():
+                self._create_state(p, matrix_of(registry.site_of(p)))
+            return loss
         if self._in_backward is not None:
             self._in_backward.finish()  # the updates ran in backward; gradients set by hand still apply
         if not self._all_finite():
@@ -337,6 +344,10 @@ class GrassOptimizer(torch.optim.Optimizer):
         if w is not None:
             update = update * broadcast_along(w, update.dim(), site.dim).to(update.dtype)
         weight.index_add_(site.dim, site.idx, update, alpha=alpha)
+
+    def _create_state(self, p, site) -> None:
+        """Create ``p``'s optimizer state as its first step would (nothing, for optimizers
+        whose state appears with the first gradient)."""
 
     def _update_dense(self, p, group):  # pragma: no cover - abstract
         raise NotImplementedError

@@ -184,6 +184,12 @@ class Muon(AdamW):
         if rest:  # every parameter that is not projected: AdamW's kernel
             super()._apply_lists(rest, beta1, beta2, eps)
 
+    def _create_state(self, p, site) -> None:
+        if site is None:
+            self._state(p)
+        else:
+            self._init_state(p, site)
+
     def _init_state(self, handle, site) -> None:
         state = self.state[handle]
         if not state:

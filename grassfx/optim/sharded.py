@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
-from grassfx import fsdp
+from grassfx import _compat, fsdp
 from grassfx import select as _select
 from grassfx.errors import ConfigError
 from grassfx.instrument.anchors import broadcast_along
@@ -128,13 +128,27 @@ def adamw_site_step(optimizer, group, handle, site, beta1: float, beta2: float, 
         add_to_rows(weight, 1, site.idx, update, mode, None, firsts, decay if decay != 1.0 else None)
     else:  # every slot's update, then the selected rows this rank stores
         whole = fsdp.all_gather_rows(update.contiguous(), lay.slots, lay.group)
-        mine = (site.idx >= lay.rows.start) & (site.idx < lay.rows.stop)
-        rows = site.idx[mine] - lay.rows.start
-        part = whole[mine]
+        slots, rows = _my_rows(optimizer, site, lay)
+        part = whole.index_select(0, slots)
         firsts = first_copies(rows, weight.shape[0]) if drawn_twice else None
         add_to_rows(weight, 0, rows, part, mode, None, firsts, decay if decay != 1.0 else None)
     if decay != 1.0:
         owe(site, decay)
+
+
+def _my_rows(optimizer, site, lay: Layout):
+    """``(slots, rows)``: the selection slots whose rows this rank stores, and those rows in
+    its shard. Found once per selection (a boolean mask syncs a GPU with its host), cached
+    on the optimizer by the selection's version."""
+    cache = optimizer.__dict__.setdefault("_grassfx_my_rows", {})
+    key = (id(site), _compat.version(site.idx))
+    if key not in cache:
+        mine = (site.idx >= lay.rows.start) & (site.idx < lay.rows.stop)
+        slots = mine.nonzero().flatten()
+        for stale in [k for k in cache if k[0] == id(site)]:
+            del cache[stale]
+        cache[key] = slots, site.idx.index_select(0, slots) - lay.rows.start
+    return cache[key]
 
 
 @torch.no_grad()

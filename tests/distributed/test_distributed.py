@@ -115,6 +115,11 @@ def test_fsdp1_and_unsupported_fsdp2_layouts_are_refused(one_process_group):
     fully_shard(inner[2])  # FSDP2, on a submodule only: the first weight is not sharded
     with pytest.raises(grassfx.UnsupportedModelError, match="'0.weight' is not sharded"):
         grassfx.compile(inner, rank=2, backend="eager")
+    loose = nn.Sequential(nn.Linear(8, 8), nn.LayerNorm(8), nn.Linear(8, 4))
+    fully_shard(loose[0])
+    fully_shard(loose[2])  # the norm between them is trained but nobody shards it
+    with pytest.raises(grassfx.UnsupportedModelError, match="'1.weight' is trainable but outside every fully_shard"):
+        grassfx.compile(loose, rank=2, backend="eager")
     cols = net()
     fully_shard(cols, shard_placement_fn=lambda p: Shard(p.dim() - 1))  # matrices by columns: not the default
     with pytest.raises(grassfx.UnsupportedModelError, match="Shard\\(0\\) on a 1-D mesh"):
@@ -146,3 +151,5 @@ def test_fsdp2_on_one_rank_equals_the_unsharded_model(one_process_group):
     got, ref = run(grassfx.compile(sharded, **kw)), run(grassfx.compile(net(), **kw))
     for k in ref:
         torch.testing.assert_close(got[k], ref[k], rtol=1e-6, atol=1e-7, msg=k)
+    with pytest.raises(grassfx.ConfigError, match="L2 norm only"):  # torch's third argument is norm_type
+        grassfx.fsdp.clip_grad_norm_(sharded.parameters(), 1.0, 1.0)

@@ -108,6 +108,7 @@ def test_dcp_checkpoint_resumes_exactly(tmp_path):
 def test_unsupported_orders_and_optimizers_are_refused(tmp_path):
     r0, _ = _launch(tmp_path, refusals=True)
     _ok(r0)
-    order, muon = r0["refused"]
+    order, muon, alone = r0["refused"]
+    assert "data_parallel=False with an FSDP2 model" in alone
     assert "fully_shard was applied after grassfx.compile" in order and "then call grassfx.compile" in order
     assert "grassfx.optim.Muon with FSDP2-sharded weights" in muon and "use grassfx.optim.AdamW" in muon
