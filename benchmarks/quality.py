@@ -160,7 +160,9 @@ PLANS = {
     # matrix step at 1/2, 1 and 2 times its point tuned on the tiny preset, the dense lr
     # (embeddings, norms) kept at that point's; extended where the best point was at an
     # edge (GaLore and grassfx: 1/4), then the dense lr halved and doubled at the best
-    # matrix step (_dense_lr_probes). 25 refresh windows, 3 evaluation seeds.
+    # matrix step (_dense_lr_probes), and quadrupled where doubling won (GaLore, grassfx;
+    # GaLore also at the lower matrix step, where its two best steps had tied).
+    # 25 refresh windows, 3 evaluation seeds.
     "small": dict(
         preset="small", steps=300, batch_size=4, seq_len=128, eval_every=50, eval_windows=32, rank=128,
         arms={
@@ -169,11 +171,12 @@ PLANS = {
                           + _dense_lr_probes("16e-3", "0.0625")),
             "galore": dict(flags=["--optimizer", "galore", "--update-freq", "12"],
                            grid=[["--lr", "16e-3", "--scale", sc] for sc in ("0.125", "0.25", "0.5", "0.0625")]
-                           + _dense_lr_probes("16e-3", "0.125")),
+                           + _dense_lr_probes("16e-3", "0.125")
+                           + [["--lr", "0.064", "--scale", "0.03125"], ["--lr", "0.032", "--scale", "0.03125"]]),
             "grass-muon": dict(flags=["--optimizer", "grass", "--grass-optimizer", "muon"] + _GRASS_BASE
                                + ["--rewarmup", "0"],
                                grid=[["--lr", "32e-3", "--scale", sc] for sc in ("0.0625", "0.125", "0.25", "0.03125")]
-                               + _dense_lr_probes("32e-3", "0.0625")),
+                               + _dense_lr_probes("32e-3", "0.0625") + [["--lr", "0.128", "--scale", "0.015625"]]),
         },
         reference="adamw",
         second="galore",
