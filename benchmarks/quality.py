@@ -108,6 +108,9 @@ PLANS = {
                                           + ["--rewarmup", "0", "--explore", "0"], like="grass-muon"),
             "grass-muon-reset": dict(flags=["--optimizer", "grass", "--grass-optimizer", "muon"] + _GRASS_BASE
                                      + ["--rewarmup", "0", "--moments", "reset"], like="grass-muon"),
+            "grass-muon-reset-no-explore": dict(flags=["--optimizer", "grass", "--grass-optimizer", "muon"]
+                                                + _GRASS_BASE + ["--rewarmup", "0", "--moments", "reset",
+                                                                 "--explore", "0"], like="grass-muon"),
             # reference: the same optimizer with every row of every weight (rank >= rows: no
             # selection), i.e. Muon on full matrices; how much of its gain row selection keeps.
             # It and the re-warmup ablation ran at grass-muon's tuned point of the grid's first
