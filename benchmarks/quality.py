@@ -187,20 +187,24 @@ PLANS = {
     # A second corpus at the tiny preset: each method's point tuned on Shakespeare and its
     # matrix step halved and doubled (the dense lr kept), tuned again on this corpus; every
     # method's best was the halved step, so the grids go one halving further and probe the
-    # dense lr x0.5 and x2 there.
+    # dense lr x0.5 and x2 there; a second round then walked each method's best point one
+    # more step along the axes where it still sat on an edge.
     "tiny-second-corpus": dict(
         preset="tiny", steps=300, batch_size=4, seq_len=128, eval_every=50, eval_windows=32, rank=64,
         arms={
             "adamw": dict(flags=["--optimizer", "adamw"],
                           grid=[["--lr", "16e-3", "--scale", sc] for sc in ("0.0625", "0.03125", "0.125", "0.015625")]
-                          + _dense_lr_probes("16e-3", "0.03125")),
+                          + _dense_lr_probes("16e-3", "0.03125")
+                          + [["--lr", lr, "--scale", "0.0078125"] for lr in ("16e-3", "0.032", "0.064")]),
             "galore": dict(flags=["--optimizer", "galore", "--update-freq", "12"],
                            grid=[["--lr", "16e-3", "--scale", sc] for sc in ("0.25", "0.125", "0.5", "0.0625")]
-                           + _dense_lr_probes("16e-3", "0.125")),
+                           + _dense_lr_probes("16e-3", "0.125")
+                           + [["--lr", lr, "--scale", "0.03125"] for lr in ("16e-3", "0.032", "0.064")]),
             "grass-muon": dict(flags=["--optimizer", "grass", "--grass-optimizer", "muon"] + _GRASS_BASE
                                + ["--rewarmup", "0"],
                                grid=[["--lr", "32e-3", "--scale", sc] for sc in ("0.125", "0.0625", "0.25", "0.03125")]
-                               + _dense_lr_probes("32e-3", "0.0625")),
+                               + _dense_lr_probes("32e-3", "0.0625")
+                               + [["--lr", "0.128", "--scale", "0.015625"], ["--lr", "0.064", "--scale", "0.015625"]]),
         },
         reference="adamw",
         second="galore",
