@@ -184,6 +184,23 @@ PLANS = {
         reference="adamw",
         second="galore",
     ),
+    # The tiny plan's tuned points against the matrix step halved (the tiny grids probed
+    # AdamW's and grassfx's matrix step only at other dense lrs; on `small` and on movies the
+    # best matrix steps were lower than on tiny): a check of the Shakespeare table.
+    "tiny-matrix-probe": dict(
+        preset="tiny", steps=300, batch_size=4, seq_len=128, eval_every=50, eval_windows=32, rank=64,
+        arms={
+            "adamw": dict(flags=["--optimizer", "adamw"],
+                          grid=[["--lr", "16e-3", "--scale", sc] for sc in ("0.0625", "0.03125")]),
+            "galore": dict(flags=["--optimizer", "galore", "--update-freq", "12"],
+                           grid=[["--lr", "16e-3", "--scale", sc] for sc in ("0.25", "0.125")]),
+            "grass-muon": dict(flags=["--optimizer", "grass", "--grass-optimizer", "muon"] + _GRASS_BASE
+                               + ["--rewarmup", "0"],
+                               grid=[["--lr", "32e-3", "--scale", sc] for sc in ("0.125", "0.0625")]),
+        },
+        reference="adamw",
+        second="galore",
+    ),
     # A second corpus at the tiny preset: each method's point tuned on Shakespeare and its
     # matrix step halved and doubled (the dense lr kept), tuned again on this corpus; every
     # method's best was the halved step, so the grids go one halving further and probe the
