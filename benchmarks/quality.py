@@ -191,7 +191,7 @@ PLANS = {
         preset="tiny", steps=300, batch_size=4, seq_len=128, eval_every=50, eval_windows=32, rank=64,
         arms={
             "adamw": dict(flags=["--optimizer", "adamw"],
-                          grid=[["--lr", "16e-3", "--scale", sc] for sc in ("0.0625", "0.03125", "0.015625")]),
+                          grid=[["--lr", "16e-3", "--scale", sc] for sc in ("0.0625", "0.03125", "0.015625", "0.0078125")]),
             "galore": dict(flags=["--optimizer", "galore", "--update-freq", "12"],
                            grid=[["--lr", "16e-3", "--scale", sc] for sc in ("0.25", "0.125")]),
             "grass-muon": dict(flags=["--optimizer", "grass", "--grass-optimizer", "muon"] + _GRASS_BASE
