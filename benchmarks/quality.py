@@ -52,6 +52,21 @@ _LR = lambda *values: [["--lr", str(v)] for v in values]  # noqa: E731
 # ``grassfx train``'s default row update (pinned, so these arms stay reproducible)
 _GRASS_ADAM = ["--optimizer", "grass", "--grass-optimizer", "adamw"]
 _GRASS_BASE = ["--update-freq", "12", "--moments", "keep_overlap", "--explore", "0.25", "--rewarmup", "10"]
+_ADAMW = ["--optimizer", "adamw"]
+_GALORE = ["--optimizer", "galore", "--update-freq", "12"]
+_MUON_ROWS = ["--optimizer", "grass", "--grass-optimizer", "muon"] + _GRASS_BASE
+_MUON = _MUON_ROWS + ["--rewarmup", "0"]  # grassfx train's grass run: Muon rows, no re-warmup
+
+
+def _scales(lr: str, *scales: str) -> list:
+    """Grid points at one dense ``lr`` and several ``scale`` values (matrix step lr x scale)."""
+    return [["--lr", lr, "--scale", sc] for sc in scales]
+
+
+def _core_arms(adamw: dict, galore: dict, muon: dict) -> dict:
+    """The three methods compared in every quality table, each with its grid (or point)."""
+    return {"adamw": dict(flags=_ADAMW, **adamw), "galore": dict(flags=_GALORE, **galore),
+            "grass-muon": dict(flags=_MUON, **muon)}
 
 
 def _dense_lr_probes(lr: str, scale: str) -> list:
@@ -70,11 +85,11 @@ PLANS = {
             # --scale is, for AdamW, the lr multiplier of the attention/MLP weights (the ones
             # the other methods project): the last two points give embeddings and norms a
             # higher rate than the matrices, as the other methods' best points do
-            "adamw": dict(flags=["--optimizer", "adamw"],
+            "adamw": dict(flags=_ADAMW,
                           grid=_LR(5e-4, 1e-3, 2e-3) + [["--lr", lr, "--scale", sc] for lr, sc in
                                                        (("4e-3", "0.25"), ("8e-3", "0.125"),
                                                         ("16e-3", "0.0625"))]),
-            "galore": dict(flags=["--optimizer", "galore", "--update-freq", "12"],
+            "galore": dict(flags=_GALORE,
                            grid=[["--lr", lr, "--scale", sc] for lr, sc in
                                  (("1e-3", "1"), ("2e-3", "1"), ("1e-3", "2"), ("4e-3", "1"), ("8e-3", "1"),
                                   ("8e-3", "0.5"), ("16e-3", "0.25"), ("32e-3", "0.125"))]),
@@ -97,28 +112,23 @@ PLANS = {
             # the selected rows trained by grassfx.optim.Muon (orthogonalized momentum, half the
             # state) instead of AdamW; everything else AdamW at the same lr. No re-warmup: the
             # orthogonalization sets each row's step size (its ablation below puts it back)
-            "grass-muon": dict(flags=["--optimizer", "grass", "--grass-optimizer", "muon"] + _GRASS_BASE
-                               + ["--rewarmup", "0"],
+            "grass-muon": dict(flags=_MUON,
                                grid=[["--lr", lr, "--scale", sc] for lr, sc in
                                      (("4e-3", "1"), ("8e-3", "1"), ("4e-3", "2"), ("8e-3", "0.5"),
                                       ("16e-3", "1"), ("16e-3", "0.25"), ("32e-3", "0.125"))]),
             # single-option ablations of the default (grass-muon), 3 seeds each, paired with it:
             # no coverage rows, and moments reset at every refresh instead of kept
-            "grass-muon-no-explore": dict(flags=["--optimizer", "grass", "--grass-optimizer", "muon"] + _GRASS_BASE
-                                          + ["--rewarmup", "0", "--explore", "0"], like="grass-muon"),
-            "grass-muon-reset": dict(flags=["--optimizer", "grass", "--grass-optimizer", "muon"] + _GRASS_BASE
-                                     + ["--rewarmup", "0", "--moments", "reset"], like="grass-muon"),
-            "grass-muon-reset-no-explore": dict(flags=["--optimizer", "grass", "--grass-optimizer", "muon"]
-                                                + _GRASS_BASE + ["--rewarmup", "0", "--moments", "reset",
-                                                                 "--explore", "0"], like="grass-muon"),
+            "grass-muon-no-explore": dict(flags=_MUON + ["--explore", "0"], like="grass-muon"),
+            "grass-muon-reset": dict(flags=_MUON + ["--moments", "reset"], like="grass-muon"),
+            "grass-muon-reset-no-explore": dict(flags=_MUON + ["--moments", "reset", "--explore", "0"],
+                                                like="grass-muon"),
             # reference: the same optimizer with every row of every weight (rank >= rows: no
             # selection), i.e. Muon on full matrices; how much of its gain row selection keeps.
             # It and the re-warmup ablation ran at grass-muon's tuned point of the grid's first
             # four points (8e-3 / 0.5), before the grid was widened to larger lr
-            "muon-full": dict(flags=["--optimizer", "grass", "--grass-optimizer", "muon"] + _GRASS_BASE
-                              + ["--rewarmup", "0", "--rank", "688"], point=["--lr", "8e-3", "--scale", "0.5"],
+            "muon-full": dict(flags=_MUON + ["--rank", "688"], point=["--lr", "8e-3", "--scale", "0.5"],
                               seeds=1),
-            "grass-muon-rewarmup": dict(flags=["--optimizer", "grass", "--grass-optimizer", "muon"] + _GRASS_BASE,
+            "grass-muon-rewarmup": dict(flags=_MUON_ROWS,
                                         point=["--lr", "8e-3", "--scale", "0.5"], seeds=1),
             # the previous defaults (one refresh per 200 steps, reset, no coverage, no re-warmup)
             "grass-before": dict(flags=_GRASS_ADAM + ["--update-freq", "200", "--moments", "reset",
@@ -149,13 +159,9 @@ PLANS = {
     # grassfx with Muon rows as `grass train` runs it by default.
     "small-transfer": dict(
         preset="small", steps=300, batch_size=4, seq_len=128, eval_every=50, eval_windows=32, rank=128,
-        arms={
-            "adamw": dict(flags=["--optimizer", "adamw"], point=["--lr", "16e-3", "--scale", "0.0625"]),
-            "galore": dict(flags=["--optimizer", "galore", "--update-freq", "12"],
-                           point=["--lr", "16e-3", "--scale", "0.25"]),
-            "grass-muon": dict(flags=["--optimizer", "grass", "--grass-optimizer", "muon"] + _GRASS_BASE
-                               + ["--rewarmup", "0"], point=["--lr", "32e-3", "--scale", "0.125"]),
-        },
+        arms=_core_arms(dict(point=["--lr", "16e-3", "--scale", "0.0625"]),
+                        dict(point=["--lr", "16e-3", "--scale", "0.25"]),
+                        dict(point=["--lr", "32e-3", "--scale", "0.125"])),
         reference="adamw",
         second="galore",
     ),
@@ -168,19 +174,12 @@ PLANS = {
     # 25 refresh windows, 3 evaluation seeds.
     "small": dict(
         preset="small", steps=300, batch_size=4, seq_len=128, eval_every=50, eval_windows=32, rank=128,
-        arms={
-            "adamw": dict(flags=["--optimizer", "adamw"],
-                          grid=[["--lr", "16e-3", "--scale", sc] for sc in ("0.03125", "0.0625", "0.125")]
-                          + _dense_lr_probes("16e-3", "0.0625")),
-            "galore": dict(flags=["--optimizer", "galore", "--update-freq", "12"],
-                           grid=[["--lr", "16e-3", "--scale", sc] for sc in ("0.125", "0.25", "0.5", "0.0625")]
-                           + _dense_lr_probes("16e-3", "0.125")
-                           + [["--lr", "0.064", "--scale", "0.03125"], ["--lr", "0.032", "--scale", "0.03125"]]),
-            "grass-muon": dict(flags=["--optimizer", "grass", "--grass-optimizer", "muon"] + _GRASS_BASE
-                               + ["--rewarmup", "0"],
-                               grid=[["--lr", "32e-3", "--scale", sc] for sc in ("0.0625", "0.125", "0.25", "0.03125")]
-                               + _dense_lr_probes("32e-3", "0.0625") + [["--lr", "0.128", "--scale", "0.015625"]]),
-        },
+        arms=_core_arms(
+            dict(grid=_scales("16e-3", "0.03125", "0.0625", "0.125") + _dense_lr_probes("16e-3", "0.0625")),
+            dict(grid=_scales("16e-3", "0.125", "0.25", "0.5", "0.0625") + _dense_lr_probes("16e-3", "0.125")
+                 + _scales("0.064", "0.03125") + _scales("0.032", "0.03125")),
+            dict(grid=_scales("32e-3", "0.0625", "0.125", "0.25", "0.03125") + _dense_lr_probes("32e-3", "0.0625")
+                 + _scales("0.128", "0.015625"))),
         reference="adamw",
         second="galore",
     ),
@@ -189,15 +188,9 @@ PLANS = {
     # best matrix steps were lower than on tiny): a check of the Shakespeare table.
     "tiny-matrix-probe": dict(
         preset="tiny", steps=300, batch_size=4, seq_len=128, eval_every=50, eval_windows=32, rank=64,
-        arms={
-            "adamw": dict(flags=["--optimizer", "adamw"],
-                          grid=[["--lr", "16e-3", "--scale", sc] for sc in ("0.0625", "0.03125", "0.015625", "0.0078125")]),
-            "galore": dict(flags=["--optimizer", "galore", "--update-freq", "12"],
-                           grid=[["--lr", "16e-3", "--scale", sc] for sc in ("0.25", "0.125")]),
-            "grass-muon": dict(flags=["--optimizer", "grass", "--grass-optimizer", "muon"] + _GRASS_BASE
-                               + ["--rewarmup", "0"],
-                               grid=[["--lr", "32e-3", "--scale", sc] for sc in ("0.125", "0.0625")]),
-        },
+        arms=_core_arms(dict(grid=_scales("16e-3", "0.0625", "0.03125", "0.015625", "0.0078125")),
+                        dict(grid=_scales("16e-3", "0.25", "0.125")),
+                        dict(grid=_scales("32e-3", "0.125", "0.0625"))),
         reference="adamw",
         second="galore",
     ),
@@ -208,21 +201,13 @@ PLANS = {
     # more step along the axes where it still sat on an edge.
     "tiny-second-corpus": dict(
         preset="tiny", steps=300, batch_size=4, seq_len=128, eval_every=50, eval_windows=32, rank=64,
-        arms={
-            "adamw": dict(flags=["--optimizer", "adamw"],
-                          grid=[["--lr", "16e-3", "--scale", sc] for sc in ("0.0625", "0.03125", "0.125", "0.015625")]
-                          + _dense_lr_probes("16e-3", "0.03125")
-                          + [["--lr", lr, "--scale", "0.0078125"] for lr in ("16e-3", "0.032", "0.064")]),
-            "galore": dict(flags=["--optimizer", "galore", "--update-freq", "12"],
-                           grid=[["--lr", "16e-3", "--scale", sc] for sc in ("0.25", "0.125", "0.5", "0.0625")]
-                           + _dense_lr_probes("16e-3", "0.125")
-                           + [["--lr", lr, "--scale", "0.03125"] for lr in ("16e-3", "0.032", "0.064")]),
-            "grass-muon": dict(flags=["--optimizer", "grass", "--grass-optimizer", "muon"] + _GRASS_BASE
-                               + ["--rewarmup", "0"],
-                               grid=[["--lr", "32e-3", "--scale", sc] for sc in ("0.125", "0.0625", "0.25", "0.03125")]
-                               + _dense_lr_probes("32e-3", "0.0625")
-                               + [["--lr", "0.128", "--scale", "0.015625"], ["--lr", "0.064", "--scale", "0.015625"]]),
-        },
+        arms=_core_arms(
+            dict(grid=_scales("16e-3", "0.0625", "0.03125", "0.125", "0.015625") + _dense_lr_probes("16e-3", "0.03125")
+                 + [p for lr in ("16e-3", "0.032", "0.064") for p in _scales(lr, "0.0078125")]),
+            dict(grid=_scales("16e-3", "0.25", "0.125", "0.5", "0.0625") + _dense_lr_probes("16e-3", "0.125")
+                 + [p for lr in ("16e-3", "0.032", "0.064") for p in _scales(lr, "0.03125")]),
+            dict(grid=_scales("32e-3", "0.125", "0.0625", "0.25", "0.03125") + _dense_lr_probes("32e-3", "0.0625")
+                 + _scales("0.128", "0.015625") + _scales("0.064", "0.015625"))),
         reference="adamw",
         second="galore",
     ),
@@ -230,7 +215,7 @@ PLANS = {
     "smoke": dict(
         preset="test", steps=4, batch_size=2, seq_len=32, eval_every=2, eval_windows=2, rank=8,
         arms={
-            "adamw": dict(flags=["--optimizer", "adamw"], grid=_LR(1e-3, 3e-3)),
+            "adamw": dict(flags=_ADAMW, grid=_LR(1e-3, 3e-3)),
             "grass": dict(flags=["--optimizer", "grass"], grid=_LR(3e-3)),
             "grass-cover": dict(flags=["--optimizer", "grass", "--explore", "0.25"], like="grass"),
             "grass-adamw-rows": dict(flags=["--optimizer", "grass", "--grass-optimizer", "adamw"], like="grass"),

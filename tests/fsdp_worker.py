@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import contextlib
-import datetime
-import gc
 import os
-import traceback
 
 import torch
 from torch import nn
 
 import grassfx
+
+import dist_worker
 
 STEPS, GLOBAL_BATCH, UPDATE_FREQ, WORLD = 6, 8, 2, 2
 CLIP = 0.5  # below the gradient norm of the first steps
@@ -83,62 +82,49 @@ def shard(net):
 
 
 def worker(rank, world, port, out_dir, opts):
-    import torch.distributed as dist
+    dist_worker.run(rank, world, port, out_dir, lambda result: _train_sharded(rank, world, opts, out_dir, result))
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), GRASSFX_CHECK_RANKS="1")
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=120))
-    result = {}
-    try:
-        per = GLOBAL_BATCH // world
-        rows = slice(rank * per, (rank + 1) * per)
-        kw = dict(CONFIG, backend=opts.get("backend", "eager"))
-        if opts.get("refusals"):
-            result["refused"] = _refusals(kw, rows)
-        else:
-            model = grassfx.compile(shard(make_net()), **kw)
-            opt = grassfx.optim.AdamW(model.parameters(), **OPT)
-            if opts.get("explain"):  # on the sharded model itself, before training: must leave it as it was
-                report = grassfx.explain(model, batch(0)[rows])
-                result["explained"] = [(w.name, w.rewritten) for w in report.weights]
-                result["explain_reduced"] = sorted({c.weight for c in report.stats.changes()
-                                                    if c.action == "all_reduce"}) if report.stats else []
-            if opts.get("checkpoint"):
-                _checkpoint_run(model, opt, rows, out_dir, result)
-            elif opts.get("resume"):  # another world size than the one that saved
-                _load(model, opt, opts["resume"])
-                train(model, opt, rows, range(HALF, STEPS))
-            elif opts.get("accumulate"):
-                train(model, opt, micro_batches([rank], opts["accumulate"]))
-            else:  # gradients clipped to a norm they exceed: the norm spans the shards
-                train(model, opt, rows, clip=lambda m: grassfx.fsdp.clip_grad_norm_(m.parameters(), CLIP))
-            result["state"] = full_state(model)
-            result["local_weight_rows"] = {s.name: grassfx.fsdp.local(s.weight).shape[0] for s in model.sites}
-            result["weight_rows"] = {s.name: s.weight.shape[0] for s in model.sites}
-            result["state_numel"] = {s.name: {k: grassfx.fsdp.local(v).numel() for k, v in opt.state[s.handle].items()
-                                              if torch.is_tensor(v)} for s in model.sites}
-            result["state_global"] = {s.name: {k: v.numel() for k, v in opt.state[s.handle].items()
-                                               if torch.is_tensor(v)} for s in model.sites}
-            result["dims"] = {s.name: s.dim for s in model.sites}
-            result["bytes"] = dict(model._dp.bytes_sent) if model._dp is not None else None
-            result["reduced_in_graph"] = sorted(model._dp.reduced_in_graph) if model._dp is not None else []
-            report = model.compile_report
-            result["changes"] = sorted({(c.weight, c.action) for c in report.changes()}) if report else []
-            result["frames"] = report.frames if report else 0
-            if kw["backend"] == "inductor":  # the same graphs again: Inductor's caches are warm now
-                again = grassfx.compile(shard(make_net()), **kw)
-                train(again, grassfx.optim.AdamW(again.parameters(), **OPT), rows, range(2))
-                result["reduced_in_graph_warm"] = sorted(again._dp.reduced_in_graph)
-    except Exception as exc:  # reported to the test, which asserts on it
-        result["error"] = f"{type(exc).__name__}: {exc}"
-        result["trace"] = traceback.format_exc()
-    torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
-    model = opt = None  # noqa: F841
-    gc.collect()
-    try:
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
+
+def _train_sharded(rank, world, opts, out_dir, result):
+    per = GLOBAL_BATCH // world
+    rows = slice(rank * per, (rank + 1) * per)
+    kw = dict(CONFIG, backend=opts.get("backend", "eager"))
+    if opts.get("refusals"):
+        result["refused"] = _refusals(kw, rows)
+    else:
+        model = grassfx.compile(shard(make_net()), **kw)
+        opt = grassfx.optim.AdamW(model.parameters(), **OPT)
+        if opts.get("explain"):  # on the sharded model itself, before training: must leave it as it was
+            report = grassfx.explain(model, batch(0)[rows])
+            result["explained"] = [(w.name, w.rewritten) for w in report.weights]
+            result["explain_reduced"] = sorted({c.weight for c in report.stats.changes()
+                                                if c.action == "all_reduce"}) if report.stats else []
+        if opts.get("checkpoint"):
+            _checkpoint_run(model, opt, rows, out_dir, result)
+        elif opts.get("resume"):  # another world size than the one that saved
+            _load(model, opt, opts["resume"])
+            train(model, opt, rows, range(HALF, STEPS))
+        elif opts.get("accumulate"):
+            train(model, opt, micro_batches([rank], opts["accumulate"]))
+        else:  # gradients clipped to a norm they exceed: the norm spans the shards
+            train(model, opt, rows, clip=lambda m: grassfx.fsdp.clip_grad_norm_(m.parameters(), CLIP))
+        result["state"] = full_state(model)
+        result["local_weight_rows"] = {s.name: grassfx.fsdp.local(s.weight).shape[0] for s in model.sites}
+        result["weight_rows"] = {s.name: s.weight.shape[0] for s in model.sites}
+        result["state_numel"] = {s.name: {k: grassfx.fsdp.local(v).numel() for k, v in opt.state[s.handle].items()
+                                          if torch.is_tensor(v)} for s in model.sites}
+        result["state_global"] = {s.name: {k: v.numel() for k, v in opt.state[s.handle].items()
+                                           if torch.is_tensor(v)} for s in model.sites}
+        result["dims"] = {s.name: s.dim for s in model.sites}
+        result["bytes"] = dict(model._dp.bytes_sent) if model._dp is not None else None
+        result["reduced_in_graph"] = sorted(model._dp.reduced_in_graph) if model._dp is not None else []
+        report = model.compile_report
+        result["changes"] = sorted({(c.weight, c.action) for c in report.changes()}) if report else []
+        result["frames"] = report.frames if report else 0
+        if kw["backend"] == "inductor":  # the same graphs again: Inductor's caches are warm now
+            again = grassfx.compile(shard(make_net()), **kw)
+            train(again, grassfx.optim.AdamW(again.parameters(), **OPT), rows, range(2))
+            result["reduced_in_graph_warm"] = sorted(again._dp.reduced_in_graph)
 
 
 def _checkpoint_run(model, opt, rows, out_dir, result):

@@ -48,7 +48,7 @@ from grassfx.instrument.experts import flat, matrix_of
 
 from . import decay
 
-__all__ = ["GrassOptimizer", "check_adam_settings", "check_number", "check_rho_scaling", "row_weights", "RHO_SCALINGS"]
+__all__ = ["GrassOptimizer", "check_adam_settings", "check_number", "check_rho_scaling", "row_weights", "overlap_sources", "RHO_SCALINGS"]
 
 _NONFINITE = ("raise", "skip")
 RHO_SCALINGS = ("once", "twice")
@@ -104,6 +104,14 @@ def row_weights(site, rho_scaling: str):
     counts = torch.zeros(site.rows, dtype=torch.float32, device=site.idx.device)
     counts.index_add_(0, site.idx, torch.ones(site.rank, dtype=torch.float32, device=site.idx.device))
     return counts[site.idx].reciprocal()
+
+
+def overlap_sources(site) -> torch.Tensor:
+    """For each slot of the new selection, the slot the same row had before the refresh
+    (``site.prev_idx``), or -1 for a row that was not selected (int64, (r,))."""
+    src = torch.full((site.rows,), -1, dtype=torch.long, device=site.idx.device)
+    src[site.prev_idx] = torch.arange(site.rank, device=site.idx.device)
+    return src[site.idx]
 
 
 def finite_flags(tensors: list) -> list[bool]:
@@ -318,9 +326,7 @@ class GrassOptimizer(torch.optim.Optimizer):
     @staticmethod
     def _remap_moments(state: dict, handle, site) -> None:
         """Keep the state of rows selected before and after the refresh; zero the rest."""
-        src = torch.full((site.rows,), -1, dtype=torch.long, device=site.idx.device)
-        src[site.prev_idx] = torch.arange(site.rank, device=site.idx.device)
-        src = src[site.idx]
+        src = overlap_sources(site)
         keep = broadcast_along(src >= 0, 2, site.dim)
         shape = flat(site, handle).shape
         for value in state.values():

@@ -28,7 +28,7 @@ from grassfx import select as _select
 from grassfx.errors import ConfigError
 from grassfx.instrument.anchors import broadcast_along
 
-from .base import row_weights
+from .base import overlap_sources, row_weights
 from .decay import owe
 from .rounding import add_to_rows, first_copies
 
@@ -156,9 +156,7 @@ def remap(state: dict, site) -> None:
     """``moments="keep_overlap"`` at a refresh: keep the state of rows selected before and
     after (wherever their slot now lives), zero the rest; in place."""
     lay = layout_of(site)
-    src = torch.full((site.rows,), -1, dtype=torch.long, device=site.idx.device)
-    src[site.prev_idx] = torch.arange(site.rank, device=site.idx.device)
-    src = src[site.idx]
+    src = overlap_sources(site)
     keep, take = src >= 0, src.clamp_min(0)
     for value in state.values():
         if not torch.is_tensor(value):

@@ -6,7 +6,6 @@ import socket
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 import grassfx
 
@@ -20,15 +19,7 @@ def _free_port():
 
 
 def _launch(tmp_path, **opts):
-    ctx = mp.get_context("spawn")
-    port = _free_port()
-    procs = [ctx.Process(target=W.worker, args=(r, 2, port, str(tmp_path), opts)) for r in range(2)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(timeout=240)
-        assert p.exitcode == 0, f"worker exit code {p.exitcode}"
-    return [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
+    return W.launch(W.worker, tmp_path, **opts)
 
 
 def _single_process(**kw):

@@ -2,33 +2,17 @@
 
 from __future__ import annotations
 
-import socket
-
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 import grassfx
 
+import dist_worker
 import fsdp_worker as W
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _launch(tmp_path, world=2, **opts):
-    ctx = mp.get_context("spawn")
-    port = _free_port()
-    procs = [ctx.Process(target=W.worker, args=(r, world, port, str(tmp_path), opts)) for r in range(world)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(timeout=240)
-        assert p.exitcode == 0, f"worker exit code {p.exitcode}"
-    return [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(world)]
+    return dist_worker.launch(W.worker, tmp_path, world, **opts)
 
 
 def _single_process(accumulate=0):
