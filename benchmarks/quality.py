@@ -211,6 +211,22 @@ PLANS = {
         reference="adamw",
         second="galore",
     ),
+    # grassfx train's grass defaults switched to moments="reset", explore=0 (both better under
+    # Muon at the old tuned point, tiny plan's ablations): the new setting re-tuned around
+    # that point (matrix step x0.5, x2; dense lr x0.5, x2 at the matrix step kept), paired
+    # against the old setting and AdamW at its re-checked point (tiny-matrix-probe).
+    "tiny-defaults": dict(
+        preset="tiny", steps=300, batch_size=4, seq_len=128, eval_every=50, eval_windows=32, rank=64,
+        arms={
+            "adamw": dict(flags=_ADAMW, point=["--lr", "16e-3", "--scale", "0.015625"]),
+            "grass-muon": dict(flags=_MUON, point=["--lr", "32e-3", "--scale", "0.125"]),
+            "grass-muon-reset-no-explore": dict(
+                flags=_MUON + ["--moments", "reset", "--explore", "0"],
+                grid=_scales("32e-3", "0.125", "0.0625", "0.25") + _dense_lr_probes("32e-3", "0.125")),
+        },
+        reference="adamw",
+        second="grass-muon",
+    ),
     # CI smoke: the whole procedure on the test preset in a few steps.
     "smoke": dict(
         preset="test", steps=4, batch_size=2, seq_len=32, eval_every=2, eval_windows=2, rank=8,
