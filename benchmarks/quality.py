@@ -214,7 +214,9 @@ PLANS = {
     # grassfx train's grass defaults switched to moments="reset", explore=0 (both better under
     # Muon at the old tuned point, tiny plan's ablations): the new setting re-tuned around
     # that point (matrix step x0.5, x2; dense lr x0.5, x2 at the matrix step kept), paired
-    # against the old setting and AdamW at its re-checked point (tiny-matrix-probe).
+    # against the old setting and AdamW at its re-checked point (tiny-matrix-probe). The
+    # doubled dense lr won at the grid's edge, so a second round walked one step further
+    # along each axis from it (dense lr x2 again; matrix step x0.5, x2).
     "tiny-defaults": dict(
         preset="tiny", steps=300, batch_size=4, seq_len=128, eval_every=50, eval_windows=32, rank=64,
         arms={
@@ -222,7 +224,8 @@ PLANS = {
             "grass-muon": dict(flags=_MUON, point=["--lr", "32e-3", "--scale", "0.125"]),
             "grass-muon-reset-no-explore": dict(
                 flags=_MUON + ["--moments", "reset", "--explore", "0"],
-                grid=_scales("32e-3", "0.125", "0.0625", "0.25") + _dense_lr_probes("32e-3", "0.125")),
+                grid=_scales("32e-3", "0.125", "0.0625", "0.25") + _dense_lr_probes("32e-3", "0.125")
+                + _scales("0.064", "0.125", "0.03125") + _scales("0.128", "0.03125")),
         },
         reference="adamw",
         second="grass-muon",

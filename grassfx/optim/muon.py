@@ -62,9 +62,9 @@ def orthogonalize(x: torch.Tensor, steps: int = 5, eps: float = 1e-7) -> torch.T
     Quintic Newton-Schulz: ``X <- a X + (b A + c A²) X`` with ``A = X Xᵀ``, started from
     ``x / ‖x‖_F`` (so every singular value is <= 1), on the wide orientation of ``x``
     (a tall matrix is transposed, iterated, transposed back). A leading batch dim is one
-    matrix per entry (an expert stack).
+    matrix per entry (an expert stack). A matrix at least twice as wide as tall is iterated
+    in its Gram space (:func:`_newton_schulz_gram`: the same iterates, fewer FLOPs).
     """
-    a, b, c = NS_COEFFICIENTS
     y = x.float()
     tall = y.shape[-2] > y.shape[-1]
     if tall:
@@ -72,12 +72,42 @@ def orthogonalize(x: torch.Tensor, steps: int = 5, eps: float = 1e-7) -> torch.T
     shape = y.shape
     y = y.reshape(-1, *shape[-2:])  # (batch, small, large)
     y = y / (torch.linalg.matrix_norm(y, keepdim=True) + eps)
+    y = _newton_schulz_gram(y, steps) if shape[-1] >= 2 * shape[-2] else _newton_schulz(y, steps)
+    y = y.reshape(shape)
+    return y.mT if tall else y
+
+
+def _newton_schulz(y: torch.Tensor, steps: int) -> torch.Tensor:
+    """``steps`` quintic iterations on a batch of wide (s x l) matrices: per step two
+    (s x s x l) matmuls and one (s x s x s)."""
+    a, b, c = NS_COEFFICIENTS
     for _ in range(steps):
         gram = torch.bmm(y, y.mT)
         poly = torch.baddbmm(gram, gram, gram, beta=b, alpha=c)  # b A + c A²
         y = torch.baddbmm(y, poly, y, beta=a)  # a X + (b A + c A²) X
-    y = y.reshape(shape)
-    return y.mT if tall else y
+    return y
+
+
+def _newton_schulz_gram(y: torch.Tensor, steps: int) -> torch.Tensor:
+    """The iterates of :func:`_newton_schulz`, computed in the (s x s) Gram space.
+
+    Each step multiplies ``X`` on the left by ``M = a I + b A + c A²``, a polynomial in
+    ``A = X Xᵀ``, so ``M`` is symmetric and commutes with ``A``. Hence
+    ``X_k = Q_k X_0`` with ``Q_{k+1} = M_k Q_k``, and ``A_{k+1} = M_k A_k M_k``: only
+    (s x s) products inside the loop, one (s x s x l) product before it (``A_0``) and one
+    after (``Q X_0``). For ``steps`` = 5 that is 2 s²l + 17 s³ multiply-adds instead of
+    10 s²l + 5 s³: about half for l = 4s.
+    """
+    a, b, c = NS_COEFFICIENTS
+    gram = torch.bmm(y, y.mT)
+    q = None
+    for k in range(steps):
+        poly = torch.baddbmm(gram, gram, gram, beta=b, alpha=c)  # b A + c A²
+        poly.diagonal(dim1=-2, dim2=-1).add_(a)  # M = a I + b A + c A²
+        q = poly if q is None else torch.bmm(poly, q)
+        if k < steps - 1:
+            gram = torch.bmm(torch.bmm(poly, gram), poly)
+    return torch.bmm(q, y)
 
 
 # The most float32 elements one batched Newton-Schulz call stacks (64 MiB of input; the
