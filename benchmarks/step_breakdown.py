@@ -2,7 +2,8 @@
 against grassfx with Muon rows (the demo's grass run), same process, interleaved.
 
 The tiny LLaMA preset (5.3M parameters, tied 8192 vocabulary), 4 x 128 tokens, rank 64,
-the demo's grass settings (``update_freq`` 12, ``keep_overlap``, ``explore`` 0.25, Muon).
+the demo's grass settings (``update_freq`` 12; ``scale``, ``moments`` and ``explore`` from
+``grassfx.recipes.options.RECOMMENDED``; Muon).
 Each round times ``--steps`` steps of each side in turn (machine drift hits both), and
 reports medians over rounds of:
 
@@ -54,11 +55,13 @@ def main(argv=None):
 
     import grassfx
     from grassfx.optim.muon import orthogonalize_many
+    from grassfx.recipes.options import RECOMMENDED
 
     dense = torch.compile(_model())
     dopt = torch.optim.AdamW(dense.parameters(), lr=1e-3, fused=True)
-    grass = grassfx.compile(_model(), rank=64, update_freq=args.update_freq, scale=0.125,
-                            moments="keep_overlap", explore=0.25)
+    rec = RECOMMENDED["grass"]
+    grass = grassfx.compile(_model(), rank=64, update_freq=args.update_freq, scale=rec["scale"],
+                            moments=rec["moments"], explore=rec["explore"])
     gopt = grassfx.optim.Muon(grass.parameters(), lr=1e-3)
     gen = torch.Generator().manual_seed(0)
     batch = lambda: torch.randint(0, 8192, (4, 128), generator=gen)  # noqa: E731

@@ -21,19 +21,21 @@ SELECTIONS = ("top_r", "multinorm", "multinorm_nr", "uniform")
 BACKENDS = ("eager", "aot_eager", "inductor")
 
 # Each optimizer's settings when the command line does not name them: the best point of
-# each method's grid in benchmarks/quality.py (tiny preset, Shakespeare, 300 steps, seed
-# 100; benchmarks/RESULTS.md section 3). ``lr`` is the rate of what the method trains
+# each method's grid in benchmarks/quality.py (tiny preset, Shakespeare, 300 steps, tuning
+# seed 100; benchmarks/RESULTS.md section 3). ``lr`` is the rate of what the method trains
 # densely (embeddings, norms) and ``scale`` multiplies it for the attention/MLP weights
 # (for AdamW too), so every method got the same two-dimensional grid: each preferred a
-# high rate for the embeddings and a lower one for the matrices (AdamW 16e-3 / 1e-3,
-# GaLore 16e-3 / 4e-3, grassfx with Muon on the selected rows 32e-3 / 4e-3). grassfx's
-# selected rows train with grassfx.optim.Muon (0.34 nats better than row-wise AdamW at the
-# same seeds); its refresh options are the configuration the grid ran with
-# (docs/quality.md), without re-warmup (worse with Muon: +0.014 nats at the tuning seed).
+# high rate for the embeddings and a lower one for the matrices (AdamW 16e-3 / 2.5e-4,
+# after the tiny-matrix-probe plan walked its matrix step down; GaLore 16e-3 / 4e-3;
+# grassfx 64e-3 / 4e-3, plan tiny-defaults). grassfx's selected rows train with
+# grassfx.optim.Muon (0.34 nats better than row-wise AdamW at the same seeds), with the
+# momentum reset at each refresh and the whole rank on top_r (each better under Muon than
+# keeping the overlap's momentum and giving a quarter of the rank to coverage: -0.035 nats
+# together, 3 seeds), without re-warmup (worse with Muon: +0.014 nats at the tuning seed).
 RECOMMENDED = {
-    "adamw": dict(lr=16e-3, scale=0.0625),
+    "adamw": dict(lr=16e-3, scale=0.015625),
     "galore": dict(lr=16e-3, scale=0.25, windows=25),
-    "grass": dict(lr=32e-3, scale=0.125, windows=25, moments="keep_overlap", explore=0.25, rewarmup=0,
+    "grass": dict(lr=64e-3, scale=0.0625, windows=25, moments="reset", explore=0.0, rewarmup=0,
                   optimizer="muon"),
 }
 
@@ -170,6 +172,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rewarmup", type=int, default=None,
                    help="grass: steps over which a newly selected row's update ramps up from 0 "
                         "(0: off; default: the recommended value)")
+    p.add_argument("--refresh", default="eager", choices=["eager", "compiled"],
+                   help="grass, compiled backends: how refresh steps run (grassfx.compile(refresh=)): eager "
+                        "(default: one training graph to compile) or compiled (a refresh graph of its own: "
+                        "more compile time, faster refresh steps)")
     p.add_argument("--steps", type=_positive_int, default=1000, help="optimizer steps per run (default: %(default)s)")
     p.add_argument("--lr", type=_per_optimizer(_positive_float), action=_MergeDicts, default=None,
                    help="peak learning rate: X (every optimizer) or OPTIMIZER=X (repeatable; default: "
@@ -193,6 +199,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the init weights and the batches (default: %(default)s)")
     p.add_argument("--device", default="auto", help="cpu, cuda, ... (default: cuda if available)")
     p.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--malloc", default="keep", choices=["keep", "system"],
+                   help="CPU runs on Linux with glibc: keep (default: freed memory stays in the process, "
+                        "so a step does not page-fault its activations back in; every run of the "
+                        "process alike) or system (glibc's own thresholds)")
     p.add_argument("--out", default=None, help="output folder (default: runs/<timestamp>)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--nproc", type=_positive_int, default=1,

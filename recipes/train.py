@@ -42,7 +42,7 @@ import torch
 
 from . import data as data_mod
 from . import presets as presets_mod
-from .measure import PeakMemory, Throughput, compiled_graphs, fmt_bytes, optimizer_state_bytes, sync
+from .measure import PeakMemory, Throughput, compiled_graphs, fmt_bytes, keep_freed_memory, optimizer_state_bytes, sync
 from .options import RunSpec, grass_setting, parse_args, run_specs, setting
 from .report import json_default, plot_losses, results_table
 
@@ -111,7 +111,7 @@ def make_grass(model: torch.nn.Module, spec: RunSpec, args: argparse.Namespace):
                             update_freq=setting(args, "update_freq", "grass"), scale=setting(args, "scale", "grass"),
                             proj_dim=args.proj_dim, moments=grass_setting(args, "moments"),
                             explore=grass_setting(args, "explore"), seed=args.seed, backend=args.backend,
-                            blocks=None if args.blocks == "auto" else False)
+                            blocks=None if args.blocks == "auto" else False, refresh=args.refresh)
     common = dict(lr=setting(args, "lr", "grass"), betas=(0.9, 0.999), eps=1e-8, weight_decay=args.weight_decay,
                   rewarmup=grass_setting(args, "rewarmup"))
     if grass_setting(args, "optimizer") == "muon":
@@ -397,6 +397,8 @@ def run(argv: list[str] | None = None) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = init_distributed(args, resolve_device(args.device))
+    # every run of this process alike: steps do not page-fault their activations back in
+    kept = args.freed_memory_kept = args.malloc == "keep" and device.type == "cpu" and keep_freed_memory()
     if args.proc_rank != 0:
         args.no_progress = True
     preset = presets_mod.get_preset(args.preset)
@@ -420,7 +422,7 @@ def run(argv: list[str] | None = None) -> dict:
     arch_name = "GPT-2" if args.arch == "gpt2" else "LLaMA"
     say(f"model: {preset.name} {arch_name}; runs: {', '.join(s.name for s in specs)}; {args.steps} steps x "
         f"{args.batch_size} x {args.seq_len} tokens x {args.world_size} process(es); device {device}, "
-        f"{torch.get_num_threads()} threads; out {out}")
+        f"{torch.get_num_threads()} threads{'; freed memory kept' if kept else ''}; out {out}")
     write_config(out, args, specs, corpus, device)
     summary, records = run_all(specs, corpus, eval_set, args, device, out)
     source = Path(corpus.source).name if args.data else "Shakespeare"
