@@ -15,6 +15,8 @@ import torch
 from torch import nn
 
 import grassfx
+from grassfx import _compat
+from grassfx.errors import ConfigError
 from grassfx.optim.muon import NS_COEFFICIENTS, orthogonalize, orthogonalize_many
 
 from conftest import make_mlp
@@ -268,3 +270,47 @@ def test_pure_bf16_rows_keep_updates_below_bf16_resolution(selection):
         errors[rounding] = float((got[rows] - exact[rows]).abs().mean() / moved)
     assert errors["nearest"] > 0.9, errors  # every step rounded away
     assert errors["kahan"] < 0.2 and errors["stochastic"] < 0.6, errors
+
+
+def _train_muon(compiled, moments, steps=7, **opt_kw):
+    """A three-linear net (row- and column-selected weights), an lr schedule, refreshes every
+    2 steps; returns the final state_dict and the optimizer."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(6, 40, bias=False), nn.Tanh(), nn.Linear(40, 24), nn.Tanh(),
+                        nn.Linear(24, 40, bias=False))
+    model = grassfx.compile(net, rank=6, update_freq=2, moments=moments, backend="eager")
+    opt = grassfx.optim.Muon(model.parameters(), lr=LR, compiled=compiled, **opt_kw)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 / (1 + s))
+    g = torch.Generator().manual_seed(1)
+    for _ in range(steps):
+        model(torch.randn(5, 6, generator=g)).pow(2).mean().backward()
+        opt.step()
+        opt.zero_grad()
+        sched.step()
+    return model.state_dict(), opt
+
+
+@pytest.mark.parametrize("moments, opt_kw", [("reset", {}), ("keep_overlap", {"nesterov": False}),
+                                             ("reset", {"weight_decay": 0.1})])
+def test_compiled_rows_step_equals_the_eager_step(moments, opt_kw):
+    # the compiled function takes the plain weights; with weight decay every weight takes the
+    # eager path, so the compiled flag must change nothing there either
+    want, _ = _train_muon(False, moments, **opt_kw)
+    got, opt = _train_muon(True, moments, **opt_kw)
+    assert (opt._compiled_rows is not None) == ("weight_decay" not in opt_kw)
+    for key in want:
+        # Inductor fuses and reorders the float32 arithmetic: steps are ~1e-2, rounding ~3e-6
+        torch.testing.assert_close(got[key], want[key], rtol=1e-5, atol=1e-5, msg=key)
+
+
+def test_compiled_rows_step_does_not_recompile_across_refreshes_and_lr_changes():
+    before = _compat.compiled_graph_count()
+    _train_muon(True, "reset", steps=9)  # 5 refreshes (moments re-created), 9 learning rates
+    assert _compat.compiled_graph_count() - before == 1  # the model runs eagerly: the rows step's graph
+
+
+def test_compiled_rows_step_refuses_updates_in_backward():
+    with pytest.raises(ConfigError, match="compiled=True with update_in_backward=True"):
+        grassfx.optim.Muon([torch.nn.Parameter(torch.zeros(2))], compiled=True, update_in_backward=True)
+    with pytest.raises(ConfigError, match="compiled='yes'"):
+        grassfx.optim.Muon([torch.nn.Parameter(torch.zeros(2))], compiled="yes")
