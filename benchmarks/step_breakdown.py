@@ -13,6 +13,9 @@ reports medians over rounds of:
 * Newton-Schulz alone on grassfx's momenta: batched (``orthogonalize_many``) and one
   matrix at a time.
 
+Like ``grassfx train``, it has glibc keep freed memory (``--malloc keep``): otherwise page
+faults of re-allocated activations add a few ms per step, in phases (README, "Speed").
+
 Example:
     python benchmarks/step_breakdown.py --rounds 3 --out benchmarks/results/step_breakdown.json
 """
@@ -50,8 +53,14 @@ def main(argv=None):
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--steps", type=int, default=36, help="steps per side per round (3 refresh windows)")
     p.add_argument("--update-freq", type=int, default=12)
+    p.add_argument("--malloc", default="keep", choices=["keep", "system"],
+                   help="glibc keeps freed memory (as grassfx train does by default) or its own thresholds")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
+    if args.malloc == "keep":
+        from grassfx.recipes.measure import keep_freed_memory
+
+        keep_freed_memory()
 
     import grassfx
     from grassfx.optim.muon import orthogonalize_many
