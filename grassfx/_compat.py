@@ -282,6 +282,11 @@ def fused_adamw(params, grads, exp_avgs, exp_avg_sqs, steps, *, lr: float, beta1
     return True
 
 
+def foreach_add_scalar_(tensors: list, value: float) -> None:
+    """``t += value`` for every tensor of ``tensors`` (one ``torch._foreach_add_`` call)."""
+    torch._foreach_add_(tensors, value)
+
+
 def foreach_momentum(bufs: list, grads: list, momentum: float, nesterov: bool) -> list:
     """``buf = momentum * buf + grad`` for every pair, in place, by ``torch._foreach_*`` (one
     call per list instead of two ops per tensor); returns the Nesterov directions

@@ -152,7 +152,7 @@ def _rows_step(bufs, grads, row_steps, weights, idxs, alphas, dims, momentum, ne
     """Muon's step of plain projected weights (what :class:`Muon` runs compiled): advance each
     momentum, orthogonalize the directions (batched per shape), add ``alphas[i]`` times the
     result to the selected rows ``idxs[i]`` along ``dims[i]`` of ``weights[i]``."""
-    torch._foreach_add_(row_steps, 1.0)
+    _compat.foreach_add_scalar_(row_steps, 1.0)
     directions = _compat.foreach_momentum(bufs, grads, momentum, nesterov)
     ortho = orthogonalize_many(list(directions), ns_steps)
     for i, (weight, idx, o) in enumerate(zip(weights, idxs, ortho)):
