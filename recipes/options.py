@@ -226,6 +226,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args = first
     if args.selections and not ({"grass"} & set(run_optimizers(args))):
         parser.error("--selection only applies to grass runs (add --optimizer grass or --compare)")
+    if args.refresh == "compiled" and args.backend == "eager":
+        parser.error("--refresh compiled needs a compiled backend (--backend inductor or aot_eager)")
     if args.seq_len > presets_mod.get_preset(args.preset).max_position_embeddings:
         parser.error(f"--seq-len {args.seq_len} is too long for preset {args.preset!r}")
     return args

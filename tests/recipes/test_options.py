@@ -22,6 +22,11 @@ def test_run_specs_and_cli_errors(capsys):
         with pytest.raises(SystemExit):
             options.parse_args(bad)
     assert "--selection only applies to grass" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        options.parse_args(["--refresh", "compiled", "--backend", "eager"])
+    assert "--refresh compiled needs a compiled backend" in capsys.readouterr().err
+    assert options.parse_args(["--refresh", "compiled"]).refresh == "compiled"
+    assert options.parse_args([]).refresh == "eager"
 
 
 def test_per_optimizer_flags():
