@@ -92,6 +92,12 @@ def own_code(method):
     return types.MethodType(fresh, method.__self__)
 
 
+def own_function(fn):
+    """A copy of the plain function ``fn`` with a private copy of its code object (see
+    :func:`own_code`: Dynamo's compiled entries and recompile limit go per code object)."""
+    return types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)
+
+
 @contextlib.contextmanager
 def compile_caches_off():
     """Inductor's FX graph cache and the AOTAutograd cache off: every pass really runs."""
@@ -290,7 +296,12 @@ def foreach_add_scalar_(tensors: list, value: float) -> None:
 def foreach_momentum(bufs: list, grads: list, momentum: float, nesterov: bool) -> list:
     """``buf = momentum * buf + grad`` for every pair, in place, by ``torch._foreach_*`` (one
     call per list instead of two ops per tensor); returns the Nesterov directions
-    ``grad + momentum * buf`` (new tensors) or ``bufs`` themselves. One device and dtype."""
+    ``grad + momentum * buf`` (new tensors) or ``bufs`` themselves. One device and dtype;
+    ``momentum`` a float or a 0-d tensor."""
     torch._foreach_mul_(bufs, momentum)
     torch._foreach_add_(bufs, grads)
-    return list(torch._foreach_add(grads, bufs, alpha=momentum)) if nesterov else bufs
+    if not nesterov:
+        return bufs
+    if isinstance(momentum, torch.Tensor):  # a 0-d tensor (compiled callers: no recompile per value)
+        return list(torch._foreach_add(grads, torch._foreach_mul(bufs, momentum)))
+    return list(torch._foreach_add(grads, bufs, alpha=momentum))

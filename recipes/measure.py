@@ -46,6 +46,20 @@ def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
     return tensor_nbytes(dict(optimizer.state))
 
 
+_kept = False  # keep_freed_memory() ran in this process
+
+
+def _release_freed_memory() -> None:
+    """Give the heap's free memory back to the system (``malloc_trim``), where
+    :func:`keep_freed_memory` kept it: a run's peak RSS must not start at the last run's."""
+    if not _kept:
+        return
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def keep_freed_memory() -> bool:
     """Make glibc keep freed memory in the process; returns whether it did.
 
@@ -67,6 +81,8 @@ def keep_freed_memory() -> bool:
     except (OSError, AttributeError):  # not glibc
         return False
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    global _kept
+    _kept = True
     # an explicit mmap threshold also turns off glibc's dynamic adjustment of both thresholds;
     # the trim threshold is the largest value mallopt takes (an int): 2 GiB free at the heap's top
     return bool(mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_MAX)) and bool(mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
@@ -88,8 +104,9 @@ class PeakMemory:
     """Peak memory of one run: CUDA allocator peak on GPU, else the process's peak RSS.
 
     On Linux the RSS high-water mark is reset at the start of the run (through
-    /proc/self/clear_refs) so that each run reports its own peak; where that is
-    not possible the peak of the whole process so far is reported.
+    /proc/self/clear_refs) so that each run reports its own peak, after memory kept by
+    :func:`keep_freed_memory` is handed back; where that is not possible the peak of the
+    whole process so far is reported.
     """
 
     def __init__(self, device: torch.device):
@@ -97,6 +114,7 @@ class PeakMemory:
         if self.cuda:
             torch.cuda.reset_peak_memory_stats(device)
         else:
+            _release_freed_memory()
             try:
                 with open("/proc/self/clear_refs", "w") as f:
                     f.write("5")

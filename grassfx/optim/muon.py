@@ -64,7 +64,8 @@ def orthogonalize(x: torch.Tensor, steps: int = 5, eps: float = 1e-7) -> torch.T
     ``x / ‖x‖_F`` (so every singular value is <= 1), on the wide orientation of ``x``
     (a tall matrix is transposed, iterated, transposed back). A leading batch dim is one
     matrix per entry (an expert stack). A matrix at least twice as wide as tall is iterated
-    in its Gram space (:func:`_newton_schulz_gram`: the same iterates, fewer FLOPs).
+    in its Gram space (:func:`_newton_schulz_gram`: the same iterates in exact arithmetic,
+    fewer FLOPs).
     """
     y = x.float()
     tall = y.shape[-2] > y.shape[-1]
@@ -90,7 +91,10 @@ def _newton_schulz(y: torch.Tensor, steps: int) -> torch.Tensor:
 
 
 def _newton_schulz_gram(y: torch.Tensor, steps: int) -> torch.Tensor:
-    """The iterates of :func:`_newton_schulz`, computed in the (s x s) Gram space.
+    """The iterates of :func:`_newton_schulz` (in exact arithmetic), computed in the (s x s)
+    Gram space. In float32 they lose more to rounding along the near-null directions of a
+    nearly rank-deficient input (5-9x the direct iteration's error, up to ~1e-3 of the
+    largest entry at 1024 x 4096 with rank 1-4 inputs): harmless for an optimizer step.
 
     Each step multiplies ``X`` on the left by ``M = a I + b A + c A²``, a polynomial in
     ``A = X Xᵀ``, so ``M`` is symmetric and commutes with ``A``. Hence
@@ -150,8 +154,9 @@ def orthogonalize_many(xs: list[torch.Tensor], steps: int = 5, eps: float = 1e-7
 
 def _rows_step(bufs, grads, row_steps, weights, idxs, alphas, dims, momentum, nesterov, ns_steps) -> None:
     """Muon's step of plain projected weights (what :class:`Muon` runs compiled): advance each
-    momentum, orthogonalize the directions (batched per shape), add ``alphas[i]`` times the
-    result to the selected rows ``idxs[i]`` along ``dims[i]`` of ``weights[i]``."""
+    momentum (``momentum`` a 0-d tensor), orthogonalize the directions (batched per shape), add
+    ``alphas[i]`` times the result to the selected rows ``idxs[i]`` along ``dims[i]`` of
+    ``weights[i]``."""
     _compat.foreach_add_scalar_(row_steps, 1.0)
     directions = _compat.foreach_momentum(bufs, grads, momentum, nesterov)
     ortho = orthogonalize_many(list(directions), ns_steps)
@@ -184,10 +189,13 @@ class Muon(AdamW):
             noise lifted to full-size steps: train with batches of at least that many tokens.
         update_in_backward: as :class:`grassfx.optim.AdamW` (each parameter updated inside
             backward as soon as its gradient exists).
-        compiled: ``False`` (default: eager, nothing to compile) or ``True``: the selected
-            rows' step (momentum, Newton-Schulz, the scaled row writes) of every plain
-            projected weight runs as one function compiled by ``torch.compile`` (Inductor),
-            with the learning rates as a tensor, so schedules and refreshes do not recompile.
+        compiled: ``False`` (default: eager, nothing to compile) or ``True`` (a bool: unlike
+            :class:`grassfx.optim.AdamW` there is no ``None``): the selected rows' step
+            (momentum, Newton-Schulz, the scaled row writes) of every plain projected weight
+            runs as one function compiled by ``torch.compile`` (Inductor), with the learning
+            rates and ``momentum`` as tensors, so schedules and refreshes do not recompile.
+            Equal to the eager step up to rounding (Inductor fuses the float arithmetic: in
+            bf16 weights that can be one unit in the last place).
             A weight with re-warmup, weight decay, a selector that draws rows twice, rounding
             other than nearest, an expert stack or every row kept takes the eager path. The
             other parameters always go through torch's fused AdamW kernel. On the tiny
@@ -235,10 +243,11 @@ class Muon(AdamW):
                 self._init_state(p, site)
                 rows.append((group, p, site))
         if self._rows_compiled and not self._sharded:
-            fast = [item for item in rows if self._plain(*item)]
+            plain = [self._plain(*item) for item in rows]
+            fast = [item for item, ok in zip(rows, plain) if ok]
             if fast:
                 self._step_plain_rows(fast)
-                rows = [item for item in rows if not self._plain(*item)]
+                rows = [item for item, ok in zip(rows, plain) if not ok]
         if rows:
             directions = self._directions([p for _, p, _ in rows])
             # Newton-Schulz on every direction of one (wide) shape at once: a few batched matmuls
@@ -263,7 +272,10 @@ class Muon(AdamW):
         :func:`_rows_step`; the per-weight step sizes are a tensor (no recompile when the
         learning rate changes)."""
         if self._compiled_rows is None:
-            self._compiled_rows = torch.compile(_rows_step, fullgraph=True, dynamic=False)
+            # a private code object per optimizer: Dynamo's cache and recompile limit (8 graphs)
+            # are per code object, and each optimizer has its own shapes. Past the limit (a set
+            # of plain weights that keeps changing) Dynamo runs the function eagerly: no fullgraph
+            self._compiled_rows = torch.compile(_compat.own_function(_rows_step), dynamic=False)
         by_device: dict = {}
         for item in rows:
             by_device.setdefault(item[1].device, []).append(item)
@@ -274,7 +286,8 @@ class Muon(AdamW):
             self._compiled_rows([st["momentum_buffer"] for st in states], [h.grad for _, h, _ in items],
                                 [st["row_step"] for st in states], [site.weight for _, _, site in items],
                                 [site.idx for _, _, site in items], alphas, tuple(site.dim for _, _, site in items),
-                                self.momentum, self.nesterov, self.ns_steps)
+                                torch.tensor(self.momentum, dtype=torch.float32, device=device), self.nesterov,
+                                self.ns_steps)
 
     def _create_state(self, p, site) -> None:
         if site is None:

@@ -309,6 +309,23 @@ def test_compiled_rows_step_does_not_recompile_across_refreshes_and_lr_changes()
     assert _compat.compiled_graph_count() - before == 1  # the model runs eagerly: the rows step's graph
 
 
+def test_compiled_rows_step_survives_many_models_and_a_momentum_schedule():
+    # Dynamo's recompile limit is 8 graphs per code object: each optimizer compiles its own
+    # copy, and the momentum is a tensor (a warm-up schedule changes it every step)
+    torch.manual_seed(0)
+    before = _compat.compiled_graph_count()
+    for width in range(8, 18):  # ten models of different shapes in one process
+        model = grassfx.compile(nn.Linear(6, width, bias=False), rank=4, backend="eager")
+        opt = grassfx.optim.Muon(model.parameters(), lr=LR, compiled=True)
+        for step in range(10):
+            opt.momentum = 0.85 + 0.01 * step
+            model(torch.randn(5, 6)).pow(2).mean().backward()
+            opt.step()
+            opt.zero_grad()
+        assert torch.isfinite(model.state_dict()["module.weight"]).all()
+    assert _compat.compiled_graph_count() - before == 10  # one graph per optimizer
+
+
 def test_compiled_rows_step_refuses_updates_in_backward():
     with pytest.raises(ConfigError, match="compiled=True with update_in_backward=True"):
         grassfx.optim.Muon([torch.nn.Parameter(torch.zeros(2))], compiled=True, update_in_backward=True)
