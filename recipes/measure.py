@@ -46,18 +46,24 @@ def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
     return tensor_nbytes(dict(optimizer.state))
 
 
-_kept = False  # keep_freed_memory() ran in this process
+def _glibc():
+    """The C library when it is glibc on Linux (it has ``mallopt`` and ``malloc_trim``), else None."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt, libc.malloc_trim  # noqa: B018 - both exist in glibc only
+    except (OSError, AttributeError):
+        return None
+    return libc
 
 
 def _release_freed_memory() -> None:
-    """Give the heap's free memory back to the system (``malloc_trim``), where
-    :func:`keep_freed_memory` kept it: a run's peak RSS must not start at the last run's."""
-    if not _kept:
-        return
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
+    """Give the heap's free memory back to the system (``malloc_trim``): a run's peak RSS must
+    not start at what an earlier run of the process freed (:func:`keep_freed_memory` keeps it)."""
+    libc = _glibc()
+    if libc is not None:
+        libc.malloc_trim(0)
 
 
 def keep_freed_memory() -> bool:
@@ -73,16 +79,11 @@ def keep_freed_memory() -> bool:
     freed pages for the next step. Process-wide: every run of the process gets it. Linux
     with glibc only (elsewhere nothing is changed and False is returned).
     """
-    if not sys.platform.startswith("linux"):
+    libc = _glibc()
+    if libc is None:
         return False
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):  # not glibc
-        return False
+    mallopt = libc.mallopt
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-    global _kept
-    _kept = True
     # an explicit mmap threshold also turns off glibc's dynamic adjustment of both thresholds;
     # the trim threshold is the largest value mallopt takes (an int): 2 GiB free at the heap's top
     return bool(mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_MAX)) and bool(mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
@@ -104,9 +105,9 @@ class PeakMemory:
     """Peak memory of one run: CUDA allocator peak on GPU, else the process's peak RSS.
 
     On Linux the RSS high-water mark is reset at the start of the run (through
-    /proc/self/clear_refs) so that each run reports its own peak, after memory kept by
-    :func:`keep_freed_memory` is handed back; where that is not possible the peak of the
-    whole process so far is reported.
+    /proc/self/clear_refs) so that each run reports its own peak, after the heap's free
+    memory (kept by :func:`keep_freed_memory`) is handed back; where that is not possible
+    the peak of the whole process so far is reported.
     """
 
     def __init__(self, device: torch.device):
