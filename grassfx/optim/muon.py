@@ -153,10 +153,10 @@ def orthogonalize_many(xs: list[torch.Tensor], steps: int = 5, eps: float = 1e-7
 
 
 def _rows_step(bufs, grads, row_steps, weights, idxs, alphas, dims, momentum, nesterov, ns_steps) -> None:
-    """Muon's step of plain projected weights (what :class:`Muon` runs compiled): advance each
-    momentum (``momentum`` a 0-d tensor), orthogonalize the directions (batched per shape), add
-    ``alphas[i]`` times the result to the selected rows ``idxs[i]`` along ``dims[i]`` of
-    ``weights[i]``."""
+    """Muon's step of plain projected weights (eager, or compiled with ``Muon(compiled=True)``):
+    advance each momentum, orthogonalize the directions (batched per shape), add ``alphas[i]``
+    times the result to the selected rows ``idxs[i]`` along ``dims[i]`` of ``weights[i]``.
+    ``alphas`` and ``momentum``: floats, or (compiled) a float32 tensor and a 0-d one."""
     _compat.foreach_add_scalar_(row_steps, 1.0)
     directions = _compat.foreach_momentum(bufs, grads, momentum, nesterov)
     ortho = orthogonalize_many(list(directions), ns_steps)
@@ -242,13 +242,11 @@ class Muon(AdamW):
             else:
                 self._init_state(p, site)
                 rows.append((group, p, site))
-        if self._rows_compiled and not self._sharded:
-            plain = [self._plain(*item) for item in rows]
-            fast = [item for item, ok in zip(rows, plain) if ok]
-            if fast:
-                self._step_plain_rows(fast)
-                rows = [item for item, ok in zip(rows, plain) if not ok]
-        if rows:
+        plain = [self._plain(*item) for item in rows]
+        if any(plain):
+            self._step_plain_rows([item for item, ok in zip(rows, plain) if ok])
+            rows = [item for item, ok in zip(rows, plain) if not ok]
+        if rows:  # re-warmup, decay, rows drawn twice, rounding, expert stacks, every row kept
             directions = self._directions([p for _, p, _ in rows])
             # Newton-Schulz on every direction of one (wide) shape at once: a few batched matmuls
             # instead of a few small ones per weight (a step of the tiny preset: 28 matrices of
@@ -260,7 +258,7 @@ class Muon(AdamW):
             super()._apply_lists(rest, beta1, beta2, eps)
 
     def _plain(self, group, handle, site) -> bool:
-        """Whether one weight's step is the compiled path's: plain rows, nearest rounding, no
+        """Whether one weight's step is :func:`_rows_step`'s: plain rows, nearest rounding, no
         re-warmup, no weight decay, each row drawn once, momentum in the handle's dtype."""
         return (not site.full and not isinstance(site, MatrixFace) and not self.rewarmup
                 and group["weight_decay"] == 0 and site.method not in WITH_REPLACEMENT
@@ -268,10 +266,10 @@ class Muon(AdamW):
                 and self.state[handle]["momentum_buffer"].dtype == handle.dtype)
 
     def _step_plain_rows(self, rows: list) -> None:
-        """The step of ``rows`` (``(group, handle, site)``, all :meth:`_plain`) by the compiled
-        :func:`_rows_step`; the per-weight step sizes are a tensor (no recompile when the
-        learning rate changes)."""
-        if self._compiled_rows is None:
+        """The step of ``rows`` (``(group, handle, site)``, all :meth:`_plain`) by
+        :func:`_rows_step`: eagerly, or compiled (``compiled=True``) with the per-weight step
+        sizes and the momentum as tensors (no recompile when they change)."""
+        if self._rows_compiled and self._compiled_rows is None:
             # a private code object per optimizer: Dynamo's cache and recompile limit (8 graphs)
             # are per code object, and each optimizer has its own shapes. Past the limit (a set
             # of plain weights that keeps changing) Dynamo runs the function eagerly: no fullgraph
@@ -281,13 +279,16 @@ class Muon(AdamW):
             by_device.setdefault(item[1].device, []).append(item)
         for device, items in by_device.items():
             states = [self.state[h] for _, h, _ in items]
-            alphas = torch.tensor([-group["lr"] * site.scale * self.rms * math.sqrt(max(h.shape))
-                                   for group, h, site in items], dtype=torch.float32, device=device)
-            self._compiled_rows([st["momentum_buffer"] for st in states], [h.grad for _, h, _ in items],
-                                [st["row_step"] for st in states], [site.weight for _, _, site in items],
-                                [site.idx for _, _, site in items], alphas, tuple(site.dim for _, _, site in items),
-                                torch.tensor(self.momentum, dtype=torch.float32, device=device), self.nesterov,
-                                self.ns_steps)
+            alphas = [-group["lr"] * site.scale * self.rms * math.sqrt(max(h.shape)) for group, h, site in items]
+            step, momentum = _rows_step, self.momentum
+            if self._rows_compiled:
+                step = self._compiled_rows
+                alphas = torch.tensor(alphas, dtype=torch.float32, device=device)
+                momentum = torch.tensor(momentum, dtype=torch.float32, device=device)
+            step([st["momentum_buffer"] for st in states], [h.grad for _, h, _ in items],
+                 [st["row_step"] for st in states], [site.weight for _, _, site in items],
+                 [site.idx for _, _, site in items], alphas, tuple(site.dim for _, _, site in items),
+                 momentum, self.nesterov, self.ns_steps)
 
     def _create_state(self, p, site) -> None:
         if site is None:

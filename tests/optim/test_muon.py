@@ -117,7 +117,9 @@ def test_orthogonalize_many_equals_one_matrix_at_a_time(max_elements):
     assert orthogonalize_many([]) == []
 
 
-@pytest.mark.parametrize("moments, weight_decay, rewarmup", [("reset", 0.1, 0), ("keep_overlap", 0.0, 3)])
+# the first two take the general path (_update_rows), the last two the plain one (_rows_step)
+@pytest.mark.parametrize("moments, weight_decay, rewarmup", [("reset", 0.1, 0), ("keep_overlap", 0.0, 3),
+                                                             ("reset", 0.0, 0), ("keep_overlap", 0.0, 0)])
 def test_projected_rows_follow_a_per_row_reference(moments, weight_decay, rewarmup):
     torch.manual_seed(0)
     net = nn.Sequential(nn.Linear(6, 40, bias=False), nn.Tanh(), nn.Linear(40, 3, bias=False))
