@@ -16,6 +16,9 @@ reports medians over rounds of:
 Like ``grassfx train``, it has glibc keep freed memory (``--malloc keep``): otherwise page
 faults of re-allocated activations add a few ms per step, in phases (README, "Speed").
 
+It also counts each side's minor page faults per step. ``--refresh compiled`` and
+``--muon-compiled`` time those grassfx options.
+
 Example:
     python benchmarks/step_breakdown.py --rounds 3 --out benchmarks/results/step_breakdown.json
 """
@@ -24,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import resource
 import statistics
 import time
 
@@ -55,6 +59,9 @@ def main(argv=None):
     p.add_argument("--update-freq", type=int, default=12)
     p.add_argument("--malloc", default="keep", choices=["keep", "system"],
                    help="glibc keeps freed memory (as grassfx train does by default) or its own thresholds")
+    p.add_argument("--refresh", default="eager", choices=["eager", "compiled"],
+                   help="grassfx's refresh steps (grassfx.compile(refresh=))")
+    p.add_argument("--muon-compiled", action="store_true", help="grassfx.optim.Muon(compiled=True)")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     if args.malloc == "keep":
@@ -70,8 +77,8 @@ def main(argv=None):
     dopt = torch.optim.AdamW(dense.parameters(), lr=1e-3, fused=True)
     rec = RECOMMENDED["grass"]
     grass = grassfx.compile(_model(), rank=64, update_freq=args.update_freq, scale=rec["scale"],
-                            moments=rec["moments"], explore=rec["explore"])
-    gopt = grassfx.optim.Muon(grass.parameters(), lr=1e-3)
+                            moments=rec["moments"], explore=rec["explore"], refresh=args.refresh)
+    gopt = grassfx.optim.Muon(grass.parameters(), lr=1e-3, compiled=args.muon_compiled)
     gen = torch.Generator().manual_seed(0)
     batch = lambda: torch.randint(0, 8192, (4, 128), generator=gen)  # noqa: E731
     for _ in range(args.update_freq + 2):  # compile, first refresh, optimizer state
@@ -81,13 +88,18 @@ def main(argv=None):
 
     rows = {k: [] for k in ("dense_fwd_bwd", "dense_opt", "grass_fwd_bwd", "grass_refresh_fwd_bwd", "grass_opt",
                             "grass_refresh_opt", "ns_batched", "ns_one_at_a_time")}
+    faults = {"dense": [], "grass": []}  # minor page faults per step (ru_minflt)
     for _ in range(args.rounds):
+        f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         d = [_timed_step(dense, dopt, batch()) for _ in range(args.steps)]
+        f1 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         g = []
         for _ in range(args.steps):
             refresh = done % args.update_freq == 0
             g.append((refresh, *_timed_step(grass, gopt, batch())))
             done += 1
+        faults["dense"].append((f1 - f0) / args.steps)
+        faults["grass"].append((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f1) / args.steps)
         rows["dense_fwd_bwd"].append(statistics.median(a for a, _ in d))
         rows["dense_opt"].append(statistics.median(b for _, b in d))
         rows["grass_fwd_bwd"].append(statistics.median(a for r, a, _ in g if not r))
@@ -111,9 +123,12 @@ def main(argv=None):
         print(f"{k:>30}: {v:8.1f} ms")
     print(f"grass / dense mean step time: {table['grass_step_mean'] / table['dense_step']:.3f} "
           f"({len(grass.sites)} projected weights; {torch.get_num_threads()} threads)")
+    print("minor page faults per step, per round: " + "; ".join(
+        f"{k} " + " ".join(f"{x:.0f}" for x in v) for k, v in faults.items()))
     if args.out:
         with open(args.out, "w") as f:
             json.dump(dict(args=vars(args), ms=table, rounds_ms={k: [x * 1e3 for x in v] for k, v in rows.items()},
+                           minor_faults_per_step=faults,
                            threads=torch.get_num_threads(), torch=torch.__version__,
                            date=time.strftime("%Y-%m-%d")), f, indent=1)
 

@@ -73,8 +73,8 @@ def keep_freed_memory() -> bool:
     (``munmap``, heap trimming) under thresholds it adjusts as the program runs. A training
     step frees and re-allocates its activations every step, so whether they come back as
     fresh pages, each one page-faulted and zeroed by the kernel, changes over the run: on
-    the demo's tiny model that was 1,000-8,000 minor faults and a few ms per step, in
-    phases lasting dozens of steps, and the main source of run-to-run noise in tokens/s.
+    the demo's tiny model that was up to thousands of minor faults and a few ms per step,
+    varying over the run (``benchmarks/step_breakdown.py --malloc system``).
     Fixed thresholds (every allocation up to 32 MiB from the heap, no trimming) keep the
     freed pages for the next step. Process-wide: every run of the process gets it. Linux
     with glibc only (elsewhere nothing is changed and False is returned).

@@ -199,10 +199,10 @@ class Muon(AdamW):
             A weight with re-warmup, weight decay, a selector that draws rows twice, rounding
             other than nearest, an expert stack or every row kept takes the eager path. The
             other parameters always go through torch's fused AdamW kernel. On the tiny
-            preset's 28 weights (2 CPU cores) the rows' step alone, repeated, took 4.0 ms
-            instead of 6.6 ms, but inside a training step the whole optimizer step went from
-            8.6 to 7.9 ms, for about 10 s of cold compile (``benchmarks/RESULTS.md``
-            section 1): ``grassfx train`` leaves it off.
+            preset's 28 weights (2 CPU cores) the optimizer step inside training went from
+            8.9 to 8.3 ms, for about 10 s of cold compile (``benchmarks/step_breakdown.py
+            --muon-compiled``, ``benchmarks/RESULTS.md`` section 1): ``grassfx train`` leaves
+            it off.
 
     Example:
         >>> import torch, grassfx
