@@ -5,7 +5,13 @@ Each method runs in its own process (a fresh heap, its own peak RSS):
 * ``dense``: ``torch.compile(model)`` + ``torch.optim.AdamW``;
 * ``grassfx``: ``grassfx.compile(model, rank=r)`` (Inductor, refresh steps eager, the
   default) + ``grassfx.optim.AdamW``;
-* ``grassfx_fused``: the same with ``grassfx.optim.AdamW(..., update_in_backward=True)``.
+* ``grassfx_fused``: the same with ``grassfx.optim.AdamW(..., update_in_backward=True)``;
+* ``grassfx_factored``, ``grassfx_factored_nomomentum``: ``grassfx.optim.AdamW(...,
+  full_state="factored" / "factored_nomomentum")``: the embedding and head keep a factored
+  second moment (:mod:`grassfx.optim.factored`);
+* ``grassfx_muon``: ``grassfx.optim.Muon``: one moment per selected row (``grassfx
+  train``'s row optimizer); ``grassfx_muon_factored``: the same with
+  ``full_state="factored"``.
 
 The model is a Hugging Face ``LlamaForCausalLM`` from the recipes' builder, shape h 2048,
 ffn 5760, 6 layers, 16 heads, vocabulary 32000 (untied head): 444M parameters, cast to
@@ -26,7 +32,7 @@ Measured per method:
   allocation and free, in order). This is what ``grassfx.cost`` models; the RSS also
   holds what compiling left behind (graphs, generated code, Python objects).
 * **prediction**: ``grassfx.cost`` for the same shape, rank and tokens, the dtype's bytes everywhere:
-  its total (``adamw``, ``grassfx``, ``grassfx_fused``) minus the model's weights (grassfx's
+  its total (``adamw`` for dense, else the method's own row; ``grassfx`` for ``grassfx_fused``, below) minus the model's weights (grassfx's
   gradient handles count above them, as measured).
 
 Example:
@@ -48,8 +54,20 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-METHODS = ("dense", "grassfx", "grassfx_fused")
-PREDICTED_AS = {"dense": "adamw", "grassfx": "grassfx", "grassfx_fused": "grassfx_fused"}
+# {method: (optimizer class name, its options)} of the grassfx runs
+GRASSFX_RUNS = {
+    "grassfx": ("AdamW", {}),
+    "grassfx_fused": ("AdamW", dict(update_in_backward=True)),
+    "grassfx_factored": ("AdamW", dict(full_state="factored")),
+    "grassfx_factored_nomomentum": ("AdamW", dict(full_state="factored_nomomentum")),
+    "grassfx_muon": ("Muon", {}),
+    "grassfx_muon_factored": ("Muon", dict(full_state="factored")),
+}
+METHODS = ("dense",) + tuple(GRASSFX_RUNS)
+# grassfx.cost's row for each method. Updates inside backward are predicted as grassfx's:
+# the compiled backward graph returns every gradient at once, before any hook runs
+# (grassfx.cost's docstring); its own row assumes an eager backward
+PREDICTED_AS = dict({m: m for m in METHODS}, dense="adamw", grassfx_fused="grassfx")
 SHAPE = dict(vocab_size=32000, hidden_size=2048, intermediate_size=5760, num_hidden_layers=6,
              num_attention_heads=16)
 UPDATE_FREQ = 3
@@ -121,7 +139,8 @@ def worker(method: str, rank: int, tokens: int, threads: int, dtype: str) -> dic
         runner, opt = torch.compile(model), torch.optim.AdamW(model.parameters(), lr=1e-4)
     else:
         runner = grassfx.compile(model, rank=rank, update_freq=UPDATE_FREQ)
-        opt = grassfx.optim.AdamW(runner.parameters(), lr=1e-4, update_in_backward=method == "grassfx_fused")
+        name, options = GRASSFX_RUNS[method]
+        opt = getattr(grassfx.optim, name)(runner.parameters(), lr=1e-4, **options)
     gen = torch.Generator().manual_seed(1)
     batches = [torch.randint(0, SHAPE["vocab_size"], (1, tokens), generator=gen) for _ in range(WARMUP + WINDOW)]
 

@@ -56,6 +56,7 @@ _ADAMW = ["--optimizer", "adamw"]
 _GALORE = ["--optimizer", "galore", "--update-freq", "12"]
 _MUON_ROWS = ["--optimizer", "grass", "--grass-optimizer", "muon"] + _GRASS_BASE
 _MUON = _MUON_ROWS + ["--rewarmup", "0"]  # grassfx train's grass run: Muon rows, no re-warmup
+_DEFAULTS = ["--moments", "reset", "--explore", "0"]  # and its refresh options since tiny-defaults
 
 
 def _scales(lr: str, *scales: str) -> list:
@@ -229,6 +230,24 @@ PLANS = {
         },
         reference="adamw",
         second="grass-muon",
+    ),
+    # The state of the matrices grassfx trains in full (the tiny preset's embedding and head:
+    # 4.2M of its 5.3M parameters) factored, grassfx.optim.AdamW(full_state=...): the first
+    # moment kept and the second factored, or the factored second moment alone, each at the
+    # default's point and with the dense lr halved and doubled (matrix step kept), paired
+    # against the default (both moments in full) and AdamW.
+    "tiny-full-state": dict(
+        preset="tiny", steps=300, batch_size=4, seq_len=128, eval_every=50, eval_windows=32, rank=64,
+        arms={
+            "grass-muon": dict(flags=_MUON + _DEFAULTS, point=["--lr", "64e-3", "--scale", "0.0625"]),
+            "grass-factored": dict(flags=_MUON + _DEFAULTS + ["--full-state", "factored"],
+                                   grid=_scales("0.064", "0.0625") + _dense_lr_probes("0.064", "0.0625")),
+            "grass-factored-nomomentum": dict(flags=_MUON + _DEFAULTS + ["--full-state", "factored_nomomentum"],
+                                              grid=_scales("0.064", "0.0625") + _dense_lr_probes("0.064", "0.0625")),
+            "adamw": dict(flags=_ADAMW, point=["--lr", "16e-3", "--scale", "0.015625"]),
+        },
+        reference="grass-muon",
+        second="adamw",
     ),
     # CI smoke: the whole procedure on the test preset in a few steps.
     "smoke": dict(

@@ -18,10 +18,19 @@ Symbolic (sympy) in the rank ``r``, the bytes per element of weights ``b_w``, gr
   consumed by its update as soon as it exists, so at most the largest single gradient is
   alive. That holds where autograd runs layer by layer (eager backward, refresh steps);
   a compiled backward graph returns all its gradients at once, so there the gradients
-  are those of ``grassfx``.
+  are those of ``grassfx``;
+* ``grassfx_factored``: grassfx with ``AdamW(full_state="factored")``: the embedding and an
+  untied head keep their first moment and a factored second moment (float32 row and
+  column means, 4 (m + n) bytes per matrix; :mod:`grassfx.optim.factored`);
+* ``grassfx_factored_nomomentum``: ``full_state="factored_nomomentum"``: those matrices
+  keep the factored second moment only;
+* ``grassfx_muon``: ``grassfx.optim.Muon``: the selected rows keep one moment (Muon's
+  momentum, r x min(m, n)) instead of AdamW's two;
+* ``grassfx_muon_factored``: ``grassfx.optim.Muon(full_state="factored")``: Muon's rows,
+  the embedding and head as ``grassfx_factored``.
 
-Unprojected parameters (embedding, an untied LM head, norms) always keep a full gradient
-and full moments. grassfx's weights include its gradient handles (a zero parameter of the
+Unprojected parameters (embedding, an untied LM head, norms) always keep a full gradient,
+and (but for the two factored methods' matrices) full moments. grassfx's weights include its gradient handles (a zero parameter of the
 compressed gradient's shape per projected weight).
 Activations are what Hugging Face's ``LlamaForCausalLM`` (eager, sdpa attention, no
 checkpointing) saves for backward, counted tensor by tensor, per layer
@@ -51,7 +60,8 @@ __all__ = ["LlamaShape", "memory", "evaluate", "SYMBOLS", "METHODS", "COMPONENTS
 
 r, b_w, b_g, b_s, b_a, T, S = sp.symbols("r b_w b_g b_s b_a T S", positive=True)
 SYMBOLS = {"r": r, "b_w": b_w, "b_g": b_g, "b_s": b_s, "b_a": b_a, "T": T, "S": S}
-METHODS = ("adamw", "galore", "grassfx", "grassfx_fused")
+METHODS = ("adamw", "galore", "grassfx", "grassfx_fused", "grassfx_factored", "grassfx_factored_nomomentum",
+           "grassfx_muon", "grassfx_muon_factored")
 COMPONENTS = ("weights", "gradients", "optimizer_state", "activations", "total")
 INDEX_BYTES = 16  # int64 idx + fp32 rho + fp32 row_step per selected row
 SEEN_BYTES = 8  # int64 last_seen per row of the selected dim
@@ -100,6 +110,10 @@ class LlamaShape:
         per_layer = [(h, h), (kv, h), (kv, h), (h, h), (i, h), (i, h), (h, i)]
         return per_layer * self.layers
 
+    def unprojected_matrices(self) -> list:
+        """(m, n) of the 2-D parameters nobody projects: the embedding and an untied LM head."""
+        return [(self.vocab, self.hidden)] * (1 if self.tied else 2)
+
     def unprojected_params(self) -> int:
         """Embedding, untied LM head and norm weights."""
         head = 0 if self.tied else self.vocab * self.hidden
@@ -128,11 +142,22 @@ def memory(shape: LlamaShape) -> dict:
     weights = b_w * (full + dense)
     acts = _activations(shape)
     index = INDEX_BYTES * sum(sp.Min(r, max(m, n)) for m, n in proj) + SEEN_BYTES * sum(max(m, n) for m, n in proj)
+    mats = shape.unprojected_matrices()
+    mat_params = sum(m * n for m, n in mats)
+    factors = 4 * sum(m + n for m, n in mats)  # float32 row and column means
+    vectors = dense - mat_params  # norms: both moments
+    adam_rows, muon_rows = 2 * b_s * kept + index, b_s * kept + index
+    factored_full = b_s * mat_params + factors + 2 * b_s * vectors
     out = {
         "adamw": dict(gradients=b_g * (full + dense), optimizer_state=2 * b_s * (full + dense)),
         "galore": dict(gradients=b_g * (full + dense), optimizer_state=b_s * (galore_state + 2 * dense)),
         "grassfx": dict(gradients=b_g * (kept + dense), optimizer_state=2 * b_s * (kept + dense) + index),
         "grassfx_fused": dict(gradients=b_g * largest_grad, optimizer_state=2 * b_s * (kept + dense) + index),
+        "grassfx_factored": dict(gradients=b_g * (kept + dense), optimizer_state=adam_rows + factored_full),
+        "grassfx_factored_nomomentum": dict(gradients=b_g * (kept + dense),
+                                            optimizer_state=adam_rows + factors + 2 * b_s * vectors),
+        "grassfx_muon": dict(gradients=b_g * (kept + dense), optimizer_state=muon_rows + 2 * b_s * dense),
+        "grassfx_muon_factored": dict(gradients=b_g * (kept + dense), optimizer_state=muon_rows + factored_full),
     }
     for method, parts in out.items():
         # grassfx's gradient handles: one zero (r x n) parameter per projected weight, in its dtype

@@ -169,6 +169,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="grass: how the selected rows are updated: adamw (per-element Adam moments) or "
                         "muon (orthogonalized momentum, grassfx.optim.Muon; half the state); every other "
                         "parameter is trained by AdamW either way (default: the recommended one)")
+    p.add_argument("--full-state", default="adam", choices=["adam", "factored", "factored_nomomentum"],
+                   help="grass: optimizer state of the embeddings and an untied LM head (the matrices trained "
+                        "in full): adam (default: both moments), factored (first moment; second moment as row "
+                        "and column means) or factored_nomomentum (the factored second moment only)")
     p.add_argument("--rewarmup", type=int, default=None,
                    help="grass: steps over which a newly selected row's update ramps up from 0 "
                         "(0: off; default: the recommended value)")

@@ -113,7 +113,7 @@ def make_grass(model: torch.nn.Module, spec: RunSpec, args: argparse.Namespace):
                             explore=grass_setting(args, "explore"), seed=args.seed, backend=args.backend,
                             blocks=None if args.blocks == "auto" else False, refresh=args.refresh)
     common = dict(lr=setting(args, "lr", "grass"), betas=(0.9, 0.999), eps=1e-8, weight_decay=args.weight_decay,
-                  rewarmup=grass_setting(args, "rewarmup"))
+                  rewarmup=grass_setting(args, "rewarmup"), full_state=args.full_state)
     if grass_setting(args, "optimizer") == "muon":
         return model, grassfx.optim.Muon(model.parameters(), **common)
     return model, grassfx.optim.AdamW(model.parameters(), **common)

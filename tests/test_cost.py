@@ -87,6 +87,26 @@ def test_grassfx_gradients_and_state_match_exactly(model_and_numbers):
     assert nums["grassfx"]["optimizer_state"] < nums["galore"]["optimizer_state"] < nums["adamw"]["optimizer_state"]
 
 
+@pytest.mark.parametrize("method, opt_cls, full_state", [
+    ("grassfx_factored", grassfx.optim.AdamW, "factored"),
+    ("grassfx_factored_nomomentum", grassfx.optim.AdamW, "factored_nomomentum"),
+    ("grassfx_muon", grassfx.optim.Muon, "adam"),
+    ("grassfx_muon_factored", grassfx.optim.Muon, "factored")])
+def test_grassfx_factored_state_matches_exactly(model_and_numbers, method, opt_cls, full_state):
+    model, nums = model_and_numbers
+    gm = grassfx.compile(model, rank=8, backend="eager")
+    opt = opt_cls(gm.parameters(), full_state=full_state)
+    gm(**_batch()).loss.backward()
+    opt.step()
+    index = sum(s.idx.nbytes + s.rho.nbytes + s.last_seen.nbytes + opt.state[s.handle]["row_step"].nbytes
+                for s in gm.sites)
+    kept = ("row_var", "col_var", "momentum_buffer")
+    others = sum(v.nbytes for st in opt.state.values() for k, v in st.items() if k in kept)
+    assert others > 0
+    assert _moment_bytes(opt) + others + index == nums[method]["optimizer_state"]
+    assert nums[method]["optimizer_state"] < nums["grassfx"]["optimizer_state"]
+
+
 def test_galore_state_matches_exactly(model_and_numbers):
     galore = pytest.importorskip("galore_torch")
     model, nums = model_and_numbers

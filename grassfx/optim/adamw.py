@@ -36,6 +36,7 @@ from grassfx.instrument.experts import flat
 
 from .base import GrassOptimizer, check_adam_settings, check_rho_scaling, row_weights
 from .decay import owe
+from .factored import check_full_state, factored_state, factored_step
 from .rounding import add_to_rows, check_state_dtype, check_update_rounding, first_copies, round_update, rounding_of
 from .sharded import adamw_site_step
 
@@ -182,6 +183,12 @@ class AdamW(GrassOptimizer):
             exists, and free the gradient (:mod:`grassfx.optim.inbackward`): no gradient of
             the whole model is alive at once. Refuses gradient accumulation, data
             parallelism, ``nonfinite="skip"`` and ``compiled=True``; gradients cannot be clipped.
+        full_state: the state of the 2-D parameters grassfx does not project (embeddings,
+            an untied LM head; :mod:`grassfx.optim.factored`): ``"adam"`` (default: both
+            moments), ``"factored"`` (the first moment, and the second factored into row and
+            column means: half the state) or ``"factored_nomomentum"`` (the factored second
+            moment only). Not with FSDP2-sharded parameters. Their quality cost:
+            ``benchmarks/RESULTS.md``, section 4.
 
     Example:
         >>> import torch, grassfx
@@ -194,8 +201,9 @@ class AdamW(GrassOptimizer):
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, *, nonfinite="raise",
                  compiled=False, rewarmup=0, rho_scaling="once", update_rounding="nearest", state_dtype=None,
-                 update_in_backward=False):
+                 update_in_backward=False, full_state="adam"):
         self.rewarmup = check_adam_settings(lr, betas, eps, weight_decay, rewarmup)
+        self.full_state = check_full_state(full_state)
         self.update_rounding = check_update_rounding(update_rounding)
         self.state_dtype = check_state_dtype(state_dtype)
         self.rho_scaling = check_rho_scaling(rho_scaling)
@@ -208,6 +216,15 @@ class AdamW(GrassOptimizer):
         self._compiled_step = None
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, nonfinite=nonfinite)
         super().__init__(params, defaults, update_in_backward)
+        if self.full_state != "adam" and self._sharded:
+            raise ConfigError(f"full_state={full_state!r} with FSDP2-sharded parameters is not supported: a "
+                              "factored second moment needs the row and column sums of the whole gradient; "
+                              "pass full_state='adam'")
+
+    def _factored(self, p, site) -> bool:
+        """Whether ``p`` keeps a factored second moment (``full_state``): a 2-D parameter
+        that is not projected."""
+        return self.full_state != "adam" and site is None and p.dim() == 2
 
     def _fused_dense(self, work, beta1: float, beta2: float, eps: float) -> list:
         """Update what is trained in full (with ``scale`` 1, nearest rounding, moments in the
@@ -244,6 +261,8 @@ class AdamW(GrassOptimizer):
         row's own step count; with ``update_rounding="kahan"`` and a bf16/fp16 weight, the
         compensation ``kahan_comp`` (the shape of ``p``, the weight's dtype)."""
         state = self.state[p]
+        if not state and self._factored(p, site):
+            state.update(factored_state(p, self.full_state, self.state_dtype, self._rounding(p) == "kahan"))
         if not state:
             if site is None or site.full:
                 state["step"] = 0
@@ -290,6 +309,12 @@ class AdamW(GrassOptimizer):
             self._apply_lists(items, beta1, beta2, eps)
 
     def _apply_lists(self, work, beta1: float, beta2: float, eps: float) -> None:
+        if self.full_state != "adam":  # eagerly, a block of rows at a time (grassfx.optim.factored)
+            factored = [item for item in work if self._factored(item[1], item[2])]
+            work = [item for item in work if not self._factored(item[1], item[2])]
+            for group, p, _ in factored:
+                factored_step(p, p.grad, self._state(p), lr=group["lr"], beta1=beta1, beta2=beta2, eps=eps,
+                              weight_decay=group["weight_decay"], mode=self._rounding(p))
         if self._sharded:  # FSDP2-sharded projected weights: their own step (grassfx.optim.sharded)
             sharded = [item for item in work if item[2] is not None and item[2].sharded]
             work = [item for item in work if item[2] is None or not item[2].sharded]

@@ -49,7 +49,7 @@ from .base import check_number, row_weights
 from .decay import owe
 from .rounding import add_to_rows, first_copies, round_update
 
-__all__ = ["Muon", "orthogonalize", "orthogonalize_many", "NS_COEFFICIENTS"]
+__all__ = ["Muon", "orthogonalize", "orthogonalize_many", "shape_chunks", "NS_COEFFICIENTS"]
 
 # The quintic Newton-Schulz iteration's coefficients published with Muon (Jordan et al.,
 # 2024): they push every singular value of a matrix of norm <= 1 towards [0.7, 1.2] in
@@ -115,53 +115,70 @@ def _newton_schulz_gram(y: torch.Tensor, steps: int) -> torch.Tensor:
     return torch.bmm(q, y)
 
 
-# The most float32 elements one batched Newton-Schulz call stacks (64 MiB of input; the
-# iteration holds a few such buffers): larger sets of matrices are split into chunks.
-BATCH_ELEMENTS = 1 << 24
+# The most float32 elements one batched Newton-Schulz call stacks (16 MiB of input; the
+# iteration holds a few such buffers): larger sets of matrices are split into chunks, and
+# the optimizer finishes one chunk (momentum, orthogonalization, row writes) before the
+# next, so its temporaries stay a few chunks' size whatever the model's.
+BATCH_ELEMENTS = 1 << 22
+
+
+def shape_chunks(shapes: list, devices: list, max_elements=None) -> list[list[int]]:
+    """Indices of matrices batched together: one wide shape ``(small, large)`` (of the last
+    two dims of ``shapes[i]``) and device per chunk, at most ``max_elements`` elements each
+    (default :data:`BATCH_ELEMENTS`; a single larger matrix is a chunk of its own)."""
+    max_elements = BATCH_ELEMENTS if max_elements is None else max_elements
+    groups: dict[tuple, list[int]] = {}
+    for i, (shape, device) in enumerate(zip(shapes, devices)):
+        r, n = shape[-2:]
+        groups.setdefault((min(r, n), max(r, n), device), []).append(i)
+    chunks = []
+    for members in groups.values():
+        chunk, size = [], 0
+        for i in members:
+            numel = math.prod(shapes[i])
+            if chunk and size + numel > max_elements:
+                chunks.append(chunk)
+                chunk, size = [], 0
+            chunk.append(i)
+            size += numel
+        chunks.append(chunk)
+    return chunks
 
 
 def orthogonalize_many(xs: list[torch.Tensor], steps: int = 5, eps: float = 1e-7,
-                       max_elements: int = BATCH_ELEMENTS) -> list[torch.Tensor]:
+                       max_elements=None) -> list[torch.Tensor]:
     """:func:`orthogonalize` of each tensor in ``xs``; matrices of one wide shape (and device)
-    are stacked and iterated together, in chunks of at most ``max_elements`` elements.
+    are stacked and iterated together, in chunks of at most ``max_elements`` elements
+    (:func:`shape_chunks`; default :data:`BATCH_ELEMENTS`).
 
     Each result equals ``orthogonalize(x, steps, eps)`` up to float32 rounding (a batched
     matmul may sum in another order); shapes and the float32 dtype are as it returns.
     """
     out: list[torch.Tensor | None] = [None] * len(xs)
-    groups: dict[tuple, list[int]] = {}
-    for i, x in enumerate(xs):
-        r, n = x.shape[-2:]
-        groups.setdefault((min(r, n), max(r, n), x.device), []).append(i)
-    for members in groups.values():
-        chunks, size = [[]], 0
-        for i in members:
-            if chunks[-1] and size + xs[i].numel() > max_elements:
-                chunks.append([])
-                size = 0
-            chunks[-1].append(i)
-            size += xs[i].numel()
-        for chunk in chunks:
-            # each as (batch, small, large): orthogonalize would orient it alike, one at a time
-            wide = [xs[j].float().reshape(-1, *xs[j].shape[-2:]) for j in chunk]
-            wide = [w.mT if w.shape[-2] > w.shape[-1] else w for w in wide]
-            pieces = orthogonalize(torch.cat(wide), steps, eps).split([w.shape[0] for w in wide])
-            for j, piece in zip(chunk, pieces):
-                tall = xs[j].shape[-2] > xs[j].shape[-1]
-                out[j] = (piece.mT if tall else piece).reshape(xs[j].shape)
+    for chunk in shape_chunks([x.shape for x in xs], [x.device for x in xs], max_elements):
+        # each as (batch, small, large): orthogonalize would orient it alike, one at a time
+        wide = [xs[j].float().reshape(-1, *xs[j].shape[-2:]) for j in chunk]
+        wide = [w.mT if w.shape[-2] > w.shape[-1] else w for w in wide]
+        pieces = orthogonalize(torch.cat(wide), steps, eps).split([w.shape[0] for w in wide])
+        for j, piece in zip(chunk, pieces):
+            tall = xs[j].shape[-2] > xs[j].shape[-1]
+            out[j] = (piece.mT if tall else piece).reshape(xs[j].shape)
     return out
 
 
 def _rows_step(bufs, grads, row_steps, weights, idxs, alphas, dims, momentum, nesterov, ns_steps) -> None:
     """Muon's step of plain projected weights (eager, or compiled with ``Muon(compiled=True)``):
     advance each momentum, orthogonalize the directions (batched per shape), add ``alphas[i]``
-    times the result to the selected rows ``idxs[i]`` along ``dims[i]`` of ``weights[i]``.
+    times the result to the selected rows ``idxs[i]`` along ``dims[i]`` of ``weights[i]``,
+    one chunk of same-shape weights (:func:`shape_chunks`) at a time.
     ``alphas`` and ``momentum``: floats, or (compiled) a float32 tensor and a 0-d one."""
     _compat.foreach_add_scalar_(row_steps, 1.0)
-    directions = _compat.foreach_momentum(bufs, grads, momentum, nesterov)
-    ortho = orthogonalize_many(list(directions), ns_steps)
-    for i, (weight, idx, o) in enumerate(zip(weights, idxs, ortho)):
-        weight.index_add_(dims[i], idx, (o * alphas[i]).to(weight.dtype))
+    for chunk in shape_chunks([b.shape for b in bufs], [b.device for b in bufs]):
+        directions = _compat.foreach_momentum([bufs[i] for i in chunk], [grads[i] for i in chunk], momentum, nesterov)
+        ortho = orthogonalize_many(list(directions), ns_steps, max_elements=math.inf)
+        del directions
+        for i, o in zip(chunk, ortho):
+            weights[i].index_add_(dims[i], idxs[i], (o * alphas[i]).to(weights[i].dtype))
 
 
 class Muon(AdamW):
@@ -189,6 +206,8 @@ class Muon(AdamW):
             noise lifted to full-size steps: train with batches of at least that many tokens.
         update_in_backward: as :class:`grassfx.optim.AdamW` (each parameter updated inside
             backward as soon as its gradient exists).
+        full_state: as :class:`grassfx.optim.AdamW`: the state of the embeddings and an
+            untied LM head (``"adam"``, ``"factored"``, ``"factored_nomomentum"``).
         compiled: ``False`` (default: eager, nothing to compile) or ``True`` (a bool: unlike
             :class:`grassfx.optim.AdamW` there is no ``None``): the selected rows' step
             (momentum, Newton-Schulz, the scaled row writes) of every plain projected weight
@@ -215,7 +234,7 @@ class Muon(AdamW):
 
     def __init__(self, params, lr=2e-3, momentum=0.95, nesterov=True, ns_steps=5, rms=0.2, betas=(0.9, 0.999),
                  eps=1e-8, weight_decay=0.0, *, nonfinite="raise", rewarmup=0, update_rounding="nearest",
-                 state_dtype=None, update_in_backward=False, compiled=False):
+                 state_dtype=None, update_in_backward=False, compiled=False, full_state="adam"):
         check_number("momentum", momentum, low=0.0, high=1.0)
         if not isinstance(compiled, bool):
             raise ConfigError(f"compiled={compiled!r}: expected True or False")
@@ -232,7 +251,7 @@ class Muon(AdamW):
         self._compiled_rows = None  # the torch.compile'd _rows_step, made at the first use
         super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, nonfinite=nonfinite,
                          rewarmup=rewarmup, update_rounding=update_rounding, state_dtype=state_dtype,
-                         update_in_backward=update_in_backward)
+                         update_in_backward=update_in_backward, full_state=full_state)
 
     def _apply_lists(self, work, beta1: float, beta2: float, eps: float) -> None:
         rest, rows = [], []
@@ -246,13 +265,16 @@ class Muon(AdamW):
         if any(plain):
             self._step_plain_rows([item for item, ok in zip(rows, plain) if ok])
             rows = [item for item, ok in zip(rows, plain) if not ok]
-        if rows:  # re-warmup, decay, rows drawn twice, rounding, expert stacks, every row kept
-            directions = self._directions([p for _, p, _ in rows])
-            # Newton-Schulz on every direction of one (wide) shape at once: a few batched matmuls
-            # instead of a few small ones per weight (a step of the tiny preset: 28 matrices of
-            # 64 x 256 in one batch)
-            ortho = orthogonalize_many(directions, self.ns_steps)
-            for (group, p, site), o in zip(rows, ortho):
+        # re-warmup, decay, rows drawn twice, rounding, expert stacks, every row kept: Newton-Schulz
+        # on the directions of one (wide) shape at once, a few batched matmuls instead of a few
+        # small ones per weight (a step of the tiny preset: 28 matrices of 64 x 256 in one batch),
+        # one chunk at a time
+        for chunk in shape_chunks([p.shape for _, p, _ in rows], [p.device for _, p, _ in rows]):
+            items = [rows[i] for i in chunk]
+            directions = self._directions([p for _, p, _ in items])
+            ortho = orthogonalize_many(directions, self.ns_steps, max_elements=math.inf)
+            del directions
+            for (group, p, site), o in zip(items, ortho):
                 self._update_rows(p, site, group, o)
         if rest:  # every parameter that is not projected: AdamW's kernel
             super()._apply_lists(rest, beta1, beta2, eps)

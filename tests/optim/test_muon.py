@@ -117,6 +117,41 @@ def test_orthogonalize_many_equals_one_matrix_at_a_time(max_elements):
     assert orthogonalize_many([]) == []
 
 
+def _stack(width=256, layers=12):
+    torch.manual_seed(0)
+    return nn.Sequential(*[m for _ in range(layers) for m in (nn.Linear(width, width, bias=False), nn.Tanh())])
+
+
+@pytest.mark.parametrize("weight_decay", [0.0, 0.1])  # the plain path (_rows_step) and the general one
+def test_steps_in_chunks_equal_one_batch_and_keep_temporaries_to_a_chunk(weight_decay, monkeypatch):
+    """The optimizer finishes each chunk of same-shape weights before the next: the same weights
+    as one batch of all, and a step's temporaries bounded by a few chunks, not the model's."""
+    from grassfx.debug.memory import track_memory
+    from grassfx.optim import muon
+
+    rank, width, layers = 32, 256, 12
+    results = {}
+    for batch in (1 << 30, rank * width):  # one batch of all 12; one weight per chunk
+        monkeypatch.setattr(muon, "BATCH_ELEMENTS", batch)
+        model = grassfx.compile(_stack(width, layers), rank=rank, update_freq=100, backend="eager")
+        opt = grassfx.optim.Muon(model.parameters(), lr=1e-2, weight_decay=weight_decay)
+        peaks = []
+        for step in range(3):
+            model(torch.randn(64, width, generator=torch.Generator().manual_seed(step))).pow(2).mean().backward()
+            with track_memory() as mem:
+                opt.step()
+            peaks.append(mem.peak)
+            opt.zero_grad()
+        # from the second step: the first also creates the momentum buffers
+        results[batch] = ([p.detach().clone() for p in model.module.parameters()], max(peaks[1:]))
+    (one_batch, peak_all), (chunked, peak_chunked) = results.values()
+    for a, b in zip(one_batch, chunked):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    compressed = rank * width * 4  # one weight's (r x n) float32 direction
+    assert peak_all > 3 * layers * compressed  # directions, the stacked batch, its result: all weights
+    assert peak_chunked < 8 * compressed, (peak_chunked, compressed)
+
+
 # the first two take the general path (_update_rows), the last two the plain one (_rows_step)
 @pytest.mark.parametrize("moments, weight_decay, rewarmup", [("reset", 0.1, 0), ("keep_overlap", 0.0, 3),
                                                              ("reset", 0.0, 0), ("keep_overlap", 0.0, 0)])
