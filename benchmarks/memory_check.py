@@ -4,14 +4,14 @@ Each method runs in its own process (a fresh heap, its own peak RSS):
 
 * ``dense``: ``torch.compile(model)`` + ``torch.optim.AdamW``;
 * ``grassfx``: ``grassfx.compile(model, rank=r)`` (Inductor, refresh steps eager, the
-  default) + ``grassfx.optim.AdamW``;
+  default; ``--refresh compiled``: through a compiled refresh graph) + ``grassfx.optim.AdamW``;
 * ``grassfx_fused``: the same with ``grassfx.optim.AdamW(..., update_in_backward=True)``;
 * ``grassfx_factored``, ``grassfx_factored_nomomentum``: ``grassfx.optim.AdamW(...,
   full_state="factored" / "factored_nomomentum")``: the embedding and head keep a factored
   second moment (:mod:`grassfx.optim.factored`);
 * ``grassfx_muon``: ``grassfx.optim.Muon``: one moment per selected row (``grassfx
-  train``'s row optimizer); ``grassfx_muon_factored``: the same with
-  ``full_state="factored"``.
+  train``'s row optimizer); ``grassfx_muon_factored``, ``grassfx_muon_factored_nomomentum``:
+  the same with ``full_state="factored"`` / ``"factored_nomomentum"``.
 
 The model is a Hugging Face ``LlamaForCausalLM`` from the recipes' builder, shape h 2048,
 ffn 5760, 6 layers, 16 heads, vocabulary 32000 (untied head): 444M parameters, cast to
@@ -62,6 +62,7 @@ GRASSFX_RUNS = {
     "grassfx_factored_nomomentum": ("AdamW", dict(full_state="factored_nomomentum")),
     "grassfx_muon": ("Muon", {}),
     "grassfx_muon_factored": ("Muon", dict(full_state="factored")),
+    "grassfx_muon_factored_nomomentum": ("Muon", dict(full_state="factored_nomomentum")),
 }
 METHODS = ("dense",) + tuple(GRASSFX_RUNS)
 # grassfx.cost's row for each method. Updates inside backward are predicted as grassfx's:
@@ -124,7 +125,7 @@ def _persistent(model, opt, weights: set) -> int:
     return _tensor_bytes(state + others)
 
 
-def worker(method: str, rank: int, tokens: int, threads: int, dtype: str) -> dict:
+def worker(method: str, rank: int, tokens: int, threads: int, dtype: str, refresh: str = "eager") -> dict:
     torch.set_num_threads(threads)
     import grassfx
     from grassfx.debug.memory import track_memory
@@ -138,7 +139,7 @@ def worker(method: str, rank: int, tokens: int, threads: int, dtype: str) -> dic
     if method == "dense":
         runner, opt = torch.compile(model), torch.optim.AdamW(model.parameters(), lr=1e-4)
     else:
-        runner = grassfx.compile(model, rank=rank, update_freq=UPDATE_FREQ)
+        runner = grassfx.compile(model, rank=rank, update_freq=UPDATE_FREQ, refresh=refresh)
         name, options = GRASSFX_RUNS[method]
         opt = getattr(grassfx.optim, name)(runner.parameters(), lr=1e-4, **options)
     gen = torch.Generator().manual_seed(1)
@@ -188,7 +189,8 @@ def _run_worker(method: str, args) -> dict:
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072", OMP_NUM_THREADS=str(args.threads),
                PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     cmd = [sys.executable, __file__, "--worker", method, "--rank", str(args.rank), "--tokens", str(args.tokens),
-           "--threads", str(args.threads), "--shape", args.shape or "", "--dtype", args.dtype]
+           "--threads", str(args.threads), "--shape", args.shape or "", "--dtype", args.dtype,
+           "--refresh", args.refresh]
     start = time.perf_counter()
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
     if out.returncode != 0:
@@ -227,11 +229,13 @@ def main(argv=None) -> int:
     p.add_argument("--dtype", default="bf16", choices=sorted(DTYPES),
                    help="every tensor's dtype (bf16: pure bf16; fp32 where bf16 GEMMs are slow)")
     p.add_argument("--shape", default="", help="h,ffn,layers,heads,vocab (default: the 444M model)")
+    p.add_argument("--refresh", default="eager", choices=["eager", "compiled"],
+                   help="grassfx.compile(refresh=): refresh steps eager (default) or through a compiled graph")
     p.add_argument("--worker", choices=METHODS, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     _set_shape(args.shape)
     if args.worker:
-        print(json.dumps(worker(args.worker, args.rank, args.tokens, args.threads, args.dtype)))
+        print(json.dumps(worker(args.worker, args.rank, args.tokens, args.threads, args.dtype, args.refresh)))
         return 0
     predicted, params = predictions(args.rank, args.tokens, DTYPES[args.dtype].itemsize)
     start = time.perf_counter()
@@ -240,12 +244,13 @@ def main(argv=None) -> int:
     print(f"LLaMA h {SHAPE['hidden_size']}, ffn {SHAPE['intermediate_size']}, {SHAPE['num_hidden_layers']} layers, "
           f"vocab {SHAPE['vocab_size']} (untied): {results[0]['params'] / 1e6:.0f}M parameters "
           f"(grassfx.cost: {params / 1e6:.0f}M), pure {args.dtype}, rank {args.rank}, 1 x {args.tokens} tokens, "
-          f"{args.threads} threads; {platform.machine()}, torch {torch.__version__}")
+          f"{args.threads} threads, grassfx refresh {args.refresh}; {platform.machine()}, torch {torch.__version__}")
     print(f"weights: {_mib(results[0]['weight_bytes'])} MiB; window = steps {WARMUP}..{WARMUP + WINDOW - 1} "
           f"(refresh at step {UPDATE_FREQ}); total {total:.0f} s")
     print(report(results, predicted))
     if args.out:
-        Path(args.out).write_text(json.dumps(dict(results=results, predicted=predicted, seconds=total), indent=1))
+        Path(args.out).write_text(json.dumps(dict(results=results, predicted=predicted, seconds=total,
+                                                  refresh=args.refresh, dtype=args.dtype), indent=1))
     return 0
 
 

@@ -231,23 +231,49 @@ PLANS = {
         reference="adamw",
         second="grass-muon",
     ),
-    # The state of the matrices grassfx trains in full (the tiny preset's embedding and head:
-    # 4.2M of its 5.3M parameters) factored, grassfx.optim.AdamW(full_state=...): the first
+    # The state of the matrices grassfx trains in full (the tiny preset's tied embedding and
+    # head: 2.1M of its 5.3M parameters) factored, grassfx.optim.AdamW(full_state=...): the first
     # moment kept and the second factored, or the factored second moment alone, each at the
     # default's point and with the dense lr halved and doubled (matrix step kept), paired
-    # against the default (both moments in full) and AdamW.
+    # against the default (both moments in full) and AdamW. Both preferred the halved lr, at
+    # the grid's edge, so a second round halved it again, and a third (still the edge) again;
+    # the factored second moment alone kept improving there, so a fourth round went two more
+    # halvings down for it.
     "tiny-full-state": dict(
         preset="tiny", steps=300, batch_size=4, seq_len=128, eval_every=50, eval_windows=32, rank=64,
         arms={
             "grass-muon": dict(flags=_MUON + _DEFAULTS, point=["--lr", "64e-3", "--scale", "0.0625"]),
             "grass-factored": dict(flags=_MUON + _DEFAULTS + ["--full-state", "factored"],
-                                   grid=_scales("0.064", "0.0625") + _dense_lr_probes("0.064", "0.0625")),
+                                   grid=_scales("0.064", "0.0625") + _dense_lr_probes("0.064", "0.0625")
+                                   + _scales("0.016", "0.25") + _scales("0.008", "0.5")),
             "grass-factored-nomomentum": dict(flags=_MUON + _DEFAULTS + ["--full-state", "factored_nomomentum"],
-                                              grid=_scales("0.064", "0.0625") + _dense_lr_probes("0.064", "0.0625")),
+                                              grid=_scales("0.064", "0.0625") + _dense_lr_probes("0.064", "0.0625")
+                                              + _scales("0.016", "0.25") + _scales("0.008", "0.5")
+                                              + _scales("0.004", "1") + _scales("0.002", "2")),
             "adamw": dict(flags=_ADAMW, point=["--lr", "16e-3", "--scale", "0.015625"]),
         },
         reference="grass-muon",
         second="adamw",
+    ),
+    # The factored second moment alone (full_state="factored_nomomentum", the better of the two
+    # on tiny) on the `small` preset, whose embedding and head are untied (2 x 8192 x 384, 6.3M
+    # of 20.5M parameters), as in the 444M model of benchmarks/memory_check.py: its dense lr
+    # tuned around tiny's ratio to the default's (1/8), the matrix step kept at the default's
+    # point on `small` (plan small); paired against that default. The lowest lr won, so the
+    # grid went one halving further; the first moment kept (full_state="factored") was added
+    # around tiny's tuned ratio (1/4).
+    "small-full-state": dict(
+        preset="small", steps=300, batch_size=4, seq_len=128, eval_every=50, eval_windows=32, rank=128,
+        arms={
+            "grass-muon": dict(flags=_MUON + _DEFAULTS, point=["--lr", "0.064", "--scale", "0.03125"]),
+            "grass-factored-nomomentum": dict(flags=_MUON + _DEFAULTS + ["--full-state", "factored_nomomentum"],
+                                              grid=_scales("0.008", "0.25") + _scales("0.004", "0.5")
+                                              + _scales("0.016", "0.125") + _scales("0.002", "1")),
+            "grass-factored": dict(flags=_MUON + _DEFAULTS + ["--full-state", "factored"],
+                                   grid=_scales("0.016", "0.125") + _scales("0.008", "0.25")
+                                   + _scales("0.032", "0.0625")),
+        },
+        reference="grass-muon",
     ),
     # CI smoke: the whole procedure on the test preset in a few steps.
     "smoke": dict(

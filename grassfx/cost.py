@@ -26,8 +26,9 @@ Symbolic (sympy) in the rank ``r``, the bytes per element of weights ``b_w``, gr
   keep the factored second moment only;
 * ``grassfx_muon``: ``grassfx.optim.Muon``: the selected rows keep one moment (Muon's
   momentum, r x min(m, n)) instead of AdamW's two;
-* ``grassfx_muon_factored``: ``grassfx.optim.Muon(full_state="factored")``: Muon's rows,
-  the embedding and head as ``grassfx_factored``.
+* ``grassfx_muon_factored``, ``grassfx_muon_factored_nomomentum``: ``grassfx.optim.Muon``
+  with ``full_state="factored"`` / ``"factored_nomomentum"``: Muon's rows, the embedding
+  and head as ``grassfx_factored`` / ``grassfx_factored_nomomentum``.
 
 Unprojected parameters (embedding, an untied LM head, norms) always keep a full gradient,
 and (but for the two factored methods' matrices) full moments. grassfx's weights include its gradient handles (a zero parameter of the
@@ -61,7 +62,7 @@ __all__ = ["LlamaShape", "memory", "evaluate", "SYMBOLS", "METHODS", "COMPONENTS
 r, b_w, b_g, b_s, b_a, T, S = sp.symbols("r b_w b_g b_s b_a T S", positive=True)
 SYMBOLS = {"r": r, "b_w": b_w, "b_g": b_g, "b_s": b_s, "b_a": b_a, "T": T, "S": S}
 METHODS = ("adamw", "galore", "grassfx", "grassfx_fused", "grassfx_factored", "grassfx_factored_nomomentum",
-           "grassfx_muon", "grassfx_muon_factored")
+           "grassfx_muon", "grassfx_muon_factored", "grassfx_muon_factored_nomomentum")
 COMPONENTS = ("weights", "gradients", "optimizer_state", "activations", "total")
 INDEX_BYTES = 16  # int64 idx + fp32 rho + fp32 row_step per selected row
 SEEN_BYTES = 8  # int64 last_seen per row of the selected dim
@@ -158,6 +159,8 @@ def memory(shape: LlamaShape) -> dict:
                                             optimizer_state=adam_rows + factors + 2 * b_s * vectors),
         "grassfx_muon": dict(gradients=b_g * (kept + dense), optimizer_state=muon_rows + 2 * b_s * dense),
         "grassfx_muon_factored": dict(gradients=b_g * (kept + dense), optimizer_state=muon_rows + factored_full),
+        "grassfx_muon_factored_nomomentum": dict(gradients=b_g * (kept + dense),
+                                                 optimizer_state=muon_rows + factors + 2 * b_s * vectors),
     }
     for method, parts in out.items():
         # grassfx's gradient handles: one zero (r x n) parameter per projected weight, in its dtype

@@ -91,7 +91,8 @@ def test_grassfx_gradients_and_state_match_exactly(model_and_numbers):
     ("grassfx_factored", grassfx.optim.AdamW, "factored"),
     ("grassfx_factored_nomomentum", grassfx.optim.AdamW, "factored_nomomentum"),
     ("grassfx_muon", grassfx.optim.Muon, "adam"),
-    ("grassfx_muon_factored", grassfx.optim.Muon, "factored")])
+    ("grassfx_muon_factored", grassfx.optim.Muon, "factored"),
+    ("grassfx_muon_factored_nomomentum", grassfx.optim.Muon, "factored_nomomentum")])
 def test_grassfx_factored_state_matches_exactly(model_and_numbers, method, opt_cls, full_state):
     model, nums = model_and_numbers
     gm = grassfx.compile(model, rank=8, backend="eager")

@@ -115,11 +115,12 @@ def _newton_schulz_gram(y: torch.Tensor, steps: int) -> torch.Tensor:
     return torch.bmm(q, y)
 
 
-# The most float32 elements one batched Newton-Schulz call stacks (16 MiB of input; the
+# The most float32 elements one batched Newton-Schulz call stacks (4 MiB of input; the
 # iteration holds a few such buffers): larger sets of matrices are split into chunks, and
 # the optimizer finishes one chunk (momentum, orthogonalization, row writes) before the
-# next, so its temporaries stay a few chunks' size whatever the model's.
-BATCH_ELEMENTS = 1 << 22
+# next, so its temporaries stay a few chunks' size whatever the model's (the tiny preset's
+# 28 matrices of 64 x 256 are one chunk; at 444M parameters a chunk is two 256 x 2048)
+BATCH_ELEMENTS = 1 << 20
 
 
 def shape_chunks(shapes: list, devices: list, max_elements=None) -> list[list[int]]:
