@@ -11,7 +11,8 @@ Each method runs in its own process (a fresh heap, its own peak RSS):
   second moment (:mod:`grassfx.optim.factored`);
 * ``grassfx_muon``: ``grassfx.optim.Muon``: one moment per selected row (``grassfx
   train``'s row optimizer); ``grassfx_muon_factored``, ``grassfx_muon_factored_nomomentum``:
-  the same with ``full_state="factored"`` / ``"factored_nomomentum"``.
+  the same with ``full_state="factored"`` / ``"factored_nomomentum"``; ``grassfx_muon_split``:
+  the input embedding ``"factored_nomomentum"``, the head ``"factored"`` (parameter groups).
 
 The model is a Hugging Face ``LlamaForCausalLM`` from the recipes' builder, shape h 2048,
 ffn 5760, 6 layers, 16 heads, vocabulary 32000 (untied head): 444M parameters, cast to
@@ -63,6 +64,7 @@ GRASSFX_RUNS = {
     "grassfx_muon": ("Muon", {}),
     "grassfx_muon_factored": ("Muon", dict(full_state="factored")),
     "grassfx_muon_factored_nomomentum": ("Muon", dict(full_state="factored_nomomentum")),
+    "grassfx_muon_split": ("Muon", dict(full_state="factored", embedding_full_state="factored_nomomentum")),
 }
 METHODS = ("dense",) + tuple(GRASSFX_RUNS)
 # grassfx.cost's row for each method. Updates inside backward are predicted as grassfx's:
@@ -141,7 +143,13 @@ def worker(method: str, rank: int, tokens: int, threads: int, dtype: str, refres
     else:
         runner = grassfx.compile(model, rank=rank, update_freq=UPDATE_FREQ, refresh=refresh)
         name, options = GRASSFX_RUNS[method]
-        opt = getattr(grassfx.optim, name)(runner.parameters(), lr=1e-4, **options)
+        options = dict(options)
+        groups = runner.parameters()
+        if "embedding_full_state" in options:  # the input embedding in a group of its own
+            embedding = model.get_input_embeddings().weight
+            groups = [{"params": [embedding], "full_state": options.pop("embedding_full_state")},
+                      {"params": [p for p in runner.parameters() if p is not embedding]}]
+        opt = getattr(grassfx.optim, name)(groups, lr=1e-4, **options)
     gen = torch.Generator().manual_seed(1)
     batches = [torch.randint(0, SHAPE["vocab_size"], (1, tokens), generator=gen) for _ in range(WARMUP + WINDOW)]
 

@@ -261,7 +261,8 @@ PLANS = {
     # tuned around tiny's ratio to the default's (1/8), the matrix step kept at the default's
     # point on `small` (plan small); paired against that default. The lowest lr won, so the
     # grid went one halving further; the first moment kept (full_state="factored") was added
-    # around tiny's tuned ratio (1/4).
+    # around tiny's tuned ratio (1/4), and walked up to the default's dense lr where its
+    # highest point won.
     "small-full-state": dict(
         preset="small", steps=300, batch_size=4, seq_len=128, eval_every=50, eval_windows=32, rank=128,
         arms={
@@ -271,7 +272,12 @@ PLANS = {
                                               + _scales("0.016", "0.125") + _scales("0.002", "1")),
             "grass-factored": dict(flags=_MUON + _DEFAULTS + ["--full-state", "factored"],
                                    grid=_scales("0.016", "0.125") + _scales("0.008", "0.25")
-                                   + _scales("0.032", "0.0625")),
+                                   + _scales("0.032", "0.0625") + _scales("0.064", "0.03125")),
+            # the input embedding without the first moment, the head with it (both factored):
+            # at grass-factored's tuned point
+            "grass-factored-split": dict(flags=_MUON + _DEFAULTS + ["--full-state", "factored",
+                                                                    "--embedding-full-state", "factored_nomomentum"],
+                                         like="grass-factored"),
         },
         reference="grass-muon",
     ),

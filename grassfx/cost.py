@@ -28,7 +28,9 @@ Symbolic (sympy) in the rank ``r``, the bytes per element of weights ``b_w``, gr
   momentum, r x min(m, n)) instead of AdamW's two;
 * ``grassfx_muon_factored``, ``grassfx_muon_factored_nomomentum``: ``grassfx.optim.Muon``
   with ``full_state="factored"`` / ``"factored_nomomentum"``: Muon's rows, the embedding
-  and head as ``grassfx_factored`` / ``grassfx_factored_nomomentum``.
+  and head as ``grassfx_factored`` / ``grassfx_factored_nomomentum``;
+* ``grassfx_muon_split``: Muon's rows, the input embedding with the factored second moment
+  alone and an untied head with the first moment too (``full_state`` per parameter group).
 
 Unprojected parameters (embedding, an untied LM head, norms) always keep a full gradient,
 and (but for the two factored methods' matrices) full moments. grassfx's weights include its gradient handles (a zero parameter of the
@@ -62,7 +64,7 @@ __all__ = ["LlamaShape", "memory", "evaluate", "SYMBOLS", "METHODS", "COMPONENTS
 r, b_w, b_g, b_s, b_a, T, S = sp.symbols("r b_w b_g b_s b_a T S", positive=True)
 SYMBOLS = {"r": r, "b_w": b_w, "b_g": b_g, "b_s": b_s, "b_a": b_a, "T": T, "S": S}
 METHODS = ("adamw", "galore", "grassfx", "grassfx_fused", "grassfx_factored", "grassfx_factored_nomomentum",
-           "grassfx_muon", "grassfx_muon_factored", "grassfx_muon_factored_nomomentum")
+           "grassfx_muon", "grassfx_muon_factored", "grassfx_muon_factored_nomomentum", "grassfx_muon_split")
 COMPONENTS = ("weights", "gradients", "optimizer_state", "activations", "total")
 INDEX_BYTES = 16  # int64 idx + fp32 rho + fp32 row_step per selected row
 SEEN_BYTES = 8  # int64 last_seen per row of the selected dim
@@ -147,6 +149,7 @@ def memory(shape: LlamaShape) -> dict:
     mat_params = sum(m * n for m, n in mats)
     factors = 4 * sum(m + n for m, n in mats)  # float32 row and column means
     vectors = dense - mat_params  # norms: both moments
+    head_params = 0 if shape.tied else shape.vocab * shape.hidden
     adam_rows, muon_rows = 2 * b_s * kept + index, b_s * kept + index
     factored_full = b_s * mat_params + factors + 2 * b_s * vectors
     out = {
@@ -161,6 +164,8 @@ def memory(shape: LlamaShape) -> dict:
         "grassfx_muon_factored": dict(gradients=b_g * (kept + dense), optimizer_state=muon_rows + factored_full),
         "grassfx_muon_factored_nomomentum": dict(gradients=b_g * (kept + dense),
                                                  optimizer_state=muon_rows + factors + 2 * b_s * vectors),
+        "grassfx_muon_split": dict(gradients=b_g * (kept + dense),
+                                   optimizer_state=muon_rows + b_s * head_params + factors + 2 * b_s * vectors),
     }
     for method, parts in out.items():
         # grassfx's gradient handles: one zero (r x n) parameter per projected weight, in its dtype

@@ -173,6 +173,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="grass: optimizer state of the embeddings and an untied LM head (the matrices trained "
                         "in full): adam (default: both moments), factored (first moment; second moment as row "
                         "and column means) or factored_nomomentum (the factored second moment only)")
+    p.add_argument("--embedding-full-state", default=None, choices=["adam", "factored", "factored_nomomentum"],
+                   help="grass: the input embedding's state, when it should differ from --full-state (an untied "
+                        "head keeps --full-state)")
     p.add_argument("--rewarmup", type=int, default=None,
                    help="grass: steps over which a newly selected row's update ramps up from 0 "
                         "(0: off; default: the recommended value)")

@@ -114,9 +114,14 @@ def make_grass(model: torch.nn.Module, spec: RunSpec, args: argparse.Namespace):
                             blocks=None if args.blocks == "auto" else False, refresh=args.refresh)
     common = dict(lr=setting(args, "lr", "grass"), betas=(0.9, 0.999), eps=1e-8, weight_decay=args.weight_decay,
                   rewarmup=grass_setting(args, "rewarmup"), full_state=args.full_state)
+    params = model.parameters()
+    if args.embedding_full_state is not None:  # the input embedding in a group of its own
+        embedding = model.module.get_input_embeddings().weight
+        params = [{"params": [embedding], "full_state": args.embedding_full_state},
+                  {"params": [p for p in model.parameters() if p is not embedding]}]
     if grass_setting(args, "optimizer") == "muon":
-        return model, grassfx.optim.Muon(model.parameters(), **common)
-    return model, grassfx.optim.AdamW(model.parameters(), **common)
+        return model, grassfx.optim.Muon(params, **common)
+    return model, grassfx.optim.AdamW(params, **common)
 
 
 def make_optimizer(model: torch.nn.Module, spec: RunSpec, args: argparse.Namespace):

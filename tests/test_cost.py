@@ -92,11 +92,18 @@ def test_grassfx_gradients_and_state_match_exactly(model_and_numbers):
     ("grassfx_factored_nomomentum", grassfx.optim.AdamW, "factored_nomomentum"),
     ("grassfx_muon", grassfx.optim.Muon, "adam"),
     ("grassfx_muon_factored", grassfx.optim.Muon, "factored"),
-    ("grassfx_muon_factored_nomomentum", grassfx.optim.Muon, "factored_nomomentum")])
+    ("grassfx_muon_factored_nomomentum", grassfx.optim.Muon, "factored_nomomentum"),
+    ("grassfx_muon_split", grassfx.optim.Muon, "split")])
 def test_grassfx_factored_state_matches_exactly(model_and_numbers, method, opt_cls, full_state):
     model, nums = model_and_numbers
     gm = grassfx.compile(model, rank=8, backend="eager")
-    opt = opt_cls(gm.parameters(), full_state=full_state)
+    params = gm.parameters()
+    if full_state == "split":  # the input embedding without the first moment, the head with it
+        emb = model.get_input_embeddings().weight
+        params = [{"params": [emb], "full_state": "factored_nomomentum"},
+                  {"params": [p for p in gm.parameters() if p is not emb]}]
+        full_state = "factored"
+    opt = opt_cls(params, full_state=full_state)
     gm(**_batch()).loss.backward()
     opt.step()
     index = sum(s.idx.nbytes + s.rho.nbytes + s.last_seen.nbytes + opt.state[s.handle]["row_step"].nbytes

@@ -32,6 +32,7 @@ from grassfx import _compat
 from grassfx import select as _select
 from grassfx.errors import ConfigError
 from grassfx.fsdp import local
+from grassfx.instrument import registry
 from grassfx.instrument.experts import flat
 
 from .base import GrassOptimizer, check_adam_settings, check_rho_scaling, row_weights
@@ -187,8 +188,9 @@ class AdamW(GrassOptimizer):
             an untied LM head; :mod:`grassfx.optim.factored`): ``"adam"`` (default: both
             moments), ``"factored"`` (the first moment, and the second factored into row and
             column means: half the state) or ``"factored_nomomentum"`` (the factored second
-            moment only). Not with FSDP2-sharded parameters. Their quality cost:
-            ``benchmarks/RESULTS.md``, section 4.
+            moment only). Also a parameter-group key (e.g. the input embedding without
+            momentum, the head with it). Fixed once a parameter has state. Not with
+            FSDP2-sharded parameters. Their quality cost: ``benchmarks/RESULTS.md``, section 4.
 
     Example:
         >>> import torch, grassfx
@@ -214,17 +216,35 @@ class AdamW(GrassOptimizer):
                               "one parameter at a time, eagerly (one compiled kernel per shape would recompile)")
         self._compiled_flag = compiled
         self._compiled_step = None
-        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, nonfinite=nonfinite)
+        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, nonfinite=nonfinite,
+                        full_state=self.full_state)
         super().__init__(params, defaults, update_in_backward)
-        if self.full_state != "adam" and self._sharded:
-            raise ConfigError(f"full_state={full_state!r} with FSDP2-sharded parameters is not supported: a "
-                              "factored second moment needs the row and column sums of the whole gradient; "
-                              "pass full_state='adam'")
+
+    def _classify(self) -> None:
+        super()._classify()
+        self._full_states = {}  # id(param) -> its group's full_state
+        for group in self.param_groups:
+            mode = check_full_state(group["full_state"])
+            for p in group["params"]:
+                self._full_states[id(p)] = mode
+        self._has_factored = any(mode != "adam" for mode in self._full_states.values())
+        if self._has_factored and self._sharded:
+            raise ConfigError("full_state='factored' or 'factored_nomomentum' with FSDP2-sharded parameters is not "
+                              "supported: a factored second moment needs the row and column sums of the whole "
+                              "gradient; pass full_state='adam'")
+
+    def load_state_dict(self, state_dict) -> None:
+        """As :meth:`GrassOptimizer.load_state_dict`; a group saved before ``full_state`` existed
+        takes this optimizer's, and the saved groups' values apply from here on."""
+        super().load_state_dict(state_dict)
+        for group in self.param_groups:
+            group.setdefault("full_state", self.full_state)
+        self._classify()
 
     def _factored(self, p, site) -> bool:
-        """Whether ``p`` keeps a factored second moment (``full_state``): a 2-D parameter
-        that is not projected."""
-        return self.full_state != "adam" and site is None and p.dim() == 2
+        """Whether ``p`` keeps a factored second moment (its group's ``full_state``): a 2-D
+        parameter that is not projected."""
+        return site is None and p.dim() == 2 and self._full_states.get(id(p), "adam") != "adam"
 
     def _fused_dense(self, work, beta1: float, beta2: float, eps: float) -> list:
         """Update what is trained in full (with ``scale`` 1, nearest rounding, moments in the
@@ -261,8 +281,15 @@ class AdamW(GrassOptimizer):
         row's own step count; with ``update_rounding="kahan"`` and a bf16/fp16 weight, the
         compensation ``kahan_comp`` (the shape of ``p``, the weight's dtype)."""
         state = self.state[p]
-        if not state and self._factored(p, site):
-            state.update(factored_state(p, self.full_state, self.state_dtype, self._rounding(p) == "kahan"))
+        factored = self._factored(p, site)
+        if state and ("row_var" in state) != factored:
+            name = registry.name_of(p) or f"parameter of shape {tuple(p.shape)}"
+            raise ConfigError(f"the optimizer state of {name} was made for full_state="
+                              f"{'adam' if factored else 'factored'}, its group now says "
+                              f"{self._full_states.get(id(p), 'adam')!r}: full_state cannot change once a "
+                              "parameter has state (start from a fresh optimizer or its own checkpoint)")
+        if not state and factored:
+            state.update(factored_state(p, self._full_states[id(p)], self.state_dtype, self._rounding(p) == "kahan"))
         if not state:
             if site is None or site.full:
                 state["step"] = 0
@@ -309,7 +336,7 @@ class AdamW(GrassOptimizer):
             self._apply_lists(items, beta1, beta2, eps)
 
     def _apply_lists(self, work, beta1: float, beta2: float, eps: float) -> None:
-        if self.full_state != "adam":  # eagerly, a block of rows at a time (grassfx.optim.factored)
+        if self._has_factored:  # eagerly, a block of rows at a time (grassfx.optim.factored)
             factored = [item for item in work if self._factored(item[1], item[2])]
             work = [item for item in work if not self._factored(item[1], item[2])]
             for group, p, _ in factored:

@@ -172,6 +172,47 @@ def test_checkpoint_resumes_bit_exactly(mode):
         assert torch.equal(p, q), name
 
 
+def test_full_state_per_parameter_group():
+    """The input embedding without momentum, the head with it: a group key like lr."""
+    model = _model()
+    emb = model.module.emb.weight
+    rest = [p for p in model.parameters() if p is not emb]
+    opt = grassfx.optim.Muon([{"params": [emb], "full_state": "factored_nomomentum"}, {"params": rest}],
+                             lr=1e-2, full_state="factored")
+    _train(model, opt, _batches(2))
+    assert set(opt.state[emb]) == {"step", "row_var", "col_var"}
+    assert set(opt.state[model.module.head.weight]) == {"step", "row_var", "col_var", "exp_avg"}
+    with pytest.raises(ConfigError, match="full_state='bogus'"):
+        grassfx.optim.AdamW([{"params": [emb], "full_state": "bogus"}, {"params": rest}])
+
+
+def test_changing_full_state_after_state_exists_is_refused():
+    model = _model()
+    opt = grassfx.optim.AdamW(model.parameters(), lr=1e-2)
+    _train(model, opt, _batches(1))
+    opt.param_groups[0]["full_state"] = "factored"
+    opt._classify()
+    with pytest.raises(ConfigError, match="cannot change once a parameter has state"):
+        _train(model, opt, _batches(1))
+
+
+def test_checkpoint_from_before_full_state_loads():
+    model = _model()
+    opt = grassfx.optim.AdamW(model.parameters(), lr=1e-2)
+    _train(model, opt, _batches(2))
+    saved = copy.deepcopy(opt.state_dict())
+    for group in saved["param_groups"]:
+        del group["full_state"]  # as saved by an earlier version
+    model2 = copy.deepcopy(model)
+    opt2 = grassfx.optim.AdamW(model2.parameters(), lr=1e-2)
+    opt2.load_state_dict(saved)
+    assert all(g["full_state"] == "adam" for g in opt2.param_groups)
+    _train(model2, opt2, _batches(1))
+    _train(model, opt, _batches(1))
+    for p, q in zip(model.parameters(), model2.parameters()):
+        assert torch.equal(p, q)
+
+
 def test_updates_inside_backward_equal_step():
     batches = _batches(5)
     a, b = _model(), _model()
@@ -232,3 +273,12 @@ def test_train_flag_reaches_the_optimizer():
     _, opt = make_grass(copy.deepcopy(model), spec, args)
     assert opt.full_state == "factored"
     assert parse_args(["--preset", "test"]).full_state == "adam"
+    args = parse_args(["--preset", "test", "--steps", "2", "--backend", "eager", "--rank", "4",
+                       "--full-state", "factored", "--embedding-full-state", "factored_nomomentum"])
+    from recipes.presets import build_model, get_preset
+
+    llama = build_model(get_preset("test"), seed=0)
+    wrapped, opt = make_grass(llama, spec, args)
+    embedding = llama.get_input_embeddings().weight
+    assert [g["full_state"] for g in opt.param_groups] == ["factored_nomomentum", "factored"]
+    assert opt.param_groups[0]["params"] == [embedding]
