@@ -37,7 +37,7 @@ from grassfx.instrument.experts import flat
 
 from .base import GrassOptimizer, check_adam_settings, check_rho_scaling, row_weights
 from .decay import owe
-from .factored import check_full_state, factored_state, factored_step
+from .factored import check_full_state, factored_state, factored_step, state_mode
 from .rounding import add_to_rows, check_state_dtype, check_update_rounding, first_copies, round_update, rounding_of
 from .sharded import adamw_site_step
 
@@ -222,29 +222,37 @@ class AdamW(GrassOptimizer):
 
     def _classify(self) -> None:
         super()._classify()
-        self._full_states = {}  # id(param) -> its group's full_state
-        for group in self.param_groups:
-            mode = check_full_state(group["full_state"])
-            for p in group["params"]:
-                self._full_states[id(p)] = mode
-        self._has_factored = any(mode != "adam" for mode in self._full_states.values())
-        if self._has_factored and self._sharded:
+        modes = [check_full_state(group["full_state"]) for group in self.param_groups]
+        if self._sharded and any(mode != "adam" for mode in modes):
             raise ConfigError("full_state='factored' or 'factored_nomomentum' with FSDP2-sharded parameters is not "
                               "supported: a factored second moment needs the row and column sums of the whole "
                               "gradient; pass full_state='adam'")
 
     def load_state_dict(self, state_dict) -> None:
-        """As :meth:`GrassOptimizer.load_state_dict`; a group saved before ``full_state`` existed
-        takes this optimizer's, and the saved groups' values apply from here on."""
+        """As :meth:`GrassOptimizer.load_state_dict`; each group's ``full_state`` must be the
+        saved group's (a different one is refused: the saved state was made for it), and a
+        group saved before ``full_state`` existed keeps this optimizer's."""
+        for i, (saved, group) in enumerate(zip(state_dict["param_groups"], self.param_groups)):
+            if "full_state" in saved and saved["full_state"] != group["full_state"]:
+                raise ConfigError(f"parameter group {i} of the checkpoint has full_state={saved['full_state']!r}, "
+                                  f"this optimizer's has {group['full_state']!r}: build the optimizer with the "
+                                  "checkpoint's full_state (its state was made for it)")
+        modes = [group["full_state"] for group in self.param_groups]
         super().load_state_dict(state_dict)
-        for group in self.param_groups:
-            group.setdefault("full_state", self.full_state)
+        for group, mode in zip(self.param_groups, modes):
+            group.setdefault("full_state", mode)
         self._classify()
 
-    def _factored(self, p, site) -> bool:
-        """Whether ``p`` keeps a factored second moment (its group's ``full_state``): a 2-D
-        parameter that is not projected."""
-        return site is None and p.dim() == 2 and self._full_states.get(id(p), "adam") != "adam"
+    @staticmethod
+    def _mode(group, p, site) -> str:
+        """The ``full_state`` that applies to ``p``: its group's for a 2-D parameter that is not
+        projected, ``"adam"`` for every other."""
+        if site is not None or p.dim() != 2:
+            return "adam"
+        return check_full_state(group["full_state"])
+
+    def _group_of(self, p) -> dict:
+        return next(group for group in self.param_groups if any(q is p for q in group["params"]))
 
     def _fused_dense(self, work, beta1: float, beta2: float, eps: float) -> list:
         """Update what is trained in full (with ``scale`` 1, nearest rounding, moments in the
@@ -275,21 +283,21 @@ class AdamW(GrassOptimizer):
                 rest.extend(items)
         return rest
 
-    def _state(self, p, site=None):
+    def _state(self, p, site=None, mode: str = "adam"):
         """Moments of ``p`` (in ``state_dtype``), with one shared ``step`` (updated in full) or,
         for the handle of a projected weight (``site`` not full), ``row_step``: each selected
         row's own step count; with ``update_rounding="kahan"`` and a bf16/fp16 weight, the
-        compensation ``kahan_comp`` (the shape of ``p``, the weight's dtype)."""
+        compensation ``kahan_comp`` (the shape of ``p``, the weight's dtype). ``mode``: the
+        parameter's ``full_state`` (:meth:`_mode`; a factored mode makes
+        :func:`~grassfx.optim.factored.factored_state`); state made for another is refused."""
         state = self.state[p]
-        factored = self._factored(p, site)
-        if state and ("row_var" in state) != factored:
+        if state and state_mode(state) != mode:
             name = registry.name_of(p) or f"parameter of shape {tuple(p.shape)}"
-            raise ConfigError(f"the optimizer state of {name} was made for full_state="
-                              f"{'adam' if factored else 'factored'}, its group now says "
-                              f"{self._full_states.get(id(p), 'adam')!r}: full_state cannot change once a "
-                              "parameter has state (start from a fresh optimizer or its own checkpoint)")
-        if not state and factored:
-            state.update(factored_state(p, self._full_states[id(p)], self.state_dtype, self._rounding(p) == "kahan"))
+            raise ConfigError(f"the optimizer state of {name} was made for full_state={state_mode(state)!r}, its "
+                              f"parameter group now says {mode!r}: full_state cannot change once a parameter has "
+                              "state (start from a fresh optimizer, or set the group back)")
+        if not state and mode != "adam":
+            state.update(factored_state(p, mode, self.state_dtype, self._rounding(p) == "kahan"))
         if not state:
             if site is None or site.full:
                 state["step"] = 0
@@ -308,7 +316,7 @@ class AdamW(GrassOptimizer):
 
             adamw_state(self, p, site, layout_of(site))
         else:
-            self._state(p, site)
+            self._state(p, site, self._mode(self._group_of(p), p, site))
 
     def _rounding(self, p, site=None) -> str:
         """The update rounding of ``p`` (a handle: of its weight)."""
@@ -336,12 +344,15 @@ class AdamW(GrassOptimizer):
             self._apply_lists(items, beta1, beta2, eps)
 
     def _apply_lists(self, work, beta1: float, beta2: float, eps: float) -> None:
-        if self._has_factored:  # eagerly, a block of rows at a time (grassfx.optim.factored)
-            factored = [item for item in work if self._factored(item[1], item[2])]
-            work = [item for item in work if not self._factored(item[1], item[2])]
-            for group, p, _ in factored:
-                factored_step(p, p.grad, self._state(p), lr=group["lr"], beta1=beta1, beta2=beta2, eps=eps,
-                              weight_decay=group["weight_decay"], mode=self._rounding(p))
+        rest = []
+        for group, p, site in work:  # factored: eagerly, a block of rows at a time (grassfx.optim.factored)
+            mode = self._mode(group, p, site)
+            if mode == "adam":
+                rest.append((group, p, site))
+                continue
+            factored_step(p, p.grad, self._state(p, site, mode), lr=group["lr"], beta1=beta1, beta2=beta2, eps=eps,
+                          weight_decay=group["weight_decay"], mode=self._rounding(p))
+        work = rest
         if self._sharded:  # FSDP2-sharded projected weights: their own step (grassfx.optim.sharded)
             sharded = [item for item in work if item[2] is not None and item[2].sharded]
             work = [item for item in work if item[2] is None or not item[2].sharded]

@@ -229,6 +229,8 @@ class GrassOptimizer(torch.optim.Optimizer):
                 if key == "row_step":
                     value = value.to(torch.float32)  # checkpoints from before it was kept float32
                 self.state[p][key] = value.to(p.device)
+        if self._in_backward is not None:  # the loaded groups are new dicts: the hooks must read them
+            self._in_backward.install()
 
     # -- the step -----------------------------------------------------------------------
     def _grads(self):

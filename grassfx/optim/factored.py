@@ -22,9 +22,9 @@ decay. When every ``g_ij**2`` is a product ``a_i b_j`` (a rank-one matrix of squ
 the factored moment is AdamW's exactly. Only 2-D parameters that grassfx does not project
 are factored; vectors (norms, biases) and tensors of other ranks keep both moments.
 
-The update runs eagerly, a block of rows at a time, so no temporary of the whole matrix
-is made: the row and column sums of ``g**2`` come from ``vector_norm`` along one dim, and
-the denominator exists for one block of rows at once (:data:`BLOCK_ELEMENTS` entries).
+The update runs eagerly, a block of rows at a time (:data:`BLOCK_ELEMENTS` entries), in
+two passes: the row and column sums of ``g**2``, then the update. No temporary of the
+whole matrix is made, float32 copies of a bf16 gradient included.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ from grassfx.errors import ConfigError
 
 from .rounding import round_update
 
-__all__ = ["FULL_STATES", "BLOCK_ELEMENTS", "check_full_state", "factored_state", "factored_step"]
+__all__ = ["FULL_STATES", "BLOCK_ELEMENTS", "check_full_state", "state_mode", "factored_state", "factored_step"]
 
 FULL_STATES = ("adam", "factored", "factored_nomomentum")
 #: entries of the denominator alive at once (float32: 4 MiB)
@@ -63,10 +63,9 @@ def factored_state(p: torch.Tensor, full_state: str, state_dtype, kahan: bool) -
     return state
 
 
-def _mean_squares(grad: torch.Tensor, dim: int) -> torch.Tensor:
-    """``mean(grad**2, dim, keepdim=True)`` in float32 without a copy of ``grad``."""
-    out = torch.linalg.vector_norm(grad, dim=dim, keepdim=True, dtype=torch.float32)
-    return out.square_().div_(grad.shape[dim])
+def _block_rows(p: torch.Tensor) -> int:
+    """Rows per block: :data:`BLOCK_ELEMENTS` entries at most (one row at least)."""
+    return max(1, BLOCK_ELEMENTS // max(1, p.shape[1]))
 
 
 @torch.no_grad()
@@ -77,29 +76,39 @@ def factored_step(p: torch.Tensor, grad: torch.Tensor, state: dict, *, lr: float
     ``state`` from :func:`factored_state` (it holds ``exp_avg`` when the first moment is
     kept). ``mode``: how the new value is rounded into a bf16/fp16 ``p``
     (:func:`grassfx.optim.rounding.round_update`; ``"nearest"``: ``p``'s own arithmetic).
+    Two passes over blocks of rows (the mean squares, then the update): whatever the
+    dtypes, the temporaries are a block's (float32 copies of a bf16 gradient included).
     """
     state["step"] += 1
     t = state["step"]
     rows, cols = state["row_var"], state["col_var"]
-    rows.mul_(beta2).add_(_mean_squares(grad, 1), alpha=1 - beta2)
-    cols.mul_(beta2).add_(_mean_squares(grad, 0), alpha=1 - beta2)
+    block = _block_rows(p)
+    m, n = p.shape
+    row_sq = torch.empty_like(rows)
+    col_sq = torch.zeros_like(cols)
+    for a in range(0, m, block):
+        g = grad[a:a + block].float()
+        row_sq[a:a + block] = torch.linalg.vector_norm(g, dim=1, keepdim=True).square_()
+        col_sq.add_(g.square().sum(dim=0, keepdim=True))  # out of place: g may be the gradient itself
+    rows.mul_(beta2).add_(row_sq.div_(n), alpha=1 - beta2)
+    cols.mul_(beta2).add_(col_sq.div_(m), alpha=1 - beta2)
     bc2 = 1 - beta2**t
     # sqrt(v_ij / bc2) = row_scale_i * col_scale_j; an all-zero history gives 0 (the step is then 0 / eps)
     mean = rows.mean().clamp_min(torch.finfo(torch.float32).tiny)
     row_scale = (rows / (mean * bc2)).sqrt_()
     col_scale = cols.sqrt()
     exp_avg = state.get("exp_avg")
-    if exp_avg is not None:
-        exp_avg.lerp_(grad.to(exp_avg.dtype), 1 - beta1)
-        num, step = exp_avg, lr / (1 - beta1**t)
-    else:
-        num, step = grad, lr
+    step = lr / (1 - beta1**t) if exp_avg is not None else lr
     decay = 1 - lr * weight_decay
     comp = state.get("kahan_comp")
-    block = max(1, BLOCK_ELEMENTS // max(1, p.shape[1]))
-    for a in range(0, p.shape[0], block):
-        b = min(a + block, p.shape[0])
-        update = num[a:b] / (row_scale[a:b] * col_scale).add_(eps)  # float32 (k, n)
+    for a in range(0, m, block):
+        b = min(a + block, m)
+        if exp_avg is not None:
+            exp_avg[a:b].lerp_(grad[a:b].to(exp_avg.dtype), 1 - beta1)
+            num = exp_avg[a:b]
+        else:
+            num = grad[a:b]
+        update = num / (row_scale[a:b] * col_scale).add_(eps)  # float32 (k, n)
         rows_p = p[a:b]
         if mode == "nearest":
             if decay != 1.0:
@@ -108,3 +117,10 @@ def factored_step(p: torch.Tensor, grad: torch.Tensor, state: dict, *, lr: float
         else:
             new = rows_p.float().mul_(decay).add_(update, alpha=-step)
             rows_p.copy_(round_update(mode, new, p.dtype, None if comp is None else comp[a:b]))
+
+
+def state_mode(state: dict) -> str:
+    """The ``full_state`` a parameter's (non-empty) state was made for."""
+    if "row_var" not in state:
+        return "adam"
+    return "factored" if "exp_avg" in state else "factored_nomomentum"

@@ -315,7 +315,7 @@ class Muon(AdamW):
 
     def _create_state(self, p, site) -> None:
         if site is None:
-            self._state(p)
+            self._state(p, None, self._mode(self._group_of(p), p, None))
         else:
             self._init_state(p, site)
 

@@ -186,14 +186,59 @@ def test_full_state_per_parameter_group():
         grassfx.optim.AdamW([{"params": [emb], "full_state": "bogus"}, {"params": rest}])
 
 
-def test_changing_full_state_after_state_exists_is_refused():
+@pytest.mark.parametrize("before, after", [("adam", "factored"), ("factored", "adam"),
+                                           ("factored", "factored_nomomentum"), ("factored_nomomentum", "factored")])
+def test_changing_full_state_after_state_exists_is_refused(before, after):
+    model = _model()
+    opt = grassfx.optim.AdamW(model.parameters(), lr=1e-2, full_state=before)
+    _train(model, opt, _batches(1))
+    weights = [p.detach().clone() for p in model.parameters()]
+    opt.param_groups[0]["full_state"] = after
+    with pytest.raises(ConfigError, match=f"made for full_state='{before}'.*now says '{after}'"):
+        _train(model, opt, _batches(1))
+    opt.param_groups[0]["full_state"] = "bogus"
+    with pytest.raises(ConfigError, match="full_state='bogus'"):
+        _train(model, opt, _batches(1))
+    # refused before any factored parameter was written (the embedding and head come first)
+    assert torch.equal(model.module.emb.weight, weights[0])
+
+
+def test_loading_a_checkpoint_of_another_full_state_is_refused():
     model = _model()
     opt = grassfx.optim.AdamW(model.parameters(), lr=1e-2)
     _train(model, opt, _batches(1))
-    opt.param_groups[0]["full_state"] = "factored"
-    opt._classify()
-    with pytest.raises(ConfigError, match="cannot change once a parameter has state"):
-        _train(model, opt, _batches(1))
+    other = grassfx.optim.AdamW(copy.deepcopy(model).parameters(), lr=1e-2, full_state="factored")
+    with pytest.raises(ConfigError, match="checkpoint has full_state='adam'"):
+        other.load_state_dict(opt.state_dict())
+
+
+def test_nonfinite_skip_leaves_factored_state_alone():
+    model = _model()
+    opt = grassfx.optim.AdamW(model.parameters(), lr=1e-2, full_state="factored", nonfinite="skip")
+    _train(model, opt, _batches(1))
+    emb = model.module.emb.weight
+    before = {k: v.clone() if torch.is_tensor(v) else v for k, v in opt.state[emb].items()}
+    weight = emb.detach().clone()
+    logits = model(_batches(1)[0][:, :-1])
+    (logits.sum() * float("nan")).backward()
+    opt.step()
+    assert opt.skipped_steps == 1 and torch.equal(emb, weight)
+    for key, value in before.items():
+        assert torch.equal(opt.state[emb][key], value) if torch.is_tensor(value) else opt.state[emb][key] == value
+
+
+def test_bf16_gradient_makes_no_float32_copy_of_the_matrix(monkeypatch):
+    from grassfx.debug.memory import track_memory
+
+    monkeypatch.setattr(factored, "BLOCK_ELEMENTS", 1 << 14)
+    p = torch.randn(2048, 256).to(torch.bfloat16)
+    grad = torch.randn(2048, 256).to(torch.bfloat16)
+    for mode in ("factored", "factored_nomomentum"):
+        state = factored_state(p, mode, torch.float32, False)
+        with track_memory() as mem:
+            factored_step(p, grad, state, lr=1e-3, beta1=0.9, beta2=0.99, eps=1e-8, weight_decay=0.0)
+        full_float32 = p.numel() * 4
+        assert mem.peak < full_float32 / 4, (mode, mem.peak, full_float32)
 
 
 def test_checkpoint_from_before_full_state_loads():

@@ -170,3 +170,18 @@ def test_fewer_gradient_bytes_are_alive():
     # gradient (128 KB + 2 x 40 KB here), not both 128 KB gradients and the rest
     saved = sum(grads) - max(grads)
     assert peaks[True] <= peaks[False] - saved // 2, (peaks, sum(grads), max(grads))
+
+
+def test_loaded_state_keeps_group_settings_reaching_the_hooks():
+    """After load_state_dict the groups are the loaded dicts: the in-backward hooks read them."""
+    model = _model()
+    opt = grassfx.optim.AdamW(model.parameters(), lr=1e-2, update_in_backward=True)
+    _train(model, opt, _batches(2))
+    opt.load_state_dict(opt.state_dict())
+    for group in opt.param_groups:
+        group["lr"] = 0.0
+    before = _weights(model)
+    _train(model, opt, _batches(1, seed=5))
+    after = _weights(model)
+    for name in before:
+        assert torch.equal(before[name], after[name]), name
