@@ -104,28 +104,13 @@ def default_cap_gib(args) -> float:
 # ----------------------------------------------------------------------------- the worker
 
 
-def _data_bytes() -> int:
+def _status(field: str) -> int:
+    """A ``/proc/self/status`` field (``VmData``, ``VmRSS``, ``VmHWM``) in bytes."""
     with open("/proc/self/status") as f:
         for line in f:
-            if line.startswith("VmData:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1]) * 1024
-    raise RuntimeError("VmData not in /proc/self/status")
-
-
-def _rss_peak() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError("VmHWM not in /proc/self/status")
-
-
-def _rss() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError("VmRSS not in /proc/self/status")
+    raise RuntimeError(f"{field} not in /proc/self/status")
 
 
 def _cap(device: torch.device, cap_bytes: int) -> None:
@@ -133,7 +118,7 @@ def _cap(device: torch.device, cap_bytes: int) -> None:
         total = torch.cuda.get_device_properties(device).total_memory
         torch.cuda.set_per_process_memory_fraction(min(1.0, cap_bytes / total), device)
     else:
-        resource.setrlimit(resource.RLIMIT_DATA, (_data_bytes() + cap_bytes, resource.RLIM_INFINITY))
+        resource.setrlimit(resource.RLIMIT_DATA, (_status("VmData") + cap_bytes, resource.RLIM_INFINITY))
 
 
 def _is_oom(exc: BaseException) -> bool:
@@ -204,7 +189,7 @@ def worker(method: str, args) -> dict:
         from recipes.train import import_galore
 
         import_galore()
-    rss_start = _rss()
+    rss_start = _status("VmRSS")
     _cap(device, cap)
     try:
         model = _materialize(shape, DTYPES[args.dtype], device)
@@ -233,7 +218,7 @@ def worker(method: str, args) -> dict:
         out["outcome"] = "out of memory"
         out["error"] = str(exc).splitlines()[0][:300]
     # CUDA: the allocator's peak; CPU: the process's peak RSS above what it held when capped
-    out["peak_bytes"] = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else _rss_peak() - rss_start
+    out["peak_bytes"] = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else _status("VmHWM") - rss_start
     return out
 
 
