@@ -306,8 +306,9 @@ class AdamW(GrassOptimizer):
             dtype = self.state_dtype or p.dtype
             state["exp_avg"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
             state["exp_avg_sq"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
-            if self._rounding(p, site) == "kahan":
-                state["kahan_comp"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            if self._rounding(p, site) == "kahan":  # in the weight's dtype (a handle may have another)
+                weight = p if site is None else site.weight
+                state["kahan_comp"] = torch.zeros_like(p, dtype=weight.dtype, memory_format=torch.preserve_format)
         return state
 
     def _create_state(self, p, site) -> None:
