@@ -298,8 +298,23 @@ def test_finite_check_confirms_an_overflowing_sum_entry_by_entry():
     big = torch.full((4,), 3e38)  # finite entries whose float32 sum is inf
     nan, inf = torch.tensor([1.0, float("nan")]), torch.tensor([float("-inf"), 2.0])
     half = torch.tensor([60000.0, 60000.0], dtype=torch.float16)  # sums past float16's range
-    assert finite_flags([big, nan, inf, half, torch.ones(3, dtype=torch.float64)]) == [True, False, False, True, True]
+    bf16 = [torch.full((4,), 3e38, dtype=torch.bfloat16), torch.tensor([1.0, float("nan")], dtype=torch.bfloat16),
+            torch.ones(5, dtype=torch.bfloat16)]
+    assert finite_flags([big, nan, inf, half, torch.ones(3, dtype=torch.float64)] + bf16) == \
+        [True, False, False, True, True, True, False, True]
     assert finite_flags([]) == []
+
+
+def test_finite_check_copies_no_gradient():
+    """A bf16 gradient is summed in its own dtype: sum(dtype=float32) would copy it to float32 first."""
+    from grassfx.debug.memory import track_memory
+    from grassfx.optim.base import finite_flags
+
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        grad = torch.randn(1024, 256).to(dtype)
+        with track_memory() as mem:
+            assert finite_flags([grad]) == [True]
+        assert mem.peak < grad.nbytes / 8, (dtype, mem.peak)
     model = grassfx.compile(make_mlp(), rank=3, backend="eager")
     opt = grassfx.optim.AdamW(model.parameters(), lr=1e-3)
     model(torch.randn(4, 12)).pow(2).mean().backward()
