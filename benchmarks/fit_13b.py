@@ -51,6 +51,10 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from recipes.measure import proc_status_bytes as _status  # noqa: E402
+
 METHODS = ("adamw", "galore", "grassfx")
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 GIB = 2**30
@@ -102,15 +106,6 @@ def default_cap_gib(args) -> float:
 
 
 # ----------------------------------------------------------------------------- the worker
-
-
-def _status(field: str) -> int:
-    """A ``/proc/self/status`` field (``VmData``, ``VmRSS``, ``VmHWM``) in bytes."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(f"{field} not in /proc/self/status")
 
 
 def _cap(device: torch.device, cap_bytes: int) -> None:
@@ -167,9 +162,7 @@ def _optimizer(method: str, model, args):
     full_state = "factored" if args.full_state == "split" else args.full_state
     groups = runner.parameters()
     if args.full_state == "split":  # the input embedding without its first moment
-        embedding = model.get_input_embeddings().weight
-        groups = [{"params": [embedding], "full_state": "factored_nomomentum"},
-                  {"params": [p for p in runner.parameters() if p is not embedding]}]
+        groups = grassfx.optim.embedding_groups(groups, model.get_input_embeddings().weight, "factored_nomomentum")
     rounding = "stochastic" if args.dtype == "bf16" else "nearest"
     cls = grassfx.optim.Muon if args.grassfx_optimizer == "muon" else grassfx.optim.AdamW
     return runner, cls(groups, lr=1e-4, full_state=full_state, update_rounding=rounding)
@@ -177,7 +170,6 @@ def _optimizer(method: str, model, args):
 
 def worker(method: str, args) -> dict:
     torch.set_num_threads(args.threads)
-    sys.path.insert(0, str(ROOT))
     device = torch.device(args.device)
     shape = _shape(args)
     cap = int(args.cap_gib * GIB)

@@ -55,6 +55,10 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from recipes.measure import proc_status_bytes as _status  # noqa: E402
+
 # {method: (optimizer class name, its options)} of the grassfx runs
 GRASSFX_RUNS = {
     "grassfx": ("AdamW", {}),
@@ -78,15 +82,6 @@ WARMUP = 2
 WINDOW = 3
 
 
-def _status(field: str) -> int:
-    """A ``/proc/self/status`` field (``VmRSS``, ``VmHWM``) in bytes."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
 def _reset_peak() -> None:
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # resets VmHWM to the current RSS
@@ -103,7 +98,6 @@ DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
 
 def _build(dtype: str, seed: int = 0):
-    sys.path.insert(0, str(ROOT))
     from recipes.presets import Preset, build_model
 
     preset = Preset("memory_check", rank=256, max_position_embeddings=512, **SHAPE)
@@ -146,9 +140,8 @@ def worker(method: str, rank: int, tokens: int, threads: int, dtype: str, refres
         options = dict(options)
         groups = runner.parameters()
         if "embedding_full_state" in options:  # the input embedding in a group of its own
-            embedding = model.get_input_embeddings().weight
-            groups = [{"params": [embedding], "full_state": options.pop("embedding_full_state")},
-                      {"params": [p for p in runner.parameters() if p is not embedding]}]
+            groups = grassfx.optim.embedding_groups(groups, model.get_input_embeddings().weight,
+                                                    options.pop("embedding_full_state"))
         opt = getattr(grassfx.optim, name)(groups, lr=1e-4, **options)
     gen = torch.Generator().manual_seed(1)
     batches = [torch.randint(0, SHAPE["vocab_size"], (1, tokens), generator=gen) for _ in range(WARMUP + WINDOW)]

@@ -9,7 +9,7 @@ import sys
 
 import torch
 
-__all__ = ["tensor_nbytes", "optimizer_state_bytes", "PeakMemory", "Throughput", "compiled_graphs", "fmt_bytes",
+__all__ = ["proc_status_bytes", "tensor_nbytes", "optimizer_state_bytes", "PeakMemory", "Throughput", "compiled_graphs", "fmt_bytes",
            "sync", "keep_freed_memory"]
 
 # glibc's mallopt parameters (malloc.h)
@@ -99,6 +99,14 @@ def _proc_status_kib(field: str) -> int | None:
     except OSError:
         return None
     return None
+
+
+def proc_status_bytes(field: str) -> int:
+    """A ``VmXXX`` field of /proc/self/status (``VmRSS``, ``VmHWM``, ``VmData``) in bytes."""
+    kib = _proc_status_kib(field)
+    if kib is None:
+        raise RuntimeError(f"{field} not in /proc/self/status (Linux only)")
+    return kib * 1024
 
 
 class PeakMemory:

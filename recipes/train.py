@@ -116,9 +116,8 @@ def make_grass(model: torch.nn.Module, spec: RunSpec, args: argparse.Namespace):
                   rewarmup=grass_setting(args, "rewarmup"), full_state=args.full_state)
     params = model.parameters()
     if args.embedding_full_state is not None:  # the input embedding in a group of its own
-        embedding = model.module.get_input_embeddings().weight
-        params = [{"params": [embedding], "full_state": args.embedding_full_state},
-                  {"params": [p for p in model.parameters() if p is not embedding]}]
+        params = grassfx.optim.embedding_groups(params, model.module.get_input_embeddings().weight,
+                                                args.embedding_full_state)
     if grass_setting(args, "optimizer") == "muon":
         return model, grassfx.optim.Muon(params, **common)
     return model, grassfx.optim.AdamW(params, **common)

@@ -99,9 +99,7 @@ def test_grassfx_factored_state_matches_exactly(model_and_numbers, method, opt_c
     gm = grassfx.compile(model, rank=8, backend="eager")
     params = gm.parameters()
     if full_state == "split":  # the input embedding without the first moment, the head with it
-        emb = model.get_input_embeddings().weight
-        params = [{"params": [emb], "full_state": "factored_nomomentum"},
-                  {"params": [p for p in gm.parameters() if p is not emb]}]
+        params = grassfx.optim.embedding_groups(params, model.get_input_embeddings().weight, "factored_nomomentum")
         full_state = "factored"
     opt = opt_cls(params, full_state=full_state)
     gm(**_batch()).loss.backward()

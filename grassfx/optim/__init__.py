@@ -41,7 +41,8 @@ from __future__ import annotations
 from .adafactor import Adafactor
 from .adamw import AdamW, row_factors
 from .base import GrassOptimizer
+from .factored import embedding_groups
 from .muon import Muon
 from .sgd import SGD
 
-__all__ = ["AdamW", "Muon", "SGD", "Adafactor", "GrassOptimizer", "row_factors"]
+__all__ = ["AdamW", "Muon", "SGD", "Adafactor", "GrassOptimizer", "embedding_groups", "row_factors"]

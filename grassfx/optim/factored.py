@@ -35,7 +35,8 @@ from grassfx.errors import ConfigError
 
 from .rounding import round_update
 
-__all__ = ["FULL_STATES", "BLOCK_ELEMENTS", "check_full_state", "state_mode", "factored_state", "factored_step"]
+__all__ = ["FULL_STATES", "BLOCK_ELEMENTS", "check_full_state", "embedding_groups", "state_mode", "factored_state",
+           "factored_step"]
 
 FULL_STATES = ("adam", "factored", "factored_nomomentum")
 #: entries of the denominator alive at once (float32: 4 MiB)
@@ -47,6 +48,23 @@ def check_full_state(value) -> str:
     if not isinstance(value, str) or value not in FULL_STATES:
         raise ConfigError(f"full_state={value!r}: allowed values: {', '.join(FULL_STATES)}")
     return value
+
+
+def embedding_groups(params, embedding, full_state: str) -> list[dict]:
+    """Parameter groups with ``embedding`` alone under ``full_state`` and every other
+    parameter in a second group (which takes the optimizer's ``full_state``): e.g. the input
+    embedding without its first moment, an untied head with it.
+
+    Example:
+        >>> import torch, grassfx
+        >>> net = torch.nn.Sequential(torch.nn.Embedding(10, 4), torch.nn.Linear(4, 10))
+        >>> groups = embedding_groups(net.parameters(), net[0].weight, "factored_nomomentum")
+        >>> opt = grassfx.optim.AdamW(groups, full_state="factored")
+        >>> [g["full_state"] for g in opt.param_groups]
+        ['factored_nomomentum', 'factored']
+    """
+    return [{"params": [embedding], "full_state": check_full_state(full_state)},
+            {"params": [p for p in params if p is not embedding]}]
 
 
 def factored_state(p: torch.Tensor, full_state: str, state_dtype, kahan: bool) -> dict:

@@ -177,7 +177,7 @@ def test_full_state_per_parameter_group():
     model = _model()
     emb = model.module.emb.weight
     rest = [p for p in model.parameters() if p is not emb]
-    opt = grassfx.optim.Muon([{"params": [emb], "full_state": "factored_nomomentum"}, {"params": rest}],
+    opt = grassfx.optim.Muon(grassfx.optim.embedding_groups(model.parameters(), emb, "factored_nomomentum"),
                              lr=1e-2, full_state="factored")
     _train(model, opt, _batches(2))
     assert set(opt.state[emb]) == {"step", "row_var", "col_var"}
