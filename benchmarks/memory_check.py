@@ -1,6 +1,7 @@
 """Memory at scale on CPU: a ~444M-parameter LLaMA in pure bf16 (or fp32), measured against grassfx.cost.
 
-Each method runs in its own process (a fresh heap, its own peak RSS):
+Each method runs in two processes of its own (fresh heaps): one reads the peak RSS with
+nothing watching the steps, the other counts tensor bytes (see :func:`worker` for why):
 
 * ``dense``: ``torch.compile(model)`` + ``torch.optim.AdamW``;
 * ``grassfx``: ``grassfx.compile(model, rank=r)`` (Inductor, refresh steps eager, the
@@ -30,7 +31,8 @@ Measured per method:
 * **tensor peak above weights**: the tensors alive when the window starts besides the
   weights (optimizer state, grassfx's buffers and handles) plus the highest excess of
   live tensor bytes within any window step (``grassfx.debug.memory.track_memory``: every
-  allocation and free, in order). This is what ``grassfx.cost`` models; the RSS also
+  allocation and free, in order; the warm-up steps run under it too, so every block a
+  window step frees was seen being allocated). This is what ``grassfx.cost`` models; the RSS also
   holds what compiling left behind (graphs, generated code, Python objects).
 * **prediction**: ``grassfx.cost`` for the same shape, rank and tokens, the dtype's bytes everywhere:
   its total (``adamw`` for dense, else the method's own row; ``grassfx`` for ``grassfx_fused``, below) minus the model's weights (grassfx's
@@ -43,6 +45,7 @@ Example:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import os
@@ -121,7 +124,20 @@ def _persistent(model, opt, weights: set) -> int:
     return _tensor_bytes(state + others)
 
 
-def worker(method: str, rank: int, tokens: int, threads: int, dtype: str, refresh: str = "eager") -> dict:
+def worker(method: str, rank: int, tokens: int, threads: int, dtype: str, refresh: str = "eager",
+           measure: str = "rss") -> dict:
+    """One method's warm-up and window in this process.
+
+    ``measure="rss"``: nothing watches the steps; the window's peak RSS is read from
+    ``VmHWM``. ``measure="tensors"``: every step, warm-up included, runs under
+    ``track_memory``; the window's per-step tensor peaks are kept. Two processes, because
+    each measurement disturbs the other: the profiler behind ``track_memory`` keeps a
+    record of every op and allocation in the process's heap (68 MiB of RSS over a grassfx
+    window with an eager refresh step), and PyTorch's CPU allocator reports the free of a
+    block only if it was allocated while a profiler was recording, so a window whose
+    blocks were made unwatched (a refresh freeing the momentum made at step 0) would count
+    the new blocks and not the freed ones.
+    """
     torch.set_num_threads(threads)
     import grassfx
     from grassfx.debug.memory import track_memory
@@ -145,11 +161,14 @@ def worker(method: str, rank: int, tokens: int, threads: int, dtype: str, refres
         opt = getattr(grassfx.optim, name)(groups, lr=1e-4, **options)
     gen = torch.Generator().manual_seed(1)
     batches = [torch.randint(0, SHAPE["vocab_size"], (1, tokens), generator=gen) for _ in range(WARMUP + WINDOW)]
+    watch = track_memory if measure == "tensors" else contextlib.nullcontext
 
     def step(ids):
-        runner(input_ids=ids, labels=ids).loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        with watch() as mem:
+            runner(input_ids=ids, labels=ids).loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        return mem
 
     times = []
     for ids in batches[:WARMUP]:
@@ -157,21 +176,26 @@ def worker(method: str, rank: int, tokens: int, threads: int, dtype: str, refres
         step(ids)
         times.append(time.perf_counter() - start)
     gc.collect()
-    persistent = _persistent(model if method == "dense" else runner, opt, weights)
-    rss_window = _status("VmRSS")
-    _reset_peak()
+    out = dict(method=method, params=params, weight_bytes=weight_bytes, rss_weights=rss_weights)
+    if measure == "tensors":
+        out["persistent_tensor_bytes"] = _persistent(model if method == "dense" else runner, opt, weights)
+    else:
+        out["rss_window_start"] = _status("VmRSS")
+        _reset_peak()
     peaks = []
     for ids in batches[WARMUP:]:
         start = time.perf_counter()
-        with track_memory() as mem:
-            step(ids)
+        mem = step(ids)
         times.append(time.perf_counter() - start)
-        peaks.append(mem.peak)
-    hwm = _status("VmHWM")
-    return dict(method=method, params=params, weight_bytes=weight_bytes, rss_weights=rss_weights,
-                rss_window_start=rss_window, hwm=hwm, rss_peak_above_weights=hwm - rss_weights,
-                persistent_tensor_bytes=persistent, window_step_peaks=peaks,
-                tensor_peak_above_weights=persistent + max(peaks), step_seconds=times)
+        if mem is not None:
+            peaks.append(mem.peak)
+    if measure == "tensors":
+        out.update(window_step_peaks=peaks, tensor_peak_above_weights=out["persistent_tensor_bytes"] + max(peaks),
+                   step_seconds_watched=times)
+    else:
+        hwm = _status("VmHWM")
+        out.update(hwm=hwm, rss_peak_above_weights=hwm - rss_weights, step_seconds=times)
+    return out
 
 
 def predictions(rank: int, tokens: int, nbytes: int) -> dict:
@@ -187,16 +211,19 @@ def predictions(rank: int, tokens: int, nbytes: int) -> dict:
 
 
 def _run_worker(method: str, args) -> dict:
+    """Both measurements of ``method``, each in a fresh process (see :func:`worker`)."""
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072", OMP_NUM_THREADS=str(args.threads),
                PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    cmd = [sys.executable, __file__, "--worker", method, "--rank", str(args.rank), "--tokens", str(args.tokens),
-           "--threads", str(args.threads), "--shape", args.shape or "", "--dtype", args.dtype,
-           "--refresh", args.refresh]
     start = time.perf_counter()
-    out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
-    if out.returncode != 0:
-        raise RuntimeError(f"{method} failed:\n{out.stderr[-4000:]}")
-    result = json.loads(out.stdout.strip().splitlines()[-1])
+    result = {}
+    for measure in ("rss", "tensors"):
+        cmd = [sys.executable, __file__, "--worker", method, "--measure", measure, "--rank", str(args.rank),
+               "--tokens", str(args.tokens), "--threads", str(args.threads), "--shape", args.shape or "",
+               "--dtype", args.dtype, "--refresh", args.refresh]
+        out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
+        if out.returncode != 0:
+            raise RuntimeError(f"{method} ({measure}) failed:\n{out.stderr[-4000:]}")
+        result.update(json.loads(out.stdout.strip().splitlines()[-1]))
     result["wall_seconds"] = time.perf_counter() - start
     return result
 
@@ -233,10 +260,12 @@ def main(argv=None) -> int:
     p.add_argument("--refresh", default="eager", choices=["eager", "compiled"],
                    help="grassfx.compile(refresh=): refresh steps eager (default) or through a compiled graph")
     p.add_argument("--worker", choices=METHODS, help=argparse.SUPPRESS)
+    p.add_argument("--measure", choices=["rss", "tensors"], default="rss", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     _set_shape(args.shape)
     if args.worker:
-        print(json.dumps(worker(args.worker, args.rank, args.tokens, args.threads, args.dtype, args.refresh)))
+        print(json.dumps(worker(args.worker, args.rank, args.tokens, args.threads, args.dtype, args.refresh,
+                                args.measure)))
         return 0
     predicted, params = predictions(args.rank, args.tokens, DTYPES[args.dtype].itemsize)
     start = time.perf_counter()

@@ -6,6 +6,12 @@ of bytes allocated and not yet freed at any point of the block (above what was l
 it began), ``net`` what the block left allocated. The count does not depend on timing or
 sampling: every allocation of the CPU allocator is an event, inside compiled graphs too.
 
+One blind spot, PyTorch's: the CPU allocator reports the free of a block only if the block
+was allocated while a profiler was recording. A block that frees tensors made outside any
+``track_memory`` (an optimizer replacing state it created earlier) sees the new tensors and
+not the freed ones, so ``peak`` and ``net`` overstate it; run the code that made them under
+``track_memory`` too (``benchmarks/memory_check.py`` runs its warm-up steps that way).
+
 Example:
     >>> import torch
     >>> from grassfx.debug.memory import track_memory

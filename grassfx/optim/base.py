@@ -47,6 +47,7 @@ from grassfx.instrument.anchors import broadcast_along
 from grassfx.instrument.experts import flat, matrix_of
 
 from . import decay
+from .rounding import index_add_along
 
 __all__ = ["GrassOptimizer", "check_adam_settings", "check_number", "check_rho_scaling", "row_weights", "overlap_sources", "RHO_SCALINGS"]
 
@@ -355,7 +356,7 @@ class GrassOptimizer(torch.optim.Optimizer):
         w = row_weights(site, rho_scaling)
         if w is not None:
             update = update * broadcast_along(w, update.dim(), site.dim).to(update.dtype)
-        weight.index_add_(site.dim, site.idx, update, alpha=alpha)
+        index_add_along(weight, site.dim, site.idx, update, alpha=alpha)
 
     def _create_state(self, p, site) -> None:
         """Create ``p``'s optimizer state as its first step would (nothing, for optimizers

@@ -47,7 +47,7 @@ from grassfx.select import WITH_REPLACEMENT
 from .adamw import AdamW
 from .base import check_number, row_weights
 from .decay import owe
-from .rounding import add_to_rows, first_copies, round_update
+from .rounding import add_to_rows, first_copies, index_add_along, round_update
 
 __all__ = ["Muon", "orthogonalize", "orthogonalize_many", "shape_chunks", "NS_COEFFICIENTS"]
 
@@ -179,7 +179,7 @@ def _rows_step(bufs, grads, row_steps, weights, idxs, alphas, dims, momentum, ne
         ortho = orthogonalize_many(list(directions), ns_steps, max_elements=math.inf)
         del directions
         for i, o in zip(chunk, ortho):
-            weights[i].index_add_(dims[i], idxs[i], (o * alphas[i]).to(weights[i].dtype))
+            index_add_along(weights[i], dims[i], idxs[i], (o * alphas[i]).to(weights[i].dtype))
 
 
 class Muon(AdamW):

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 import grassfx
-from grassfx.optim.rounding import kahan_round, nearest_value, stochastic_round
+from grassfx.optim.rounding import index_add_along, kahan_round, nearest_value, stochastic_round
 
 BF16_SPACING_AT_1 = 2.0**-7  # bf16 numbers in [1, 2) are 2^-7 apart
 
@@ -58,6 +58,35 @@ def test_nearest_value_matches_the_cast_and_kahan_keeps_the_remainder():
     new = kahan_round(x, comp)
     assert torch.equal(new, x.to(torch.bfloat16))
     torch.testing.assert_close(new.float() + comp.float(), x, rtol=2**-8 * 2**-8, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("dim", [0, 1])
+@pytest.mark.parametrize("alpha", [1, -0.5])
+def test_index_add_along_equals_index_add_without_a_float32_copy_of_the_weight(dtype, dim, alpha):
+    from grassfx.debug.memory import track_memory
+
+    torch.manual_seed(0)
+    weight = torch.randn(384, 384).to(dtype)
+    idx = torch.tensor([5, 300, 7, 5, 0, 200])  # row 5 listed twice
+    update = torch.randn(384, 384).index_select(dim, torch.arange(6)).to(dtype)
+    want = weight.clone().index_add_(dim, idx, update, alpha=alpha)
+    exact = weight.double().index_add_(dim, idx, update.double() * alpha)
+    magnitude = weight.double().abs().index_add_(dim, idx, update.double().abs() * abs(alpha))
+    with track_memory() as mem:
+        index_add_along(weight, dim, idx, update, alpha=alpha)
+    # torch's own index_add_ of bf16/fp16 along dim 1 allocates a float32 copy of the weight
+    assert mem.peak < weight.numel() * 4 // 4, mem.peak
+    if dtype == torch.float32 or dim == 0:
+        assert torch.equal(weight, want)  # the same op
+        return
+    untouched = torch.tensor([i for i in range(384) if i not in idx.tolist()])
+    assert torch.equal(weight.index_select(dim, untouched), want.index_select(dim, untouched))
+    # index_add_ rounds a repeated row's sum (and alpha times the update) once; here each
+    # add is rounded (at most three roundings, each within eps/2 of its terms' magnitude)
+    assert ((weight.double() - exact).abs() <= 1.5 * torch.finfo(dtype).eps * magnitude).all()
+    if alpha == 1:  # a row listed once: the same sum rounded once
+        assert torch.equal(weight.select(dim, 300), want.select(dim, 300))
 
 
 # -- through the optimizer: a constant update below bf16's resolution -----------------------
