@@ -146,7 +146,7 @@ def compact_embedding_grad(graph: fx.Graph, ctx: PassContext) -> PassResult:
             slot = new(aten.constant_pad_nd.default, new(aten.cumsum.default, starts, 0, dtype=torch.int64), [1, 0], 0)
             gathered = new(aten.index.Tensor, rows_in, [perm])
             sums = new(aten.index_put.default, _zeros(new, [T, h], torch.float32, table.device), [slot], gathered, True)
-            row = new(aten.index_put.default, _zeros(new, [T], torch.int64, table.device), [slot], s, False)
+            row = new(aten.index_put.default, _zeros(new, [T], index.dtype, table.device), [slot], s, False)
             narrow = new(prims.convert_element_type.default, sums, low)
             out = new(aten.index_put.default, _zeros(new, [V, h], low, table.device), [row], narrow, True)
         conv.replace_all_uses_with(out)

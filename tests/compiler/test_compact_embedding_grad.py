@@ -57,7 +57,7 @@ def _oracle(V, ids, upstream, dtype, padding_idx=None):
     acc = torch.zeros(V, upstream.shape[-1], dtype=torch.float64)
     flat, rows = ids.reshape(-1), upstream.reshape(-1, upstream.shape[-1]).double()
     keep = flat != padding_idx if padding_idx is not None else torch.ones_like(flat, dtype=torch.bool)
-    acc.index_add_(0, flat[keep], rows[keep])
+    acc.index_add_(0, flat[keep].long(), rows[keep])
     return acc.to(dtype)
 
 
@@ -68,13 +68,14 @@ def _ulps_apart(got, want):
     return ((got.double() - want.double()).abs() / scale).max().item()
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("dtype, id_dtype", [(torch.bfloat16, torch.int64), (torch.float16, torch.int64),
+                                             (torch.bfloat16, torch.int32)])
 @pytest.mark.parametrize("padding_idx", [None, 0, 5])
-def test_matches_float64_oracle(dtype, padding_idx):
+def test_matches_float64_oracle(dtype, id_dtype, padding_idx):
     torch.manual_seed(0)
     V, h = 400, 8
     emb = nn.Embedding(V, h, padding_idx=padding_idx).to(dtype)
-    ids = torch.randint(0, V, (3, 11))
+    ids = torch.randint(0, V, (3, 11), dtype=id_dtype)
     ids[0, :6] = 5  # a token seen many times
     ids[1, 0] = 0  # token 0 present (unused slots also point at row 0)
     ids[2, -3:] = V - 1
