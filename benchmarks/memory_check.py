@@ -3,7 +3,9 @@
 Each method runs in two processes of its own (fresh heaps): one reads the peak RSS with
 nothing watching the steps, the other counts tensor bytes (see :func:`worker` for why):
 
-* ``dense``: ``torch.compile(model)`` + ``torch.optim.AdamW``;
+* ``dense``: ``torch.compile(model)`` + ``torch.optim.AdamW``; ``dense_compact``: the same
+  with grassfx's pass ``compact_embedding_grad`` given to Inductor (what dense gains from
+  it: the baseline with the same embedding backward);
 * ``grassfx``: ``grassfx.compile(model, rank=r)`` (Inductor, refresh steps eager, the
   default; ``--refresh compiled``: through a compiled refresh graph) + ``grassfx.optim.AdamW``;
 * ``grassfx_fused``: the same with ``grassfx.optim.AdamW(..., update_in_backward=True)``;
@@ -73,11 +75,11 @@ GRASSFX_RUNS = {
     "grassfx_muon_factored_nomomentum": ("Muon", dict(full_state="factored_nomomentum")),
     "grassfx_muon_split": ("Muon", dict(full_state="factored", embedding_full_state="factored_nomomentum")),
 }
-METHODS = ("dense",) + tuple(GRASSFX_RUNS)
+METHODS = ("dense", "dense_compact") + tuple(GRASSFX_RUNS)
 # grassfx.cost's row for each method. Updates inside backward are predicted as grassfx's:
 # the compiled backward graph returns every gradient at once, before any hook runs
 # (grassfx.cost's docstring); its own row assumes an eager backward
-PREDICTED_AS = dict({m: m for m in METHODS}, dense="adamw", grassfx_fused="grassfx")
+PREDICTED_AS = dict({m: m for m in METHODS}, dense="adamw", dense_compact="adamw", grassfx_fused="grassfx")
 SHAPE = dict(vocab_size=32000, hidden_size=2048, intermediate_size=5760, num_hidden_layers=6,
              num_attention_heads=16)
 UPDATE_FREQ = 3
@@ -106,6 +108,26 @@ def _build(dtype: str, seed: int = 0):
     preset = Preset("memory_check", rank=256, max_position_embeddings=512, **SHAPE)
     model = build_model(preset, seed=seed)
     return model.to(DTYPES[dtype])
+
+
+def _compact_pass():
+    """``grassfx.passes.compact_embedding_grad`` as an Inductor post-grad pass of a plain
+    ``torch.compile`` (the ``dense_compact`` baseline)."""
+    from grassfx import _compat
+    from grassfx.passes import PassContext, compact_embedding_grad, settings
+
+    class CompactPass(_compat.custom_graph_pass_base()):
+        def __call__(self, graph):
+            compact_embedding_grad(graph, PassContext("dense", "unknown", settings()))
+
+        def uuid(self):  # Inductor's FX graph cache key: the pass's source
+            import hashlib
+            import inspect
+            import sys
+
+            return hashlib.sha256(inspect.getsource(sys.modules[compact_embedding_grad.__module__]).encode()).hexdigest()
+
+    return CompactPass()
 
 
 def _tensor_bytes(tensors) -> int:
@@ -150,6 +172,9 @@ def worker(method: str, rank: int, tokens: int, threads: int, dtype: str, refres
     rss_weights = _status("VmRSS")
     if method == "dense":
         runner, opt = torch.compile(model), torch.optim.AdamW(model.parameters(), lr=1e-4)
+    elif method == "dense_compact":  # the same, with grassfx's embedding-gradient pass in Inductor
+        runner = torch.compile(model, options={"post_grad_custom_pre_pass": _compact_pass()})
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     else:
         runner = grassfx.compile(model, rank=rank, update_freq=UPDATE_FREQ, refresh=refresh)
         name, options = GRASSFX_RUNS[method]
@@ -178,7 +203,7 @@ def worker(method: str, rank: int, tokens: int, threads: int, dtype: str, refres
     gc.collect()
     out = dict(method=method, params=params, weight_bytes=weight_bytes, rss_weights=rss_weights)
     if measure == "tensors":
-        out["persistent_tensor_bytes"] = _persistent(model if method == "dense" else runner, opt, weights)
+        out["persistent_tensor_bytes"] = _persistent(model if method.startswith("dense") else runner, opt, weights)
     else:
         out["rss_window_start"] = _status("VmRSS")
         _reset_peak()

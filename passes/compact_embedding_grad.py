@@ -24,10 +24,13 @@ decomposition masked out (``padding_idx``) get a zero row and token 0. The float
 transient drops from ``V x h`` to about ``T x h`` elements: 250 MiB to a few MiB for a
 32000 x 2048 bf16 table at 64 tokens a step.
 
-Matches only static shapes, a zero float32 ``full`` used by nothing else, and an
-accumulating ``index_put`` whose only use is a conversion to bf16 or fp16. It leaves
-alone (with a ``Skip``) the sites where ``3 * T > V``: there the batch's buffers would
-not be much smaller than the table's. Float32 tables have no such accumulator (their
+Matches only nodes AOTAutograd made from ``aten.embedding_dense_backward``
+(``meta["original_aten"]``), with static shapes, a zero float32 ``full`` used by nothing
+else, and an accumulating ``index_put`` whose only use is a conversion to bf16 or fp16.
+It leaves alone (with a ``Skip``) the sites where ``3 * T > V`` (the batch's float32
+buffers, up to three of ``T x h``, would not be much smaller than the table's), and
+those with no indices, indices other than int32/int64, or a mask or values not shaped
+one per index. Float32 tables have no such accumulator (their
 gradient is the accumulator) and never match. The pass reads nothing but the graph, so
 it applies to any model grassfx compiles with Inductor; ``aot_eager`` keeps
 ``embedding_dense_backward`` whole and has nothing to match.
@@ -70,18 +73,30 @@ def _static(*sizes) -> bool:
     return all(isinstance(s, int) for s in sizes)
 
 
+def _from_embedding_backward(node) -> bool:
+    """The node came from decomposing ``aten.embedding_dense_backward`` (AOTAutograd records
+    each decomposed node's source op in ``meta["original_aten"]``)."""
+    # by name: the recorded OpOverload need not be the object torch.ops.aten hands out here
+    return str(node.meta.get("original_aten")) == "aten.embedding_dense_backward.default"
+
+
 def find_embedding_accumulators(graph: fx.Graph) -> list:
-    """``(full, index_put, convert)`` triples of the pattern in the module docstring (pure)."""
+    """``(full, index_put, convert)`` triples of the pattern in the module docstring (pure).
+
+    Only nodes that came from an embedding backward: the same ops written by hand (say, a
+    user's ``zeros(...).index_put_(..., accumulate=True).bfloat16()``) may carry negative
+    or out-of-range indices, which ``index_put`` wraps or rejects and the rewrite would not.
+    """
     ops, found = _accumulate_ops(), []
     for node in graph.nodes:
-        if node.op != "call_function" or node.target not in ops:
+        if node.op != "call_function" or node.target not in ops or not _from_embedding_backward(node):
             continue
         args = norm_args(node)
         if not ops[node.target] and not args.get("accumulate"):
             continue
         full = args["self"]
         indices = args["indices"]
-        if not _is_zero_f32_full(full) or len(full.users) != 1 or len(indices) != 1:
+        if not _is_zero_f32_full(full) or len(full.users) != 1 or len(indices) != 1 or indices[0] is None:
             continue
         users = list(node.users)
         if len(users) != 1:
@@ -114,10 +129,16 @@ def compact_embedding_grad(graph: fx.Graph, ctx: PassContext) -> PassResult:
             result.skipped.append(Skip(name, put.name, "dynamic shapes"))
             continue
         T = index.numel()
+        if index.dtype not in (torch.int32, torch.int64):
+            result.skipped.append(Skip(name, put.name, "indices are not int32 or int64"))
+            continue
+        if T == 0:
+            result.skipped.append(Skip(name, put.name, "no indices"))
+            continue
         if tuple(vals.shape) != (*index.shape, h) or vals.dtype != torch.float32:
             result.skipped.append(Skip(name, put.name, "values are not one float32 row per index"))
             continue
-        if mask is not None and meta_val(mask).numel() != T:
+        if mask is not None and tuple(meta_val(mask).shape) != (*index.shape, 1):
             result.skipped.append(Skip(name, put.name, "mask is not one flag per index"))
             continue
         if 3 * T > V:

@@ -126,16 +126,18 @@ def index_add_along(weight: torch.Tensor, dim: int, idx: torch.Tensor, update: t
     """``weight.index_add_(dim, idx, update, alpha=alpha)``, without the CPU's float32 copy of ``weight``.
 
     On CPU, ``index_add_`` of a bf16/fp16 tensor along a dim other than 0 runs as a
-    scatter-add that first allocates a float32 buffer of the whole of ``weight`` (45 MiB
-    for a 5760 x 2048 weight) and is about 2x slower than an accumulating ``index_put_``
-    on the transposed view, which adds in place with the same rounding (a row listed
-    twice in ``idx`` still gets both updates; ``alpha`` is applied to ``update`` first, in
-    float32). Everywhere else ``index_add_`` is used.
+    scatter-add into a float32 buffer of the whole of ``weight`` (45 MiB for a 5760 x 2048
+    weight). There, the selected rows alone are read, summed with ``alpha * update`` in
+    float32 (the copies of a row listed twice in ``idx`` first summed together) and written
+    back rounded once, as that scatter-add rounds: float32 temporaries of the selected rows
+    only. Everywhere else ``index_add_`` is used.
     """
     if dim != 0 and weight.device.type == "cpu" and weight.dtype in (torch.bfloat16, torch.float16):
-        if not (isinstance(alpha, (int, float)) and alpha == 1):
-            update = (update.float() * alpha).to(weight.dtype)
-        weight.transpose(0, dim).index_put_((idx,), update.transpose(0, dim), accumulate=True)
+        dim = dim % weight.dim()
+        update = update.float() if isinstance(alpha, (int, float)) and alpha == 1 else update.float() * alpha
+        firsts = first_copies(idx, weight.shape[dim])  # every copy of a row carries the row's whole sum
+        update = torch.zeros_like(update).index_add_(dim, firsts, update).index_select(dim, firsts)
+        weight.index_copy_(dim, idx, (weight.index_select(dim, idx).float() + update).to(weight.dtype))
     else:
         weight.index_add_(dim, idx, update, alpha=alpha)
 

@@ -424,7 +424,10 @@ def test_explain_counts_tokens_of_weights_read_outside_their_module():
 
 
 def test_track_memory_counts_frees_only_of_blocks_allocated_while_recording():
-    """The blind spot its docstring names (PyTorch's CPU allocator), and the way around it."""
+    """The blind spot its docstring names (PyTorch's CPU allocator), and the way around it.
+
+    This pins PyTorch's behaviour (torch 2.13): if a release reports those frees, this test
+    fails, and track_memory's docstring and benchmarks/memory_check.py can be simplified."""
     from grassfx.debug.memory import track_memory
 
     size = 1 << 20  # floats: 4 MiB
