@@ -68,20 +68,24 @@ def _ulps_apart(got, want):
     return ((got.double() - want.double()).abs() / scale).max().item()
 
 
+CUDA = pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device"))
+
+
+@pytest.mark.parametrize("device", ["cpu", CUDA])
 @pytest.mark.parametrize("dtype, id_dtype", [(torch.bfloat16, torch.int64), (torch.float16, torch.int64),
                                              (torch.bfloat16, torch.int32)])
 @pytest.mark.parametrize("padding_idx", [None, 0, 5])
-def test_matches_float64_oracle(dtype, id_dtype, padding_idx):
+def test_matches_float64_oracle(dtype, id_dtype, padding_idx, device):
     torch.manual_seed(0)
     V, h = 400, 8
-    emb = nn.Embedding(V, h, padding_idx=padding_idx).to(dtype)
+    emb = nn.Embedding(V, h, padding_idx=padding_idx).to(device, dtype)
     ids = torch.randint(0, V, (3, 11), dtype=id_dtype)
     ids[0, :6] = 5  # a token seen many times
     ids[1, 0] = 0  # token 0 present (unused slots also point at row 0)
     ids[2, -3:] = V - 1
     upstream = torch.randn(3, 11, h)
     pass_ = _Pass()
-    got = _embedding_grad(emb, ids, upstream, pass_)
+    got = _embedding_grad(emb, ids.to(device), upstream.to(device), pass_).cpu()
     changes = [c for r in pass_.results for c in r.changes]
     assert len(changes) == 1 and changes[0].action == "compacted"
     assert f"{V}x{h} -> {ids.numel()}x{h}" in changes[0].detail
