@@ -117,8 +117,10 @@ def _compact_pass():
     from grassfx.passes import PassContext, compact_embedding_grad, settings
 
     class CompactPass(_compat.custom_graph_pass_base()):
+        changes = 0  # sites rewritten, over every graph this pass saw
+
         def __call__(self, graph):
-            compact_embedding_grad(graph, PassContext("dense", "unknown", settings()))
+            self.changes += len(compact_embedding_grad(graph, PassContext("dense", "unknown", settings())).changes)
 
         def uuid(self):  # Inductor's FX graph cache key: the pass's source
             import hashlib
@@ -154,7 +156,7 @@ def worker(method: str, rank: int, tokens: int, threads: int, dtype: str, refres
     ``VmHWM``. ``measure="tensors"``: every step, warm-up included, runs under
     ``track_memory``; the window's per-step tensor peaks are kept. Two processes, because
     each measurement disturbs the other: the profiler behind ``track_memory`` keeps a
-    record of every op and allocation in the process's heap (68 MiB of RSS over a grassfx
+    record of every op and allocation in the process's heap (52-69 MiB of RSS over a grassfx
     window with an eager refresh step), and PyTorch's CPU allocator reports the free of a
     block only if it was allocated while a profiler was recording, so a window whose
     blocks were made unwatched (a refresh freeing the momentum made at step 0) would count
@@ -170,10 +172,16 @@ def worker(method: str, rank: int, tokens: int, threads: int, dtype: str, refres
     weights = {id(p) for p in model.parameters()}
     params = sum(p.numel() for p in model.parameters())
     rss_weights = _status("VmRSS")
+    caches = contextlib.ExitStack()  # what the method's compilation needs, until the window ends
     if method == "dense":
         runner, opt = torch.compile(model), torch.optim.AdamW(model.parameters(), lr=1e-4)
     elif method == "dense_compact":  # the same, with grassfx's embedding-gradient pass in Inductor
-        runner = torch.compile(model, options={"post_grad_custom_pre_pass": _compact_pass()})
+        from grassfx import _compat
+
+        # no compiled graph from a cache (which would skip the pass): every process compiles
+        caches.enter_context(_compat.compile_caches_off())
+        compact = _compact_pass()
+        runner = torch.compile(model, options={"post_grad_custom_pre_pass": compact})
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     else:
         runner = grassfx.compile(model, rank=rank, update_freq=UPDATE_FREQ, refresh=refresh)
@@ -214,6 +222,9 @@ def worker(method: str, rank: int, tokens: int, threads: int, dtype: str, refres
         times.append(time.perf_counter() - start)
         if mem is not None:
             peaks.append(mem.peak)
+    caches.close()
+    if method == "dense_compact":  # 0 would mean a missed match: no comparison
+        out["compacted_sites"] = compact.changes
     if measure == "tensors":
         out.update(window_step_peaks=peaks, tensor_peak_above_weights=out["persistent_tensor_bytes"] + max(peaks),
                    step_seconds_watched=times)

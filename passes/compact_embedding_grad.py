@@ -24,9 +24,10 @@ decomposition masked out (``padding_idx``) get a zero row and token 0. The float
 transient drops from ``V x h`` to about ``T x h`` elements: 250 MiB to a few MiB for a
 32000 x 2048 bf16 table at 64 tokens a step.
 
-Matches only nodes AOTAutograd made from ``aten.embedding_dense_backward``
-(``meta["original_aten"]``), with static shapes, a zero float32 ``full`` used by nothing
-else, and an accumulating ``index_put`` whose only use is a conversion to bf16 or fp16.
+Matches static shapes, a zero float32 ``full`` used by nothing else, and an accumulating
+``index_put`` whose only use is a conversion to bf16 or fp16: by structure, so also the
+same ops written by hand or traced again by compiled autograd (the rewrite keeps
+``index_put``'s meaning there too: negative indices count from the end).
 It leaves alone (with a ``Skip``) the sites where ``3 * T > V`` (the batch's float32
 buffers, up to three of ``T x h``, would not be much smaller than the table's), and
 those with no indices, indices other than int32/int64, or a mask or values not shaped
@@ -73,23 +74,16 @@ def _static(*sizes) -> bool:
     return all(isinstance(s, int) for s in sizes)
 
 
-def _from_embedding_backward(node) -> bool:
-    """The node came from decomposing ``aten.embedding_dense_backward`` (AOTAutograd records
-    each decomposed node's source op in ``meta["original_aten"]``)."""
-    # by name: the recorded OpOverload need not be the object torch.ops.aten hands out here
-    return str(node.meta.get("original_aten")) == "aten.embedding_dense_backward.default"
-
-
 def find_embedding_accumulators(graph: fx.Graph) -> list:
     """``(full, index_put, convert)`` triples of the pattern in the module docstring (pure).
 
-    Only nodes that came from an embedding backward: the same ops written by hand (say, a
-    user's ``zeros(...).index_put_(..., accumulate=True).bfloat16()``) may carry negative
-    or out-of-range indices, which ``index_put`` wraps or rejects and the rewrite would not.
+    The pattern is matched by structure, not by where it came from (under compiled autograd
+    the backward is traced again and loses ``meta["original_aten"]``), so the rewrite keeps
+    ``index_put``'s meaning for any such site: negative indices count from the end.
     """
     ops, found = _accumulate_ops(), []
     for node in graph.nodes:
-        if node.op != "call_function" or node.target not in ops or not _from_embedding_backward(node):
+        if node.op != "call_function" or node.target not in ops:
             continue
         args = norm_args(node)
         if not ops[node.target] and not args.get("accumulate"):
@@ -160,6 +154,7 @@ def compact_embedding_grad(graph: fx.Graph, ctx: PassContext) -> PassResult:
                 keep = new(aten.reshape.default, mask, [T])
                 tok = new(aten.where.ScalarOther, keep, tok, 0)
                 rows_in = new(aten.where.ScalarOther, new(aten.reshape.default, mask, [T, 1]), rows_in, 0.0)
+            tok = new(aten.where.self, new(aten.lt.Scalar, tok, 0), new(aten.add.Tensor, tok, V), tok)  # as index_put
             ordered = new(aten.sort.default, tok)
             s = new(operator.getitem, ordered, 0)
             perm = new(operator.getitem, ordered, 1)

@@ -127,17 +127,22 @@ def index_add_along(weight: torch.Tensor, dim: int, idx: torch.Tensor, update: t
 
     On CPU, ``index_add_`` of a bf16/fp16 tensor along a dim other than 0 runs as a
     scatter-add into a float32 buffer of the whole of ``weight`` (45 MiB for a 5760 x 2048
-    weight). There, the selected rows alone are read, summed with ``alpha * update`` in
-    float32 (the copies of a row listed twice in ``idx`` first summed together) and written
-    back rounded once, as that scatter-add rounds: float32 temporaries of the selected rows
-    only. Everywhere else ``index_add_`` is used.
+    weight). There, while fewer than half of the rows along ``dim`` are selected, the
+    selected rows alone are read into float32, ``alpha * update`` is added (every copy of a
+    row listed twice in ``idx`` into its first copy) and the rows are written back rounded
+    once: float32 temporaries of two selections' size, and for ``alpha`` 1 the scatter-add's
+    result bit for bit. Everywhere else ``index_add_`` is used.
     """
-    if dim != 0 and weight.device.type == "cpu" and weight.dtype in (torch.bfloat16, torch.float16):
-        dim = dim % weight.dim()
+    dim = dim % weight.dim()
+    r = idx.numel()
+    if dim != 0 and 2 * r < weight.shape[dim] and weight.device.type == "cpu" and \
+            weight.dtype in (torch.bfloat16, torch.float16):
+        idx = idx.long()
         update = update.float() if isinstance(alpha, (int, float)) and alpha == 1 else update.float() * alpha
-        firsts = first_copies(idx, weight.shape[dim])  # every copy of a row carries the row's whole sum
-        update = torch.zeros_like(update).index_add_(dim, firsts, update).index_select(dim, firsts)
-        weight.index_copy_(dim, idx, (weight.index_select(dim, idx).float() + update).to(weight.dtype))
+        firsts = first_copies(idx, weight.shape[dim])  # each copy's first position in idx
+        rows = weight.index_select(dim, idx).float()
+        rows.index_add_(dim, firsts, update)  # a repeated row's copies summed into its first copy
+        weight.index_copy_(dim, idx, rows.to(weight.dtype).index_select(dim, firsts))
     else:
         weight.index_add_(dim, idx, update, alpha=alpha)
 

@@ -96,6 +96,9 @@ def test_index_add_along_keeps_a_repeated_rows_small_updates_like_index_add():
     index_add_along(weight, 1, idx, update)
     assert torch.equal(weight, want)
     assert (weight[:, 3] == 1 + BF16_SPACING_AT_1).all()  # 0.6 of a spacing: rounds up
+    int32 = torch.ones(4, 8, dtype=torch.bfloat16)
+    index_add_along(int32, 1, idx.int(), update)  # int32 indices, as index_add_ takes them
+    assert torch.equal(int32, want)
 
 
 # -- through the optimizer: a constant update below bf16's resolution -----------------------
