@@ -44,7 +44,7 @@ import operator
 import torch
 import torch.fx as fx
 
-from .infra import Change, PassContext, PassResult, Skip, make_node, meta_val, norm_args
+from .infra import Change, PassContext, PassResult, Skip, graph_fake_mode, make_node, meta_val, norm_args
 
 aten = torch.ops.aten
 prims = torch.ops.prims
@@ -108,9 +108,7 @@ def compact_embedding_grad(graph: fx.Graph, ctx: PassContext) -> PassResult:
     sites = find_embedding_accumulators(graph)
     if not sites:
         return result
-    from .sparsify_wgrad import _fake_mode
-
-    fake_mode = _fake_mode(graph)
+    fake_mode = graph_fake_mode(graph)
     ops = _accumulate_ops()
     for full, put, conv in sites:
         args = norm_args(put)

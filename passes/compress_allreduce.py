@@ -26,7 +26,7 @@ import torch.fx as fx
 
 from grassfx import _compat
 
-from .infra import ALL_REDUCE, Change, PassContext, PassResult, make_node, meta_val
+from .infra import ALL_REDUCE, Change, PassContext, PassResult, graph_fake_mode, make_node, meta_val
 
 aten = torch.ops.aten
 PASS = "compress_allreduce"
@@ -62,9 +62,7 @@ def compress_allreduce(graph: fx.Graph, ctx: PassContext) -> PassResult:
     nodes = find_compressed_grads(graph)
     if not nodes:
         return result
-    from .sparsify_wgrad import _fake_mode
-
-    fake_mode = _fake_mode(graph)
+    fake_mode = graph_fake_mode(graph)
     output = next(n for n in graph.nodes if n.op == "output")
     all_reduce, wait = _compat.functional_all_reduce(), _compat.functional_wait()
     for bucket in _buckets(nodes, ctx.bucket_bytes):

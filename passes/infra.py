@@ -13,13 +13,14 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+import torch
 import torch.fx as fx
 
 from grassfx import _compat
 
 __all__ = [
     "Change", "Skip", "PassResult", "PassContext", "Settings", "settings",
-    "norm_args", "meta_val", "make_node", "same_size", "ALL_REDUCE",
+    "norm_args", "meta_val", "make_node", "graph_fake_mode", "same_size", "ALL_REDUCE",
 ]
 
 #: ``Change.action`` of a compressed gradient averaged across ranks inside the graph
@@ -142,6 +143,12 @@ def make_node(graph: fx.Graph, target, args, kwargs=None, *, provenance: dict, f
         node.meta["val"] = target(*vals, **kvals)
     node.meta["grassfx"] = dict(provenance)
     return node
+
+
+def graph_fake_mode(graph: fx.Graph):
+    """The fake mode of the graph's ``meta["val"]`` tensors (new nodes' values are computed under it)."""
+    vals = [n.meta.get("val") for n in graph.nodes if isinstance(n.meta.get("val"), torch.Tensor)]
+    return _compat.fake_mode_of(vals)
 
 
 def same_size(a, b) -> bool:

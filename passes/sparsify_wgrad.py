@@ -41,7 +41,7 @@ import torch.fx as fx
 from grassfx import _compat
 from grassfx.errors import PassError
 
-from .infra import PassContext, PassResult, Change, Skip, make_node, meta_val, norm_args, prod, same_size
+from .infra import PassContext, PassResult, Change, Skip, graph_fake_mode, make_node, meta_val, norm_args, prod, same_size
 
 aten = torch.ops.aten
 prims = torch.ops.prims
@@ -426,18 +426,13 @@ def _erase_dead(graph: fx.Graph, start: fx.Node) -> list:
     return erased
 
 
-def _fake_mode(graph: fx.Graph):
-    vals = [n.meta.get("val") for n in graph.nodes if isinstance(n.meta.get("val"), torch.Tensor)]
-    return _compat.fake_mode_of(vals)
-
-
 def sparsify_wgrad(graph: fx.Graph, ctx: PassContext) -> PassResult:
     """Rewrite every rowsel site (see the module docstring)."""
     result = PassResult(PASS, graph)
     sites = find_weight_grad_sites(graph)
     if not sites:
         return result
-    fake_mode = _fake_mode(graph)
+    fake_mode = graph_fake_mode(graph)
     for site in sites:
         try:
             result.changes.append(_rewrite(graph, site, fake_mode, result))

@@ -47,7 +47,7 @@ class Adafactor(GrassOptimizer):
                         nonfinite=nonfinite)
         super().__init__(params, defaults, update_in_backward)
 
-    def _create_state(self, p, site) -> None:
+    def _create_state(self, p, site, group) -> None:
         self._state(p, p.grad)
 
     def _state(self, p, grad):

@@ -251,9 +251,6 @@ class AdamW(GrassOptimizer):
             return "adam"
         return check_full_state(group["full_state"])
 
-    def _group_of(self, p) -> dict:
-        return next(group for group in self.param_groups if any(q is p for q in group["params"]))
-
     def _fused_dense(self, work, beta1: float, beta2: float, eps: float) -> list:
         """Update what is trained in full (with ``scale`` 1, nearest rounding, moments in the
         parameter's dtype) by torch's fused AdamW kernel: the arithmetic of
@@ -311,13 +308,13 @@ class AdamW(GrassOptimizer):
                 state["kahan_comp"] = torch.zeros_like(p, dtype=weight.dtype, memory_format=torch.preserve_format)
         return state
 
-    def _create_state(self, p, site) -> None:
+    def _create_state(self, p, site, group) -> None:
         if site is not None and site.sharded:
             from .sharded import adamw_state, layout_of
 
             adamw_state(self, p, site, layout_of(site))
         else:
-            self._state(p, site, self._mode(self._group_of(p), p, site))
+            self._state(p, site, self._mode(group, p, site))
 
     def _rounding(self, p, site=None) -> str:
         """The update rounding of ``p`` (a handle: of its weight)."""

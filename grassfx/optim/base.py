@@ -278,8 +278,8 @@ class GrassOptimizer(torch.optim.Optimizer):
             # torch.distributed.checkpoint makes an empty optimizer's state by a step with zero
             # gradients and lr 0: create the state, change nothing else (not the model's step
             # counter, not a pending refresh)
-            for _, p in self._grads():
-                self._create_state(p, matrix_of(registry.site_of(p)))
+            for group, p in self._grads():
+                self._create_state(p, matrix_of(registry.site_of(p)), group)
             return loss
         if self._in_backward is not None:
             self._in_backward.finish()  # the updates ran in backward; gradients set by hand still apply
@@ -358,9 +358,9 @@ class GrassOptimizer(torch.optim.Optimizer):
             update = update * broadcast_along(w, update.dim(), site.dim).to(update.dtype)
         index_add_along(weight, site.dim, site.idx, update, alpha=alpha)
 
-    def _create_state(self, p, site) -> None:
-        """Create ``p``'s optimizer state as its first step would (nothing, for optimizers
-        whose state appears with the first gradient)."""
+    def _create_state(self, p, site, group) -> None:
+        """Create ``p``'s optimizer state (``group``: its parameter group) as its first step
+        would (nothing, for optimizers whose state appears with the first gradient)."""
 
     def _update_dense(self, p, group):  # pragma: no cover - abstract
         raise NotImplementedError

@@ -313,9 +313,9 @@ class Muon(AdamW):
                  [site.idx for _, _, site in items], alphas, tuple(site.dim for _, _, site in items),
                  momentum, self.nesterov, self.ns_steps)
 
-    def _create_state(self, p, site) -> None:
+    def _create_state(self, p, site, group) -> None:
         if site is None:
-            self._state(p, None, self._mode(self._group_of(p), p, None))
+            self._state(p, None, self._mode(group, p, None))
         else:
             self._init_state(p, site)
 

@@ -87,6 +87,20 @@ def test_index_add_along_equals_index_add_without_a_float32_copy_of_the_weight(d
         assert torch.equal(weight, want)
 
 
+def test_index_add_along_uses_index_add_when_half_the_rows_are_selected():
+    """There the selected rows' float32 copies would outgrow index_add_'s copy of the weight."""
+    from grassfx.debug.memory import track_memory
+
+    weight = torch.randn(4096, 16).to(torch.bfloat16)
+    idx = torch.arange(12)  # 12 of 16 columns
+    update = torch.randn(4096, 12).to(torch.bfloat16)
+    want = weight.clone().index_add_(1, idx, update)
+    with track_memory() as mem:
+        index_add_along(weight, 1, idx, update)
+    assert torch.equal(weight, want)
+    assert mem.peak <= weight.numel() * 4 + 4096  # index_add_'s float32 copy, not 2 x 4096 x 12 x 4
+
+
 def test_index_add_along_keeps_a_repeated_rows_small_updates_like_index_add():
     """Two copies of an update below half of bf16's spacing still move the row together."""
     weight = torch.ones(4, 8, dtype=torch.bfloat16)
