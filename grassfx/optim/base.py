@@ -121,16 +121,30 @@ def finite_flags(tensors: list) -> list[bool]:
     ``isfinite().all()`` reads a tensor several times and allocates a bool copy of it; a
     float32 (float64) sum is finite when every entry is and NaN/Inf otherwise, unless finite
     entries overflow it, so a non-finite sum is confirmed entry by entry. bf16 and fp16
-    tensors are checked by their largest magnitude instead (no overflow, no float32 copy).
+    tensors are checked by their smallest and largest entries (``aminmax``: no overflow, no
+    float32 copy, NaN propagates; ``vector_norm(t, inf)``, which also reads a tensor once,
+    runs 25x slower on CPU: 25 ms for a bf16 8192 x 2048 gradient). Empty tensors are finite.
     """
     if not tensors:
         return []
-    # bf16/fp16: the largest magnitude, in their own dtype (a max cannot overflow; sum(dtype=
-    # float32) would first copy the tensor to float32: 250 MiB for a 32000 x 2048 gradient)
-    sums = [torch.linalg.vector_norm(t, float("inf")) if t.dtype in (torch.bfloat16, torch.float16)
-            else t.sum(dtype=torch.float64 if t.dtype == torch.float64 else torch.float32) for t in tensors]
-    ok = torch.isfinite(torch.stack([s.to(sums[0].device, torch.float32) for s in sums])).tolist()
-    return [True if good else bool(torch.isfinite(t).all()) for good, t in zip(ok, tensors)]
+    live = [i for i, t in enumerate(tensors) if t.numel() > 0]
+    summaries = []
+    for i in live:
+        t = tensors[i]
+        if t.dtype in (torch.bfloat16, torch.float16):
+            # in their own dtype: sum(dtype=float32) would first copy the tensor to float32
+            # (250 MiB for a 32000 x 2048 gradient)
+            low, high = torch.aminmax(t)
+            summaries.append(low.float() * 0.5 + high.float() * 0.5)  # halves: finite values cannot overflow
+        else:
+            summaries.append(t.sum(dtype=torch.float64 if t.dtype == torch.float64 else torch.float32))
+    ok = [True] * len(tensors)
+    if summaries:
+        device = summaries[0].device
+        flags = torch.isfinite(torch.stack([s.to(device, torch.float32) for s in summaries])).tolist()
+        for i, good in zip(live, flags):
+            ok[i] = good or bool(torch.isfinite(tensors[i]).all())
+    return ok
 
 
 class GrassOptimizer(torch.optim.Optimizer):

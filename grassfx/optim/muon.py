@@ -57,7 +57,7 @@ __all__ = ["Muon", "orthogonalize", "orthogonalize_many", "shape_chunks", "NS_CO
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
 
 
-def orthogonalize(x: torch.Tensor, steps: int = 5, eps: float = 1e-7) -> torch.Tensor:
+def orthogonalize(x: torch.Tensor, steps: int = 5, eps: float = 1e-7, scale=None) -> torch.Tensor:
     """Approximately ``U Vᵀ`` of ``x = U S Vᵀ`` over the last two dims (float32).
 
     Quintic Newton-Schulz: ``X <- a X + (b A + c A²) X`` with ``A = X Xᵀ``, started from
@@ -65,7 +65,10 @@ def orthogonalize(x: torch.Tensor, steps: int = 5, eps: float = 1e-7) -> torch.T
     (a tall matrix is transposed, iterated, transposed back). A leading batch dim is one
     matrix per entry (an expert stack). A matrix at least twice as wide as tall is iterated
     in its Gram space (:func:`_newton_schulz_gram`: the same iterates in exact arithmetic,
-    fewer FLOPs).
+    fewer FLOPs; ``1 / ‖x‖_F`` is applied to the Gram matrix and the final left factor,
+    not to ``x``). ``scale``: a factor per matrix (a float32 tensor with one entry per
+    matrix of the flattened batch) that multiplies the result, applied to the small left
+    factor in the Gram space instead of to the result.
     """
     y = x.float()
     tall = y.shape[-2] > y.shape[-1]
@@ -73,8 +76,14 @@ def orthogonalize(x: torch.Tensor, steps: int = 5, eps: float = 1e-7) -> torch.T
         y = y.mT
     shape = y.shape
     y = y.reshape(-1, *shape[-2:])  # (batch, small, large)
-    y = y / (torch.linalg.matrix_norm(y, keepdim=True) + eps)
-    y = _newton_schulz_gram(y, steps) if shape[-1] >= 2 * shape[-2] else _newton_schulz(y, steps)
+    inv = 1.0 / (torch.linalg.matrix_norm(y, keepdim=True) + eps)  # (batch, 1, 1)
+    factor = inv if scale is None else inv * scale.reshape(-1, 1, 1)
+    if shape[-1] >= 2 * shape[-2]:
+        y = _newton_schulz_gram(y, steps, inv, factor)
+    else:
+        y = _newton_schulz(y * inv, steps)
+        if scale is not None:
+            y = y * scale.reshape(-1, 1, 1)
     y = y.reshape(shape)
     return y.mT if tall else y
 
@@ -90,11 +99,14 @@ def _newton_schulz(y: torch.Tensor, steps: int) -> torch.Tensor:
     return y
 
 
-def _newton_schulz_gram(y: torch.Tensor, steps: int) -> torch.Tensor:
-    """The iterates of :func:`_newton_schulz` (in exact arithmetic), computed in the (s x s)
-    Gram space. In float32 they lose more to rounding along the near-null directions of a
-    nearly rank-deficient input (5-9x the direct iteration's error, up to ~1e-3 of the
-    largest entry at 1024 x 4096 with rank 1-4 inputs): harmless for an optimizer step.
+def _newton_schulz_gram(x: torch.Tensor, steps: int, inv: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    """The iterates of :func:`_newton_schulz` started from ``y = inv * x`` (in exact
+    arithmetic), computed in the (s x s) Gram space and multiplied by ``factor / inv``:
+    ``inv`` and ``factor`` are (batch, 1, 1), so ``x`` itself is never rescaled (the
+    normalization goes into ``A_0`` and ``factor`` into the final left factor). In float32
+    they lose more to rounding along the near-null directions of a nearly rank-deficient
+    input (5-9x the direct iteration's error, up to ~1e-3 of the largest entry at 1024 x
+    4096 with rank 1-4 inputs): harmless for an optimizer step.
 
     Each step multiplies ``X`` on the left by ``M = a I + b A + c A²``, a polynomial in
     ``A = X Xᵀ``, so ``M`` is symmetric and commutes with ``A``. Hence
@@ -104,7 +116,7 @@ def _newton_schulz_gram(y: torch.Tensor, steps: int) -> torch.Tensor:
     10 s²l + 5 s³: about half for l = 4s.
     """
     a, b, c = NS_COEFFICIENTS
-    gram = torch.bmm(y, y.mT)
+    gram = torch.bmm(x, x.mT) * (inv * inv)  # A_0 of y = inv * x
     q = None
     for k in range(steps):
         poly = torch.baddbmm(gram, gram, gram, beta=b, alpha=c)  # b A + c A²
@@ -112,7 +124,7 @@ def _newton_schulz_gram(y: torch.Tensor, steps: int) -> torch.Tensor:
         q = poly if q is None else torch.bmm(poly, q)
         if k < steps - 1:
             gram = torch.bmm(torch.bmm(poly, gram), poly)
-    return torch.bmm(q, y)
+    return torch.bmm(q * factor, x)  # Q y * (factor / inv) = (Q * factor) x
 
 
 # The most float32 elements one batched Newton-Schulz call stacks (4 MiB of input; the
@@ -147,20 +159,29 @@ def shape_chunks(shapes: list, devices: list, max_elements=None) -> list[list[in
 
 
 def orthogonalize_many(xs: list[torch.Tensor], steps: int = 5, eps: float = 1e-7,
-                       max_elements=None) -> list[torch.Tensor]:
+                       max_elements=None, scales=None) -> list[torch.Tensor]:
     """:func:`orthogonalize` of each tensor in ``xs``; matrices of one wide shape (and device)
     are stacked and iterated together, in chunks of at most ``max_elements`` elements
-    (:func:`shape_chunks`; default :data:`BATCH_ELEMENTS`).
+    (:func:`shape_chunks`; default :data:`BATCH_ELEMENTS`). ``scales``: a factor per tensor
+    (floats, or 0-d / 1-element float32 tensors) that multiplies its result, at the cost of
+    an (s x s) product instead of a pass over the result (the optimizer's step size).
 
-    Each result equals ``orthogonalize(x, steps, eps)`` up to float32 rounding (a batched
-    matmul may sum in another order); shapes and the float32 dtype are as it returns.
+    Each result equals ``scales[i] * orthogonalize(x, steps, eps)`` up to float32 rounding
+    (a batched matmul may sum in another order); shapes and the float32 dtype are as it returns.
     """
     out: list[torch.Tensor | None] = [None] * len(xs)
     for chunk in shape_chunks([x.shape for x in xs], [x.device for x in xs], max_elements):
         # each as (batch, small, large): orthogonalize would orient it alike, one at a time
         wide = [xs[j].float().reshape(-1, *xs[j].shape[-2:]) for j in chunk]
         wide = [w.mT if w.shape[-2] > w.shape[-1] else w for w in wide]
-        pieces = orthogonalize(torch.cat(wide), steps, eps).split([w.shape[0] for w in wide])
+        factor = None
+        if scales is not None:
+            per = [scales[j] for j in chunk]
+            per = (torch.stack([f.reshape(()) for f in per]).to(wide[0].device, torch.float32)
+                   if isinstance(per[0], torch.Tensor) else torch.tensor(per, dtype=torch.float32, device=wide[0].device))
+            factor = per.repeat_interleave(torch.tensor([w.shape[0] for w in wide], device=per.device)) \
+                if any(w.shape[0] != 1 for w in wide) else per
+        pieces = orthogonalize(torch.cat(wide), steps, eps, factor).split([w.shape[0] for w in wide])
         for j, piece in zip(chunk, pieces):
             tall = xs[j].shape[-2] > xs[j].shape[-1]
             out[j] = (piece.mT if tall else piece).reshape(xs[j].shape)
@@ -176,10 +197,12 @@ def _rows_step(bufs, grads, row_steps, weights, idxs, alphas, dims, momentum, ne
     _compat.foreach_add_scalar_(row_steps, 1.0)
     for chunk in shape_chunks([b.shape for b in bufs], [b.device for b in bufs]):
         directions = _compat.foreach_momentum([bufs[i] for i in chunk], [grads[i] for i in chunk], momentum, nesterov)
-        ortho = orthogonalize_many(list(directions), ns_steps, max_elements=math.inf)
+        # the step size goes into Newton-Schulz's last (s x s) factor: no pass over the result
+        ortho = orthogonalize_many(list(directions), ns_steps, max_elements=math.inf,
+                                   scales=[alphas[i] for i in chunk])
         del directions
         for i, o in zip(chunk, ortho):
-            index_add_along(weights[i], dims[i], idxs[i], (o * alphas[i]).to(weights[i].dtype))
+            index_add_along(weights[i], dims[i], idxs[i], o.to(weights[i].dtype))
 
 
 class Muon(AdamW):

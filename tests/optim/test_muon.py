@@ -117,6 +117,21 @@ def test_orthogonalize_many_equals_one_matrix_at_a_time(max_elements):
     assert orthogonalize_many([]) == []
 
 
+@pytest.mark.parametrize("as_tensors", [False, True])
+def test_orthogonalize_many_scales_each_result(as_tensors):
+    """``scales`` (the optimizer's step sizes, folded into Newton-Schulz's last small factor):
+    each result is its scale times the unscaled one, on the Gram path (wide, tall, an expert
+    stack of three) and the direct one (square)."""
+    torch.manual_seed(0)
+    xs = [torch.randn(16, 40), torch.randn(40, 16), torch.randn(3, 16, 40), torch.randn(12, 12), torch.randn(12, 12)]
+    scales = [-0.5, 2.0, 3e-3, -7.0, 0.25]
+    given = [torch.tensor(f) for f in scales] if as_tensors else scales
+    got = orthogonalize_many(xs, scales=given)
+    for x, f, y in zip(xs, scales, got):
+        assert y.shape == x.shape and y.dtype == torch.float32
+        torch.testing.assert_close(y, f * orthogonalize(x), rtol=1e-5, atol=1e-5 * abs(f))
+
+
 def _stack(width=256, layers=12):
     torch.manual_seed(0)
     return nn.Sequential(*[m for _ in range(layers) for m in (nn.Linear(width, width, bias=False), nn.Tanh())])

@@ -292,7 +292,7 @@ def test_state_dict_is_tensors_and_numbers(opt_cls):
         assert (torch.equal(a, b) if torch.is_tensor(a) else a == b), path
 
 
-def test_finite_check_confirms_an_overflowing_sum_entry_by_entry():
+def test_finite_check_is_not_fooled_by_huge_finite_entries():
     from grassfx.optim.base import finite_flags
 
     big = torch.full((4,), 3e38)  # finite entries whose float32 sum is inf
@@ -303,6 +303,27 @@ def test_finite_check_confirms_an_overflowing_sum_entry_by_entry():
     assert finite_flags([big, nan, inf, half, torch.ones(3, dtype=torch.float64)] + bf16) == \
         [True, False, False, True, True, True, False, True]
     assert finite_flags([]) == []
+    assert finite_flags([torch.zeros(0), nan, torch.zeros(0, 3, dtype=torch.bfloat16)]) == [True, False, True]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+def test_finite_check_finds_one_bad_entry_anywhere(dtype):
+    """One NaN or Inf at the start, middle or end of tensors of lengths around vector widths,
+    contiguous, transposed or strided, among finite tensors: flagged, and only its tensor."""
+    from grassfx.optim.base import finite_flags
+
+    for n in (1, 7, 16, 17, 1000, 65537):
+        for layout in ("contiguous", "transposed", "strided"):
+            base = torch.randn(n, 4).to(dtype)
+            view = {"contiguous": base, "transposed": base.t(), "strided": base[:, ::2]}[layout]
+            for flat in sorted({0, view.numel() // 2, view.numel() - 1}):
+                for bad in (float("nan"), float("inf"), float("-inf")):
+                    t = view.clone() if layout == "contiguous" else view
+                    saved = t[flat // t.shape[1], flat % t.shape[1]].item()
+                    t[flat // t.shape[1], flat % t.shape[1]] = bad
+                    assert finite_flags([torch.ones(3), t, torch.randn(9)]) == [True, False, True], \
+                        (n, layout, flat, bad)
+                    t[flat // t.shape[1], flat % t.shape[1]] = saved
 
 
 def test_finite_check_copies_no_gradient():
