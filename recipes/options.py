@@ -69,6 +69,14 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _nonnegative_int(text: str) -> int:
+    """argparse type: an integer >= 0."""
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text}")
+    return value
+
+
 def _positive_float(text: str) -> float:
     """argparse type: a float > 0."""
     value = float(text)
@@ -179,10 +187,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rewarmup", type=int, default=None,
                    help="grass: steps over which a newly selected row's update ramps up from 0 "
                         "(0: off; default: the recommended value)")
-    p.add_argument("--refresh", default="eager", choices=["eager", "compiled"],
-                   help="grass, compiled backends: how refresh steps run (grassfx.compile(refresh=)): eager "
-                        "(default: one training graph to compile) or compiled (a refresh graph of its own: "
-                        "more compile time, faster refresh steps)")
+    p.add_argument("--refresh", default="auto", choices=["auto", "eager", "compiled"],
+                   help="grass: how refresh steps run (grassfx.compile(refresh=)): compiled (a refresh graph "
+                        "of its own: more compile time, refresh steps about a quarter faster), eager (one "
+                        "training graph to compile) or auto (default: compiled with a compiled --backend, "
+                        "else eager)")
     p.add_argument("--steps", type=_positive_int, default=1000, help="optimizer steps per run (default: %(default)s)")
     p.add_argument("--lr", type=_per_optimizer(_positive_float), action=_MergeDicts, default=None,
                    help="peak learning rate: X (every optimizer) or OPTIMIZER=X (repeatable; default: "
@@ -200,6 +209,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "baselines go through torch.compile with it; eager: nothing compiled, the "
                         "reference). The table's compile s column is the time spent compiling, left "
                         "out of tokens/s")
+    p.add_argument("--speed-steps", type=_nonnegative_int, default=None,
+                   help="with two or more runs: after training, fresh copies of every run take their "
+                        "training steps side by side, one step of each in turn, and the table's tokens/s "
+                        "comes from N such steps per run (each run's own training tokens/s stays in "
+                        "summary.json), so drift of the machine between runs does not favour one. "
+                        "0: off. Default: 48 rounded up to whole projection windows of every run "
+                        "(refresh steps counted in their share); off for one run or several processes")
     p.add_argument("--data", default=None,
                    help="text file or folder of .txt/.md files, or a built-in corpus: shakespeare "
                         "(default: Shakespeare's plays) or movies (Rotten Tomatoes plots and reviews)")
@@ -235,6 +251,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--selection only applies to grass runs (add --optimizer grass or --compare)")
     if args.refresh == "compiled" and args.backend == "eager":
         parser.error("--refresh compiled needs a compiled backend (--backend inductor or aot_eager)")
+    if args.refresh == "auto":
+        args.refresh = "eager" if args.backend == "eager" else "compiled"
     if args.seq_len > presets_mod.get_preset(args.preset).max_position_embeddings:
         parser.error(f"--seq-len {args.seq_len} is too long for preset {args.preset!r}")
     return args

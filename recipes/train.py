@@ -341,8 +341,76 @@ def warm_up(corpus, args, device, steps: int = 2) -> None:
     gc.collect()
 
 
+SPEED_STEPS = 48  # the side-by-side speed check's steps per run, before rounding up to whole windows
+SPEED_WARMUP = 4  # untimed steps of each run first: compile (a refresh graph, the training graph), state
+
+
+def refresh_interval(spec: RunSpec, args: argparse.Namespace):
+    """Steps between the projection refreshes of ``spec``'s run (None: AdamW has none)."""
+    return None if spec.optimizer == "adamw" else setting(args, "update_freq", spec.optimizer)
+
+
+def speed_steps(specs: list[RunSpec], args: argparse.Namespace) -> int:
+    """Steps per run of :func:`speed_check`: ``--speed-steps``, or by default :data:`SPEED_STEPS`
+    rounded up to a multiple of every run's refresh interval (so each run's refresh steps
+    count in their share); 0 (no check) for a single run or several processes."""
+    if args.speed_steps is not None:
+        return args.speed_steps
+    if len(specs) < 2 or getattr(args, "world_size", 1) > 1:
+        return 0
+    windows = math.lcm(*[refresh_interval(s, args) or 1 for s in specs])
+    return windows * math.ceil(SPEED_STEPS / windows)
+
+
+def speed_check(specs: list[RunSpec], corpus, args: argparse.Namespace, device, steps: int) -> dict:
+    """Steady tokens/s of every run measured side by side.
+
+    Fresh copies of every run (same init, optimizer, schedule and backend as its training
+    run) take :data:`SPEED_WARMUP` untimed steps, then ``steps`` timed ones, one step of
+    each run in turn on the same batch (the order reversed every step). Runs trained one
+    after another see the machine at different times, and on a shared machine its speed
+    drifts by several percent over a few minutes, more than the differences measured; side
+    by side, every run sees the same drift. A timed step that compiled a graph is left out
+    and counted (``recompiled``). Returns ``{run: {"tokens_per_s", "steps", "recompiled"}}``.
+    """
+    from tqdm.auto import tqdm
+
+    live = []
+    for spec in specs:
+        model = presets_mod.build_model(presets_mod.get_preset(args.preset), args.seed,
+                                        vocab_size=corpus.vocab_size, arch=args.arch).to(device)
+        model, opt = make_optimizer(model, spec, args)
+        live.append((spec.name, model, opt, torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(args.steps))))
+    sampler = data_mod.BatchSampler(corpus.train, args.batch_size, args.seq_len, seed=args.seed + 1)
+    times = {name: [] for name, *_ in live}
+    recompiled = dict.fromkeys(times, 0)
+    total = SPEED_WARMUP + steps
+    bar = tqdm(total=total, desc="   speed", unit="step", dynamic_ncols=True, disable=args.no_progress,
+               mininterval=0.5, file=sys.stderr)
+    for i in range(total):
+        x = next(sampler).to(device)
+        for name, model, opt, sched in (live if i % 2 == 0 else live[::-1]):
+            sync(device)
+            graphs, t0 = compiled_graphs(), time.perf_counter()
+            train_step(model, opt, sched, x)
+            sync(device)
+            dt = time.perf_counter() - t0
+            if i >= SPEED_WARMUP:
+                if compiled_graphs() != graphs:
+                    recompiled[name] += 1
+                else:
+                    times[name].append(dt)
+        bar.update(1)
+    bar.close()
+    tokens = args.batch_size * args.seq_len * getattr(args, "world_size", 1)
+    return {name: dict(tokens_per_s=len(ts) * tokens / max(sum(ts), 1e-9), steps=len(ts),
+                       recompiled=recompiled[name]) for name, ts in times.items()}
+
+
 def run_all(specs, corpus, eval_set, args, device, out: Path) -> tuple[dict, list[dict]]:
-    """Train every run in turn, streaming metrics.jsonl and rewriting summary.json after each."""
+    """Train every run in turn, streaming metrics.jsonl and rewriting summary.json after each;
+    then, with two or more runs, the side-by-side speed check (:func:`speed_check`), whose
+    tokens/s replace the runs' own (kept as ``train_tokens_per_s``)."""
     warm_up(corpus, args, device)
     records: list[dict] = []
     summary: dict = {}
@@ -355,6 +423,17 @@ def run_all(specs, corpus, eval_set, args, device, out: Path) -> tuple[dict, lis
             summary[spec.name] = train_run(spec, corpus, eval_set, args, device, log)
             metrics.flush()
             (out / "summary.json").write_text(json.dumps(summary, indent=2, default=json_default) + "\n")
+    steps = speed_steps(specs, args)
+    if steps:
+        gc.collect()
+        for name, row in speed_check(specs, corpus, args, device, steps).items():
+            if not row["steps"]:  # every timed step compiled: nothing steady to report
+                summary[name]["speed_check"] = dict(row, warmup=SPEED_WARMUP)
+                continue
+            summary[name]["train_tokens_per_s"] = summary[name]["tokens_per_s"]
+            summary[name]["tokens_per_s"] = row["tokens_per_s"]
+            summary[name]["speed_check"] = dict(row, warmup=SPEED_WARMUP, order="side by side, one step each in turn")
+        (out / "summary.json").write_text(json.dumps(summary, indent=2, default=json_default) + "\n")
     return summary, records
 
 
@@ -434,6 +513,12 @@ def run(argv: list[str] | None = None) -> dict:
                                    f"{preset.name} {arch_name} ({summary[specs[0].name]['params'] / 1e6:.1f}M params) on {source}")
     say()
     say(results_table(summary))
+    checked = [row["speed_check"]["steps"] for row in summary.values() if "speed_check" in row]
+    if checked:
+        say(f"tokens/s: every run's training step side by side after training, {checked[0]} steps each, one "
+            "step of each in turn (each run's own training: " + ", ".join(
+                f"{name} {row['train_tokens_per_s']:,.0f}" for name, row in summary.items()
+                if "train_tokens_per_s" in row) + ")")
     if lead and not plotted:
         say("note: no loss.png (matplotlib is not installed; pip install matplotlib to plot)")
     written = "metrics.jsonl, summary.json" + (", loss.png" if plotted else "")

@@ -26,7 +26,10 @@ def test_run_specs_and_cli_errors(capsys):
         options.parse_args(["--refresh", "compiled", "--backend", "eager"])
     assert "--refresh compiled needs a compiled backend" in capsys.readouterr().err
     assert options.parse_args(["--refresh", "compiled"]).refresh == "compiled"
-    assert options.parse_args([]).refresh == "eager"
+    assert options.parse_args([]).refresh == "compiled"  # the default backend compiles: refresh steps too
+    assert options.parse_args(["--demo"]).refresh == "compiled"
+    assert options.parse_args(["--backend", "eager"]).refresh == "eager"
+    assert options.parse_args(["--refresh", "eager"]).refresh == "eager"
 
 
 def test_per_optimizer_flags():

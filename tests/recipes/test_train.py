@@ -31,7 +31,8 @@ def smoke_args(out, *extra):
     """Arguments of a few-step run of the test preset with every optimizer."""
     args = ["--preset", "test", "--steps", "4", "--batch-size", "2", "--seq-len", "32",
             "--eval-every", "2", "--eval-windows", "2", "--backend", "eager", "--threads", "2",
-            "--no-progress", "--malloc", "system", "--out", str(out)]  # the allocator of this process untouched
+            "--no-progress", "--malloc", "system", "--out", str(out),  # the allocator of this process untouched
+            "--speed-steps", "2"]  # the side-by-side speed check, short
     for opt in SMOKE_OPTIMIZERS:
         args += ["--optimizer", opt]
     return args + list(extra)
@@ -47,6 +48,9 @@ def check_outputs(out, summary):
             assert isinstance(row[key], (int, float)) and math.isfinite(row[key]), (name, key)
         assert row["steps"] == 4 and row["tokens"] == 4 * 2 * 32
         assert row["optimizer_state_bytes"] > 0 and row["peak_mem_bytes"] > 0
+        check = row["speed_check"]  # the table's tokens/s: side by side; the run's own kept
+        assert check["steps"] + check["recompiled"] == 2 and check["warmup"] == train.SPEED_WARMUP
+        assert row["tokens_per_s"] == check["tokens_per_s"] > 0 and row["train_tokens_per_s"] > 0
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert len(records) == 4 * len(SMOKE_OPTIMIZERS)
     for r in records:
@@ -220,6 +224,55 @@ def test_default_backend_is_compiled():
     assert options.parse_args([]).backend == "inductor"
     assert options.parse_args(["--demo"]).backend == "inductor"
     assert options.parse_args(["--backend", "eager"]).backend == "eager"
+
+
+def test_speed_steps_cover_whole_refresh_windows():
+    def steps(*argv):
+        args = options.parse_args(list(argv))
+        return train.speed_steps(options.run_specs(args), args)
+
+    assert steps("--demo") == 48  # 300 steps: every projection window 12 steps
+    assert steps("--compare", "--steps", "1000") == 80  # windows of 40: 48 rounded up
+    assert steps("--compare", "--update-freq", "grass=10", "--update-freq", "galore=15") == 60  # lcm 30
+    assert steps("--optimizer", "adamw", "--optimizer", "grass", "--update-freq", "7") == 49
+    assert steps("--optimizer", "grass") == 0  # one run: nothing to compare
+    assert steps("--optimizer", "grass", "--selection", "top_r", "--selection", "uniform") == 80
+    assert steps("--demo", "--speed-steps", "0") == 0 and steps("--demo", "--speed-steps", "5") == 5
+    args = options.parse_args(["--demo"])
+    args.world_size = 2
+    assert train.speed_steps(options.run_specs(args), args) == 0
+    with pytest.raises(SystemExit):
+        options.parse_args(["--speed-steps", "-1"])
+
+
+def test_speed_check_runs_every_run_side_by_side(monkeypatch):
+    """One step of each run in turn on the same batch, the order reversed every step; the
+    warm-up steps untimed; the table's tokens/s from the timed steps."""
+    calls = []
+    real = train.train_step
+
+    def recording(model, opt, sched, x):
+        calls.append((type(opt).__name__, x.clone()))
+        return real(model, opt, sched, x)
+
+    args = options.parse_args(["--preset", "test", "--steps", "4", "--batch-size", "2", "--seq-len", "32",
+                               "--backend", "eager", "--optimizer", "adamw", "--optimizer", "grass",
+                               "--no-progress", "--threads", "2"])
+    preset = presets.get_preset(args.preset)
+    args.rank = preset.rank
+    corpus, _ = train.prepare_data(args, preset)
+    monkeypatch.setattr(train, "train_step", recording)
+    result = train.speed_check(options.run_specs(args), corpus, args, torch.device("cpu"), steps=3)
+    total = train.SPEED_WARMUP + 3
+    assert len(calls) == 2 * total
+    for i in range(total):
+        pair = [name for name, _ in calls[2 * i:2 * i + 2]]
+        assert pair == (["AdamW", "Muon"] if i % 2 == 0 else ["Muon", "AdamW"]), (i, pair)
+        assert torch.equal(calls[2 * i][1], calls[2 * i + 1][1])  # the same batch
+    assert not torch.equal(calls[0][1], calls[2][1])  # and a new one every step
+    assert set(result) == {"adamw", "grass"}
+    for row in result.values():
+        assert row["steps"] == 3 and row["recompiled"] == 0 and row["tokens_per_s"] > 0
 
 
 def test_throughput_leaves_compiling_steps_out():
