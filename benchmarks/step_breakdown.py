@@ -8,7 +8,8 @@ Each round times ``--steps`` steps of each side in turn (machine drift hits both
 reports medians over rounds of:
 
 * forward + backward of a normal step (dense: every step) and of a refresh step (grassfx,
-  eager, once per ``update_freq`` steps);
+  once per ``update_freq`` steps; compiled, as ``grassfx train`` runs them, or eager with
+  ``--refresh eager``, the library's default);
 * the optimizer step (``step()`` + ``zero_grad()``);
 * Newton-Schulz alone on grassfx's momenta: batched (``orthogonalize_many``) and one
   matrix at a time.
@@ -16,7 +17,7 @@ reports medians over rounds of:
 Like ``grassfx train``, it has glibc keep freed memory (``--malloc keep``): otherwise page
 faults of re-allocated activations add a few ms per step, in phases (README, "Speed").
 
-It also counts each side's minor page faults per step. ``--refresh compiled`` and
+It also counts each side's minor page faults per step. ``--refresh eager`` and
 ``--muon-compiled`` time those grassfx options.
 
 Example:
@@ -59,7 +60,7 @@ def main(argv=None):
     p.add_argument("--update-freq", type=int, default=12)
     p.add_argument("--malloc", default="keep", choices=["keep", "system"],
                    help="glibc keeps freed memory (as grassfx train does by default) or its own thresholds")
-    p.add_argument("--refresh", default="eager", choices=["eager", "compiled"],
+    p.add_argument("--refresh", default="compiled", choices=["eager", "compiled"],
                    help="grassfx's refresh steps (grassfx.compile(refresh=))")
     p.add_argument("--muon-compiled", action="store_true", help="grassfx.optim.Muon(compiled=True)")
     p.add_argument("--out", default=None)

@@ -189,9 +189,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "(0: off; default: the recommended value)")
     p.add_argument("--refresh", default="auto", choices=["auto", "eager", "compiled"],
                    help="grass: how refresh steps run (grassfx.compile(refresh=)): compiled (a refresh graph "
-                        "of its own: more compile time, refresh steps about a quarter faster), eager (one "
-                        "training graph to compile) or auto (default: compiled with a compiled --backend, "
-                        "else eager)")
+                        "of its own: more compile time, faster refresh steps), eager (one training graph to "
+                        "compile) or auto (default: compiled with a compiled --backend, else eager)")
     p.add_argument("--steps", type=_positive_int, default=1000, help="optimizer steps per run (default: %(default)s)")
     p.add_argument("--lr", type=_per_optimizer(_positive_float), action=_MergeDicts, default=None,
                    help="peak learning rate: X (every optimizer) or OPTIMIZER=X (repeatable; default: "
@@ -214,8 +213,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "training steps side by side, one step of each in turn, and the table's tokens/s "
                         "comes from N such steps per run (each run's own training tokens/s stays in "
                         "summary.json), so drift of the machine between runs does not favour one. "
-                        "0: off. Default: 48 rounded up to whole projection windows of every run "
-                        "(refresh steps counted in their share); off for one run or several processes")
+                        "0: off; N: N steps (even for one run). Default: 48 rounded up to whole projection "
+                        "windows of every run (refresh steps counted in their share); off for one run, for "
+                        "several processes, or when whole windows of every run would take more than "
+                        "max(192, --steps / 10) steps")
     p.add_argument("--data", default=None,
                    help="text file or folder of .txt/.md files, or a built-in corpus: shakespeare "
                         "(default: Shakespeare's plays) or movies (Rotten Tomatoes plots and reviews)")

@@ -350,16 +350,28 @@ def refresh_interval(spec: RunSpec, args: argparse.Namespace):
     return None if spec.optimizer == "adamw" else setting(args, "update_freq", spec.optimizer)
 
 
-def speed_steps(specs: list[RunSpec], args: argparse.Namespace) -> int:
-    """Steps per run of :func:`speed_check`: ``--speed-steps``, or by default :data:`SPEED_STEPS`
-    rounded up to a multiple of every run's refresh interval (so each run's refresh steps
-    count in their share); 0 (no check) for a single run or several processes."""
+def speed_steps(specs: list[RunSpec], args: argparse.Namespace) -> tuple[int, str]:
+    """Steps per run of :func:`speed_check` and, when that is 0, why.
+
+    ``--speed-steps N`` (even for one run), else :data:`SPEED_STEPS` rounded up to a
+    multiple of every run's refresh interval, so each run's refresh steps count in their
+    share. Off for several processes (each would time its own copies), and by default for
+    one run (nothing to compare) or when whole windows of every run would take more than
+    ``max(4 * SPEED_STEPS, --steps / 10)`` steps."""
+    if getattr(args, "world_size", 1) > 1:
+        return 0, "several processes"
     if args.speed_steps is not None:
-        return args.speed_steps
-    if len(specs) < 2 or getattr(args, "world_size", 1) > 1:
-        return 0
-    windows = math.lcm(*[refresh_interval(s, args) or 1 for s in specs])
-    return windows * math.ceil(SPEED_STEPS / windows)
+        return args.speed_steps, "--speed-steps 0"
+    if len(specs) < 2:
+        return 0, "one run"
+    intervals = sorted({refresh_interval(s, args) or 1 for s in specs})
+    windows = math.lcm(*intervals)
+    steps = windows * math.ceil(SPEED_STEPS / windows)
+    limit = max(4 * SPEED_STEPS, args.steps // 10)
+    if steps > limit:
+        return 0, (f"whole refresh windows of every run ({', '.join(map(str, intervals))} steps) take {steps} "
+                   f"steps, more than {limit}; --speed-steps N runs it anyway")
+    return steps, ""
 
 
 def speed_check(specs: list[RunSpec], corpus, args: argparse.Namespace, device, steps: int) -> dict:
@@ -367,11 +379,13 @@ def speed_check(specs: list[RunSpec], corpus, args: argparse.Namespace, device, 
 
     Fresh copies of every run (same init, optimizer, schedule and backend as its training
     run) take :data:`SPEED_WARMUP` untimed steps, then ``steps`` timed ones, one step of
-    each run in turn on the same batch (the order reversed every step). Runs trained one
-    after another see the machine at different times, and on a shared machine its speed
-    drifts by several percent over a few minutes, more than the differences measured; side
-    by side, every run sees the same drift. A timed step that compiled a graph is left out
-    and counted (``recompiled``). Returns ``{run: {"tokens_per_s", "steps", "recompiled"}}``.
+    each run in turn on the same batch, the order rotated every step (each run takes each
+    place in turn). Runs trained one after another see the machine at different times, and
+    on a shared machine its speed drifts by several percent over a few minutes, more than
+    the differences measured; side by side, every run sees the same drift. A timed step that
+    compiled a graph is left out and counted (``recompiled``). Returns ``{run:
+    {"tokens_per_s", "steps", "recompiled"}}``; ``tokens_per_s`` is None for a run whose
+    every timed step compiled.
     """
     from tqdm.auto import tqdm
 
@@ -389,7 +403,8 @@ def speed_check(specs: list[RunSpec], corpus, args: argparse.Namespace, device, 
                mininterval=0.5, file=sys.stderr)
     for i in range(total):
         x = next(sampler).to(device)
-        for name, model, opt, sched in (live if i % 2 == 0 else live[::-1]):
+        turn = i % len(live)
+        for name, model, opt, sched in live[turn:] + live[:turn]:
             sync(device)
             graphs, t0 = compiled_graphs(), time.perf_counter()
             train_step(model, opt, sched, x)
@@ -403,14 +418,15 @@ def speed_check(specs: list[RunSpec], corpus, args: argparse.Namespace, device, 
         bar.update(1)
     bar.close()
     tokens = args.batch_size * args.seq_len * getattr(args, "world_size", 1)
-    return {name: dict(tokens_per_s=len(ts) * tokens / max(sum(ts), 1e-9), steps=len(ts),
+    return {name: dict(tokens_per_s=len(ts) * tokens / sum(ts) if ts else None, steps=len(ts),
                        recompiled=recompiled[name]) for name, ts in times.items()}
 
 
-def run_all(specs, corpus, eval_set, args, device, out: Path) -> tuple[dict, list[dict]]:
+def run_all(specs, corpus, eval_set, args, device, out: Path) -> tuple[dict, list[dict], str]:
     """Train every run in turn, streaming metrics.jsonl and rewriting summary.json after each;
-    then, with two or more runs, the side-by-side speed check (:func:`speed_check`), whose
-    tokens/s replace the runs' own (kept as ``train_tokens_per_s``)."""
+    then the side-by-side speed check (:func:`speed_check`, :func:`speed_steps`), whose
+    tokens/s replace the runs' own (kept as ``train_tokens_per_s``). Returns the summary,
+    the step records and the line that says where the table's tokens/s come from."""
     warm_up(corpus, args, device)
     records: list[dict] = []
     summary: dict = {}
@@ -423,18 +439,45 @@ def run_all(specs, corpus, eval_set, args, device, out: Path) -> tuple[dict, lis
             summary[spec.name] = train_run(spec, corpus, eval_set, args, device, log)
             metrics.flush()
             (out / "summary.json").write_text(json.dumps(summary, indent=2, default=json_default) + "\n")
-    steps = speed_steps(specs, args)
-    if steps:
-        gc.collect()
-        for name, row in speed_check(specs, corpus, args, device, steps).items():
-            if not row["steps"]:  # every timed step compiled: nothing steady to report
-                summary[name]["speed_check"] = dict(row, warmup=SPEED_WARMUP)
-                continue
+    steps, why = speed_steps(specs, args)
+    if not steps:
+        note = "" if len(specs) < 2 or why == "--speed-steps 0" else \
+            f"tokens/s: each run's own training (no side-by-side speed check: {why})"
+        return summary, records, note
+    gc.collect()
+    t0 = time.perf_counter()
+    try:
+        checked = speed_check(specs, corpus, args, device, steps)
+    except RuntimeError as exc:  # e.g. out of memory with every copy alive: the training results stand
+        return summary, records, f"tokens/s: each run's own training (the side-by-side speed check failed: " \
+                                 f"{type(exc).__name__}: {exc})"
+    wall = time.perf_counter() - t0
+    for name, row in checked.items():
+        summary[name]["speed_check"] = dict(row, warmup=SPEED_WARMUP, wall_s=wall)
+        if row["tokens_per_s"] is not None:
             summary[name]["train_tokens_per_s"] = summary[name]["tokens_per_s"]
             summary[name]["tokens_per_s"] = row["tokens_per_s"]
-            summary[name]["speed_check"] = dict(row, warmup=SPEED_WARMUP, order="side by side, one step each in turn")
-        (out / "summary.json").write_text(json.dumps(summary, indent=2, default=json_default) + "\n")
-    return summary, records
+    (out / "summary.json").write_text(json.dumps(summary, indent=2, default=json_default) + "\n")
+    return summary, records, speed_note(summary)
+
+
+def speed_note(summary: dict) -> str:
+    """The line printed under the results table: where its tokens/s come from (the speed check's rows)."""
+    rows = {name: row["speed_check"] for name, row in summary.items() if "speed_check" in row}
+    if not rows:
+        return ""
+    steps = {row["steps"] for row in rows.values()}
+    if len(steps) == 1 and not any(row["recompiled"] for row in rows.values()):
+        how = f"{steps.pop()} steps each"
+    else:
+        how = ", ".join(f"{name} {row['steps']} steps" + (f" ({row['recompiled']} left out: a graph compiled)"
+                                                        if row["recompiled"] else "") for name, row in rows.items())
+    own = ", ".join(f"{name} {row['train_tokens_per_s']:,.0f}" for name, row in summary.items()
+                    if "train_tokens_per_s" in row)
+    kept = [name for name, row in rows.items() if row["tokens_per_s"] is None]
+    return (f"tokens/s: every run's training step side by side after training, {how}, one step of each in turn "
+            f"(each run's own training: {own})" + (f"; {', '.join(kept)}: its own training (every timed step "
+                                                    "compiled)" if kept else ""))
 
 
 def launch(argv: list[str], nproc: int) -> int:
@@ -507,18 +550,14 @@ def run(argv: list[str] | None = None) -> dict:
         f"{args.batch_size} x {args.seq_len} tokens x {args.world_size} process(es); device {device}, "
         f"{torch.get_num_threads()} threads{'; freed memory kept' if kept else ''}; out {out}")
     write_config(out, args, specs, corpus, device)
-    summary, records = run_all(specs, corpus, eval_set, args, device, out)
+    summary, records, note = run_all(specs, corpus, eval_set, args, device, out)
     source = Path(corpus.source).name if args.data else "Shakespeare"
     plotted = lead and plot_losses(records, out / "loss.png",
                                    f"{preset.name} {arch_name} ({summary[specs[0].name]['params'] / 1e6:.1f}M params) on {source}")
     say()
     say(results_table(summary))
-    checked = [row["speed_check"]["steps"] for row in summary.values() if "speed_check" in row]
-    if checked:
-        say(f"tokens/s: every run's training step side by side after training, {checked[0]} steps each, one "
-            "step of each in turn (each run's own training: " + ", ".join(
-                f"{name} {row['train_tokens_per_s']:,.0f}" for name, row in summary.items()
-                if "train_tokens_per_s" in row) + ")")
+    if note:
+        say(note)
     if lead and not plotted:
         say("note: no loss.png (matplotlib is not installed; pip install matplotlib to plot)")
     written = "metrics.jsonl, summary.json" + (", loss.png" if plotted else "")

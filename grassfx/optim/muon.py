@@ -65,10 +65,9 @@ def orthogonalize(x: torch.Tensor, steps: int = 5, eps: float = 1e-7, scale=None
     (a tall matrix is transposed, iterated, transposed back). A leading batch dim is one
     matrix per entry (an expert stack). A matrix at least twice as wide as tall is iterated
     in its Gram space (:func:`_newton_schulz_gram`: the same iterates in exact arithmetic,
-    fewer FLOPs; ``1 / ‖x‖_F`` is applied to the Gram matrix and the final left factor,
-    not to ``x``). ``scale``: a factor per matrix (a float32 tensor with one entry per
-    matrix of the flattened batch) that multiplies the result, applied to the small left
-    factor in the Gram space instead of to the result.
+    fewer FLOPs). ``scale``: a number, or a float32 tensor with one factor per matrix of
+    the flattened batch, that multiplies the result; in the Gram space it goes into the
+    small final left factor instead of a pass over the result.
     """
     y = x.float()
     tall = y.shape[-2] > y.shape[-1]
@@ -76,14 +75,19 @@ def orthogonalize(x: torch.Tensor, steps: int = 5, eps: float = 1e-7, scale=None
         y = y.mT
     shape = y.shape
     y = y.reshape(-1, *shape[-2:])  # (batch, small, large)
-    inv = 1.0 / (torch.linalg.matrix_norm(y, keepdim=True) + eps)  # (batch, 1, 1)
-    factor = inv if scale is None else inv * scale.reshape(-1, 1, 1)
+    # normalized before the Gram product: a norm past float32's range gives 0, not inf * 0
+    y = y / (torch.linalg.matrix_norm(y, keepdim=True) + eps)
+    if isinstance(scale, torch.Tensor):
+        if scale.device != y.device:  # factors made on the CPU: pinned, the copy does not wait for the stream
+            scale = scale.pin_memory() if y.device.type == "cuda" else scale
+            scale = scale.to(y.device, non_blocking=True)
+        scale = scale.reshape(-1, 1, 1)
     if shape[-1] >= 2 * shape[-2]:
-        y = _newton_schulz_gram(y, steps, inv, factor)
+        y = _newton_schulz_gram(y, steps, scale)
     else:
-        y = _newton_schulz(y * inv, steps)
+        y = _newton_schulz(y, steps)
         if scale is not None:
-            y = y * scale.reshape(-1, 1, 1)
+            y = y * scale
     y = y.reshape(shape)
     return y.mT if tall else y
 
@@ -99,14 +103,13 @@ def _newton_schulz(y: torch.Tensor, steps: int) -> torch.Tensor:
     return y
 
 
-def _newton_schulz_gram(x: torch.Tensor, steps: int, inv: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
-    """The iterates of :func:`_newton_schulz` started from ``y = inv * x`` (in exact
-    arithmetic), computed in the (s x s) Gram space and multiplied by ``factor / inv``:
-    ``inv`` and ``factor`` are (batch, 1, 1), so ``x`` itself is never rescaled (the
-    normalization goes into ``A_0`` and ``factor`` into the final left factor). In float32
-    they lose more to rounding along the near-null directions of a nearly rank-deficient
-    input (5-9x the direct iteration's error, up to ~1e-3 of the largest entry at 1024 x
-    4096 with rank 1-4 inputs): harmless for an optimizer step.
+def _newton_schulz_gram(y: torch.Tensor, steps: int, scale=None) -> torch.Tensor:
+    """The iterates of :func:`_newton_schulz` (in exact arithmetic), computed in the (s x s)
+    Gram space, times ``scale`` (None, a number or a (batch, 1, 1) tensor, applied to the
+    final left factor). In float32 they lose more to rounding along the near-null
+    directions of a nearly rank-deficient input (5-9x the direct iteration's error, up to
+    ~1e-3 of the largest entry at 1024 x 4096 with rank 1-4 inputs): harmless for an
+    optimizer step.
 
     Each step multiplies ``X`` on the left by ``M = a I + b A + c A²``, a polynomial in
     ``A = X Xᵀ``, so ``M`` is symmetric and commutes with ``A``. Hence
@@ -116,7 +119,7 @@ def _newton_schulz_gram(x: torch.Tensor, steps: int, inv: torch.Tensor, factor: 
     10 s²l + 5 s³: about half for l = 4s.
     """
     a, b, c = NS_COEFFICIENTS
-    gram = torch.bmm(x, x.mT) * (inv * inv)  # A_0 of y = inv * x
+    gram = torch.bmm(y, y.mT)
     q = None
     for k in range(steps):
         poly = torch.baddbmm(gram, gram, gram, beta=b, alpha=c)  # b A + c A²
@@ -124,7 +127,7 @@ def _newton_schulz_gram(x: torch.Tensor, steps: int, inv: torch.Tensor, factor: 
         q = poly if q is None else torch.bmm(poly, q)
         if k < steps - 1:
             gram = torch.bmm(torch.bmm(poly, gram), poly)
-    return torch.bmm(q * factor, x)  # Q y * (factor / inv) = (Q * factor) x
+    return torch.bmm(q if scale is None else q * scale, y)
 
 
 # The most float32 elements one batched Newton-Schulz call stacks (4 MiB of input; the
@@ -174,18 +177,25 @@ def orthogonalize_many(xs: list[torch.Tensor], steps: int = 5, eps: float = 1e-7
         # each as (batch, small, large): orthogonalize would orient it alike, one at a time
         wide = [xs[j].float().reshape(-1, *xs[j].shape[-2:]) for j in chunk]
         wide = [w.mT if w.shape[-2] > w.shape[-1] else w for w in wide]
-        factor = None
-        if scales is not None:
-            per = [scales[j] for j in chunk]
-            per = (torch.stack([f.reshape(()) for f in per]).to(wide[0].device, torch.float32)
-                   if isinstance(per[0], torch.Tensor) else torch.tensor(per, dtype=torch.float32, device=wide[0].device))
-            factor = per.repeat_interleave(torch.tensor([w.shape[0] for w in wide], device=per.device)) \
-                if any(w.shape[0] != 1 for w in wide) else per
+        factor = None if scales is None else _chunk_scale([scales[j] for j in chunk], [w.shape[0] for w in wide])
         pieces = orthogonalize(torch.cat(wide), steps, eps, factor).split([w.shape[0] for w in wide])
         for j, piece in zip(chunk, pieces):
             tall = xs[j].shape[-2] > xs[j].shape[-1]
             out[j] = (piece.mT if tall else piece).reshape(xs[j].shape)
     return out
+
+
+def _chunk_scale(per: list, counts: list[int]):
+    """One factor per matrix of a chunk's stacked batch, from one per tensor (``counts[i]``
+    matrices each): a float when they are all one float (the usual case: one learning rate
+    and one shape), else a float32 tensor (floats are made into one on the CPU and moved
+    without waiting where the device allows; 0-d tensors of a compiled step are stacked)."""
+    if not isinstance(per[0], torch.Tensor):
+        if all(f == per[0] for f in per):
+            return float(per[0])
+        flat = torch.tensor([f for f, n in zip(per, counts) for _ in range(n)], dtype=torch.float32)
+        return flat
+    return torch.cat([f.reshape(1).expand(n) for f, n in zip(per, counts)]).float()
 
 
 def _rows_step(bufs, grads, row_steps, weights, idxs, alphas, dims, momentum, nesterov, ns_steps) -> None:

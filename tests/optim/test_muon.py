@@ -117,19 +117,29 @@ def test_orthogonalize_many_equals_one_matrix_at_a_time(max_elements):
     assert orthogonalize_many([]) == []
 
 
-@pytest.mark.parametrize("as_tensors", [False, True])
-def test_orthogonalize_many_scales_each_result(as_tensors):
+@pytest.mark.parametrize("kind", ["floats", "one float", "tensors"])
+def test_orthogonalize_many_scales_each_result(kind):
     """``scales`` (the optimizer's step sizes, folded into Newton-Schulz's last small factor):
     each result is its scale times the unscaled one, on the Gram path (wide, tall, an expert
     stack of three) and the direct one (square)."""
     torch.manual_seed(0)
     xs = [torch.randn(16, 40), torch.randn(40, 16), torch.randn(3, 16, 40), torch.randn(12, 12), torch.randn(12, 12)]
-    scales = [-0.5, 2.0, 3e-3, -7.0, 0.25]
-    given = [torch.tensor(f) for f in scales] if as_tensors else scales
+    scales = [-0.125] * 5 if kind == "one float" else [-0.5, 2.0, 3e-3, -7.0, 0.25]
+    given = [torch.tensor(f) for f in scales] if kind == "tensors" else scales
     got = orthogonalize_many(xs, scales=given)
     for x, f, y in zip(xs, scales, got):
         assert y.shape == x.shape and y.dtype == torch.float32
         torch.testing.assert_close(y, f * orthogonalize(x), rtol=1e-5, atol=1e-5 * abs(f))
+    torch.testing.assert_close(orthogonalize(xs[0], scale=-3.0), -3.0 * orthogonalize(xs[0]))
+
+
+def test_orthogonalize_of_a_norm_past_float32_range_is_finite():
+    """A momentum whose norm overflows float32 gives a zero direction, never NaN (the finite
+    check passed its finite entries, so a NaN here would reach the weights)."""
+    huge = torch.randn(16, 40) * 1e19
+    for got in (orthogonalize(huge), orthogonalize(huge.mT), orthogonalize(torch.randn(12, 12) * 1e19),
+                orthogonalize_many([huge, torch.randn(16, 40)], scales=[0.5, 2.0])[0]):
+        assert torch.isfinite(got).all()
 
 
 def _stack(width=256, layers=12):

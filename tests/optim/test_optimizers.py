@@ -327,7 +327,7 @@ def test_finite_check_finds_one_bad_entry_anywhere(dtype):
 
 
 def test_finite_check_copies_no_gradient():
-    """A bf16 gradient is summed in its own dtype: sum(dtype=float32) would copy it to float32 first."""
+    """A bf16/fp16 gradient is checked in its own dtype (aminmax): sum(dtype=float32) would copy it to float32 first."""
     from grassfx.debug.memory import track_memory
     from grassfx.optim.base import finite_flags
 

@@ -227,52 +227,87 @@ def test_default_backend_is_compiled():
 
 
 def test_speed_steps_cover_whole_refresh_windows():
-    def steps(*argv):
+    def steps(*argv, world=1):
         args = options.parse_args(list(argv))
+        args.world_size = world
         return train.speed_steps(options.run_specs(args), args)
 
-    assert steps("--demo") == 48  # 300 steps: every projection window 12 steps
-    assert steps("--compare", "--steps", "1000") == 80  # windows of 40: 48 rounded up
-    assert steps("--compare", "--update-freq", "grass=10", "--update-freq", "galore=15") == 60  # lcm 30
-    assert steps("--optimizer", "adamw", "--optimizer", "grass", "--update-freq", "7") == 49
-    assert steps("--optimizer", "grass") == 0  # one run: nothing to compare
-    assert steps("--optimizer", "grass", "--selection", "top_r", "--selection", "uniform") == 80
-    assert steps("--demo", "--speed-steps", "0") == 0 and steps("--demo", "--speed-steps", "5") == 5
-    args = options.parse_args(["--demo"])
-    args.world_size = 2
-    assert train.speed_steps(options.run_specs(args), args) == 0
+    assert steps("--demo") == (48, "")  # 300 steps: every projection window 12 steps
+    assert steps("--compare", "--steps", "1000") == (80, "")  # windows of 40: 48 rounded up
+    assert steps("--compare", "--update-freq", "grass=10", "--update-freq", "galore=15") == (60, "")  # lcm 30
+    assert steps("--optimizer", "adamw", "--optimizer", "grass", "--update-freq", "7") == (49, "")
+    assert steps("--optimizer", "grass", "--selection", "top_r", "--selection", "uniform") == (80, "")
+    assert steps("--optimizer", "grass") == (0, "one run")
+    assert steps("--optimizer", "grass", "--speed-steps", "10") == (10, "--speed-steps 0")  # asked for: runs
+    assert steps("--demo", "--speed-steps", "0")[0] == 0 and steps("--demo", "--speed-steps", "5")[0] == 5
+    assert steps("--demo", world=2) == (0, "several processes")
+    assert steps("--demo", "--speed-steps", "5", world=2) == (0, "several processes")
+    # whole windows of every run would take too long: off by default, with the reason
+    n, why = steps("--compare", "--update-freq", "grass=199", "--update-freq", "galore=200")
+    assert n == 0 and "39800 steps, more than 192" in why
+    assert steps("--compare", "--steps", "100", "--update-freq", "500")[0] == 0
+    assert steps("--compare", "--steps", "10000")[0] == 400  # windows of 400: within a tenth of the run
     with pytest.raises(SystemExit):
         options.parse_args(["--speed-steps", "-1"])
 
 
 def test_speed_check_runs_every_run_side_by_side(monkeypatch):
-    """One step of each run in turn on the same batch, the order reversed every step; the
+    """One step of each run in turn on the same batch, the order rotated every step; the
     warm-up steps untimed; the table's tokens/s from the timed steps."""
     calls = []
     real = train.train_step
 
     def recording(model, opt, sched, x):
-        calls.append((type(opt).__name__, x.clone()))
+        calls.append((id(opt), x.clone()))
         return real(model, opt, sched, x)
 
     args = options.parse_args(["--preset", "test", "--steps", "4", "--batch-size", "2", "--seq-len", "32",
                                "--backend", "eager", "--optimizer", "adamw", "--optimizer", "grass",
-                               "--no-progress", "--threads", "2"])
+                               "--selection", "top_r", "--selection", "uniform", "--no-progress", "--threads", "2"])
     preset = presets.get_preset(args.preset)
     args.rank = preset.rank
     corpus, _ = train.prepare_data(args, preset)
     monkeypatch.setattr(train, "train_step", recording)
     result = train.speed_check(options.run_specs(args), corpus, args, torch.device("cpu"), steps=3)
-    total = train.SPEED_WARMUP + 3
-    assert len(calls) == 2 * total
+    total, runs = train.SPEED_WARMUP + 3, 3
+    assert len(calls) == runs * total
+    first = [opt for opt, _ in calls[:runs]]  # the runs' order at step 0
+    assert len(set(first)) == runs
     for i in range(total):
-        pair = [name for name, _ in calls[2 * i:2 * i + 2]]
-        assert pair == (["AdamW", "Muon"] if i % 2 == 0 else ["Muon", "AdamW"]), (i, pair)
-        assert torch.equal(calls[2 * i][1], calls[2 * i + 1][1])  # the same batch
-    assert not torch.equal(calls[0][1], calls[2][1])  # and a new one every step
-    assert set(result) == {"adamw", "grass"}
+        step = calls[runs * i:runs * (i + 1)]
+        assert [opt for opt, _ in step] == first[i % runs:] + first[:i % runs], i  # rotated
+        assert all(torch.equal(step[0][1], x) for _, x in step)  # the same batch
+    assert not torch.equal(calls[0][1], calls[runs][1])  # and a new one every step
+    assert set(result) == {"adamw", "grass-top_r", "grass-uniform"}
     for row in result.values():
         assert row["steps"] == 3 and row["recompiled"] == 0 and row["tokens_per_s"] > 0
+
+
+def test_speed_note_says_where_tokens_per_s_come_from():
+    def row(steps, recompiled, tps):
+        out = {"tokens_per_s": tps or 7.0, "speed_check": dict(steps=steps, recompiled=recompiled, tokens_per_s=tps)}
+        if tps:
+            out["train_tokens_per_s"] = 1000.0
+        return out
+
+    note = train.speed_note({"adamw": row(48, 0, 5.0), "grass": row(48, 0, 6.0)})
+    assert "side by side after training, 48 steps each" in note and "adamw 1,000, grass 1,000" in note
+    note = train.speed_note({"adamw": row(48, 0, 5.0), "grass": row(46, 2, 6.0), "galore": row(0, 48, None)})
+    assert "grass 46 steps (2 left out: a graph compiled)" in note
+    assert "galore: its own training (every timed step compiled)" in note
+    assert train.speed_note({"adamw": {"tokens_per_s": 1.0}}) == ""
+
+
+def test_a_failed_speed_check_keeps_the_training_results(tmp_path, monkeypatch, capsys):
+    def failing(*a, **k):
+        raise RuntimeError("out of memory (pretend)")
+
+    monkeypatch.setattr(train, "speed_check", failing)
+    summary = train.run(smoke_args(tmp_path))
+    assert "the side-by-side speed check failed: RuntimeError: out of memory (pretend)" in capsys.readouterr().out
+    for row in summary.values():
+        assert "speed_check" not in row and "train_tokens_per_s" not in row and row["tokens_per_s"] > 0
+    assert (tmp_path / "loss.png").exists()
 
 
 def test_throughput_leaves_compiling_steps_out():
