@@ -218,17 +218,31 @@ def train_step(model, opt, sched, x: torch.Tensor) -> float:
     return loss.detach().item()
 
 
+def build_run(spec: RunSpec, corpus, args, device):
+    """``(model, optimizer, lr scheduler, parameter count)`` of one run, from the shared init."""
+    model = presets_mod.build_model(presets_mod.get_preset(args.preset), args.seed, vocab_size=corpus.vocab_size,
+                                    arch=args.arch).to(device)
+    params = presets_mod.count_params(model)
+    model, opt = make_optimizer(model, spec, args)
+    return model, opt, torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(args.steps)), params
+
+
+def timed_step(model, opt, sched, x: torch.Tensor, device) -> tuple[float, float, bool]:
+    """:func:`train_step`, timed: ``(loss, seconds, whether a graph was compiled in it)``."""
+    sync(device)
+    graphs, t0 = compiled_graphs(), time.perf_counter()
+    loss = train_step(model, opt, sched, x)
+    sync(device)
+    return loss, time.perf_counter() - t0, compiled_graphs() != graphs
+
+
 def train_run(spec: RunSpec, corpus, eval_set, args, device, log) -> dict:
     """Train one run from the shared init and batches; ``log`` gets each step's record."""
     from tqdm.auto import tqdm
 
     gc.collect()
     mem = PeakMemory(device)
-    preset = presets_mod.get_preset(args.preset)
-    model = presets_mod.build_model(preset, args.seed, vocab_size=corpus.vocab_size, arch=args.arch).to(device)
-    params = presets_mod.count_params(model)
-    model, opt = make_optimizer(model, spec, args)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(args.steps))
+    model, opt, sched, params = build_run(spec, corpus, args, device)
     world, proc = getattr(args, "world_size", 1), getattr(args, "proc_rank", 0)
     sampler = data_mod.BatchSampler(corpus.train, args.batch_size, args.seq_len, seed=args.seed + 7919 * proc)
     speed = Throughput(args.batch_size * args.seq_len * world)  # tokens of all processes
@@ -238,12 +252,8 @@ def train_run(spec: RunSpec, corpus, eval_set, args, device, log) -> dict:
     for step in range(1, args.steps + 1):
         x = next(sampler).to(device)
         lr = opt.param_groups[0]["lr"]
-        sync(device)
-        graphs, t0 = compiled_graphs(), time.perf_counter()
-        loss = train_step(model, opt, sched, x)
-        sync(device)
-        dt = time.perf_counter() - t0
-        speed.add(dt, compiled=compiled_graphs() != graphs)
+        loss, dt, compiled = timed_step(model, opt, sched, x, device)
+        speed.add(dt, compiled=compiled)
         if not math.isfinite(loss):
             raise FloatingPointError(f"{spec.name}: the training loss became {loss} at step {step}")
         smooth = loss if smooth is None else 0.95 * smooth + 0.05 * loss
@@ -361,7 +371,7 @@ def speed_steps(specs: list[RunSpec], args: argparse.Namespace) -> tuple[int, st
     if getattr(args, "world_size", 1) > 1:
         return 0, "several processes"
     if args.speed_steps is not None:
-        return args.speed_steps, "--speed-steps 0"
+        return args.speed_steps, "" if args.speed_steps else "--speed-steps 0"
     if len(specs) < 2:
         return 0, "one run"
     intervals = sorted({refresh_interval(s, args) or 1 for s in specs})
@@ -389,12 +399,7 @@ def speed_check(specs: list[RunSpec], corpus, args: argparse.Namespace, device, 
     """
     from tqdm.auto import tqdm
 
-    live = []
-    for spec in specs:
-        model = presets_mod.build_model(presets_mod.get_preset(args.preset), args.seed,
-                                        vocab_size=corpus.vocab_size, arch=args.arch).to(device)
-        model, opt = make_optimizer(model, spec, args)
-        live.append((spec.name, model, opt, torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(args.steps))))
+    live = [(spec.name, *build_run(spec, corpus, args, device)[:3]) for spec in specs]
     sampler = data_mod.BatchSampler(corpus.train, args.batch_size, args.seq_len, seed=args.seed + 1)
     times = {name: [] for name, *_ in live}
     recompiled = dict.fromkeys(times, 0)
@@ -405,13 +410,9 @@ def speed_check(specs: list[RunSpec], corpus, args: argparse.Namespace, device, 
         x = next(sampler).to(device)
         turn = i % len(live)
         for name, model, opt, sched in live[turn:] + live[:turn]:
-            sync(device)
-            graphs, t0 = compiled_graphs(), time.perf_counter()
-            train_step(model, opt, sched, x)
-            sync(device)
-            dt = time.perf_counter() - t0
+            _, dt, compiled = timed_step(model, opt, sched, x, device)
             if i >= SPEED_WARMUP:
-                if compiled_graphs() != graphs:
+                if compiled:
                     recompiled[name] += 1
                 else:
                     times[name].append(dt)

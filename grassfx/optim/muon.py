@@ -193,8 +193,7 @@ def _chunk_scale(per: list, counts: list[int]):
     if not isinstance(per[0], torch.Tensor):
         if all(f == per[0] for f in per):
             return float(per[0])
-        flat = torch.tensor([f for f, n in zip(per, counts) for _ in range(n)], dtype=torch.float32)
-        return flat
+        return torch.tensor([f for f, n in zip(per, counts) for _ in range(n)], dtype=torch.float32)
     return torch.cat([f.reshape(1).expand(n) for f, n in zip(per, counts)]).float()
 
 
