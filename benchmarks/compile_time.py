@@ -11,7 +11,10 @@ Compile time of a run = the time of the steps during which a graph was compiled,
 as many steady steps (the median of the steps after them). Dense = ``torch.compile(model)``
 + ``torch.optim.AdamW(fused=True)``; grassfx = ``grassfx.compile(model, rank=...)`` +
 ``grassfx.optim.AdamW``, in the configurations given by ``--variants``: refresh steps
-eager (the default) or compiled, optimizer step eager (the default) or compiled.
+eager (the default) or compiled, optimizer step eager (the default) or compiled, the
+selected GEMMs' row gathers as ATen calls (the default on CPU) or fused by Inductor
+(``GRASSFX_CPU_GATHER=inductor``). Each cold run also records how many C++ files Inductor
+generated (and compiled) into its cache directory, and their lines.
 
 Example:
     python benchmarks/compile_time.py --repeats 3 --out benchmarks/results/compile_time.json
@@ -34,6 +37,8 @@ VARIANTS = {
     "grassfx_refresh_compiled": dict(refresh="compiled", opt_compiled=False),
     "grassfx_opt_compiled": dict(refresh="eager", opt_compiled=True),
     "grassfx_both_compiled": dict(refresh="compiled", opt_compiled=True),
+    # the selected GEMMs' gathers fused by Inductor into the producers' C++ (before 2026-12-02b)
+    "grassfx_cpu_gather_inductor": dict(refresh="eager", opt_compiled=False, env={"GRASSFX_CPU_GATHER": "inductor"}),
 }
 
 
@@ -93,8 +98,20 @@ def _phases() -> dict:
     return {name: float(value) for name, value in zip(headers, values) if name in PHASES}
 
 
+def _generated_cpp(cache_dir: str) -> dict:
+    """The C++ sources Inductor generated and compiled into an (empty before) cache directory."""
+    files = [os.path.join(d, f) for d, _, names in os.walk(cache_dir) for f in names if f.endswith(".cpp")]
+    lines = 0
+    for path in files:
+        with open(path, errors="replace") as f:
+            lines += sum(1 for _ in f)
+    return {"files": len(files), "lines": lines}
+
+
 def _child(variant, cache_dir, args) -> dict:
     env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=cache_dir)
+    env.pop("GRASSFX_CPU_GATHER", None)
+    env.update(VARIANTS[variant].get("env", {}))
     cmd = [sys.executable, __file__, "--child", variant, "--layers", str(args.layers), "--hidden", str(args.hidden),
            "--steps", str(args.steps), "--rank", str(args.rank)]
     out = subprocess.run(cmd, env=env, check=True, capture_output=True, text=True).stdout
@@ -120,10 +137,12 @@ def main(argv=None):
         for variant in args.variants:
             with tempfile.TemporaryDirectory(prefix="grassfx-cc-") as cache:
                 cold = _child(variant, cache, args)
+                cold["generated_cpp"] = _generated_cpp(cache)
                 warm = _child(variant, cache, args)
             runs.append(dict(variant=variant, repeat=repeat, cold=cold, warm=warm))
+            cpp = cold["generated_cpp"]
             print(f"{variant:>26} repeat {repeat}: cold {cold['compile_s']:.1f} s, warm {warm['compile_s']:.1f} s, "
-                  f"steady {cold['steady_s']:.3f} s/step; cold phases "
+                  f"steady {cold['steady_s']:.3f} s/step; {cpp['files']} C++ files, {cpp['lines']} lines; cold phases "
                   + ", ".join(f"{k} {v:.1f} s" for k, v in cold["phases_s"].items()), flush=True)
     table = {}
     for variant in args.variants:

@@ -6,7 +6,13 @@ the GEMM that produced ``grad``, then removes the dense GEMM::
 
     before:  g = mm(dYᵀ, X)            # (m, n) = (m, b) @ (b, n)
              c = rowsel(g, idx, rho, 0)
-    after:   c = mm(dYᵀ[idx], X) * rho[:, None]   # (r, n) = (r, b) @ (b, n)
+    after:   c = mm(rho[:, None] * dYᵀ[idx], X)   # (r, n) = (r, b) @ (b, n)
+
+rho scales the gathered operand rows (each rule between the GEMM and the marker is linear
+in them), so no pass over the result is added. On CPU the scaled gather is one
+``grassfx::take_rows`` node, which Inductor runs as an ATen call next to the ATen GEMM
+(see :func:`gather_in_aten`, ``GRASSFX_CPU_GATHER``); elsewhere it is ``index`` and
+``mul``, fused by Inductor.
 
 Rows of a GEMM output come from the left operand's rows; columns from the right
 operand's columns (HF ``Conv1D``, ``proj_dim="cols"``); a bmm's batch dim from both.
@@ -23,8 +29,9 @@ MoE expert stacks (``grassfx::expertsel``, rows of each expert of an (E, m, n) w
 have their own rules, ``EXPERT_RULES`` of :mod:`.sparsify_experts`: a scatter of per-pair
 ``bmm`` gradients (``W[ids]``) and a ``select_backward`` (``W[e]``) above the 2-D rules.
 
-Guarantees: the graph computes exactly ``rho * grad.index_select(dim, idx)``. A site it
-cannot push becomes an explicit gather + scale on the dense gradient (dense fallback)
+Guarantees: the graph computes ``rho * grad.index_select(dim, idx)`` (up to the order of
+rounding: rho multiplies before the GEMM). A site it cannot push becomes an explicit
+gather + scale on the dense gradient (dense fallback)
 and is reported as skipped with its reason. Every created node has ``meta["val"]`` and
 ``meta["grassfx"] = {"pass": "sparsify_wgrad", "weight": name}``; view shapes reuse the
 original (possibly symbolic) size arguments.
@@ -41,12 +48,12 @@ import torch.fx as fx
 from grassfx import _compat
 from grassfx.errors import PassError
 
-from .infra import PassContext, PassResult, Change, Skip, graph_fake_mode, make_node, meta_val, norm_args, prod, same_size
+from .infra import PassContext, PassResult, Change, Settings, Skip, graph_fake_mode, make_node, meta_val, norm_args, prod, same_size
 
 aten = torch.ops.aten
 prims = torch.ops.prims
 
-__all__ = ["sparsify_wgrad", "find_weight_grad_sites", "WgradSite", "Push", "Rule", "RULES", "ROWSEL"]
+__all__ = ["sparsify_wgrad", "find_weight_grad_sites", "gather_in_aten", "WgradSite", "Push", "Rule", "RULES", "ROWSEL"]
 
 PASS = "sparsify_wgrad"
 
@@ -58,6 +65,23 @@ def _rowsel_op():
 
 
 ROWSEL = None  # resolved lazily: no import-time work
+
+
+def gather_in_aten(device: torch.device, settings: Settings) -> bool:
+    """Whether a selected GEMM's rows are taken by one ATen call (``grassfx::take_rows``).
+
+    On CPU (unless ``GRASSFX_CPU_GATHER=inductor``), Inductor runs GEMMs as ATen calls and
+    would fuse the gather as a second loop into the C++ kernel that produced its input:
+    more code to compile for no saved traffic (that kernel writes the whole input anyway).
+    On GPUs the gather and the rho scaling stay Inductor ops (one fused Triton kernel).
+    """
+    return device.type == "cpu" and settings.cpu_gather == "aten"
+
+
+def _take_rows_op():
+    import grassfx.instrument.anchors  # noqa: F401  (registers grassfx::take_rows)
+
+    return torch.ops.grassfx.take_rows.default
 
 @dataclass(frozen=True)
 class Rule:
@@ -179,12 +203,13 @@ def _plan_gemm(node, group, args, shape, pk) -> Union[Push, str]:
 def _emit_gemm(em, plan, args, inner) -> fx.Node:
     node = plan.node
     if node.target.overloadpacket is aten.bmm and plan.group == (0, 2):  # batch-1 bmm: an mm on rows
-        left = em.gather(em.node(aten.squeeze.dim, (args["self"], 0)), 0)
+        left = em.gather(em.node(aten.squeeze.dim, (args["self"], 0)), 0, scaled=True)
         right = em.node(aten.squeeze.dim, (args["mat2"], 0))
         return em.node(aten.mm.default, (left, right))  # (r, n) = (r, k) @ (k, n)
     new = {"self": args["self"], "mat2": args["mat2"]}
-    for operand, _, (start, _end) in plan.children:
-        new[operand] = em.gather(args[operand], start)
+    for i, (operand, _, (start, _end)) in enumerate(plan.children):
+        # rho scales the selected rows once: a batch-dim selection gathers both operands
+        new[operand] = em.gather(args[operand], start, scaled=i == 0)
     return em.node(node.target, (new["self"], new["mat2"]))  # (r, n) = (r, k) @ (k, n)
 
 
@@ -380,34 +405,44 @@ def find_weight_grad_sites(graph: fx.Graph) -> list:
 class _Emitter:
     """Builds the selected computation for one site, just before its rowsel node."""
 
-    def __init__(self, graph, site: WgradSite, fake_mode):
+    def __init__(self, graph, site: WgradSite, fake_mode, settings: Optional[Settings] = None, fold_rho: bool = False):
         self.graph, self.site, self.fake_mode = graph, site, fake_mode
+        self.settings = settings or Settings()
         self.prov = {"pass": PASS, "weight": site.weight}
         self.created = []
         self.r = _shape(site.idx)[0]
+        # fold_rho: rho scales the rows gathered for each selected GEMM (once per path to
+        # the output: every rule between is linear in them); else the caller scales
+        self.fold_rho = fold_rho
 
     def node(self, target, args, kwargs=None):
         n = make_node(self.graph, target, args, kwargs, provenance=self.prov, fake_mode=self.fake_mode)
         self.created.append(n.name)
         return n
 
-    def gather(self, x: fx.Node, dim: int) -> fx.Node:
-        return self.node(aten.index.Tensor, (x, [None] * dim + [self.site.idx]))
+    def gather(self, x: fx.Node, dim: int, scaled: bool = False) -> fx.Node:
+        """Rows ``idx`` of ``x`` along ``dim``, times rho when ``scaled`` and folding rho
+        (one ``take_rows`` node where :func:`gather_in_aten`, else ``index`` and ``mul``)."""
+        idx = self.site.idx
+        if not (scaled and self.fold_rho):
+            return self.node(aten.index.Tensor, (x, [None] * dim + [idx]))
+        if gather_in_aten(meta_val(x).device, self.settings):
+            return self.node(_take_rows_op(), (x, idx, self.site.rho, dim))
+        return self._times_rho(self.node(aten.index.Tensor, (x, [None] * dim + [idx])), dim)
 
     def emit(self, plan: Push) -> fx.Node:
         """The selected value of ``plan.node``: operands first, then the node's own rule."""
         inner = {name: self.emit(child) for name, child, _ in plan.children if child is not None}
         return plan.rule.emit(self, plan, norm_args(plan.node), inner)
 
-    def scale(self, x: fx.Node) -> fx.Node:
-        site = self.site
-        rho = site.rho
+    def _times_rho(self, x: fx.Node, dim: int) -> fx.Node:
+        """``x * rho`` with rho broadcast along ``dim`` of ``x``."""
+        rho = self.site.rho
         dtype = meta_val(x).dtype
         if meta_val(rho).dtype != dtype:
             rho = self.node(prims.convert_element_type.default, (rho, dtype))
-        ndim = meta_val(x).dim()
-        for d in range(ndim):
-            if d != site.dim:
+        for d in range(meta_val(x).dim()):
+            if d != dim:
                 rho = self.node(aten.unsqueeze.default, (rho, d))
         return self.node(aten.mul.Tensor, (x, rho))
 
@@ -435,27 +470,26 @@ def sparsify_wgrad(graph: fx.Graph, ctx: PassContext) -> PassResult:
     fake_mode = graph_fake_mode(graph)
     for site in sites:
         try:
-            result.changes.append(_rewrite(graph, site, fake_mode, result))
+            result.changes.append(_rewrite(graph, site, fake_mode, result, ctx.settings))
         except Exception as exc:
             raise PassError(PASS, site.rowsel.name, f"{type(exc).__name__}: {exc}", graph=ctx.graph_id) from exc
         result.modified = True
     return result
 
 
-def _rewrite(graph: fx.Graph, site: WgradSite, fake_mode, result: PassResult) -> Change:
+def _rewrite(graph: fx.Graph, site: WgradSite, fake_mode, result: PassResult, settings: Settings) -> Change:
     """Replace one rowsel node by its selected computation (or the dense fallback)."""
     if site.experts:
         return _experts.rewrite_expert_site(graph, site, fake_mode, result)
-    emitter = _Emitter(graph, site, fake_mode)
+    emitter = _Emitter(graph, site, fake_mode, settings, fold_rho=True)
     with graph.inserting_before(site.rowsel):
         if site.plan is not None:
-            picked = emitter.emit(site.plan)
+            out = emitter.emit(site.plan)
             action, detail = "rewrote", f"{site.gemms} dense GEMM(s) -> {site.gemms} selected GEMM(s)"
         else:
-            picked = emitter.gather(site.grad, site.dim)
+            out = emitter.gather(site.grad, site.dim, scaled=True)
             action, detail = "fallback", site.reason
             result.skipped.append(Skip(site.weight, site.rowsel.name, site.reason))
-        out = emitter.scale(picked)
     out.meta["grassfx"]["role"] = "compressed_grad"  # compress_allreduce looks for this
     site.rowsel.replace_all_uses_with(out)
     erased = _erase_dead(graph, site.rowsel)

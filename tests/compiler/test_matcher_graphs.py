@@ -93,3 +93,55 @@ def test_every_reason_is_short_and_fixed():
     for fn in fns:
         reason = _sites(fn, G, X).reason
         assert reason and len(reason) < 60 and "\n" not in reason
+
+
+# -- the rewrite: rho applied once per selected GEMM, in both gather forms --------------------
+RHO2 = torch.tensor([0.5, -3.0])
+A3, B3 = torch.randn(5, 4, 2), torch.randn(5, 2, 3)  # a bmm's batch dim selected: both operands gathered
+
+
+def _sel(grad, idx, rho, dim=0):
+    return torch.ops.grassfx.rowsel(grad, idx, rho, dim, "w")
+
+
+@pytest.mark.parametrize("fn, args, gemms, gathers", [
+    (lambda g, x, i, r: _sel(g.t() @ x, i, r), (G, X), 1, 1),
+    (lambda g, x, i, r: _sel(g.t() @ x, i, r, 1), (G, X), 1, 1),
+    (lambda g, x, i, r: _sel((x.t() @ g).t(), i, r), (G, X), 1, 1),
+    (lambda g, x, i, r: _sel(g.t() @ x + g.t() @ (2 * x), i, r), (G, X), 2, 2),
+    (lambda a, b, i, r: _sel(torch.bmm(a, b), i, r), (A3, B3), 1, 2),
+], ids=["rows", "cols", "transposed", "two-gemms", "bmm-batch"])
+@pytest.mark.parametrize("aten_gather", [True, False], ids=["take_rows", "index-mul"])
+def test_rewrite_applies_rho_once_per_selected_gemm(fn, args, gemms, gathers, aten_gather):
+    from grassfx.passes import PassContext, Settings, sparsify_wgrad
+
+    args = args + (IDX, RHO2)
+    gm = make_fx(fn, tracing_mode="fake")(*args)
+    muls_before = sum(n.target is torch.ops.aten.mul.Tensor for n in gm.graph.nodes)
+    knobs = Settings(cpu_gather="aten" if aten_gather else "inductor")  # GRASSFX_CPU_GATHER
+    result = sparsify_wgrad(gm.graph, PassContext("g0.backward0", "backward", knobs))
+    gm.recompile()
+    assert [c.action for c in result.changes] == ["rewrote"]
+    torch.testing.assert_close(gm(*args), fn(*args))  # the marker's meaning: rho * grad.index_select(dim, idx)
+    targets = [n.target for n in gm.graph.nodes if n.op == "call_function"]
+    count = {name: sum(t is op for t in targets) for name, op in (
+        ("take", torch.ops.grassfx.take_rows.default), ("index", torch.ops.aten.index.Tensor),
+        ("mul", torch.ops.aten.mul.Tensor))}
+    if aten_gather:  # the other operand of a batch-dim gather is not scaled
+        assert count == {"take": gemms, "index": gathers - gemms, "mul": muls_before}
+    else:
+        assert count == {"take": 0, "index": gathers, "mul": muls_before + gemms}
+    assert torch.ops.grassfx.rowsel.default not in targets
+
+
+@pytest.mark.parametrize("dim", [0, 1])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_take_rows_matches_select_scaled_and_its_fake(dim, dtype):
+    from grassfx.instrument.anchors import select_scaled
+
+    base = torch.randn(7, 6, dtype=dtype)
+    idx, rho = torch.tensor([5, 0, 3]), torch.tensor([2.0, 0.25, -1.0])
+    for x in (base, base.t()):  # contiguous and a transposed view, as GEMM operands arrive
+        out = torch.ops.grassfx.take_rows(x, idx, rho, dim)
+        assert torch.equal(out, select_scaled(x, idx, rho, dim))
+        torch.library.opcheck(torch.ops.grassfx.take_rows.default, (x, idx, rho, dim))
