@@ -11,10 +11,9 @@ Compile time of a run = the time of the steps during which a graph was compiled,
 as many steady steps (the median of the steps after them). Dense = ``torch.compile(model)``
 + ``torch.optim.AdamW(fused=True)``; grassfx = ``grassfx.compile(model, rank=...)`` +
 ``grassfx.optim.AdamW``, in the configurations given by ``--variants``: refresh steps
-eager (the default) or compiled, optimizer step eager (the default) or compiled, the
-selected GEMMs' row gathers as ATen calls (the default on CPU) or fused by Inductor
-(``GRASSFX_CPU_GATHER=inductor``). Each cold run also records how many C++ files Inductor
-generated (and compiled) into its cache directory, and their lines.
+eager (the default) or compiled, optimizer step eager (the default) or compiled. Each
+cold run also records how many C++ files Inductor generated (and compiled) into its
+cache directory, and their lines.
 
 Example:
     python benchmarks/compile_time.py --repeats 3 --out benchmarks/results/compile_time.json
@@ -37,8 +36,6 @@ VARIANTS = {
     "grassfx_refresh_compiled": dict(refresh="compiled", opt_compiled=False),
     "grassfx_opt_compiled": dict(refresh="eager", opt_compiled=True),
     "grassfx_both_compiled": dict(refresh="compiled", opt_compiled=True),
-    # the selected GEMMs' gathers fused by Inductor into the producers' C++ (before 2026-12-02b)
-    "grassfx_cpu_gather_inductor": dict(refresh="eager", opt_compiled=False, env={"GRASSFX_CPU_GATHER": "inductor"}),
 }
 
 
@@ -110,8 +107,6 @@ def _generated_cpp(cache_dir: str) -> dict:
 
 def _child(variant, cache_dir, args) -> dict:
     env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=cache_dir)
-    env.pop("GRASSFX_CPU_GATHER", None)
-    env.update(VARIANTS[variant].get("env", {}))
     cmd = [sys.executable, __file__, "--child", variant, "--layers", str(args.layers), "--hidden", str(args.hidden),
            "--steps", str(args.steps), "--rank", str(args.rank)]
     out = subprocess.run(cmd, env=env, check=True, capture_output=True, text=True).stdout

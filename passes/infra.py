@@ -79,15 +79,11 @@ class Settings:
     * ``GRASSFX_DEBUG``: 0 (default), 1 (verify each graph after each pass), 2 (also log).
     * ``GRASSFX_DISABLE``: comma-separated pass names to skip, e.g. ``sparsify_wgrad``.
     * ``GRASSFX_DUMP_DIR``: a folder for numbered ``NNN_<pass>.before.py/.after.py/.diff``.
-    * ``GRASSFX_CPU_GATHER``: how a selected GEMM's rows are gathered on CPU: ``aten``
-      (default: one ``grassfx::take_rows`` call) or ``inductor`` (``index`` + ``mul``,
-      fused by Inductor into the producer's kernel; what GPUs always get).
     """
 
     debug: int = 0
     disabled: frozenset = frozenset()
     dump_dir: Optional[str] = None
-    cpu_gather: str = "aten"
 
     @staticmethod
     def from_env(env=None) -> "Settings":
@@ -100,13 +96,7 @@ class Settings:
 
             raise ConfigError(f"GRASSFX_DEBUG={raw!r}: expected 0, 1 or 2") from None
         disabled = frozenset(p.strip() for p in env.get("GRASSFX_DISABLE", "").split(",") if p.strip())
-        gather = env.get("GRASSFX_CPU_GATHER", "aten").strip() or "aten"
-        if gather not in ("aten", "inductor"):
-            from grassfx.errors import ConfigError
-
-            raise ConfigError(f"GRASSFX_CPU_GATHER={gather!r}: expected 'aten' or 'inductor'")
-        return Settings(debug=debug, disabled=disabled, dump_dir=env.get("GRASSFX_DUMP_DIR") or None,
-                        cpu_gather=gather)
+        return Settings(debug=debug, disabled=disabled, dump_dir=env.get("GRASSFX_DUMP_DIR") or None)
 
 
 @functools.lru_cache(maxsize=1)

@@ -9,10 +9,8 @@ the GEMM that produced ``grad``, then removes the dense GEMM::
     after:   c = mm(rho[:, None] * dYᵀ[idx], X)   # (r, n) = (r, b) @ (b, n)
 
 rho scales the gathered operand rows (each rule between the GEMM and the marker is linear
-in them), so no pass over the result is added. On CPU the scaled gather is one
-``grassfx::take_rows`` node, which Inductor runs as an ATen call next to the ATen GEMM
-(see :func:`gather_in_aten`, ``GRASSFX_CPU_GATHER``); elsewhere it is ``index`` and
-``mul``, fused by Inductor.
+in them): Inductor fuses the ``mul`` into the gather's loop, and no pass over the (r x n)
+result is left in the graph.
 
 Rows of a GEMM output come from the left operand's rows; columns from the right
 operand's columns (HF ``Conv1D``, ``proj_dim="cols"``); a bmm's batch dim from both.
@@ -48,12 +46,12 @@ import torch.fx as fx
 from grassfx import _compat
 from grassfx.errors import PassError
 
-from .infra import PassContext, PassResult, Change, Settings, Skip, graph_fake_mode, make_node, meta_val, norm_args, prod, same_size
+from .infra import PassContext, PassResult, Change, Skip, graph_fake_mode, make_node, meta_val, norm_args, prod, same_size
 
 aten = torch.ops.aten
 prims = torch.ops.prims
 
-__all__ = ["sparsify_wgrad", "find_weight_grad_sites", "gather_in_aten", "WgradSite", "Push", "Rule", "RULES", "ROWSEL"]
+__all__ = ["sparsify_wgrad", "find_weight_grad_sites", "WgradSite", "Push", "Rule", "RULES", "ROWSEL"]
 
 PASS = "sparsify_wgrad"
 
@@ -65,23 +63,6 @@ def _rowsel_op():
 
 
 ROWSEL = None  # resolved lazily: no import-time work
-
-
-def gather_in_aten(device: torch.device, settings: Settings) -> bool:
-    """Whether a selected GEMM's rows are taken by one ATen call (``grassfx::take_rows``).
-
-    On CPU (unless ``GRASSFX_CPU_GATHER=inductor``), Inductor runs GEMMs as ATen calls and
-    would fuse the gather as a second loop into the C++ kernel that produced its input:
-    more code to compile for no saved traffic (that kernel writes the whole input anyway).
-    On GPUs the gather and the rho scaling stay Inductor ops (one fused Triton kernel).
-    """
-    return device.type == "cpu" and settings.cpu_gather == "aten"
-
-
-def _take_rows_op():
-    import grassfx.instrument.anchors  # noqa: F401  (registers grassfx::take_rows)
-
-    return torch.ops.grassfx.take_rows.default
 
 @dataclass(frozen=True)
 class Rule:
@@ -405,9 +386,8 @@ def find_weight_grad_sites(graph: fx.Graph) -> list:
 class _Emitter:
     """Builds the selected computation for one site, just before its rowsel node."""
 
-    def __init__(self, graph, site: WgradSite, fake_mode, settings: Optional[Settings] = None, fold_rho: bool = False):
+    def __init__(self, graph, site: WgradSite, fake_mode, fold_rho: bool = False):
         self.graph, self.site, self.fake_mode = graph, site, fake_mode
-        self.settings = settings or Settings()
         self.prov = {"pass": PASS, "weight": site.weight}
         self.created = []
         self.r = _shape(site.idx)[0]
@@ -421,14 +401,9 @@ class _Emitter:
         return n
 
     def gather(self, x: fx.Node, dim: int, scaled: bool = False) -> fx.Node:
-        """Rows ``idx`` of ``x`` along ``dim``, times rho when ``scaled`` and folding rho
-        (one ``take_rows`` node where :func:`gather_in_aten`, else ``index`` and ``mul``)."""
-        idx = self.site.idx
-        if not (scaled and self.fold_rho):
-            return self.node(aten.index.Tensor, (x, [None] * dim + [idx]))
-        if gather_in_aten(meta_val(x).device, self.settings):
-            return self.node(_take_rows_op(), (x, idx, self.site.rho, dim))
-        return self._times_rho(self.node(aten.index.Tensor, (x, [None] * dim + [idx])), dim)
+        """Rows ``idx`` of ``x`` along ``dim`` (``index``), times rho when ``scaled`` and folding rho."""
+        picked = self.node(aten.index.Tensor, (x, [None] * dim + [self.site.idx]))
+        return self._times_rho(picked, dim) if scaled and self.fold_rho else picked
 
     def emit(self, plan: Push) -> fx.Node:
         """The selected value of ``plan.node``: operands first, then the node's own rule."""
@@ -470,18 +445,18 @@ def sparsify_wgrad(graph: fx.Graph, ctx: PassContext) -> PassResult:
     fake_mode = graph_fake_mode(graph)
     for site in sites:
         try:
-            result.changes.append(_rewrite(graph, site, fake_mode, result, ctx.settings))
+            result.changes.append(_rewrite(graph, site, fake_mode, result))
         except Exception as exc:
             raise PassError(PASS, site.rowsel.name, f"{type(exc).__name__}: {exc}", graph=ctx.graph_id) from exc
         result.modified = True
     return result
 
 
-def _rewrite(graph: fx.Graph, site: WgradSite, fake_mode, result: PassResult, settings: Settings) -> Change:
+def _rewrite(graph: fx.Graph, site: WgradSite, fake_mode, result: PassResult) -> Change:
     """Replace one rowsel node by its selected computation (or the dense fallback)."""
     if site.experts:
         return _experts.rewrite_expert_site(graph, site, fake_mode, result)
-    emitter = _Emitter(graph, site, fake_mode, settings, fold_rho=True)
+    emitter = _Emitter(graph, site, fake_mode, fold_rho=True)
     with graph.inserting_before(site.rowsel):
         if site.plan is not None:
             out = emitter.emit(site.plan)

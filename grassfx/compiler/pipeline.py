@@ -118,6 +118,6 @@ def pipeline_uuid(collectives=None, extra: str = "") -> str:
     for mod in _pass_modules():
         h.update(inspect.getsource(mod).encode())
     cfg = settings()
-    h.update(repr((sorted(cfg.disabled), cfg.debug, cfg.cpu_gather, collectives)).encode())
+    h.update(repr((sorted(cfg.disabled), cfg.debug, collectives)).encode())
     h.update(extra.encode())
     return h.hexdigest()

@@ -20,7 +20,7 @@ import torch
 from grassfx import _compat
 from grassfx import select as _select
 
-__all__ = ["rowsel", "take_rows", "select_scaled", "broadcast_along", "squared_norms", "Anchor", "RefreshAnchor", "FullAnchor"]
+__all__ = ["rowsel", "select_scaled", "broadcast_along", "squared_norms", "Anchor", "RefreshAnchor", "FullAnchor"]
 
 
 def broadcast_along(vec: torch.Tensor, ndim: int, dim: int) -> torch.Tensor:
@@ -69,24 +69,6 @@ def _rowsel_fake(grad, idx, rho, dim, name):
     shape = list(grad.shape)
     shape[dim] = idx.shape[0]
     return grad.new_empty(shape)
-
-
-@torch.library.custom_op("grassfx::take_rows", mutates_args=())
-def take_rows(x: torch.Tensor, idx: torch.Tensor, rho: torch.Tensor, dim: int) -> torch.Tensor:
-    """``rho * x.index_select(dim, idx)``: a GEMM operand's selected rows, scaled.
-
-    Emitted by ``sparsify_wgrad`` on CPU, where Inductor runs it as one ATen call instead
-    of generating a gather loop inside the producer's C++ kernel (see the pass).
-    """
-    out = x.index_select(dim, idx)
-    return out.mul_(broadcast_along(rho, out.dim(), dim).to(out.dtype))
-
-
-@take_rows.register_fake
-def _take_rows_fake(x, idx, rho, dim):
-    shape = list(x.shape)
-    shape[dim] = idx.shape[0]
-    return x.new_empty(shape)
 
 
 class Anchor(torch.autograd.Function):

@@ -216,8 +216,9 @@ def test_diff_op_counts_match_op_summaries(llama_case):
     before, after = bw.counts("before"), bw.counts("after")
     assert before["mm (m x n)"] >= 15 and after["mm (m x n)"] == 0
     assert before["grassfx.rowsel"] == 15 and after["grassfx.rowsel"] == 0
-    # on CPU each selected GEMM reads its rows through one grassfx::take_rows (scaled by rho)
-    assert after["grassfx.take_rows"] == 15 and after["index"] == 0 and after["mul"] == before["mul"]
+    assert after["index"] == 15
+    # rho scales each gathered operand: one mul per site, none on the (r x n) results
+    assert after["mul"] == before["mul"] + 15
     text = str(d)
     assert re.search(r"mm \(m x n\)\s*: \d+ -> 0", text)
     assert "# <- sparsify_wgrad created (lm_head.weight)" in text
@@ -300,7 +301,7 @@ def test_dump_dir_and_debug_verify(env_knobs, tmp_path):
     diffs = [(tmp_path / n).read_text() for n in names if n.endswith(".diff")]
     # forward + backward of the refresh and the training step, one dump per pass
     assert len(diffs) == 4 * len(grassfx.passes.PIPELINE)
-    assert sum("grassfx.take_rows" in text for text in diffs) == 1  # the training backward's selected GEMMs
+    assert sum("aten.index.Tensor" in text for text in diffs) == 1
 
 
 def _unchecked_node_pass(graph, ctx):
@@ -327,10 +328,6 @@ def test_debug_verify_catches_a_node_without_meta_val(env_knobs, monkeypatch, de
 def test_bad_debug_level_is_a_config_error():
     with pytest.raises(grassfx.ConfigError, match="GRASSFX_DEBUG"):
         infra.Settings.from_env({"GRASSFX_DEBUG": "verbose"})
-    with pytest.raises(grassfx.ConfigError, match="GRASSFX_CPU_GATHER='triton': expected 'aten' or 'inductor'"):
-        infra.Settings.from_env({"GRASSFX_CPU_GATHER": "triton"})
-    assert infra.Settings.from_env({"GRASSFX_CPU_GATHER": "inductor"}).cpu_gather == "inductor"
-    assert infra.Settings.from_env({}).cpu_gather == "aten"
 
 
 @pytest.mark.slow
