@@ -13,7 +13,10 @@ as many steady steps (the median of the steps after them). Dense = ``torch.compi
 ``grassfx.optim.AdamW``, in the configurations given by ``--variants``: refresh steps
 eager (the default) or compiled, optimizer step eager (the default) or compiled. Each
 cold run also records how many C++ files Inductor generated (and compiled) into its
-cache directory, and their lines.
+cache directory, and their lines. ``--base PATH`` adds the variant ``grassfx@base``: the
+``grassfx`` variant with the library imported from another checkout (e.g. a ``git
+worktree`` of an older commit), interleaved with the others, for before/after
+comparisons within one run.
 
 Example:
     python benchmarks/compile_time.py --repeats 3 --out benchmarks/results/compile_time.json
@@ -57,6 +60,7 @@ def measure(variant: str, layers: int, hidden: int, steps: int, rank: int) -> di
     import grassfx
     from grassfx import _compat
 
+    variant = variant.split("@")[0]  # grassfx@base: the same variant, another checkout
     torch.set_num_threads(int(os.environ.get("THREADS", "2")))
     model = _build(layers, hidden)
     g = torch.Generator().manual_seed(1)
@@ -79,7 +83,7 @@ def measure(variant: str, layers: int, hidden: int, steps: int, rank: int) -> di
     steady = statistics.median(t for t, c in zip(times, compiled) if not c)
     compile_s = sum(t - steady for t, c in zip(times, compiled) if c)
     return dict(variant=variant, step_s=times, compiled=compiled, steady_s=steady, compile_s=compile_s,
-                phases_s=_phases())
+                phases_s=_phases(), grassfx_from=os.path.dirname(os.path.dirname(grassfx.__file__)))
 
 
 # Dynamo's timers (``torch._dynamo.utils.compile_times``) for the phases this benchmark
@@ -105,8 +109,22 @@ def _generated_cpp(cache_dir: str) -> dict:
     return {"files": len(files), "lines": lines}
 
 
+def _shim(tree: str, into: str) -> str:
+    """A folder from which ``import grassfx`` loads the checkout ``tree``, laid out as the
+    installed package (``passes/`` and ``recipes/`` are its subpackages)."""
+    pkg = os.path.join(into, "grassfx")
+    os.makedirs(pkg)
+    for name in os.listdir(os.path.join(tree, "grassfx")):
+        os.symlink(os.path.join(tree, "grassfx", name), os.path.join(pkg, name))
+    for sub in ("passes", "recipes"):
+        os.symlink(os.path.join(tree, sub), os.path.join(pkg, sub))
+    return into
+
+
 def _child(variant, cache_dir, args) -> dict:
     env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=cache_dir)
+    if variant.endswith("@base"):
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [args.base_shim, env.get("PYTHONPATH")]))
     cmd = [sys.executable, __file__, "--child", variant, "--layers", str(args.layers), "--hidden", str(args.hidden),
            "--steps", str(args.steps), "--rank", str(args.rank)]
     out = subprocess.run(cmd, env=env, check=True, capture_output=True, text=True).stdout
@@ -122,11 +140,18 @@ def main(argv=None):
     p.add_argument("--rank", type=int, default=32)
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--out", default=None)
+    p.add_argument("--base", default=None, help="another checkout: adds the variant grassfx@base")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child:
         print(json.dumps(measure(args.child, args.layers, args.hidden, args.steps, args.rank)))
         return
+    if args.base:
+        if not os.path.isdir(os.path.join(args.base, "grassfx")) or not os.path.isdir(os.path.join(args.base, "passes")):
+            p.error(f"--base {args.base}: not a grassfx checkout (needs grassfx/ and passes/)")
+        args.variants = args.variants + ["grassfx@base"]
+        shim_dir = tempfile.TemporaryDirectory(prefix="grassfx-base-")
+        args.base_shim = _shim(os.path.abspath(args.base), shim_dir.name)
     runs = []
     for repeat in range(args.repeats):  # variants interleaved: drifts in machine load hit all alike
         for variant in args.variants:
@@ -142,6 +167,8 @@ def main(argv=None):
     table = {}
     for variant in args.variants:
         mine = [r for r in runs if r["variant"] == variant]
+        if variant.endswith("@base"):
+            assert all(r["cold"]["grassfx_from"] == args.base_shim for r in mine), "the base variant imported another grassfx"
         table[variant] = {kind: statistics.median(r[kind]["compile_s"] for r in mine) for kind in ("cold", "warm")}
         table[variant]["steady_s"] = statistics.median(r["cold"]["steady_s"] for r in mine)
     dense = table.get("dense")

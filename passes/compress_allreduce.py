@@ -4,7 +4,7 @@ Matches every node that ``sparsify_wgrad`` marked as a compressed gradient
 (``meta["grassfx"]["role"] == "compressed_grad"``) when the model trains data-parallel,
 and inserts bucketed functional-collective all-reduces::
 
-    before:  c1 = mul(mm(dY1ᵀ[idx1], X1), rho1)       # (r, n)
+    before:  c1 = mm(rho1 * dY1ᵀ[idx1], X1)       # (r, n)
              ...                                      # rest of the backward
              return (..., c1, c2, ...)
     after:   flat = cat([c1.view(-1), c2.view(-1)])   # one bucket (<= bucket_bytes)

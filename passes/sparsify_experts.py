@@ -287,13 +287,13 @@ def _producer(node) -> str:
 # -- rewrite --------------------------------------------------------------------------------
 def rewrite_expert_site(graph: fx.Graph, site, fake_mode, result: PassResult) -> Change:
     """Replace one expertsel node by its per-expert computation (or the dense fallback)."""
-    em = _Emitter(graph, site, fake_mode)
+    em = _Emitter(graph, site, fake_mode, fold_rho=False)  # rho scales the (E, r, n) result below
     em.r = _shape(site.idx)[1]
     with graph.inserting_before(site.rowsel):
         if site.plan is not None and site.plan.rule is EXPERT_SELECT:
             # below the select: the 2-D rules, gathering rows idx[e] of this expert
             idx_e = em.node(aten.select.int, (site.idx, 0, norm_args(site.plan.node)["index"]))
-            inner = _Emitter(graph, dataclasses.replace(site, idx=idx_e), fake_mode)
+            inner = _Emitter(graph, dataclasses.replace(site, idx=idx_e), fake_mode, fold_rho=False)
             picked_e = inner.emit(site.plan.children[0][1])
             em.created += inner.created
             picked = _emit_select_backward(em, site.plan, norm_args(site.plan.node), {"grad_output": picked_e})

@@ -10,7 +10,9 @@ the GEMM that produced ``grad``, then removes the dense GEMM::
 
 rho scales the gathered operand rows (each rule between the GEMM and the marker is linear
 in them): Inductor fuses the ``mul`` into the gather's loop, and no pass over the (r x n)
-result is left in the graph.
+result is left in the graph. Where a GEMM computes in another dtype than the marker's
+(autocast: a bf16 GEMM under an fp32 gradient) or a division rounds, rho scales the
+result instead, as eager ``rowsel`` does (``_foldable``).
 
 Rows of a GEMM output come from the left operand's rows; columns from the right
 operand's columns (HF ``Conv1D``, ``proj_dim="cols"``); a bmm's batch dim from both.
@@ -27,9 +29,9 @@ MoE expert stacks (``grassfx::expertsel``, rows of each expert of an (E, m, n) w
 have their own rules, ``EXPERT_RULES`` of :mod:`.sparsify_experts`: a scatter of per-pair
 ``bmm`` gradients (``W[ids]``) and a ``select_backward`` (``W[e]``) above the 2-D rules.
 
-Guarantees: the graph computes ``rho * grad.index_select(dim, idx)`` (up to the order of
-rounding: rho multiplies before the GEMM). A site it cannot push becomes an explicit
-gather + scale on the dense gradient (dense fallback)
+Guarantees: the graph computes ``rho * grad.index_select(dim, idx)`` (with rho folded,
+up to the order of rounding: rho multiplies before the GEMM, in the marker's dtype). A
+site it cannot push becomes an explicit gather + scale on the dense gradient (dense fallback)
 and is reported as skipped with its reason. Every created node has ``meta["val"]`` and
 ``meta["grassfx"] = {"pass": "sparsify_wgrad", "weight": name}``; view shapes reuse the
 original (possibly symbolic) size arguments.
@@ -353,6 +355,18 @@ def _plan(node, group: tuple, root: bool) -> Union[Push, str]:
     return rule.plan(node, group, norm_args(node), _shape(node), pk)
 
 
+def _foldable(plan: Push, dtype: torch.dtype) -> bool:
+    """Whether rho can scale the gathered operand rows instead of the result: every GEMM
+    computes in the marker's dtype (no cast, e.g. autocast's bf16 GEMM under an fp32
+    gradient, would round rho and the scaled rows to a lower precision than eager's
+    ``rowsel``) and every op between is linear (no division with a rounding mode)."""
+    if plan.rule is GEMM and meta_val(plan.node).dtype != dtype:
+        return False
+    if plan.rule is SCALE and norm_args(plan.node).get("rounding_mode") is not None:
+        return False
+    return all(_foldable(c, dtype) for _, c, _ in plan.children if c is not None)
+
+
 def _count_gemms(plan: Push) -> int:
     own = 1 if plan.rule is GEMM else 0
     return own + sum(_count_gemms(c) for _, c, _ in plan.children if c is not None)
@@ -386,13 +400,13 @@ def find_weight_grad_sites(graph: fx.Graph) -> list:
 class _Emitter:
     """Builds the selected computation for one site, just before its rowsel node."""
 
-    def __init__(self, graph, site: WgradSite, fake_mode, fold_rho: bool = False):
+    def __init__(self, graph, site: WgradSite, fake_mode, *, fold_rho: bool):
         self.graph, self.site, self.fake_mode = graph, site, fake_mode
         self.prov = {"pass": PASS, "weight": site.weight}
         self.created = []
         self.r = _shape(site.idx)[0]
         # fold_rho: rho scales the rows gathered for each selected GEMM (once per path to
-        # the output: every rule between is linear in them); else the caller scales
+        # the output: every rule between is linear in them); else the caller scales the result
         self.fold_rho = fold_rho
 
     def node(self, target, args, kwargs=None):
@@ -403,14 +417,14 @@ class _Emitter:
     def gather(self, x: fx.Node, dim: int, scaled: bool = False) -> fx.Node:
         """Rows ``idx`` of ``x`` along ``dim`` (``index``), times rho when ``scaled`` and folding rho."""
         picked = self.node(aten.index.Tensor, (x, [None] * dim + [self.site.idx]))
-        return self._times_rho(picked, dim) if scaled and self.fold_rho else picked
+        return self.times_rho(picked, dim) if scaled and self.fold_rho else picked
 
     def emit(self, plan: Push) -> fx.Node:
         """The selected value of ``plan.node``: operands first, then the node's own rule."""
         inner = {name: self.emit(child) for name, child, _ in plan.children if child is not None}
         return plan.rule.emit(self, plan, norm_args(plan.node), inner)
 
-    def _times_rho(self, x: fx.Node, dim: int) -> fx.Node:
+    def times_rho(self, x: fx.Node, dim: int) -> fx.Node:
         """``x * rho`` with rho broadcast along ``dim`` of ``x``."""
         rho = self.site.rho
         dtype = meta_val(x).dtype
@@ -456,10 +470,13 @@ def _rewrite(graph: fx.Graph, site: WgradSite, fake_mode, result: PassResult) ->
     """Replace one rowsel node by its selected computation (or the dense fallback)."""
     if site.experts:
         return _experts.rewrite_expert_site(graph, site, fake_mode, result)
-    emitter = _Emitter(graph, site, fake_mode, fold_rho=True)
+    fold = site.plan is None or _foldable(site.plan, meta_val(site.grad).dtype)
+    emitter = _Emitter(graph, site, fake_mode, fold_rho=fold)
     with graph.inserting_before(site.rowsel):
         if site.plan is not None:
             out = emitter.emit(site.plan)
+            if not fold:
+                out = emitter.times_rho(out, site.dim)
             action, detail = "rewrote", f"{site.gemms} dense GEMM(s) -> {site.gemms} selected GEMM(s)"
         else:
             out = emitter.gather(site.grad, site.dim, scaled=True)

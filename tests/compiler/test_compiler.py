@@ -99,10 +99,14 @@ def test_cols_selection_and_gpt2_conv1d_aot_eager():
     assert torch._dynamo.utils.counters["graph_break"] == {}
 
 
-@pytest.mark.parametrize("backend", ["aot_eager", pytest.param("inductor", marks=pytest.mark.slow)])
-def test_autocast_bf16(backend):
+@pytest.mark.parametrize("backend, selection", [
+    ("aot_eager", "top_r"),
+    ("aot_eager", "multinorm"),  # rho != 1: applied in float32 after the bf16 GEMM, as eagerly
+    pytest.param("inductor", "top_r", marks=pytest.mark.slow),
+])
+def test_autocast_bf16(backend, selection):
     torch.manual_seed(0)
-    eager, compiled = _pair(zoo.Shared(), backend, rank=4, update_freq=2)
+    eager, compiled = _pair(zoo.Shared(), backend, rank=4, update_freq=2, selection=selection)
 
     def loss_fn(m, x):
         with torch.autocast("cpu", dtype=torch.bfloat16):

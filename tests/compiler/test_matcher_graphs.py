@@ -104,13 +104,21 @@ def _sel(grad, idx, rho, dim=0):
     return torch.ops.grassfx.rowsel(grad, idx, rho, dim, "w")
 
 
+def _bmm_rows(g, x):  # a batched GEMM's rows, summed over its batch: group (1, 2)
+    return torch.bmm(g.t()[None].expand(2, 4, 5), x[None].expand(2, 5, 3)).sum(0)
+
+
 @pytest.mark.parametrize("fn, args, gemms, gathers", [
     (lambda g, x, i, r: _sel(g.t() @ x, i, r), (G, X), 1, 1),
     (lambda g, x, i, r: _sel(g.t() @ x, i, r, 1), (G, X), 1, 1),
     (lambda g, x, i, r: _sel((x.t() @ g).t(), i, r), (G, X), 1, 1),
     (lambda g, x, i, r: _sel(g.t() @ x + g.t() @ (2 * x), i, r), (G, X), 2, 2),
+    (lambda g, x, i, r: _sel(g.t() @ x - g.t() @ (2 * x), i, r), (G, X), 2, 2),
+    (lambda g, x, i, r: _sel((g.t() @ x) / 4.0, i, r), (G, X), 1, 1),
+    (lambda g, x, i, r: _sel(_bmm_rows(g, x), i, r), (G, X), 1, 1),
+    (lambda g, x, i, r: _sel(torch.bmm(g.t()[None], x[None]).view(4, 3), i, r), (G, X), 1, 1),
     (lambda a, b, i, r: _sel(torch.bmm(a, b), i, r), (A3, B3), 1, 2),
-], ids=["rows", "cols", "transposed", "two-gemms", "bmm-batch"])
+], ids=["rows", "cols", "transposed", "two-gemms", "sub", "div", "bmm-rows", "bmm-batch-1", "bmm-batch"])
 def test_rewrite_applies_rho_once_per_selected_gemm(fn, args, gemms, gathers):
     from grassfx.passes import PassContext, settings, sparsify_wgrad
 
@@ -131,3 +139,24 @@ def test_rewrite_applies_rho_once_per_selected_gemm(fn, args, gemms, gathers):
               and n.meta.get("grassfx", {}).get("pass") == "sparsify_wgrad"]
     assert len(scaled) == gemms and all(n.args[0] in gathered for n in scaled)
     assert torch.ops.grassfx.rowsel.default not in targets
+
+
+@pytest.mark.parametrize("fn, args", [
+    # autocast's form: a bf16 GEMM under an fp32 gradient; rho must not be rounded to bf16
+    (lambda g, x, i, r: _sel((g.t().bfloat16() @ x.bfloat16()).float(), i, r), (G, X)),
+    # a division that rounds is not linear in rho
+    (lambda g, x, i, r: _sel((g.t() @ x).div(0.3, rounding_mode="floor"), i, r), (G, X)),
+    # no plan (a non-linear op before the marker): the dense fallback scales its gather
+    (lambda g, x, i, r: _sel(torch.exp(g.t() @ x), i, r), (G, X)),
+], ids=["bf16-gemm-fp32-grad", "floor-div", "fallback"])
+def test_rho_scales_the_result_where_it_cannot_move_into_the_gemm(fn, args):
+    from grassfx.passes import PassContext, settings, sparsify_wgrad
+
+    args = args + (IDX, RHO2 * 1.001)  # not representable in bf16
+    gm = make_fx(fn, tracing_mode="fake")(*args)
+    sparsify_wgrad(gm.graph, PassContext("g0.backward0", "backward", settings()))
+    gm.recompile()
+    assert torch.equal(gm(*args), fn(*args))  # rho applied in the marker's dtype, after everything else
+    (scaled,) = [n for n in gm.graph.nodes if n.target is torch.ops.aten.mul.Tensor
+                 and n.meta.get("grassfx", {}).get("pass") == "sparsify_wgrad"]
+    assert scaled.meta["val"].dtype == torch.float32 and scaled.users and all(u.op == "output" for u in scaled.users)
