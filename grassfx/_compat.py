@@ -98,6 +98,18 @@ def own_function(fn):
     return types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)
 
 
+def opaque_to_dynamo(fn):
+    """``fn`` run as Python even inside a ``torch.compile`` of its caller.
+
+    An outer ``torch.compile`` of a grassfx model (``torch.compile(model)``, the Hugging
+    Face Trainer's ``torch_compile=True``) would otherwise trace grassfx's own forward:
+    its anchors, refresh probes and step counter are Python state read once at trace time.
+    Dynamo graph-breaks at the call instead; explicitly compiled functions called from
+    ``fn`` (grassfx's own runner) still compile with their own backend.
+    """
+    return torch._dynamo.disable(fn, recursive=True)
+
+
 @contextlib.contextmanager
 def compile_caches_off():
     """Inductor's FX graph cache and the AOTAutograd cache off: every pass really runs."""

@@ -14,6 +14,7 @@ __all__ = [
     "PassError",
     "OptimizerMisuseError",
     "NonFiniteGradientError",
+    "LostGradientError",
 ]
 
 
@@ -50,3 +51,7 @@ class OptimizerMisuseError(GrassError):
 
 class NonFiniteGradientError(GrassError, FloatingPointError):
     """A gradient held NaN or Inf; no weight was modified."""
+
+
+class LostGradientError(GrassError):
+    """A forward used the projected weights but their gradients never reached grassfx; no weight was changed."""

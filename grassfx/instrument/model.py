@@ -19,11 +19,12 @@ import inspect
 import torch
 from torch import nn
 
+from grassfx import _compat
 from grassfx.config import GrassConfig
 from grassfx.errors import GrassError
 
 from . import guard, registry, swap
-from .anchors import Anchor, FullAnchor, RefreshAnchor
+from .anchors import Anchor, FullAnchor, OutsideRefreshAnchor, RefreshAnchor
 from .blocks import plan_layouts
 from .experts import ExpertSite, make_expert_anchor, make_site, matrix_of
 from .refresh import RefreshSchedule
@@ -57,6 +58,7 @@ class GrassModel(nn.Module):
         self._unwrapped = False
         self._schedule = RefreshSchedule(self)
         self._link()
+        guard.install_optimizer_check()
         self._runner = self._run
         self.compile_report = None  # a grassfx.compiler.CompileReport for compiled backends
         self._dp = None  # grassfx.distributed.DataParallel once a process group is seen
@@ -126,7 +128,21 @@ class GrassModel(nn.Module):
                 dp.expect_refresh([s for s, plan in zip(self.sites, refresh) if plan is not None])
         if refresh is not None and self.grass_config.refresh == "eager":
             return self._run(refresh, args, kwargs, eager=True)  # compiled or not, a refresh runs eagerly
-        return self._runner(refresh, args, kwargs)
+        out = self._runner(refresh, args, kwargs)
+        if torch.is_grad_enabled() and self._runner != self._run:
+            # after a compiled forward, a read of a projected weight outside the model (a penalty
+            # ``lam * model.module.fc.weight.pow(2).sum()``) still routes its gradient to the
+            # handle, as after an eager forward: one eager anchor per weight, served while the
+            # weight is unchanged (the optimizer's step ends it). At a compiled refresh step the
+            # rows are picked inside the graph, so such a gradient cannot join them: it raises
+            make = _make_anchor if refresh is None else _unroutable_anchor
+            self._slot.begin(make, self._entries(refresh), upfront=True, eager=True)
+        return out
+
+    # an outer torch.compile(model) graph-breaks here instead of tracing grassfx's Python
+    # state (anchors, refresh probes, the step counter) into its graph; the runner inside
+    # still compiles with grassfx's backend
+    _forward = _compat.opaque_to_dynamo(_forward)
 
     class _ForwardDescriptor:
         """``model.forward``: a :class:`_Forward`; on the class, the plain function."""
@@ -175,10 +191,7 @@ class GrassModel(nn.Module):
         """The traced region: run the module; each target weight is anchored where it is read.
 
         ``eager``: whether this call runs uncompiled (``None``: as the backend says)."""
-        group, size = self._dp.group_and_size() if self._dp is not None else ("", 1)
-        entries = {}
-        for i, site in enumerate(self.sites):
-            entries[site.name] = (site, None if refresh is None else refresh[i], group, size)
+        entries = self._entries(refresh)
         # compiled backends: Dynamo may run this function itself eagerly (a graph break in
         # the module makes it skip the frame) while it compiles the module's frames, so
         # the backend decides, not torch.compiler.is_compiling()
@@ -190,6 +203,12 @@ class GrassModel(nn.Module):
         finally:
             if not eager or not torch.is_grad_enabled():
                 self._slot.clear()
+
+    def _entries(self, refresh) -> dict:
+        """What each weight's anchor needs in one forward: ``{name: (site, plan, group, size)}``."""
+        group, size = self._dp.group_and_size() if self._dp is not None else ("", 1)
+        return {site.name: (site, None if refresh is None else refresh[i], group, size)
+                for i, site in enumerate(self.sites)}
 
     def cancel_refresh(self) -> None:
         """Discard a refresh whose forward ran but whose backward will not run."""
@@ -256,6 +275,11 @@ def _make_anchor(entry) -> torch.Tensor:
             site.block_labels, site.blocks,
         )
     return Anchor.apply(w, site.handle, site.idx, site.rho, site.dim, site.name)
+
+
+def _unroutable_anchor(entry) -> torch.Tensor:
+    site = entry[0]
+    return OutsideRefreshAnchor.apply(site.weight, site.handle, site.name)
 
 
 class _Forward:

@@ -42,6 +42,7 @@ class RefreshSchedule:
         self.generation = 0  # counts forwards with gradients on; a refresh's probes carry theirs
         self.superseded = set()  # generations whose refresh a later forward replaced
         self.advanced_by = None  # (generation, optimizer id) of the last advance: one per forward
+        self.forwards = 0  # forwards with gradients on since the last optimizer step (guard's check)
 
     @property
     def model(self):
@@ -68,6 +69,7 @@ class RefreshSchedule:
     def advance(self) -> None:
         """One optimizer step has been applied."""
         self.model.grass_step.add_(1)
+        self.forwards = 0
 
     def refresh_seen(self) -> None:
         """The optimizer is about to step with rows committed by a refresh."""
@@ -82,6 +84,7 @@ class RefreshSchedule:
             self.superseded.add(self.generation)
             self.pending.clear()
         self.generation += 1
+        self.forwards += 1
         if not self.due():
             return None
         step = int(model.grass_step)

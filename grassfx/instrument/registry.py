@@ -19,15 +19,22 @@ import weakref
 import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
-__all__ = ["register", "forget_weights", "site_of", "target_of", "name_of"]
+__all__ = ["register", "forget_weights", "site_of", "target_of", "name_of", "generation"]
 
 _HANDLES = WeakIdKeyDictionary()  # handle -> weakref(Site)
 _WEIGHTS = WeakIdKeyDictionary()  # frozen projected weight -> weakref(Site)
 _NAMES = WeakIdKeyDictionary()  # parameter -> qualified name in its grassfx model
+_GENERATION = [0]  # bumped by every change: checks cached against it stay valid until it moves
+
+
+def generation() -> int:
+    """A number that changes whenever a model publishes or forgets its tensors."""
+    return _GENERATION[0]
 
 
 def register(sites, named_parameters) -> None:
     """Publish ``sites`` (each linked to its weight) and the names of the model's parameters."""
+    _GENERATION[0] += 1
     for name, p in named_parameters:
         _NAMES[p] = name
     for site in sites:
@@ -38,6 +45,7 @@ def register(sites, named_parameters) -> None:
 
 def forget_weights(sites) -> None:
     """The weights of ``sites`` are plain parameters again (after ``grassfx.unwrap``)."""
+    _GENERATION[0] += 1
     for site in sites:
         _WEIGHTS.pop(site.weight, None)
 

@@ -15,7 +15,8 @@ tied to one (for example a tied LM head), the output embedding of a model that n
 (Hugging Face ``get_output_embeddings()``, an untied LM head: its rows are vocabulary
 entries, and selecting r of them leaves every other token's logit untrained between
 refreshes -- the GaLore and Grass pretraining setups project attention and MLP weights
-only), parameters with fewer or more than 2 dims (biases, norms, convolution kernels),
+only), a Hugging Face model's task head (its weights outside ``base_model``: a
+classifier's few label rows), parameters with fewer or more than 2 dims (biases, norms, convolution kernels),
 except 3-D MoE expert stacks (one matrix per expert: :mod:`.expert_targets`),
 and frozen weights (``requires_grad=False`` before ``grassfx.compile``: they stay frozen,
 even when ``targets=`` names them). Pass ``targets=`` to project an output head anyway. ``targets=`` / ``exclude=`` take name globs
@@ -24,7 +25,8 @@ even when ``targets=`` names them). Pass ``targets=`` to project an output head 
 automatic discovery; an empty list is an error, not "nothing" or "automatic"). A glob
 that matches a *module* name (``"*_proj"``) selects that module's 2-D weights and leaves
 its biases and norms dense; a glob or predicate that names a parameter that is not 2-D
-(``"*.bias"``) is an error.
+(``"*.bias"``) is an error, and so is a glob of either argument that matches no
+parameter or module name (a typo is never ignored).
 """
 
 from __future__ import annotations
@@ -90,6 +92,38 @@ def _output_head_ids(model: nn.Module) -> set:
         return set()
     weight = getattr(head, "weight", None)
     return {id(weight)} if isinstance(weight, torch.Tensor) else set()
+
+
+def _task_head_ids(model: nn.Module) -> set:
+    """Matrix weights of a Hugging Face model's task head: what lies outside its base model.
+
+    ``BertForSequenceClassification.classifier``, ``LlamaForSequenceClassification.score``,
+    a question-answering head: a few rows (one per label) freshly initialised on top of a
+    pretrained base. Projecting them saves a few KiB and trains a label's row only while it
+    is selected; they train densely, like LM heads. Models that do not name a base model
+    (``base_model`` is the model itself, or absent) have no head by this rule.
+    """
+    base = getattr(model, "base_model", None)
+    if not isinstance(base, nn.Module) or base is model:
+        return set()
+    inside = {id(p) for p in base.parameters()}
+    return {id(p) for p in model.parameters() if p.dim() == 2 and id(p) not in inside}
+
+
+def _check_globs_match(filters: list, arg: str, model: nn.Module) -> None:
+    """Raise :class:`ConfigError` for a glob of ``targets=``/``exclude=`` that names nothing."""
+    globs = [f for f in filters if isinstance(f, str)]
+    if not globs:
+        return
+    names = [n for n, _ in model.named_parameters(remove_duplicate=False)]
+    names += [n for n, _ in model.named_modules(remove_duplicate=False) if n]
+    for glob in globs:
+        if not any(fnmatch.fnmatchcase(n, glob) for n in names):
+            close = [n for n in names if glob.strip("*.") and glob.strip("*.") in n][:3] or names[:3]
+            raise ConfigError(
+                f"{arg}={glob!r} matches no parameter or module name of {type(model).__name__} "
+                f"(names look like {close}); a typo would otherwise be ignored silently"
+            )
 
 
 def _as_filters(spec, arg: str) -> list:
@@ -216,11 +250,15 @@ def plan_targets(model: nn.Module, targets: NameFilter = None, exclude: NameFilt
             "name the weights to project (globs or predicates)"
         )
     drop = _as_filters(exclude, "exclude")
+    _check_globs_match(include, "targets", model)
+    _check_globs_match(drop, "exclude", model)
     embedding_ids = _embedding_param_ids(model)
     head_ids = _output_head_ids(model)
+    task_head_ids = _task_head_ids(model) - head_ids
     chosen = {}
     for name, module_name, module, attr, param in _iter_params(model):
-        spec = _choose(include, drop, name, module_name, module, attr, param, embedding_ids, head_ids)
+        spec = _choose(include, drop, name, module_name, module, attr, param, embedding_ids,
+                       head_ids | task_head_ids)
         if spec is not None:
             chosen[id(param)] = spec
     decisions, first = [], {}
@@ -241,6 +279,8 @@ def plan_targets(model: nn.Module, targets: NameFilter = None, exclude: NameFilt
             first[id(param)] = name
             module_name, _, attr = name.rpartition(".")
             reason = _reason(model.get_submodule(module_name), attr, param, embedding_ids, head_ids)
+            if id(param) in task_head_ids and reason == "excluded by filter":
+                reason = "task head (outside the base model)"
             decisions.append(Decision(name, shape, None, reason))
     if tied_asked and not any(d.target is not None for d in decisions):
         raise UnsupportedModelError(

@@ -42,7 +42,7 @@ import torch
 from grassfx import _compat, fsdp
 from grassfx import select as _select
 from grassfx.errors import ConfigError, NonFiniteGradientError
-from grassfx.instrument import registry
+from grassfx.instrument import guard, registry
 from grassfx.instrument.anchors import broadcast_along
 from grassfx.instrument.experts import flat, matrix_of
 
@@ -159,6 +159,9 @@ def finite_flags(tensors: list) -> list[bool]:
 
 class GrassOptimizer(torch.optim.Optimizer):
     """Base class: parameter classification, refresh handling, checks, stepping."""
+
+    #: read by grassfx.instrument.guard: this optimizer writes handles' gradients into the weights
+    grassfx_aware = True
 
     def __init__(self, params, defaults, update_in_backward: bool = False):
         nonfinite = defaults.get("nonfinite", "raise")
@@ -307,6 +310,9 @@ class GrassOptimizer(torch.optim.Optimizer):
             return loss
         if self._in_backward is not None:
             self._in_backward.finish()  # the updates ran in backward; gradients set by hand still apply
+        else:  # (in backward, each handle's gradient is consumed and freed as it arrives)
+            for schedule in self._schedules:
+                guard.check_gradients_delivered(schedule)
         if not self._all_finite():
             self.skipped_steps += 1
             return loss

@@ -173,7 +173,19 @@ def test_plain_torch_optimizer_is_detected():
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     x = torch.randn(4, 12)
     _loss(model, x).backward()
-    opt.step()
+    with pytest.raises(grassfx.OptimizerMisuseError, match="grassfx.optim"):
+        opt.step()  # refused before it writes anything (tests/instrument/test_invariant.py)
+
+
+def test_a_handle_written_by_an_optimizer_that_bypasses_step_hooks_is_detected():
+    """The forward's version check catches what no step hook saw (a hand-written update)."""
+    model = grassfx.compile(make_mlp(), rank=4, backend="eager")
+    x = torch.randn(4, 12)
+    _loss(model, x).backward()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.grad is not None:
+                p.sub_(0.1 * p.grad)
     with pytest.raises(grassfx.OptimizerMisuseError, match="grassfx.optim"):
         model(x)
 
