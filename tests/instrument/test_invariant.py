@@ -186,3 +186,32 @@ def test_a_task_head_trains_densely_by_default_and_on_request_is_projected():
 def test_a_glob_that_matches_nothing_is_an_error(arg):
     with pytest.raises(grassfx.ConfigError, match=f"{arg}='nonexistent' matches no parameter"):
         grassfx.compile(_net(), rank=4, backend="eager", **{arg: ["0", "nonexistent"]})
+
+
+@pytest.mark.slow
+def test_hf_trainer_with_torch_compile_trains_the_projected_weights(tmp_path):
+    """Item 1 as users meet it: ``TrainingArguments(torch_compile=True)`` wraps the model."""
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("accelerate")
+    rows = [{"input_ids": torch.arange(i, i + 12) % 96, "labels": torch.arange(i, i + 12) % 96} for i in range(8)]
+
+    def run(compiled):
+        torch._dynamo.reset()
+        torch.manual_seed(0)
+        model = grassfx.compile(make_llama().train(), rank=4, update_freq=2, backend="eager")
+        q = model.module.model.layers[0].self_attn.q_proj
+        before = q._parameters["weight"].detach().clone()
+        opt = grassfx.optim.AdamW(model.parameters(), lr=1e-2)
+        extra = {"torch_compile": True, "torch_compile_backend": "aot_eager"} if compiled else {}
+        args = transformers.TrainingArguments(output_dir=str(tmp_path / str(compiled)), max_steps=4,
+                                              per_device_train_batch_size=2, report_to=[], use_cpu=True,
+                                              save_strategy="no", seed=0, **extra)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0)
+        transformers.Trainer(model=model, args=args, train_dataset=rows, optimizers=(opt, sched)).train()
+        assert model.step == 4
+        return before, q._parameters["weight"].detach().clone()
+
+    before, eager = run(False)
+    _, compiled = run(True)
+    assert not torch.equal(before, compiled)  # q_proj trains (it stayed unchanged before the fix)
+    torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-6)
