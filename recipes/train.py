@@ -43,7 +43,8 @@ import torch
 from . import data as data_mod
 from . import presets as presets_mod
 from .measure import PeakMemory, Throughput, compiled_graphs, fmt_bytes, keep_freed_memory, optimizer_state_bytes, sync
-from .options import RunSpec, grass_setting, parse_args, run_specs, setting
+from .options import (RunSpec, grass_compile_settings, grass_optimizer_settings, grass_setting, parse_args, run_specs,
+                      setting)
 from .report import json_default, plot_losses, results_table
 
 WARMUP_FRACTION = 0.1
@@ -107,13 +108,8 @@ def make_grass(model: torch.nn.Module, spec: RunSpec, args: argparse.Namespace):
     import grassfx
     import grassfx.optim
 
-    model = grassfx.compile(model, rank=args.rank, selection=spec.selection,
-                            update_freq=setting(args, "update_freq", "grass"), scale=setting(args, "scale", "grass"),
-                            proj_dim=args.proj_dim, moments=grass_setting(args, "moments"),
-                            explore=grass_setting(args, "explore"), seed=args.seed, backend=args.backend,
-                            blocks=None if args.blocks == "auto" else False, refresh=args.refresh)
-    common = dict(lr=setting(args, "lr", "grass"), betas=(0.9, 0.999), eps=1e-8, weight_decay=args.weight_decay,
-                  rewarmup=grass_setting(args, "rewarmup"), full_state=args.full_state)
+    model = grassfx.compile(model, **grass_compile_settings(args, spec))
+    common = grass_optimizer_settings(args)
     params = model.parameters()
     if args.embedding_full_state is not None:  # the input embedding in a group of its own
         params = grassfx.optim.embedding_groups(params, model.module.get_input_embeddings().weight,
