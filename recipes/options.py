@@ -8,7 +8,9 @@ them, falling back to each optimizer's tuned defaults in :data:`RECOMMENDED`.
 from __future__ import annotations
 
 import argparse
+import json
 import math
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,7 +18,7 @@ from . import presets as presets_mod
 
 __all__ = ["OPTIMIZERS", "SELECTIONS", "BACKENDS", "RECOMMENDED", "DEMO_DEFAULTS", "RunSpec", "setting",
            "grass_setting", "grass_compile_settings", "grass_optimizer_settings", "check_run_settings",
-           "build_parser", "parse_args", "run_optimizers", "run_specs"]
+           "training_settings", "build_parser", "parse_args", "run_optimizers", "run_specs"]
 
 OPTIMIZERS = ("adamw", "galore", "grass")
 SELECTIONS = ("top_r", "multinorm", "multinorm_nr", "uniform")
@@ -234,7 +236,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="grassfx train",
         description="Pretrain a LLaMA-architecture causal LM from scratch and compare optimizers "
-                    "(same data, same init, same schedule).")
+                    "(same data, same init, same schedule).",
+        epilog="Every setting of every run is checked before the first run starts. Ctrl-C stops after the step "
+               "in progress: OUT/checkpoint.pt, summary.json with the run marked interrupted, exit code 130; "
+               "'grassfx train --resume OUT' then goes on where it stopped (finished runs kept), with the "
+               "losses of a run never stopped. See --save-every and --resume.")
     p.add_argument("--demo", action="store_true",
                    help="adamw vs galore vs grass on the tiny preset, sized to finish in under "
                         "10 minutes on 2 CPU cores (other flags override its settings)")
@@ -323,6 +329,16 @@ def build_parser() -> argparse.ArgumentParser:
                         "process alike) or system (glibc's own thresholds)")
     p.add_argument("--out", default=None, help="output folder (default: runs/<timestamp>)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--save-every", type=_nonnegative_int, default=0, metavar="N",
+                   help="write a checkpoint of the run in progress to OUT/checkpoint.pt every N steps "
+                        "(atomically: a kill while saving keeps the last one; 0: only when stopped by Ctrl-C, "
+                        "the default). A first Ctrl-C stops after the step in progress, with a checkpoint, "
+                        "summary.json (the run marked interrupted) and exit code 130; a second one stops at once")
+    p.add_argument("--resume", default=None, metavar="DIR",
+                   help="go on with the comparison in DIR (an earlier --out) where it stopped, with its settings: "
+                        "finished runs are kept, the interrupted one continues from its checkpoint (the same "
+                        "losses as a run never stopped) and the rest follow. Flags given with it must match "
+                        "the settings of DIR (a differing one is refused)")
     p.add_argument("--nproc", type=_positive_int, default=1,
                    help="data-parallel processes on this machine (launches torchrun; gloo on CPU, NCCL "
                         "on GPU); --batch-size is per process. Multi-node: run torchrun yourself with "
@@ -330,8 +346,67 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+# flags that change nothing a run computes: free to differ between a run and its --resume
+# (the runs themselves are compared as "runs": --compare, --optimizer and --selection)
+NOT_SETTINGS = ("demo", "compare", "optimizers", "selections", "out", "resume", "save_every", "no_progress",
+                "threads", "malloc", "speed_steps", "nproc", "argv")
+
+
+def training_settings(args: argparse.Namespace) -> dict:
+    """The settings that decide what a comparison computes (``--resume`` refuses others)."""
+    settings = {k: v for k, v in vars(args).items() if k not in NOT_SETTINGS}
+    settings["runs"] = [spec.name for spec in run_specs(args)]
+    return settings
+
+
+def _flag(key: str) -> str:
+    return "--optimizer/--selection/--compare" if key == "runs" else "--" + key.replace("_", "-")
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    """Parse ``argv``; ``--demo`` supplies defaults that explicit flags still override."""
+    """Parse ``argv``; ``--demo`` supplies defaults that explicit flags still override.
+
+    With ``--resume DIR``, the command line of DIR's comparison (``DIR/config.json``) comes
+    first and ``argv`` after it; a setting that then differs from DIR's is an error."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    first = parser.parse_args(argv)
+    if not first.resume:
+        args = _parse(argv)
+        args.argv = argv
+        return args
+    config = Path(first.resume) / "config.json"
+    if not config.is_file():
+        parser.error(f"--resume {first.resume}: no config.json there (not the --out folder of a grassfx train run)")
+    saved_argv = json.loads(config.read_text())["argv"]
+    saved, args = _parse(saved_argv), _parse(saved_argv + argv)
+    before, now = training_settings(saved), training_settings(args)
+    for key in before.keys() | now.keys():
+        if before.get(key) != now.get(key):
+            parser.error(f"--resume {first.resume}: {_flag(key)} is {now.get(key)!r} here but "
+                         f"{before.get(key)!r} in the run being resumed; resume with its settings "
+                         f"(or start a new run with another --out)")
+    if args.nproc > 1:
+        parser.error("--resume: one process only (--nproc 1)")
+    args.out, args.argv = first.resume, saved_argv + _without_resume(argv)
+    return args
+
+
+def _without_resume(argv: list[str]) -> list[str]:
+    """``argv`` less its ``--resume DIR`` (``--resume=DIR``)."""
+    kept, skip = [], False
+    for a in argv:
+        if skip or a.startswith("--resume="):
+            skip = False
+            continue
+        skip = a == "--resume"
+        if not skip:
+            kept.append(a)
+    return kept
+
+
+def _parse(argv: list[str]) -> argparse.Namespace:
+    """Parse and check ``argv`` (``--demo`` first supplies defaults)."""
     parser = build_parser()
     first = parser.parse_args(argv)
     if first.demo:
@@ -350,6 +425,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.refresh = "eager" if args.backend == "eager" else "compiled"
     if args.seq_len > presets_mod.get_preset(args.preset).max_position_embeddings:
         parser.error(f"--seq-len {args.seq_len} is too long for preset {args.preset!r}")
+    if args.save_every and args.nproc > 1:
+        parser.error("--save-every: one process only (--nproc 1)")
     for problem in (_out_problem(args.out), _device_problem(args.device)):
         if problem:
             parser.error(problem)
