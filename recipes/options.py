@@ -378,7 +378,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     config = Path(first.resume) / "config.json"
     if not config.is_file():
         parser.error(f"--resume {first.resume}: no config.json there (not the --out folder of a grassfx train run)")
-    saved_argv = json.loads(config.read_text())["argv"]
+    saved_argv = json.loads(config.read_text()).get("argv")
+    if saved_argv is None:
+        parser.error(f"--resume {first.resume}: its config.json has no command line (written by an older grassfx)")
     saved, args = _parse(saved_argv), _parse(saved_argv + argv)
     before, now = training_settings(saved), training_settings(args)
     for key in before.keys() | now.keys():

@@ -150,3 +150,7 @@ def test_resume_needs_a_run_folder(tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
         options.parse_args(["--resume", str(tmp_path)])
     assert exc.value.code == 2 and "no config.json there" in capsys.readouterr().err
+    (tmp_path / "config.json").write_text('{"steps": 6}')  # a folder of a run from before --resume
+    with pytest.raises(SystemExit) as exc:
+        options.parse_args(["--resume", str(tmp_path)])
+    assert exc.value.code == 2 and "has no command line" in capsys.readouterr().err
