@@ -8,13 +8,17 @@ them, falling back to each optimizer's tuned defaults in :data:`RECOMMENDED`.
 from __future__ import annotations
 
 import argparse
+import json
 import math
+import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 from . import presets as presets_mod
 
 __all__ = ["OPTIMIZERS", "SELECTIONS", "BACKENDS", "RECOMMENDED", "DEMO_DEFAULTS", "RunSpec", "setting",
-           "grass_setting", "build_parser", "parse_args", "run_optimizers", "run_specs"]
+           "grass_setting", "grass_compile_settings", "grass_optimizer_settings", "check_run_settings",
+           "training_settings", "build_parser", "parse_args", "run_optimizers", "run_specs"]
 
 OPTIMIZERS = ("adamw", "galore", "grass")
 SELECTIONS = ("top_r", "multinorm", "multinorm_nr", "uniform")
@@ -77,6 +81,22 @@ def _nonnegative_int(text: str) -> int:
     return value
 
 
+def _seq_len(text: str) -> int:
+    """argparse type: an integer >= 2 (a 1-token sequence has no next token to predict)."""
+    value = int(text)
+    if value < 2:
+        raise argparse.ArgumentTypeError(f"must be at least 2 (each token is trained to predict the next), got {text}")
+    return value
+
+
+def _nonnegative_float(text: str) -> float:
+    """argparse type: a finite float >= 0."""
+    value = float(text)
+    if not value >= 0 or not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a number >= 0, got {text}")
+    return value
+
+
 def _positive_float(text: str) -> float:
     """argparse type: a float > 0."""
     value = float(text)
@@ -135,12 +155,92 @@ def grass_setting(args: argparse.Namespace, key: str):
     return RECOMMENDED["grass"][key] if value is None else value
 
 
+def grass_compile_settings(args: argparse.Namespace, spec: RunSpec) -> dict:
+    """The ``grassfx.compile`` keyword arguments of the grass run ``spec``."""
+    rank = presets_mod.get_preset(args.preset).rank if args.rank is None else args.rank
+    return dict(rank=rank, selection=spec.selection, update_freq=setting(args, "update_freq", "grass"),
+                scale=setting(args, "scale", "grass"), proj_dim=args.proj_dim, moments=grass_setting(args, "moments"),
+                explore=grass_setting(args, "explore"), seed=args.seed, backend=args.backend,
+                blocks=None if args.blocks == "auto" else False, refresh=args.refresh)
+
+
+def grass_optimizer_settings(args: argparse.Namespace) -> dict:
+    """The keyword arguments of a grass run's ``grassfx.optim.AdamW`` / ``Muon`` (parameters aside)."""
+    return dict(lr=setting(args, "lr", "grass"), betas=(0.9, 0.999), eps=1e-8, weight_decay=args.weight_decay,
+                rewarmup=grass_setting(args, "rewarmup"), full_state=args.full_state)
+
+
+def check_run_settings(args: argparse.Namespace) -> None:
+    """Build every run's settings through the checks of the code that will use them, before any
+    run starts: ``grassfx.config.GrassConfig`` (what ``grassfx.compile`` checks) and the grass
+    optimizer (``grassfx.optim``) on a stand-in parameter; ``torch.optim.AdamW`` for the baseline.
+    Raises ``ValueError`` (``grassfx.ConfigError`` for grass) naming the run and the setting."""
+    import torch
+
+    stand_in = [torch.nn.Parameter(torch.zeros(1))]
+    for spec in run_specs(args):
+        try:
+            if spec.optimizer == "grass":
+                import grassfx.optim
+                from grassfx.config import GrassConfig
+
+                GrassConfig(**grass_compile_settings(args, spec))
+                optimizer = grassfx.optim.Muon if grass_setting(args, "optimizer") == "muon" else grassfx.optim.AdamW
+                optimizer(stand_in, **grass_optimizer_settings(args))
+            elif spec.optimizer == "adamw":
+                torch.optim.AdamW(stand_in, lr=setting(args, "lr", "adamw") * setting(args, "scale", "adamw"),
+                                  weight_decay=args.weight_decay)
+        except ValueError as exc:
+            raise ValueError(f"the {spec.name} run: {exc}") from None
+
+
+def _out_problem(out: str | None) -> str | None:
+    """Why ``--out`` cannot be the output folder (a file there or above it), or None."""
+    if out is None:
+        return None
+    path = Path(out)
+    for part in (path, *path.parents):
+        if part.exists():
+            return None if part.is_dir() else f"--out {out}: {part} is a file, not a folder; name a folder"
+    return None
+
+
+def _device_problem(name: str) -> str | None:
+    """Why ``--device name`` cannot run here (a bad name, an absent accelerator), or None."""
+    import torch
+
+    if name == "auto":
+        return None
+    try:
+        device = torch.device(name)
+    except RuntimeError as exc:
+        return f"bad --device {name!r}: {exc}"
+    if device.type == "cpu":
+        return None
+    if device.type == "mps":
+        available, count = torch.backends.mps.is_available(), 1
+    else:
+        backend = getattr(torch, device.type, None)
+        available = bool(backend is not None and getattr(backend, "is_available", lambda: False)())
+        count = backend.device_count() if available and hasattr(backend, "device_count") else 1
+    if not available:
+        return f"--device {name}: no {device.type} device is available to this torch ({torch.__version__}); " \
+               "use --device cpu (or auto)"
+    if device.index is not None and device.index >= count:
+        return f"--device {name}: only {count} {device.type} device(s) here (indices 0 to {count - 1})"
+    return None
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The command-line parser of ``grassfx train``."""
     p = argparse.ArgumentParser(
         prog="grassfx train",
         description="Pretrain a LLaMA-architecture causal LM from scratch and compare optimizers "
-                    "(same data, same init, same schedule).")
+                    "(same data, same init, same schedule).",
+        epilog="Every setting of every run is checked before the first run starts. Ctrl-C stops after the step "
+               "in progress: OUT/checkpoint.pt, summary.json with the run marked interrupted, exit code 130; "
+               "'grassfx train --resume OUT' then goes on where it stopped (finished runs kept), with the "
+               "losses of a run never stopped. See --save-every and --resume.")
     p.add_argument("--demo", action="store_true",
                    help="adamw vs galore vs grass on the tiny preset, sized to finish in under "
                         "10 minutes on 2 CPU cores (other flags override its settings)")
@@ -195,9 +295,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=_per_optimizer(_positive_float), action=_MergeDicts, default=None,
                    help="peak learning rate: X (every optimizer) or OPTIMIZER=X (repeatable; default: "
                         "each optimizer's tuned value, see benchmarks/RESULTS.md)")
-    p.add_argument("--weight-decay", type=float, default=0.0, help="decoupled weight decay (default: 0)")
+    p.add_argument("--weight-decay", type=_nonnegative_float, default=0.0, help="decoupled weight decay (default: 0)")
     p.add_argument("--batch-size", type=_positive_int, default=8, help="sequences per step (default: %(default)s)")
-    p.add_argument("--seq-len", type=_positive_int, default=256, help="tokens per sequence (default: %(default)s)")
+    p.add_argument("--seq-len", type=_seq_len, default=256, help="tokens per sequence (default: %(default)s)")
     p.add_argument("--eval-every", type=_positive_int, default=100, help="steps between evaluations (default: %(default)s)")
     p.add_argument("--eval-windows", type=_positive_int, default=64,
                    help="evaluation windows (of --seq-len tokens, spread evenly over the evaluation split) "
@@ -229,6 +329,16 @@ def build_parser() -> argparse.ArgumentParser:
                         "process alike) or system (glibc's own thresholds)")
     p.add_argument("--out", default=None, help="output folder (default: runs/<timestamp>)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--save-every", type=_nonnegative_int, default=0, metavar="N",
+                   help="write a checkpoint of the run in progress to OUT/checkpoint.pt every N steps "
+                        "(atomically: a kill while saving keeps the last one; 0: only when stopped by Ctrl-C, "
+                        "the default). A first Ctrl-C stops after the step in progress, with a checkpoint, "
+                        "summary.json (the run marked interrupted) and exit code 130; a second one stops at once")
+    p.add_argument("--resume", default=None, metavar="DIR",
+                   help="go on with the comparison in DIR (an earlier --out) where it stopped, with its settings: "
+                        "finished runs are kept, the interrupted one continues from its checkpoint (the same "
+                        "losses as a run never stopped) and the rest follow. Flags given with it must match "
+                        "the settings of DIR (a differing one is refused)")
     p.add_argument("--nproc", type=_positive_int, default=1,
                    help="data-parallel processes on this machine (launches torchrun; gloo on CPU, NCCL "
                         "on GPU); --batch-size is per process. Multi-node: run torchrun yourself with "
@@ -236,8 +346,69 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+# flags that change nothing a run computes: free to differ between a run and its --resume
+# (the runs themselves are compared as "runs": --compare, --optimizer and --selection)
+NOT_SETTINGS = ("demo", "compare", "optimizers", "selections", "out", "resume", "save_every", "no_progress",
+                "threads", "malloc", "speed_steps", "nproc", "argv")
+
+
+def training_settings(args: argparse.Namespace) -> dict:
+    """The settings that decide what a comparison computes (``--resume`` refuses others)."""
+    settings = {k: v for k, v in vars(args).items() if k not in NOT_SETTINGS}
+    settings["runs"] = [spec.name for spec in run_specs(args)]
+    return settings
+
+
+def _flag(key: str) -> str:
+    return "--optimizer/--selection/--compare" if key == "runs" else "--" + key.replace("_", "-")
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    """Parse ``argv``; ``--demo`` supplies defaults that explicit flags still override."""
+    """Parse ``argv``; ``--demo`` supplies defaults that explicit flags still override.
+
+    With ``--resume DIR``, the command line of DIR's comparison (``DIR/config.json``) comes
+    first and ``argv`` after it; a setting that then differs from DIR's is an error."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    first = parser.parse_args(argv)
+    if not first.resume:
+        args = _parse(argv)
+        args.argv = argv
+        return args
+    config = Path(first.resume) / "config.json"
+    if not config.is_file():
+        parser.error(f"--resume {first.resume}: no config.json there (not the --out folder of a grassfx train run)")
+    saved_argv = json.loads(config.read_text()).get("argv")
+    if saved_argv is None:
+        parser.error(f"--resume {first.resume}: its config.json has no command line (written by an older grassfx)")
+    saved, args = _parse(saved_argv), _parse(saved_argv + argv)
+    before, now = training_settings(saved), training_settings(args)
+    for key in before.keys() | now.keys():
+        if before.get(key) != now.get(key):
+            parser.error(f"--resume {first.resume}: {_flag(key)} is {now.get(key)!r} here but "
+                         f"{before.get(key)!r} in the run being resumed; resume with its settings "
+                         f"(or start a new run with another --out)")
+    if args.nproc > 1:
+        parser.error("--resume: one process only (--nproc 1)")
+    args.out, args.argv = first.resume, saved_argv + _without_resume(argv)
+    return args
+
+
+def _without_resume(argv: list[str]) -> list[str]:
+    """``argv`` less its ``--resume DIR`` (``--resume=DIR``)."""
+    kept, skip = [], False
+    for a in argv:
+        if skip or a.startswith("--resume="):
+            skip = False
+            continue
+        skip = a == "--resume"
+        if not skip:
+            kept.append(a)
+    return kept
+
+
+def _parse(argv: list[str]) -> argparse.Namespace:
+    """Parse and check ``argv`` (``--demo`` first supplies defaults)."""
     parser = build_parser()
     first = parser.parse_args(argv)
     if first.demo:
@@ -256,6 +427,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.refresh = "eager" if args.backend == "eager" else "compiled"
     if args.seq_len > presets_mod.get_preset(args.preset).max_position_embeddings:
         parser.error(f"--seq-len {args.seq_len} is too long for preset {args.preset!r}")
+    if args.save_every and args.nproc > 1:
+        parser.error("--save-every: one process only (--nproc 1)")
+    for problem in (_out_problem(args.out), _device_problem(args.device)):
+        if problem:
+            parser.error(problem)
+    try:  # every run's settings, before the first run trains for minutes
+        check_run_settings(args)
+    except ValueError as exc:
+        parser.error(str(exc))
     return args
 
 

@@ -40,10 +40,13 @@ from pathlib import Path
 
 import torch
 
+from . import checkpoint
 from . import data as data_mod
 from . import presets as presets_mod
+from .launch import barrier, init_distributed, launch
 from .measure import PeakMemory, Throughput, compiled_graphs, fmt_bytes, keep_freed_memory, optimizer_state_bytes, sync
-from .options import RunSpec, grass_setting, parse_args, run_specs, setting
+from .options import (RunSpec, grass_compile_settings, grass_optimizer_settings, grass_setting, parse_args, run_specs,
+                      setting)
 from .report import json_default, plot_losses, results_table
 
 WARMUP_FRACTION = 0.1
@@ -107,13 +110,8 @@ def make_grass(model: torch.nn.Module, spec: RunSpec, args: argparse.Namespace):
     import grassfx
     import grassfx.optim
 
-    model = grassfx.compile(model, rank=args.rank, selection=spec.selection,
-                            update_freq=setting(args, "update_freq", "grass"), scale=setting(args, "scale", "grass"),
-                            proj_dim=args.proj_dim, moments=grass_setting(args, "moments"),
-                            explore=grass_setting(args, "explore"), seed=args.seed, backend=args.backend,
-                            blocks=None if args.blocks == "auto" else False, refresh=args.refresh)
-    common = dict(lr=setting(args, "lr", "grass"), betas=(0.9, 0.999), eps=1e-8, weight_decay=args.weight_decay,
-                  rewarmup=grass_setting(args, "rewarmup"), full_state=args.full_state)
+    model = grassfx.compile(model, **grass_compile_settings(args, spec))
+    common = grass_optimizer_settings(args)
     params = model.parameters()
     if args.embedding_full_state is not None:  # the input embedding in a group of its own
         params = grassfx.optim.embedding_groups(params, model.module.get_input_embeddings().weight,
@@ -236,8 +234,11 @@ def timed_step(model, opt, sched, x: torch.Tensor, device) -> tuple[float, float
     return loss, time.perf_counter() - t0, compiled_graphs() != graphs
 
 
-def train_run(spec: RunSpec, corpus, eval_set, args, device, log) -> dict:
-    """Train one run from the shared init and batches; ``log`` gets each step's record."""
+def train_run(spec: RunSpec, corpus, eval_set, args, device, log, out: Path, state: dict | None = None,
+              stop: checkpoint.StopRequest | None = None) -> dict:
+    """Train one run from the shared init and batches (or from its checkpoint ``state``); ``log``
+    gets each step's record. A checkpoint goes to ``out`` every ``--save-every`` steps and when
+    ``stop`` is requested, which then ends the run early (:class:`checkpoint.RunStopped`)."""
     from tqdm.auto import tqdm
 
     gc.collect()
@@ -246,31 +247,50 @@ def train_run(spec: RunSpec, corpus, eval_set, args, device, log) -> dict:
     world, proc = getattr(args, "world_size", 1), getattr(args, "proc_rank", 0)
     sampler = data_mod.BatchSampler(corpus.train, args.batch_size, args.seq_len, seed=args.seed + 7919 * proc)
     speed = Throughput(args.batch_size * args.seq_len * world)  # tokens of all processes
-    bar = tqdm(total=args.steps, desc=f"{spec.name:>8}", unit="step", dynamic_ncols=True,
+    done, smooth, eval_loss, peak, mine = 0, None, float("nan"), 0, []
+    if state is not None:
+        done, smooth, eval_loss, peak, mine = checkpoint.restore(state, model, opt, sched, sampler, speed)
+    saved = done or None
+    bar = tqdm(total=args.steps, initial=done, desc=f"{spec.name:>8}", unit="step", dynamic_ncols=True,
                disable=args.no_progress or proc != 0, mininterval=0.5, file=sys.stderr)
-    smooth, eval_loss = None, float("nan")
-    for step in range(1, args.steps + 1):
-        x = next(sampler).to(device)
-        lr = opt.param_groups[0]["lr"]
-        loss, dt, compiled = timed_step(model, opt, sched, x, device)
-        speed.add(dt, compiled=compiled)
-        if not math.isfinite(loss):
-            raise FloatingPointError(f"{spec.name}: the training loss became {loss} at step {step}")
-        smooth = loss if smooth is None else 0.95 * smooth + 0.05 * loss
-        record = dict(run=spec.name, step=step, loss=loss, lr=lr, tokens_per_s=speed.tokens_per_step / dt)
-        if step % args.eval_every == 0 or step == args.steps:  # the curve: the same windows each time
-            eval_loss = record["eval_curve"] = timed_eval(uncompiled(model), eval_set.curve, device, speed)
-        if step == args.steps:  # the result: every window of the evaluation split
-            eval_loss = record["eval_loss"] = timed_eval(uncompiled(model), eval_set.full, device, speed)
-        log(record)
-        shown_eval = f"eval {eval_loss:.3f}, " if math.isfinite(eval_loss) else ""
-        bar.set_postfix_str(f"loss {smooth:.3f}, {shown_eval}{speed.tokens_per_s:,.0f} tok/s, "
-                            f"mem {fmt_bytes(mem.peak())}", refresh=False)
-        bar.update(1)
+    step = done
+    try:
+        for step in range(done + 1, args.steps + 1):
+            x = next(sampler).to(device)
+            lr = opt.param_groups[0]["lr"]
+            loss, dt, compiled = timed_step(model, opt, sched, x, device)
+            speed.add(dt, compiled=compiled)
+            if not math.isfinite(loss):
+                raise FloatingPointError(f"{spec.name}: the training loss became {loss} at step {step}")
+            smooth = loss if smooth is None else 0.95 * smooth + 0.05 * loss
+            record = dict(run=spec.name, step=step, loss=loss, lr=lr, tokens_per_s=speed.tokens_per_step / dt)
+            if step % args.eval_every == 0 or step == args.steps:  # the curve: the same windows each time
+                eval_loss = record["eval_curve"] = timed_eval(uncompiled(model), eval_set.curve, device, speed)
+            if step == args.steps:  # the result: every window of the evaluation split
+                eval_loss = record["eval_loss"] = timed_eval(uncompiled(model), eval_set.full, device, speed)
+            log(record)
+            mine.append(record)
+            shown_eval = f"eval {eval_loss:.3f}, " if math.isfinite(eval_loss) else ""
+            bar.set_postfix_str(f"loss {smooth:.3f}, {shown_eval}{speed.tokens_per_s:,.0f} tok/s, "
+                                f"mem {fmt_bytes(mem.peak())}", refresh=False)
+            bar.update(1)
+            stopping = stop is not None and stop.requested and step < args.steps
+            if stopping or (args.save_every and step % args.save_every == 0):
+                checkpoint.save(out / checkpoint.CHECKPOINT, checkpoint.run_state(
+                    spec.name, step, model, opt, sched, sampler, speed, smooth, eval_loss, max(peak, mem.peak()),
+                    mine))
+                saved = step
+            if stopping:
+                raise KeyboardInterrupt
+    except KeyboardInterrupt:  # a step cut short is abandoned: the run stopped after the one before
+        bar.close()
+        last = step if saved == step else step - 1
+        raise checkpoint.RunStopped(checkpoint.interrupted_row(spec.optimizer, last, args.steps, smooth, eval_loss,
+                                                               saved)) from None
     bar.close()
     summary = dict(
         optimizer=spec.optimizer, eval_loss=eval_loss, eval_ppl=math.exp(min(eval_loss, 700.0)),
-        train_loss=smooth, tokens_per_s=speed.tokens_per_s, peak_mem_bytes=mem.peak(),
+        train_loss=smooth, tokens_per_s=speed.tokens_per_s, peak_mem_bytes=max(peak, mem.peak()),
         optimizer_state_bytes=optimizer_state_bytes(opt), steps=args.steps,
         tokens=args.steps * speed.tokens_per_step, params=params,
         train_time_s=speed.seconds + sum(speed.compiling), first_step_s=speed.first_step_s,
@@ -291,19 +311,24 @@ def resolve_device(name: str) -> torch.device:
     """``auto`` -> cuda when available, else cpu; anything else is taken as given."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        return torch.device(name)
-    except RuntimeError as exc:
-        raise SystemExit(f"grassfx train: error: bad --device {name!r}: {exc}") from None
+    return torch.device(name)  # a name options.parse_args has checked
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Command-line entry point (``grassfx train``, ``python -m grassfx.train``); returns 0."""
+    """Command-line entry point (``grassfx train``, ``python -m grassfx.train``); returns 0, or 130 when
+    stopped by Ctrl-C (with a checkpoint and summary.json to resume from)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
     if args.nproc > 1 and "WORLD_SIZE" not in os.environ:
         return launch(argv, args.nproc)
-    run(argv)
+    try:
+        run(argv)
+    except checkpoint.Interrupted as exc:
+        print(f"\ngrassfx train: {exc}", file=sys.stderr)
+        return 130
+    except KeyboardInterrupt:  # before the output folder existed: nothing to resume
+        print("\ngrassfx train: interrupted", file=sys.stderr)
+        return 130
     return 0
 
 
@@ -429,17 +454,29 @@ def run_all(specs, corpus, eval_set, args, device, out: Path) -> tuple[dict, lis
     tokens/s replace the runs' own (kept as ``train_tokens_per_s``). Returns the summary,
     the step records and the line that says where the table's tokens/s come from."""
     warm_up(corpus, args, device)
-    records: list[dict] = []
-    summary: dict = {}
-    with open(out / "metrics.jsonl", "w") as metrics:
+    summary, records, state = checkpoint.resumed(out, [s.name for s in specs]) if args.resume else ({}, [], None)
+    if args.resume:
+        print(f"resuming {out}: " + ", ".join([f"{name} finished" for name in summary] + (
+            [f"{state['run']} from step {state['step']}"] if state else [])), flush=True)
+    with open(out / "metrics.jsonl", "w") as metrics, checkpoint.StopRequest(getattr(args, "world_size", 1) == 1) as stop:
+        metrics.writelines(json.dumps(r) + "\n" for r in records)
+
         def log(record: dict) -> None:
             records.append(record)
             metrics.write(json.dumps(record) + "\n")
 
-        for spec in specs:
-            summary[spec.name] = train_run(spec, corpus, eval_set, args, device, log)
-            metrics.flush()
-            (out / "summary.json").write_text(json.dumps(summary, indent=2, default=json_default) + "\n")
+        for spec in (s for s in specs if s.name not in summary):
+            if stop.requested:  # asked during the last step of the run before
+                raise checkpoint.Interrupted(out)
+            try:
+                summary[spec.name] = train_run(spec, corpus, eval_set, args, device, log, out,
+                                               state if state and state["run"] == spec.name else None, stop)
+            except checkpoint.RunStopped as stopped:
+                summary[spec.name] = stopped.row
+                raise checkpoint.Interrupted(out) from None
+            finally:
+                metrics.flush()
+                (out / "summary.json").write_text(json.dumps(summary, indent=2, default=json_default) + "\n")
     steps, why = speed_steps(specs, args)
     if not steps:
         note = "" if len(specs) < 2 or why == "--speed-steps 0" else \
@@ -481,42 +518,6 @@ def speed_note(summary: dict) -> str:
                                                     "compiled)" if kept else ""))
 
 
-def launch(argv: list[str], nproc: int) -> int:
-    """Re-run this command under ``torchrun --standalone --nproc-per-node nproc``."""
-    import subprocess
-
-    rest, skip = [], False
-    for i, a in enumerate(argv):
-        if skip:
-            skip = False
-            continue
-        if a == "--nproc":
-            skip = True
-            continue
-        if a.startswith("--nproc="):
-            continue
-        rest.append(a)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-           "-m", "grassfx.train", *rest]
-    print("launching:", " ".join(cmd), flush=True)
-    return subprocess.call(cmd)
-
-
-def init_distributed(args: argparse.Namespace, device: torch.device) -> torch.device:
-    """Under torchrun: join the process group (NCCL on GPU, gloo on CPU); set rank/world."""
-    args.world_size, args.proc_rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
-    if args.world_size == 1:
-        return device
-    import torch.distributed as dist
-
-    if device.type == "cuda":
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-        torch.cuda.set_device(device)
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return device
-
-
 def run(argv: list[str] | None = None) -> dict:
     """Run the comparison described by ``argv`` and return the summary dict."""
     t_start = time.perf_counter()
@@ -524,6 +525,8 @@ def run(argv: list[str] | None = None) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = init_distributed(args, resolve_device(args.device))
+    if args.world_size > 1 and (args.save_every or args.resume):
+        raise SystemExit("grassfx train: error: --save-every and --resume: one process only")
     # every run of this process alike: steps do not page-fault their activations back in
     kept = args.freed_memory_kept = args.malloc == "keep" and device.type == "cpu" and keep_freed_memory()
     if args.proc_rank != 0:
@@ -536,10 +539,10 @@ def run(argv: list[str] | None = None) -> dict:
     lead = args.proc_rank == 0
     say = print if lead else (lambda *a, **k: None)
     if not lead:
-        _barrier()  # rank 0 fetches/tokenizes the corpus into the cache first
+        barrier()  # rank 0 fetches/tokenizes the corpus into the cache first
     corpus, eval_set = prepare_data(args, preset)
     if lead:
-        _barrier()
+        barrier()
     out = Path(args.out or os.path.join("runs", time.strftime("%Y%m%d-%H%M%S")))
     if not lead:
         out = out / f"rank{args.proc_rank}"  # other ranks keep their own records apart
@@ -550,8 +553,13 @@ def run(argv: list[str] | None = None) -> dict:
     say(f"model: {preset.name} {arch_name}; runs: {', '.join(s.name for s in specs)}; {args.steps} steps x "
         f"{args.batch_size} x {args.seq_len} tokens x {args.world_size} process(es); device {device}, "
         f"{torch.get_num_threads()} threads{'; freed memory kept' if kept else ''}; out {out}")
+    if args.resume:
+        checkpoint.check_same_corpus(out, corpus)
     write_config(out, args, specs, corpus, device)
-    summary, records, note = run_all(specs, corpus, eval_set, args, device, out)
+    try:
+        summary, records, note = run_all(specs, corpus, eval_set, args, device, out)
+    except KeyboardInterrupt:  # outside a training step (warm-up, speed check): the runs done are kept
+        raise checkpoint.Interrupted(out) from None
     source = Path(corpus.source).name if args.data else "Shakespeare"
     plotted = lead and plot_losses(records, out / "loss.png",
                                    f"{preset.name} {arch_name} ({summary[specs[0].name]['params'] / 1e6:.1f}M params) on {source}")
@@ -566,16 +574,10 @@ def run(argv: list[str] | None = None) -> dict:
     if args.world_size > 1:
         import torch.distributed as dist
 
-        _barrier()  # no rank tears down its process group while another still uses it
+        barrier()  # no rank tears down its process group while another still uses it
         dist.destroy_process_group()
     return summary
 
-
-def _barrier() -> None:
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
 
 if __name__ == "__main__":
     raise SystemExit(main())
