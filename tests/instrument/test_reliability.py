@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
@@ -10,7 +11,7 @@ from torch import nn
 
 import grassfx
 
-from conftest import make_mlp
+from conftest import make_linear, make_mlp
 
 
 def _train(model, opt, xs):
@@ -219,3 +220,43 @@ def test_two_grassfx_optimizers_over_one_model_advance_the_step_once():
             opt.zero_grad()
     assert model.step == 3
     assert int(model.grass_refreshed_at) == 2
+
+
+def _poison_row(y, row, value):
+    """Make row ``row`` of the weight gradient of the Linear whose output is ``y`` non-finite."""
+    y.register_hook(lambda g: g.index_fill(1, torch.tensor([row]), value))
+    return y
+
+
+@pytest.mark.parametrize("method, value", [("top_r", math.nan), ("multinorm", math.nan),
+                                           ("multinorm_nr", math.nan), ("multinorm_nr", math.inf)])
+@pytest.mark.parametrize("mode", ["raise", "skip"])
+def test_refused_refresh_never_applies_the_new_rows_gradient(method, value, mode):
+    # issue 27 item 4: a NaN/Inf in a row the refresh does not select made the multinorm
+    # selectors fall back to uniform norms; the refresh was refused (old rows kept) but the
+    # handle held the drawn rows' gradient, and step() applied it to the old rows
+    g = torch.Generator().manual_seed(1)
+    xs = [torch.randn(4, 8, generator=g) for _ in range(4)]
+    models = []
+    for poisoned in (False, True):
+        net = make_linear()
+        model = grassfx.compile(net, rank=4, update_freq=2, selection=method, backend="eager")
+        opt = grassfx.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1, nonfinite=mode)
+        _train(model, opt, xs[:2])  # a refresh, then a normal step: the next step refreshes
+        if poisoned:
+            site = model.sites[0]
+            row = next(r for r in range(site.rows) if r not in site.idx.tolist())
+            before, idx = net.weight.detach().clone(), site.idx.clone()
+            opt.zero_grad()
+            _poison_row(model(torch.randn(4, 8)), row, value).pow(2).mean().backward()
+            assert torch.equal(site.idx, idx)  # the refresh was refused
+            if mode == "raise":
+                with pytest.raises(grassfx.NonFiniteGradientError):
+                    opt.step()
+            else:
+                opt.step()
+                assert opt.skipped_steps == 1
+            assert torch.equal(net.weight, before)
+        _train(model, opt, xs[2:])  # the refresh is redone: as if the bad batch never came
+        models.append(net.weight.detach())
+    torch.testing.assert_close(models[1], models[0], rtol=0, atol=0)
