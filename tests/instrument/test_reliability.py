@@ -260,3 +260,53 @@ def test_refused_refresh_never_applies_the_new_rows_gradient(method, value, mode
         _train(model, opt, xs[2:])  # the refresh is redone: as if the bad batch never came
         models.append(net.weight.detach())
     torch.testing.assert_close(models[1], models[0], rtol=0, atol=0)
+
+
+def _decayed_model():
+    """An MLP after two steps with weight decay: its unselected rows owe decay."""
+    model = grassfx.compile(make_mlp(), rank=4, update_freq=100, backend="eager")
+    opt = grassfx.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+    _train(model, opt, [torch.randn(4, 12) for _ in range(2)])
+    assert all(float(s.decay_pending) < 1.0 for s in model.sites)
+    return model
+
+
+def test_weights_loaded_into_the_wrapped_module_owe_no_decay():
+    # issue 27 item 6: loading the user's module applied the old weights' owed decay to the
+    # loaded ones (state then ~1e-3 off what was loaded)
+    model = _decayed_model()
+    sd = make_mlp(seed=1).state_dict()
+    model.module.load_state_dict(sd)
+    assert all(float(s.decay_pending) == 1.0 for s in model.sites)
+    for name, value in model.module.state_dict().items():  # state_dict() settles owed decay
+        assert torch.equal(value, sd[name]), name
+
+
+@pytest.mark.parametrize("outer", [False, True], ids=["module", "grass_model"])
+def test_a_partial_load_keeps_the_debt_of_weights_not_loaded(outer):
+    model = _decayed_model()
+    truth = grassfx.unwrap(copy.deepcopy(model)).state_dict()  # every debt paid
+    new_up = make_mlp(seed=1).up.weight.detach().clone()
+    if outer:
+        model.load_state_dict({"module.up.weight": new_up}, strict=False)
+    else:
+        model.module.load_state_dict({"up.weight": new_up}, strict=False)
+    assert float(model.site("up.weight").decay_pending) == 1.0
+    assert float(model.site("down.weight").decay_pending) < 1.0
+    sd = model.module.state_dict()
+    assert torch.equal(sd["up.weight"], new_up)
+    assert torch.equal(sd["down.weight"], truth["down.weight"])
+
+
+def test_a_submodule_load_owes_no_decay_and_a_full_checkpoint_keeps_its_own_debt():
+    model = _decayed_model()
+    new_down = make_mlp(seed=1).down.state_dict()
+    model.module.down.load_state_dict(new_down)
+    assert torch.equal(model.module.state_dict()["down.weight"], new_down["weight"])
+    saved = model.state_dict()  # settled: every debt 1
+    with torch.no_grad():
+        model.site("up.weight").decay_pending.fill_(0.5)
+    assert model.sites[0].name == "up.weight"
+    saved["sites.0.decay_pending"] = torch.tensor(0.25, dtype=torch.float64)
+    model.load_state_dict(saved)  # the checkpoint's own debt wins over the loaded weight's reset
+    assert float(model.site("up.weight").decay_pending) == 0.25
