@@ -413,3 +413,35 @@ def test_non_contiguous_weight_trains_as_its_contiguous_copy(make, rank, proj_di
             _step(model, opt, torch.randn(4, 16, generator=g))
         weights.append(net.weight.detach())
     torch.testing.assert_close(weights[1], weights[0], rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("make", [
+    lambda p: grassfx.optim.AdamW(p, lr=1e-2),
+    lambda p: grassfx.optim.SGD(p, lr=1e-2, momentum=0.9),
+    lambda p: grassfx.optim.Adafactor(p, lr=1e-2),
+], ids=["adamw", "sgd", "adafactor"])
+@pytest.mark.parametrize("proj_dim, rank, selects", [("rows", 6, "6 of 24 rows"), ("cols", 6, "6 of 12 columns"),
+                                                     ("rows", 10_000, "24 of 24 rows")])
+def test_state_saved_at_another_rank_is_refused_at_load(make, proj_dim, rank, selects):
+    # issue 27 item 14: it loaded, and failed only at the next step with a shape mismatch
+    def build(r):
+        model = grassfx.compile(make_mlp(), rank=r, update_freq=100, proj_dim=proj_dim, backend="eager")
+        return model, make(model.parameters())
+
+    model, opt = build(4)
+    _step(model, opt, torch.randn(4, 12))
+    buf = io.BytesIO()
+    torch.save(opt.state_dict(), buf)
+    other, other_opt = build(rank)
+    buf.seek(0)
+    saved = torch.load(buf)
+    with pytest.raises(grassfx.ConfigError, match=rf"'up.weight' was saved at rank 4 .* selects {selects}"):
+        other_opt.load_state_dict(saved)
+    same, same_opt = build(4)  # the same rank loads and resumes as the saving run
+    same_opt.load_state_dict(saved)
+    same.load_state_dict(model.state_dict())
+    x = torch.randn(4, 12)
+    _step(model, opt, x)
+    _step(same, same_opt, x)
+    for a, b in zip(grassfx.unwrap(model).parameters(), grassfx.unwrap(same).parameters()):
+        assert torch.equal(a, b)
