@@ -284,7 +284,10 @@ def fused_adamw(params, grads, exp_avgs, exp_avg_sqs, steps, *, lr: float, beta1
 
     ``steps`` are float32 0-d tensors already advanced (torch's fused AdamW adds 1 before
     calling the kernel). Returns False, doing nothing, where the kernel does not exist or
-    the tensors are not on one CPU/CUDA device with one float dtype (the caller falls back).
+    the tensors are not on one CPU/CUDA device with one float dtype, or a parameter's
+    gradient and moments are laid out with other strides than it (the kernel walks the four
+    tensors in memory order: a transposed weight's update would land on the wrong entries;
+    the caller falls back).
     """
     kernel = getattr(torch, "_fused_adamw_", None)
     if kernel is None or not params:
@@ -294,6 +297,9 @@ def fused_adamw(params, grads, exp_avgs, exp_avg_sqs, steps, *, lr: float, beta1
         return False
     for group in (params, grads, exp_avgs, exp_avg_sqs):
         if any(t.device != device or t.dtype != dtype for t in group):
+            return False
+    for tensors in zip(params, grads, exp_avgs, exp_avg_sqs):
+        if any(t.stride() != tensors[0].stride() for t in tensors):
             return False
     kernel(params, grads, exp_avgs, exp_avg_sqs, [], steps, amsgrad=False, lr=lr, beta1=beta1, beta2=beta2,
            weight_decay=weight_decay, eps=eps, maximize=False, grad_scale=None, found_inf=None)

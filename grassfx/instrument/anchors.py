@@ -115,8 +115,10 @@ class RefreshAnchor(torch.autograd.Function):
             grad = _compat.all_reduce_mean(grad, ctx.group, ctx.world)
         sq_norms = squared_norms(grad, 1 - ctx.dim, ctx.dim)  # (m,) along the selected dim
         idx, rho = _select.select_rows(sq_norms, noise, ctx.rank, ctx.method, age, ctx.explore, labels, ctx.blocks)
-        compressed = select_scaled(grad, idx, rho, ctx.dim)
         poison = sq_norms.sum().to(torch.float64) * 0.0  # NaN iff any norm is NaN/Inf
+        # a refused refresh keeps the old rows: its compressed gradient (of the new rows) must
+        # not reach them, so it is NaN too and the optimizer refuses the step (or skips it)
+        compressed = select_scaled(grad, idx, rho + poison.to(rho.dtype), ctx.dim)
         record = torch.stack([idx.to(torch.float64), rho.to(torch.float64) + poison])  # (2, r)
         return (None, compressed.to(ctx.handle_dtype), record) + (None,) * 10
 

@@ -208,8 +208,8 @@ class ExpertRefreshAnchor(torch.autograd.Function):
             grad = _compat.all_reduce_mean(grad, ctx.group, ctx.world)
         sq_norms = squared_norms(grad, 2, 1)  # (E, m)
         idx, rho = select_expert_rows(sq_norms, noise, ctx.rank, ctx.method)
-        compressed = select_experts(grad, idx, rho)
         poison = sq_norms.sum().to(torch.float64) * 0.0  # NaN iff any norm is NaN/Inf
+        compressed = select_experts(grad, idx, rho + poison.to(rho.dtype))  # refused refresh: NaN (as RefreshAnchor)
         record = torch.stack([idx.to(torch.float64), rho.to(torch.float64) + poison])  # (2, E, r)
         return None, compressed.to(ctx.handle_dtype), record, None, None, None, None, None
 

@@ -53,6 +53,7 @@ class GrassModel(nn.Module):
             w.requires_grad_(False)
         # whoever saves the user's module (state_dict, save_pretrained) saves settled weights
         self._settle_hook = module.register_state_dict_pre_hook(_settle_owed_decay)
+        self._load_hooks = _hook_loads(module, specs)  # loaded weights owe no decay
         self._slot = swap.AnchorSlot()
         swap.install(module, {id(module.get_parameter(s.name)): s.name for s in specs}, self._slot)
         self._unwrapped = False
@@ -93,7 +94,7 @@ class GrassModel(nn.Module):
         new = type(self).__new__(type(self))
         memo[id(self)] = new
         memo[id(self._schedule)] = None  # the copy gets its own schedule below
-        skip = ("_runner", "compile_report", "_dp", "_dp_checked", "_schedule", "_settle_hook")
+        skip = ("_runner", "compile_report", "_dp", "_dp_checked", "_schedule", "_settle_hook", "_load_hooks")
         for key, value in self.__dict__.items():
             if key not in skip:
                 new.__dict__[key] = copy.deepcopy(value, memo)
@@ -104,6 +105,7 @@ class GrassModel(nn.Module):
         new._runner, new.compile_report = new._run, None
         new._dp, new._dp_checked = None, False
         new._settle_hook = None  # the copied module carries a copy of the hook
+        new._load_hooks = []  # and copies of these
         if new.grass_config.backend != "eager":
             from grassfx.compiler import install_compiled_runner
 
@@ -328,6 +330,22 @@ def _settle_owed_decay(module: nn.Module, prefix: str, keep_vars: bool) -> None:
             _settle_site(site)
 
 
+def _loaded_weights_owe_nothing(module: nn.Module, state_dict, prefix: str, *args) -> None:
+    """Load-state-dict pre-hook on a module owning projected weights: a weight being loaded
+    replaces every row, so its site owes no decay (the debt was the old weights')."""
+    for name, param in module.named_parameters(recurse=False):
+        site = registry.target_of(param)
+        if site is not None and prefix + name in state_dict:
+            site.decay_pending.fill_(1.0)
+
+
+def _hook_loads(module: nn.Module, specs) -> list:
+    """:func:`_loaded_weights_owe_nothing` on every module owning a target (the handles)."""
+    owners = dict.fromkeys(spec.module_name for spec in specs)
+    return [module.get_submodule(name).register_load_state_dict_pre_hook(_loaded_weights_owe_nothing)
+            for name in owners]
+
+
 def unwrap(model: nn.Module) -> nn.Module:
     """The original module with its trained weights and none of grassfx's state.
 
@@ -346,6 +364,8 @@ def unwrap(model: nn.Module) -> nn.Module:
     model.materialize_weight_decay()
     if model._settle_hook is not None:
         model._settle_hook.remove()
+    for hook in getattr(model, "_load_hooks", ()):
+        hook.remove()
     model._slot.clear()
     model._unwrapped = True
     registry.forget_weights(model.sites)

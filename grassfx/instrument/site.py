@@ -120,6 +120,21 @@ class Site(nn.Module):
         """Steps since each row was last selected (never selected: ``step + 1``), float64 (rows,)."""
         return (step - self.last_seen).to(torch.float64)
 
+    #: buffers whose dtype does not follow the model's: the decay debt (float64: in bf16,
+    #: 0.999 rounds to 1 and rows outside the selection would never decay) and rho
+    #: (float32, as made for a weight of any dtype)
+    _FIXED_DTYPES = {"decay_pending": torch.float64, "rho": torch.float32}
+
+    def _apply(self, fn, recurse=True):
+        """``.to()``, ``.half()``, ``.bfloat16()``, ...: buffers move, but keep :attr:`_FIXED_DTYPES`."""
+        before = {name: getattr(self, name) for name in self._FIXED_DTYPES}
+        result = super()._apply(fn, recurse)
+        for name, dtype in self._FIXED_DTYPES.items():
+            moved = getattr(self, name)
+            if moved.dtype != dtype:  # the old values, not the rounded ones
+                setattr(self, name, before[name].to(device=moved.device, dtype=dtype))
+        return result
+
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):
         key = prefix + "last_seen"

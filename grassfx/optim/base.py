@@ -157,6 +157,41 @@ def finite_flags(tensors: list) -> list[bool]:
     return ok
 
 
+def check_saved_ranks(state_dict, param_groups) -> None:
+    """Refuse a checkpoint whose state of a projected weight was made at another rank (or
+    another selected dim): it would load, and fail at the next step with a shape mismatch.
+
+    Every state tensor of a handle with the handle's number of dims must match it along each
+    dim (or be 1 there: Adafactor's factored variances); a 1-D one (``row_step``) has one
+    entry per selected row.
+    """
+    saved = itertools.chain.from_iterable(g["params"] for g in state_dict["param_groups"])
+    mine = itertools.chain.from_iterable(g["params"] for g in param_groups)
+    for key, handle in zip(saved, mine):
+        site = registry.site_of(handle)
+        if site is None or site.sharded:
+            continue
+        rows = matrix_of(site).rank if not site.full else None
+        axis = handle.dim() - 2 + site.dim  # the selected dim of the handle
+        for name, value in state_dict["state"].get(key, {}).items():
+            if not torch.is_tensor(value) or value.dim() == 0:
+                continue
+            if value.dim() == handle.dim():
+                ok = all(a in (b, 1) for a, b in zip(value.shape, handle.shape))
+                saved_rank = value.shape[axis]
+            else:
+                ok = value.dim() == 1 and value.numel() == rows
+                experts = handle.shape[0] if handle.dim() == 3 else 1  # an expert stack's (E, r, n)
+                saved_rank = value.numel() // experts if value.dim() == 1 else "?"
+            if not ok:
+                raise ConfigError(
+                    f"the optimizer state of {site.name!r} was saved at rank {saved_rank} (state {name!r} of shape "
+                    f"{tuple(value.shape)}); this optimizer's model selects {site.rank} of {site.rows} "
+                    f"{'rows' if site.dim == 0 else 'columns'} (gradient handle {tuple(handle.shape)}). Compile the "
+                    f"model with the checkpoint's rank (and proj_dim) to resume, or start from a fresh optimizer"
+                )
+
+
 class GrassOptimizer(torch.optim.Optimizer):
     """Base class: parameter classification, refresh handling, checks, stepping."""
 
@@ -250,7 +285,9 @@ class GrassOptimizer(torch.optim.Optimizer):
         """As ``torch.optim.Optimizer``'s, but every state tensor keeps the dtype it was saved
         in: the base class casts every floating state tensor but ``step`` to its parameter's
         dtype, which would turn float32 moments of a bf16 weight (``state_dtype``) into bf16
-        and stop a bfloat16 per-row step count at 256."""
+        and stop a bfloat16 per-row step count at 256. State saved at another rank is refused
+        (:func:`check_saved_ranks`)."""
+        check_saved_ranks(state_dict, self.param_groups)
         saved = itertools.chain.from_iterable(g["params"] for g in state_dict["param_groups"])
         mine = itertools.chain.from_iterable(g["params"] for g in self.param_groups)
         tensors = {p: {key: value.clone() for key, value in state_dict["state"].get(k, {}).items()

@@ -112,3 +112,34 @@ def test_unsupported_settings_for_expert_stacks_are_refused(kw, match):
     with pytest.raises(grassfx.ConfigError, match=match):
         grassfx.compile(make_loop_experts(), rank=2, backend="eager", **kw)
     grassfx.compile(make_loop_experts(), rank=2, backend="eager", exclude=["w"], **kw)  # the way out works
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_a_refused_expert_refresh_changes_no_weight(value):
+    # issue 27 item 4 for expert stacks: a NaN/Inf in a row multinorm_nr does not select
+    # kept the old rows, and the drawn rows' gradient was applied to them
+    class Stack(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.randn(2, 6, 3))
+
+        def forward(self, x):
+            return torch.einsum("bi,eoi->beo", x, self.w)
+
+    torch.manual_seed(0)
+    gm = grassfx.compile(Stack(), rank=2, targets=["w"], selection="multinorm_nr", update_freq=1, backend="eager")
+    opt = grassfx.optim.AdamW(gm.parameters(), lr=1e-2, nonfinite="skip")
+    gm(torch.randn(4, 3)).pow(2).mean().backward()
+    opt.step()
+    opt.zero_grad()
+    site = gm.sites[0]
+    row = next(r for r in range(6) if r not in site.idx[0].tolist())
+    before, idx = gm.module.w.detach().clone(), site.idx.clone()
+    y = gm(torch.randn(4, 3))
+    bad = (torch.arange(2)[:, None] == 0) & (torch.arange(6) == row)  # (e, o): row `row` of expert 0
+    y.register_hook(lambda g: torch.where(bad, value, g))
+    y.pow(2).mean().backward()
+    assert torch.equal(site.idx, idx)  # the refresh was refused
+    opt.step()
+    assert opt.skipped_steps == 1
+    assert torch.equal(gm.module.w, before)

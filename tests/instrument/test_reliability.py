@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
@@ -10,7 +11,7 @@ from torch import nn
 
 import grassfx
 
-from conftest import make_mlp
+from conftest import make_linear, make_mlp
 
 
 def _train(model, opt, xs):
@@ -219,3 +220,93 @@ def test_two_grassfx_optimizers_over_one_model_advance_the_step_once():
             opt.zero_grad()
     assert model.step == 3
     assert int(model.grass_refreshed_at) == 2
+
+
+def _poison_row(y, row, value):
+    """Make row ``row`` of the weight gradient of the Linear whose output is ``y`` non-finite."""
+    y.register_hook(lambda g: g.index_fill(1, torch.tensor([row]), value))
+    return y
+
+
+@pytest.mark.parametrize("method, value", [("top_r", math.nan), ("multinorm", math.nan),
+                                           ("multinorm_nr", math.nan), ("multinorm_nr", math.inf)])
+@pytest.mark.parametrize("mode", ["raise", "skip"])
+def test_refused_refresh_never_applies_the_new_rows_gradient(method, value, mode):
+    # issue 27 item 4: a NaN/Inf in a row the refresh does not select made the multinorm
+    # selectors fall back to uniform norms; the refresh was refused (old rows kept) but the
+    # handle held the drawn rows' gradient, and step() applied it to the old rows
+    g = torch.Generator().manual_seed(1)
+    xs = [torch.randn(4, 8, generator=g) for _ in range(4)]
+    models = []
+    for poisoned in (False, True):
+        net = make_linear()
+        model = grassfx.compile(net, rank=4, update_freq=2, selection=method, backend="eager")
+        opt = grassfx.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1, nonfinite=mode)
+        _train(model, opt, xs[:2])  # a refresh, then a normal step: the next step refreshes
+        if poisoned:
+            site = model.sites[0]
+            row = next(r for r in range(site.rows) if r not in site.idx.tolist())
+            before, idx = net.weight.detach().clone(), site.idx.clone()
+            opt.zero_grad()
+            _poison_row(model(torch.randn(4, 8)), row, value).pow(2).mean().backward()
+            assert torch.equal(site.idx, idx)  # the refresh was refused
+            if mode == "raise":
+                with pytest.raises(grassfx.NonFiniteGradientError):
+                    opt.step()
+            else:
+                opt.step()
+                assert opt.skipped_steps == 1
+            assert torch.equal(net.weight, before)
+        _train(model, opt, xs[2:])  # the refresh is redone: as if the bad batch never came
+        models.append(net.weight.detach())
+    torch.testing.assert_close(models[1], models[0], rtol=0, atol=0)
+
+
+def _decayed_model():
+    """An MLP after two steps with weight decay: its unselected rows owe decay."""
+    model = grassfx.compile(make_mlp(), rank=4, update_freq=100, backend="eager")
+    opt = grassfx.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+    _train(model, opt, [torch.randn(4, 12) for _ in range(2)])
+    assert all(float(s.decay_pending) < 1.0 for s in model.sites)
+    return model
+
+
+def test_weights_loaded_into_the_wrapped_module_owe_no_decay():
+    # issue 27 item 6: loading the user's module applied the old weights' owed decay to the
+    # loaded ones (state then ~1e-3 off what was loaded)
+    model = _decayed_model()
+    sd = make_mlp(seed=1).state_dict()
+    model.module.load_state_dict(sd)
+    assert all(float(s.decay_pending) == 1.0 for s in model.sites)
+    for name, value in model.module.state_dict().items():  # state_dict() settles owed decay
+        assert torch.equal(value, sd[name]), name
+
+
+@pytest.mark.parametrize("outer", [False, True], ids=["module", "grass_model"])
+def test_a_partial_load_keeps_the_debt_of_weights_not_loaded(outer):
+    model = _decayed_model()
+    truth = grassfx.unwrap(copy.deepcopy(model)).state_dict()  # every debt paid
+    new_up = make_mlp(seed=1).up.weight.detach().clone()
+    if outer:
+        model.load_state_dict({"module.up.weight": new_up}, strict=False)
+    else:
+        model.module.load_state_dict({"up.weight": new_up}, strict=False)
+    assert float(model.site("up.weight").decay_pending) == 1.0
+    assert float(model.site("down.weight").decay_pending) < 1.0
+    sd = model.module.state_dict()
+    assert torch.equal(sd["up.weight"], new_up)
+    assert torch.equal(sd["down.weight"], truth["down.weight"])
+
+
+def test_a_submodule_load_owes_no_decay_and_a_full_checkpoint_keeps_its_own_debt():
+    model = _decayed_model()
+    new_down = make_mlp(seed=1).down.state_dict()
+    model.module.down.load_state_dict(new_down)
+    assert torch.equal(model.module.state_dict()["down.weight"], new_down["weight"])
+    saved = model.state_dict()  # settled: every debt 1
+    with torch.no_grad():
+        model.site("up.weight").decay_pending.fill_(0.5)
+    assert model.sites[0].name == "up.weight"
+    saved["sites.0.decay_pending"] = torch.tensor(0.25, dtype=torch.float64)
+    model.load_state_dict(saved)  # the checkpoint's own debt wins over the loaded weight's reset
+    assert float(model.site("up.weight").decay_pending) == 0.25

@@ -316,3 +316,27 @@ def test_stochastic_rounding_is_reproducible_under_manual_seed_eager_and_compile
         first, again, other = (_run("stochastic", compiled, seed=s) for s in (0, 0, 1))
         assert all(torch.equal(a, b) for a, b in zip(first, again)), compiled
         assert not all(torch.equal(a, b) for a, b in zip(first, other)), compiled
+
+
+@pytest.mark.parametrize("cast", [lambda m: m.to(torch.bfloat16), lambda m: m.bfloat16()], ids=["to", "bfloat16"])
+def test_bf16_cast_after_compile_keeps_the_decay_debt_float64(cast):
+    # issue 27 item 7: the debt of unselected rows (0.999 per step) turned bf16 and rounded
+    # to 1, so those rows never decayed; rho turned bf16 too. Reference: compiled after the cast
+    torch.manual_seed(0)
+    net = nn.Linear(8, 16, bias=False)
+    ref = grassfx.compile(copy.deepcopy(net).bfloat16(), rank=4, update_freq=3, selection="multinorm",
+                          backend="eager")
+    model = cast(grassfx.compile(net, rank=4, update_freq=3, selection="multinorm", backend="eager"))
+    assert model.sites[0].decay_pending.dtype == torch.float64 and model.sites[0].rho.dtype == torch.float32
+    assert model.sites[0].handle.dtype == torch.bfloat16
+    weights = []
+    for m in (ref, model):
+        opt = grassfx.optim.AdamW(m.parameters(), lr=1e-2, weight_decay=0.1)
+        g = torch.Generator().manual_seed(1)
+        for _ in range(3):
+            m(torch.randn(4, 8, generator=g).bfloat16()).float().pow(2).mean().backward()
+            opt.step()
+            opt.zero_grad()
+        assert float(m.sites[0].decay_pending) == pytest.approx(0.999**3)
+        weights.append(grassfx.unwrap(m).weight.detach())
+    assert torch.equal(weights[1], weights[0])

@@ -185,3 +185,24 @@ def test_loaded_state_keeps_group_settings_reaching_the_hooks():
     after = _weights(model)
     for name in before:
         assert torch.equal(before[name], after[name]), name
+
+
+def test_a_refused_refresh_raises_in_backward_and_changes_no_weight():
+    # issue 27 item 4: a NaN in a row multinorm does not select made the refresh fall back
+    # to uniform norms and be refused, and the drawn rows' gradient was applied to the old rows
+    torch.manual_seed(0)
+    net = nn.Linear(8, 16, bias=False)
+    model = grassfx.compile(net, rank=4, update_freq=2, selection="multinorm", backend="eager")
+    opt = grassfx.optim.AdamW(model.parameters(), lr=1e-2, update_in_backward=True)
+    for x in torch.randn(2, 4, 8):
+        model(x).pow(2).mean().backward()
+        opt.step()
+    site = model.sites[0]
+    row = next(r for r in range(site.rows) if r not in site.idx.tolist())
+    before = net.weight.detach().clone()
+    y = model(torch.randn(4, 8))
+    y.register_hook(lambda g: g.index_fill(1, torch.tensor([row]), float("nan")))
+    with pytest.raises(grassfx.NonFiniteGradientError):
+        y.pow(2).mean().backward()
+    opt.step()
+    assert torch.equal(net.weight, before)

@@ -379,3 +379,81 @@ def test_full_rank_weights_off_the_fused_path_still_equal_torch_adamw():
             o.zero_grad()
     for (name, a), b in zip(net.named_parameters(), ref.parameters()):
         assert torch.equal(a, b), name
+
+
+def _transposed_linear(seed=0):
+    """A bias-free Linear whose weight is a transposed view (strides (1, 16)), not contiguous."""
+    torch.manual_seed(seed)
+    net = nn.Linear(16, 8, bias=False)
+    net.weight = nn.Parameter(net.weight.detach().t().contiguous().t())
+    assert not net.weight.is_contiguous()
+    return net
+
+
+def test_non_contiguous_weight_at_full_rank_equals_torch_adamw():
+    # issue 27 item 5: torch's fused kernel walks weight, gradient and moments in memory
+    # order; a transposed weight with a contiguous handle and state drifted 0.077 in 4 steps
+    net = _transposed_linear()
+    ref = copy.deepcopy(net)
+    model = grassfx.compile(net, rank=10_000, backend="eager")
+    opt = grassfx.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+    ropt = torch.optim.AdamW(ref.parameters(), lr=1e-2, weight_decay=0.1)
+    g = torch.Generator().manual_seed(1)
+    for _ in range(4):
+        x = torch.randn(4, 16, generator=g)
+        _step(model, opt, x)
+        _step(ref, ropt, x)
+    torch.testing.assert_close(net.weight, ref.weight, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("make", [
+    lambda p: grassfx.optim.AdamW(p, lr=1e-2, weight_decay=0.1),
+    lambda p: grassfx.optim.SGD(p, lr=1e-2, momentum=0.9, weight_decay=0.1),
+    lambda p: grassfx.optim.Adafactor(p, lr=1e-2, weight_decay=0.1),
+], ids=["adamw", "sgd", "adafactor"])
+@pytest.mark.parametrize("rank, proj_dim", [(3, "rows"), (3, "cols"), (10_000, "cols")])
+def test_non_contiguous_weight_trains_as_its_contiguous_copy(make, rank, proj_dim):
+    weights = []
+    for transposed in (False, True):
+        net = _transposed_linear()
+        if not transposed:
+            net.weight = nn.Parameter(net.weight.detach().contiguous())
+        model = grassfx.compile(net, rank=rank, update_freq=2, proj_dim=proj_dim, backend="eager")
+        opt = make(model.parameters())
+        g = torch.Generator().manual_seed(1)
+        for _ in range(5):
+            _step(model, opt, torch.randn(4, 16, generator=g))
+        weights.append(net.weight.detach())
+    torch.testing.assert_close(weights[1], weights[0], rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("make", [
+    lambda p: grassfx.optim.AdamW(p, lr=1e-2),
+    lambda p: grassfx.optim.SGD(p, lr=1e-2, momentum=0.9),
+    lambda p: grassfx.optim.Adafactor(p, lr=1e-2),
+], ids=["adamw", "sgd", "adafactor"])
+@pytest.mark.parametrize("proj_dim, rank, selects", [("rows", 6, "6 of 24 rows"), ("cols", 6, "6 of 12 columns"),
+                                                     ("rows", 10_000, "24 of 24 rows")])
+def test_state_saved_at_another_rank_is_refused_at_load(make, proj_dim, rank, selects):
+    # issue 27 item 14: it loaded, and failed only at the next step with a shape mismatch
+    def build(r):
+        model = grassfx.compile(make_mlp(), rank=r, update_freq=100, proj_dim=proj_dim, backend="eager")
+        return model, make(model.parameters())
+
+    model, opt = build(4)
+    _step(model, opt, torch.randn(4, 12))
+    buf = io.BytesIO()
+    torch.save(opt.state_dict(), buf)
+    other, other_opt = build(rank)
+    buf.seek(0)
+    saved = torch.load(buf)
+    with pytest.raises(grassfx.ConfigError, match=rf"'up.weight' was saved at rank 4 .* selects {selects}"):
+        other_opt.load_state_dict(saved)
+    same, same_opt = build(4)  # the same rank loads and resumes as the saving run
+    same_opt.load_state_dict(saved)
+    same.load_state_dict(model.state_dict())
+    x = torch.randn(4, 12)
+    _step(model, opt, x)
+    _step(same, same_opt, x)
+    for a, b in zip(grassfx.unwrap(model).parameters(), grassfx.unwrap(same).parameters()):
+        assert torch.equal(a, b)
