@@ -15,6 +15,7 @@ from .api import compile
 from .errors import (
     ConfigError,
     GrassError,
+    ModelChangedError,
     NonFiniteGradientError,
     OptimizerMisuseError,
     PassError,
@@ -35,6 +36,7 @@ __all__ = [
     "PassError",
     "OptimizerMisuseError",
     "NonFiniteGradientError",
+    "ModelChangedError",
 ]
 
 

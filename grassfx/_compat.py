@@ -213,6 +213,11 @@ def set_class(module: torch.nn.Module, cls: type) -> None:
     module.__class__ = cls
 
 
+def set_parameter_class(param: torch.nn.Parameter, cls: type) -> None:
+    """Swap one Parameter instance's class (the tensor and its storage stay as they are)."""
+    param.__class__ = cls
+
+
 def quiet_logging_calls():
     """A context in which Dynamo skips routine logging calls instead of breaking the graph.
 

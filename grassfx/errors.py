@@ -14,6 +14,7 @@ __all__ = [
     "PassError",
     "OptimizerMisuseError",
     "NonFiniteGradientError",
+    "ModelChangedError",
 ]
 
 
@@ -50,3 +51,8 @@ class OptimizerMisuseError(GrassError):
 
 class NonFiniteGradientError(GrassError, FloatingPointError):
     """A gradient held NaN or Inf; no weight was modified."""
+
+
+class ModelChangedError(GrassError):
+    """The model was changed after ``grassfx.compile`` in a way the compiled model cannot follow
+    (a projected module or weight replaced); the message names it and says how to go on."""
