@@ -203,6 +203,11 @@ def module_parameters(module: torch.nn.Module) -> dict:
     return module.__dict__["_parameters"]
 
 
+def child_modules(module: torch.nn.Module) -> dict:
+    """The module's own ``{name: submodule}`` dict, bypassing attribute lookup."""
+    return module.__dict__["_modules"]
+
+
 def raw_parameter(module: torch.nn.Module, name: str):
     """The Parameter registered as ``name``, even where a property shadows the attribute."""
     return module.__dict__["_parameters"][name]

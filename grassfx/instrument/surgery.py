@@ -74,7 +74,8 @@ def bind(model) -> None:
         weight = site.weight
         if type(weight) is nn.Parameter:  # an FSDP2 shard (a DTensor) keeps its class: not covered
             _compat.set_parameter_class(weight, ProjectedWeight)
-        bound.append(weakref.ref(weight))
+        path = tuple(site.module_name.split(".")) if site.module_name else ()
+        bound.append((weakref.ref(weight), path))
     model.__dict__["_bound_weights"] = bound
 
 
@@ -91,12 +92,12 @@ def check(model) -> None:
     bound = model.__dict__.get("_bound_weights")
     if bound is None:
         return
-    for site, ref in zip(model.sites, bound):
+    root = _compat.child_modules(model)["module"]
+    for site, (ref, path) in zip(model.sites, bound):
         owner = site._owner() if site._owner is not None else None
-        try:
-            current = model.module.get_submodule(site.module_name)
-        except AttributeError:
-            current = None
+        current = root
+        for part in path:  # get_submodule's walk, by plain dict lookups (this runs every forward)
+            current = _compat.child_modules(current).get(part) if current is not None else None
         if current is None or current is not owner or "_grassfx_slot" not in current.__dict__:
             raise ModelChangedError(
                 f"module {site.module_name!r}, which holds the projected weight {site.name!r}, was "
@@ -112,13 +113,15 @@ def check(model) -> None:
                 "Copy new values in place instead (with torch.no_grad(): weight.copy_(new)), or "
                 "compile again: model = grassfx.compile(grassfx.unwrap(model), ...) with a new optimizer"
             )
-        site.trainable = trainable(param)
+        wanted = trainable(param)
+        if wanted != site.trainable:  # nn.Module.__setattr__ only on a change
+            site.trainable = wanted
 
 
 def bound_weights(model) -> list:
     """Per site, the weight it was compiled (or last loaded) with, or None if that is gone."""
     bound = model.__dict__.get("_bound_weights") or [None] * len(model.sites)
-    return [None if ref is None else ref() for ref in bound]
+    return [None if entry is None else entry[0]() for entry in bound]
 
 
 def routed(model) -> list:
