@@ -74,6 +74,7 @@ def bind(model) -> None:
         weight = site.weight
         if type(weight) is nn.Parameter:  # an FSDP2 shard (a DTensor) keeps its class: not covered
             _compat.set_parameter_class(weight, ProjectedWeight)
+        site.trainable = trainable(weight)  # an instance attribute from the start: one guard for Dynamo
         path = tuple(site.module_name.split(".")) if site.module_name else ()
         bound.append((weakref.ref(weight), path))
     model.__dict__["_bound_weights"] = bound
