@@ -16,6 +16,7 @@ from .errors import (
     ConfigError,
     GrassError,
     LostGradientError,
+    ModelChangedError,
     NonFiniteGradientError,
     OptimizerMisuseError,
     PassError,
@@ -37,6 +38,7 @@ __all__ = [
     "OptimizerMisuseError",
     "NonFiniteGradientError",
     "LostGradientError",
+    "ModelChangedError",
 ]
 
 

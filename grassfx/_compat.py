@@ -215,6 +215,11 @@ def module_parameters(module: torch.nn.Module) -> dict:
     return module.__dict__["_parameters"]
 
 
+def child_modules(module: torch.nn.Module) -> dict:
+    """The module's own ``{name: submodule}`` dict, bypassing attribute lookup."""
+    return module.__dict__["_modules"]
+
+
 def raw_parameter(module: torch.nn.Module, name: str):
     """The Parameter registered as ``name``, even where a property shadows the attribute."""
     return module.__dict__["_parameters"][name]
@@ -223,6 +228,11 @@ def raw_parameter(module: torch.nn.Module, name: str):
 def set_class(module: torch.nn.Module, cls: type) -> None:
     """Swap one module instance's class (as ``torch.nn.utils.parametrize`` does)."""
     module.__class__ = cls
+
+
+def set_parameter_class(param: torch.nn.Parameter, cls: type) -> None:
+    """Swap one Parameter instance's class (the tensor and its storage stay as they are)."""
+    param.__class__ = cls
 
 
 def quiet_logging_calls():

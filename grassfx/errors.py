@@ -15,6 +15,7 @@ __all__ = [
     "OptimizerMisuseError",
     "NonFiniteGradientError",
     "LostGradientError",
+    "ModelChangedError",
 ]
 
 
@@ -55,3 +56,8 @@ class NonFiniteGradientError(GrassError, FloatingPointError):
 
 class LostGradientError(GrassError):
     """A forward used the projected weights but their gradients never reached grassfx; no weight was changed."""
+
+
+class ModelChangedError(GrassError):
+    """The model was changed after ``grassfx.compile`` in a way the compiled model cannot follow
+    (a projected module or weight replaced); the message names it and says how to go on."""

@@ -129,7 +129,7 @@ def check_optimizer(optimizer) -> None:
 def check_gradients_delivered(schedule) -> None:
     """Raise :class:`grassfx.LostGradientError` if ``schedule``'s model's other parameters received
     gradients and none of its handles did (flags only: one ``grad is None`` in the common case)."""
-    sites = list(schedule.sites)
+    sites = [s for s in schedule.sites if s.trainable]  # a weight the user froze gets no gradient
     if not sites or any(s.handle.grad is not None for s in sites):
         return
     model = schedule.model

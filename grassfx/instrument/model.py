@@ -23,7 +23,7 @@ from grassfx import _compat
 from grassfx.config import GrassConfig
 from grassfx.errors import GrassError
 
-from . import guard, registry, swap
+from . import guard, registry, surgery, swap
 from .anchors import Anchor, FullAnchor, OutsideRefreshAnchor, RefreshAnchor
 from .blocks import plan_layouts
 from .experts import ExpertSite, make_expert_anchor, make_site, matrix_of
@@ -88,29 +88,47 @@ class GrassModel(nn.Module):
         """Point the sites at their weights and schedule, and publish them (after init or a copy)."""
         for site in self.sites:
             site.link(self.module.get_submodule(site.module_name), self._schedule)
+        surgery.bind(self)  # user freezes of projected weights are recorded (surgery.py)
         registry.register(self.sites, self.named_parameters())
+
+    _NOT_COPIED = ("_runner", "compile_report", "_dp", "_dp_checked", "_schedule", "_settle_hook", "_load_hooks")
 
     def __deepcopy__(self, memo):
         new = type(self).__new__(type(self))
         memo[id(self)] = new
         memo[id(self._schedule)] = None  # the copy gets its own schedule below
-        skip = ("_runner", "compile_report", "_dp", "_dp_checked", "_schedule", "_settle_hook", "_load_hooks")
         for key, value in self.__dict__.items():
-            if key not in skip:
+            if key not in self._NOT_COPIED:
                 new.__dict__[key] = copy.deepcopy(value, memo)
-        new._schedule = RefreshSchedule(new)
-        new._schedule.pending = set(self._schedule.pending)
-        new._schedule.pending_ok = self._schedule.pending_ok
-        new._link()
-        new._runner, new.compile_report = new._run, None
-        new._dp, new._dp_checked = None, False
-        new._settle_hook = None  # the copied module carries a copy of the hook
-        new._load_hooks = []  # and copies of these
-        if new.grass_config.backend != "eager":
+        new._relink_copy(set(self._schedule.pending), self._schedule.pending_ok)
+        return new
+
+    def __getstate__(self):
+        """Pickling (``torch.save(model)``): what ``__deepcopy__`` copies, and the pending refresh."""
+        state = {k: v for k, v in self.__dict__.items() if k not in self._NOT_COPIED + ("_bound_weights",)}
+        state["_grassfx_pending"] = (set(self._schedule.pending), self._schedule.pending_ok)
+        return state
+
+    def __setstate__(self, state):
+        state = dict(state)
+        pending, pending_ok = state.pop("_grassfx_pending")
+        self.__dict__.update(state)
+        self._relink_copy(pending, pending_ok)
+
+    def _relink_copy(self, pending: set, pending_ok: bool) -> None:
+        """A deep copy or an unpickled model: own schedule, sites relinked, compiled runner again."""
+        self._schedule = RefreshSchedule(self)
+        self._schedule.pending = pending
+        self._schedule.pending_ok = pending_ok
+        self._link()
+        self._runner, self.compile_report = self._run, None
+        self._dp, self._dp_checked = None, False
+        self._settle_hook = None  # the copied module carries a copy of the hook
+        self._load_hooks = []  # and copies of these
+        if self.grass_config.backend != "eager":
             from grassfx.compiler import install_compiled_runner
 
-            install_compiled_runner(new)
-        return new
+            install_compiled_runner(self)
 
     @property
     def step(self) -> int:
@@ -121,6 +139,7 @@ class GrassModel(nn.Module):
         if self._unwrapped:
             raise GrassError("this grassfx model was unwrapped; use the module grassfx.unwrap returned")
         guard.check_handles_untouched(self.sites)
+        surgery.check(self)
         self._slot.clear()
         refresh = None
         if torch.is_grad_enabled():
@@ -128,6 +147,8 @@ class GrassModel(nn.Module):
             refresh = self._schedule.begin_if_due()
             if dp is not None and refresh is not None:
                 dp.expect_refresh([s for s, plan in zip(self.sites, refresh) if plan is not None])
+        if refresh is None and self._redo_refresh_eagerly():
+            return self._run(None, args, kwargs, eager=True)  # as the checkpointed refresh step ran
         if refresh is not None and self.grass_config.refresh == "eager":
             return self._run(refresh, args, kwargs, eager=True)  # compiled or not, a refresh runs eagerly
         out = self._runner(refresh, args, kwargs)
@@ -216,6 +237,22 @@ class GrassModel(nn.Module):
         """Discard a refresh whose forward ran but whose backward will not run."""
         self._schedule.cancel()
 
+    def _redo_refresh_eagerly(self) -> bool:
+        """Whether this forward redoes, from a checkpoint, a refresh step that ran eagerly.
+
+        A checkpoint between ``backward()`` and ``step()`` of a refresh step holds the new
+        rows; the resumed run redoes that step as a normal step. The interrupted run ran it
+        eagerly (``refresh="eager"``), so the redo runs eagerly too: a compiled graph's
+        gradients differ from eager ones in the last bits (Inductor's own reductions), and
+        the resumed run would not continue bit for bit. Not under data parallelism with
+        graphs that average the compressed gradients (an eager step there would skip them).
+        """
+        if not self.__dict__.get("_redo_eager") or not torch.is_grad_enabled():
+            return False
+        self._redo_eager = False
+        eager_refresh = self.grass_config.refresh == "eager" and self.grass_config.backend != "eager"
+        return eager_refresh and (self._dp is None or not self._dp.enabled)
+
     @property
     def _pending(self) -> set:
         return self._schedule.pending
@@ -230,6 +267,8 @@ class GrassModel(nn.Module):
             site.prev_idx, site.refreshed = None, False
             if prev[i] is not None:
                 site.prev_idx, site.refreshed = prev[i].to(site.idx.device).clone(), True
+        # saved between backward() and step() of a refresh step: the redone step runs as that one did
+        self._redo_eager = any(p is not None for p in prev.values())
         guard.snapshot_handle_versions(self.sites)
         return result
 
@@ -266,6 +305,8 @@ def _make_anchor(entry) -> torch.Tensor:
     """The anchored weight of one site for one forward; ``entry = (site, refresh plan or None, group, size)``."""
     site, plan, group, size = entry
     w = site.weight
+    if not site.trainable:  # frozen by the user: no gradient reaches the handle
+        return w
     if site.full:
         return FullAnchor.apply(w, site.handle)
     if isinstance(site, ExpertSite):
@@ -281,6 +322,8 @@ def _make_anchor(entry) -> torch.Tensor:
 
 def _unroutable_anchor(entry) -> torch.Tensor:
     site = entry[0]
+    if not site.trainable:
+        return site.weight
     return OutsideRefreshAnchor.apply(site.weight, site.handle, site.name)
 
 
@@ -361,15 +404,17 @@ def unwrap(model: nn.Module) -> nn.Module:
     """
     if not isinstance(model, GrassModel):
         raise GrassError(f"unwrap() takes a model returned by grassfx.compile, got {type(model).__name__}")
-    model.materialize_weight_decay()
+    for site in surgery.routed(model):  # a replaced weight is the user's: left alone
+        _settle_site(site)
     if model._settle_hook is not None:
         model._settle_hook.remove()
     for hook in getattr(model, "_load_hooks", ()):
         hook.remove()
     model._slot.clear()
     model._unwrapped = True
-    registry.forget_weights(model.sites)
+    registry.forget_weights(surgery.routed(model))
     swap.uninstall(model.module)
-    for site in model.sites:
-        site.weight.requires_grad_(model._frozen_flags.get(site.name, True))
+    for site, weight in zip(model.sites, surgery.bound_weights(model)):
+        if weight is not None:  # requires_grad as the user last set it
+            surgery.release(weight, model._frozen_flags.get(site.name, True))
     return model.module

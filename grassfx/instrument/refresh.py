@@ -91,7 +91,7 @@ class RefreshSchedule:
         seed = model.grass_config.seed
         plan = [None] * len(model.sites)
         for i, site in enumerate(model.sites):
-            if site.full:
+            if site.full or not site.trainable:  # frozen by the user: keeps its rows
                 continue
             gen = _select.site_generator(seed, site.index, step)
             if site.method == "uniform":

@@ -39,6 +39,8 @@ __all__ = ["Site"]
 class Site(nn.Module):
     """Grass state of one projected weight (see the module docstring)."""
 
+    trainable = True  # False while the user has frozen the weight (see .surgery)
+
     def __init__(self, spec: TargetSpec, index: int, weight: torch.Tensor, config: GrassConfig,
                  layout: LayoutChoice | None = None):
         super().__init__()
@@ -91,6 +93,11 @@ class Site(nn.Module):
         """Point this site at the module owning its weight and at the model's schedule."""
         self._owner = weakref.ref(owner)
         self.schedule = schedule
+
+    def __getstate__(self):
+        state = dict(super().__getstate__())
+        state["_owner"] = state["schedule"] = None  # weak references: the model links them again
+        return state
 
     @property
     def weight(self) -> torch.Tensor:

@@ -94,6 +94,9 @@ class AnchorSlot:
     def __deepcopy__(self, memo):
         return AnchorSlot()  # a copy starts between forwards
 
+    def __reduce__(self):
+        return AnchorSlot, ()  # pickled: starts between forwards too
+
 
 def _kept(tensor):
     return tensor
@@ -132,8 +135,21 @@ def _swapped_class(cls: type, attrs: tuple) -> type:
     if key not in _SUBCLASSES:
         props = {a: property(_anchored_read(a)) for a in attrs}
         props["_grassfx_original_class"] = cls
+        props["__reduce_ex__"] = _reduce_swapped
         _SUBCLASSES[key] = type(f"Grass{cls.__name__}", (cls,), props)
     return _SUBCLASSES[key]
+
+
+def _reduce_swapped(module, protocol):
+    """Pickle a swapped module by its original class: the generated one has no importable name."""
+    attrs = tuple(sorted(module.__dict__["_grassfx_names"]))
+    return _rebuild_swapped, (original_class(module), attrs), module.__getstate__()
+
+
+def _rebuild_swapped(cls: type, attrs: tuple):
+    """An empty instance of ``cls``'s swapped class (unpickling fills in its state)."""
+    swapped = _swapped_class(cls, attrs)
+    return cls.__new__(swapped)
 
 
 def original_class(module: nn.Module) -> type:
