@@ -215,3 +215,16 @@ def test_hf_trainer_with_torch_compile_trains_the_projected_weights(tmp_path):
     _, compiled = run(True)
     assert not torch.equal(before, compiled)  # q_proj trains (it stayed unchanged before the fix)
     torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-6)
+
+
+def test_projected_layers_the_user_froze_deliver_nothing_and_that_is_no_error():
+    """Freezing every projected weight (training only the biases) is a choice, not a lost gradient."""
+    model = grassfx.compile(_net(), rank=4, backend="eager")
+    opt = grassfx.optim.AdamW(model.parameters(), lr=1e-2)
+    for layer in (model.module[0], model.module[2]):
+        layer.weight.requires_grad_(False)
+    weight, bias = model.module[0]._parameters["weight"].detach().clone(), model.module[0].bias.detach().clone()
+    _one_backward(model)
+    opt.step()
+    assert torch.equal(weight, model.module[0]._parameters["weight"])
+    assert not torch.equal(bias, model.module[0].bias)
