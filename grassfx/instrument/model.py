@@ -117,13 +117,16 @@ class GrassModel(nn.Module):
         if self._unwrapped:
             raise GrassError("this grassfx model was unwrapped; use the module grassfx.unwrap returned")
         guard.check_handles_untouched(self.sites)
+        if not torch.is_grad_enabled():
+            # an evaluation forward between a forward and its backward: that backward's
+            # activation checkpointing still recomputes with the earlier forward's anchors
+            with self._slot.kept():
+                return self._runner(None, args, kwargs)
         self._slot.clear()
-        refresh = None
-        if torch.is_grad_enabled():
-            dp = self.data_parallel()
-            refresh = self._schedule.begin_if_due()
-            if dp is not None and refresh is not None:
-                dp.expect_refresh([s for s, plan in zip(self.sites, refresh) if plan is not None])
+        dp = self.data_parallel()
+        refresh = self._schedule.begin_if_due()
+        if dp is not None and refresh is not None:
+            dp.expect_refresh([s for s, plan in zip(self.sites, refresh) if plan is not None])
         if refresh is not None and self.grass_config.refresh == "eager":
             return self._run(refresh, args, kwargs, eager=True)  # compiled or not, a refresh runs eagerly
         return self._runner(refresh, args, kwargs)
@@ -188,7 +191,10 @@ class GrassModel(nn.Module):
         try:
             return self.module(*args, **kwargs)
         finally:
-            if not eager or not torch.is_grad_enabled():
+            # kept until the next forward: a checkpointed region that Dynamo runs eagerly (a
+            # graph break inside it) recomputes in the backward, reading the weights again;
+            # a compiled refresh forward's anchors are graph outputs (kept, they hold memory)
+            if not torch.is_grad_enabled() or (refresh is not None and not eager):
                 self._slot.clear()
 
     def cancel_refresh(self) -> None:
