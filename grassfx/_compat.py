@@ -176,6 +176,13 @@ def queue_backward_callback(fn) -> None:
     torch.autograd.Variable._execution_engine.queue_callback(fn)
 
 
+def backward_node():
+    """The autograd node whose backward runs on this thread (while a reentrant checkpoint
+    recomputes its region: that checkpoint's node, one per checkpoint call); None outside
+    any backward."""
+    return torch._C._current_autograd_node()
+
+
 def called_by(class_name: str, depth: int = 12) -> bool:
     """True when a method of an object whose class (or a base) is named ``class_name``
     is among the ``depth`` callers of our caller (how DDP/FSDP wrapping is noticed)."""
@@ -253,6 +260,20 @@ def quiet_logging_calls():
         if method is not None:
             funcs.add(method)
     return config.patch(ignore_logging_functions=set(config.ignore_logging_functions) | funcs)
+
+
+def checkpoint_side_effects_once():
+    """A context in which Dynamo traces a checkpointed region that mutates Python state from
+    outside the region, applying the mutation once (in the forward) instead of breaking the
+    graph (``torch._dynamo.config.skip_fwd_side_effects_in_bwd_under_checkpoint``).
+
+    Hugging Face transformers' attention layers, with the ``kernels`` package installed (a
+    dependency since transformers 5.25), set and reset a module-level context variable in
+    every forward; without this, Dynamo runs each checkpointed layer uncompiled.
+    """
+    from torch._dynamo import config
+
+    return config.patch(skip_fwd_side_effects_in_bwd_under_checkpoint=True)
 
 
 def dispatch_mode_base() -> type:

@@ -133,7 +133,9 @@ def install_compiled_runner(model) -> None:
     compiled = torch.compile(_compat.own_code(model._run), backend=backend, dynamic=cfg.dynamic)
 
     def runner(refresh, args, kwargs):
-        with _compat.quiet_logging_calls():  # a library's logging call must not split the graph
+        # a library's logging call, or its context variable set and reset in a checkpointed
+        # layer, must not split the graph
+        with _compat.quiet_logging_calls(), _compat.checkpoint_side_effects_once():
             return compiled(refresh, args, kwargs)
 
     model._runner = runner

@@ -140,24 +140,29 @@ class GrassModel(nn.Module):
             raise GrassError("this grassfx model was unwrapped; use the module grassfx.unwrap returned")
         guard.check_handles_untouched(self.sites)
         surgery.check(self)
+        if not torch.is_grad_enabled():
+            # an evaluation forward between a forward and its backward: that backward's
+            # activation checkpointing still recomputes with the earlier forward's anchors
+            with self._slot.kept():
+                return self._runner(None, args, kwargs)
         self._slot.clear()
-        refresh = None
-        if torch.is_grad_enabled():
-            dp = self.data_parallel()
-            refresh = self._schedule.begin_if_due()
-            if dp is not None and refresh is not None:
-                dp.expect_refresh([s for s, plan in zip(self.sites, refresh) if plan is not None])
+        dp = self.data_parallel()
+        refresh = self._schedule.begin_if_due()
+        if dp is not None and refresh is not None:
+            dp.expect_refresh([s for s, plan in zip(self.sites, refresh) if plan is not None])
         if refresh is None and self._redo_refresh_eagerly():
             return self._run(None, args, kwargs, eager=True)  # as the checkpointed refresh step ran
         if refresh is not None and self.grass_config.refresh == "eager":
             return self._run(refresh, args, kwargs, eager=True)  # compiled or not, a refresh runs eagerly
         out = self._runner(refresh, args, kwargs)
-        if torch.is_grad_enabled() and self._runner != self._run:
-            # after a compiled forward, a read of a projected weight outside the model (a penalty
-            # ``lam * model.module.fc.weight.pow(2).sum()``) still routes its gradient to the
-            # handle, as after an eager forward: one eager anchor per weight, served while the
-            # weight is unchanged (the optimizer's step ends it). At a compiled refresh step the
-            # rows are picked inside the graph, so such a gradient cannot join them: it raises
+        if self._runner != self._run:
+            # after a compiled forward, a read of a projected weight outside the graph (a penalty
+            # ``lam * model.module.fc.weight.pow(2).sum()``, the recomputation of a checkpointed
+            # region Dynamo ran eagerly) still routes its gradient to the handle, as after an
+            # eager forward: one eager anchor per weight (per checkpoint call when recomputed),
+            # served while the weight is unchanged (the optimizer's step ends it). At a compiled
+            # refresh step the rows are picked inside the graph, so such a gradient cannot join
+            # them: it raises
             make = _make_anchor if refresh is None else _unroutable_anchor
             self._slot.begin(make, self._entries(refresh), upfront=True, eager=True)
         return out
@@ -224,7 +229,10 @@ class GrassModel(nn.Module):
         try:
             return self.module(*args, **kwargs)
         finally:
-            if not eager or not torch.is_grad_enabled():
+            # kept until the next forward: a checkpointed region that Dynamo runs eagerly (a
+            # graph break inside it) recomputes in the backward, reading the weights again;
+            # a compiled refresh forward's anchors are graph outputs (kept, they hold memory)
+            if not torch.is_grad_enabled() or (refresh is not None and not eager):
                 self._slot.clear()
 
     def _entries(self, refresh) -> dict:

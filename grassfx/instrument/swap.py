@@ -44,6 +44,8 @@ class AnchorSlot:
         self.entries = None  # {weight name: what ``make`` needs for that weight}
         self.anchors = None  # {weight name: anchored tensor} made so far (None: not cached)
         self.versions = None  # eager only: {weight name: weight version when its anchor was made}
+        self.recomputed = None  # eager only: {id(node): (node, {weight name: anchor})} made while
+        # the backward of that autograd node (a reentrant checkpoint) recomputes its region
 
     def begin(self, make, entries: dict, upfront: bool, eager: bool) -> None:
         """A forward starts: a weight's anchor is ``make(entries[name])``.
@@ -56,16 +58,27 @@ class AnchorSlot:
         the compiled frame that made it.
         """
         self.make, self.entries = make, entries
-        self.anchors = None
+        self.anchors = self.recomputed = None
         if upfront:
             self.anchors = {} if eager else {name: make(entry) for name, entry in entries.items()}
         # the weight each anchor is made from, and its version: FSDP2 registers the gathered
         # weight only while its module runs, so an eager anchor notes the one it was made from
         self.versions = {name: (id(entry[0].weight), _compat.version(entry[0].weight))
                          for name, entry in entries.items()} if eager else None
+        self.recomputed = {} if eager else None
 
     def clear(self) -> None:
-        self.make = self.entries = self.anchors = self.versions = None
+        self.make = self.entries = self.anchors = self.versions = self.recomputed = None
+
+    @contextlib.contextmanager
+    def kept(self):
+        """Restore this forward's state after a forward nested between it and its backward
+        (an evaluation forward without gradients), for the backward's recomputation."""
+        state = dict(vars(self))
+        try:
+            yield
+        finally:
+            vars(self).update(state)
 
     def read(self, name: str, param):
         """The anchored view of ``param`` (named ``name``) for this forward."""
@@ -83,6 +96,16 @@ class AnchorSlot:
         if anchor is None:
             if not torch.is_grad_enabled():
                 return param  # nothing to route: a later read with gradients makes the anchor
+            node = _compat.backward_node()
+            if node is not None:
+                # a reentrant checkpoint recomputes its region (whose forward read the weight
+                # without gradients) and runs a backward of its own through the anchor: one
+                # anchor per checkpoint call (two forwards before one backward recompute twice)
+                anchors = self.recomputed.setdefault(id(node), (node, {}))[1]
+                if name not in anchors:
+                    with _plain_saves():
+                        anchors[name] = self.make(self.entries[name])
+                return anchors[name]
             # made at the first read, not before the module runs: autograd runs the node
             # that was made last first, so the anchor's backward (the refresh's row norms,
             # the eager rowsel) runs right after the backward of the op that read the

@@ -84,6 +84,80 @@ def test_torch_checkpoint_equals_no_checkpoint(reentrant, backend):
     _compare(ref, ck, _block_batch, lambda loss: loss, backend)
 
 
+def _compare_steps(backend, loss_of, steps=3):
+    """The reentrant-checkpointed Block against the plain one, both trained by ``loss_of(model, step)``."""
+    ref, ck = _block_pair(True)
+    models = [grassfx.compile(m, rank=4, update_freq=2, backend=backend) for m in (ref, ck)]
+    opts = [grassfx.optim.AdamW(m.parameters(), lr=1e-2) for m in models]
+    for step in range(steps):
+        for m in models:
+            loss_of(m, step).backward()
+        for a, b in zip(models[0].sites, models[1].sites):
+            assert torch.equal(a.idx, b.idx), (step, a.name)
+        for (name, a), b in zip(models[0].named_parameters(), models[1].parameters()):
+            assert (a.grad is None) == (b.grad is None), (step, name)
+            if a.grad is not None:
+                torch.testing.assert_close(b.grad, a.grad, rtol=1e-5, atol=1e-6, msg=f"step {step}: {name}")
+        for opt in opts:
+            opt.step()
+            opt.zero_grad()
+
+
+@pytest.mark.parametrize("backend", ["eager", "aot_eager"])
+def test_reentrant_no_grad_forward_before_backward(backend):
+    """An evaluation forward without gradients between a forward and its backward."""
+
+    def loss_of(model, step):
+        loss = model(**_block_batch(step))
+        with torch.no_grad():
+            model(**_block_batch(step + 10))
+        return loss
+
+    _compare_steps(backend, loss_of)
+
+
+@pytest.mark.parametrize("backend", ["eager", "aot_eager"])
+def test_reentrant_two_forwards_one_backward(backend):
+    """Two forwards, one backward on a normal step (a refresh step refuses it, checkpointed or not)."""
+
+    def loss_of(model, step):
+        loss = model(**_block_batch(step))
+        return loss if step == 0 else loss + model(**_block_batch(step + 10))
+
+    _compare_steps(backend, loss_of, steps=2)
+
+
+@torch.compiler.disable
+def _opaque(h):
+    return h * 1.0  # called from a compiled frame: a graph break
+
+
+class BrokenBlock(Block):
+    """A graph break inside the checkpointed region: Dynamo runs the checkpoint itself eagerly
+    and recomputes through compiled frames in the backward (Hugging Face layers wrapped by
+    the ``kernels`` package do this)."""
+
+    def _inner(self, x):
+        return self.down(_opaque(torch.relu(self.up(x))))
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_graph_break_inside_checkpoint_aot_eager(reentrant):
+    torch.manual_seed(0)
+    ref = BrokenBlock()
+    ck = copy.deepcopy(ref)
+    ck.reentrant = reentrant
+    models = [grassfx.compile(m, rank=4, update_freq=2, backend="aot_eager") for m in (ref, ck)]
+    for step in range(3):
+        for m in models:
+            m(**_block_batch(step)).backward()
+        for a, b in zip(models[0].sites, models[1].sites):
+            assert torch.equal(a.idx, b.idx)
+            torch.testing.assert_close(b.handle.grad, a.handle.grad, rtol=1e-5, atol=1e-6)
+        for m in models:
+            m.zero_grad()
+
+
 def _hf_pair(kwargs, layers=2):
     ref = make_llama(num_hidden_layers=layers).train()  # dropout is 0 in the tiny config
     ck = copy.deepcopy(ref)
