@@ -22,7 +22,7 @@ from grassfx import select as _select
 from grassfx.errors import GrassError
 
 __all__ = ["rowsel", "select_scaled", "broadcast_along", "squared_norms", "Anchor", "RefreshAnchor", "FullAnchor",
-           "OutsideRefreshAnchor"]
+           "RefusingAnchor"]
 
 
 def broadcast_along(vec: torch.Tensor, ndim: int, dim: int) -> torch.Tensor:
@@ -136,25 +136,21 @@ class FullAnchor(torch.autograd.Function):
         return None, grad.to(ctx.handle_dtype)
 
 
-class OutsideRefreshAnchor(torch.autograd.Function):
-    """A read of a projected weight outside the forward of a *compiled* refresh step.
+class RefusingAnchor(torch.autograd.Function):
+    """A read of a projected weight whose gradient has nowhere right to go.
 
-    The refresh graph picks the new rows from the gradient it forms itself; a gradient
-    from outside the model (a penalty on the weight) cannot join that selection, and
-    routing it to the old rows would mix two selections. Reading is fine (logging a norm);
-    a gradient through it raises instead of being dropped.
+    Used outside the forward where the rows a gradient would land on are not this step's:
+    at a refresh step compiled as its own graph (the graph picks the rows from the gradient
+    it forms itself) and after the optimizer changed the weight, before the next forward
+    (which may refresh the rows). Reading is fine (logging a norm); a gradient through it
+    raises ``message`` instead of being dropped or sent to the wrong rows.
     """
 
     @staticmethod
-    def forward(ctx, weight, handle, name: str):
-        ctx.name = name  # ``handle``: an input that requires grad, so the backward runs
+    def forward(ctx, weight, handle, message: str):
+        ctx.message = message  # ``handle``: an input that requires grad, so the backward runs
         return weight.view_as(weight)
 
     @staticmethod
     def backward(ctx, grad):
-        raise GrassError(
-            f"a gradient reached {ctx.name!r} through a read outside the model's forward (e.g. a "
-            "penalty on the weight) at a refresh step compiled as its own graph "
-            "(grassfx.compile(..., refresh='compiled')); it cannot join the rows that graph picks. "
-            "Use refresh='eager' (the default), or compute the term inside the model's forward"
-        )
+        raise GrassError(ctx.message)

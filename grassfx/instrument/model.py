@@ -24,7 +24,7 @@ from grassfx.config import GrassConfig
 from grassfx.errors import GrassError
 
 from . import guard, registry, surgery, swap
-from .anchors import Anchor, FullAnchor, OutsideRefreshAnchor, RefreshAnchor
+from .anchors import Anchor, FullAnchor, RefreshAnchor, RefusingAnchor
 from .blocks import plan_layouts
 from .experts import ExpertSite, make_expert_anchor, make_site, matrix_of
 from .refresh import RefreshSchedule
@@ -163,8 +163,8 @@ class GrassModel(nn.Module):
             # served while the weight is unchanged (the optimizer's step ends it). At a compiled
             # refresh step the rows are picked inside the graph, so such a gradient cannot join
             # them: it raises
-            make = _make_anchor if refresh is None else _unroutable_anchor
-            self._slot.begin(make, self._entries(refresh), upfront=True, eager=True)
+            make = _make_anchor if refresh is None else _refresh_graph_anchor
+            self._slot.begin(make, self._entries(refresh), upfront=False, eager=True, changed=_changed_anchor)
         return out
 
     # an outer torch.compile(model) graph-breaks here instead of tracing grassfx's Python
@@ -225,7 +225,8 @@ class GrassModel(nn.Module):
         # the backend decides, not torch.compiler.is_compiling()
         if eager is None:
             eager = self.grass_config.backend == "eager"
-        self._slot.begin(_make_anchor, entries, upfront=eager or refresh is not None, eager=eager)
+        self._slot.begin(_make_anchor, entries, upfront=eager or refresh is not None, eager=eager,
+                         changed=_changed_anchor if eager else None)
         try:
             return self.module(*args, **kwargs)
         finally:
@@ -328,11 +329,29 @@ def _make_anchor(entry) -> torch.Tensor:
     return Anchor.apply(w, site.handle, site.idx, site.rho, site.dim, site.name)
 
 
-def _unroutable_anchor(entry) -> torch.Tensor:
+def _refusing(entry, message: str) -> torch.Tensor:
     site = entry[0]
     if not site.trainable:
         return site.weight
-    return OutsideRefreshAnchor.apply(site.weight, site.handle, site.name)
+    return RefusingAnchor.apply(site.weight, site.handle, message.format(name=site.name))
+
+
+def _refresh_graph_anchor(entry) -> torch.Tensor:
+    """A read outside a refresh step compiled as its own graph."""
+    return _refusing(entry, (
+        "a gradient reached {name!r} through a read outside the model's forward (e.g. a penalty on "
+        "the weight) at a refresh step compiled as its own graph (grassfx.compile(..., "
+        "refresh='compiled')); it cannot join the rows that graph picks. Use refresh='eager' (the "
+        "default), or compute the term inside the model's forward"))
+
+
+def _changed_anchor(entry) -> torch.Tensor:
+    """A read after the weight changed in place (the optimizer stepped), before the next forward."""
+    return _refusing(entry, (
+        "a gradient reached {name!r} through a read made after the weight changed (the optimizer's "
+        "step) and before the model's next forward, e.g. a penalty computed before calling the "
+        "model: the next forward may pick new rows, so it has no rows to go to. Compute the term "
+        "after the model's forward"))
 
 
 class _Forward:

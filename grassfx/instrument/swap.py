@@ -44,10 +44,11 @@ class AnchorSlot:
         self.entries = None  # {weight name: what ``make`` needs for that weight}
         self.anchors = None  # {weight name: anchored tensor} made so far (None: not cached)
         self.versions = None  # eager only: {weight name: weight version when its anchor was made}
+        self.changed = None  # changed(entry) -> tensor: a read with gradients of a weight changed in place
         self.recomputed = None  # eager only: {id(node): (node, {weight name: anchor})} made while
         # the backward of that autograd node (a reentrant checkpoint) recomputes its region
 
-    def begin(self, make, entries: dict, upfront: bool, eager: bool) -> None:
+    def begin(self, make, entries: dict, upfront: bool, eager: bool, changed=None) -> None:
         """A forward starts: a weight's anchor is ``make(entries[name])``.
 
         ``upfront``: one anchor per weight for the whole forward (eager, and refresh
@@ -57,7 +58,7 @@ class AnchorSlot:
         Otherwise every read makes its own anchor where it happens, so no anchor outlives
         the compiled frame that made it.
         """
-        self.make, self.entries = make, entries
+        self.make, self.entries, self.changed = make, entries, changed
         self.anchors = self.recomputed = None
         if upfront:
             self.anchors = {} if eager else {name: make(entry) for name, entry in entries.items()}
@@ -67,8 +68,17 @@ class AnchorSlot:
                          for name, entry in entries.items()} if eager else None
         self.recomputed = {} if eager else None
 
+    def _changed(self, name: str, param):
+        """A read of a weight changed in place since this forward began (the optimizer stepped
+        it): its gradient cannot go to this forward's rows. Read without gradients, the
+        Parameter; with gradients, ``changed(entry)`` (an anchor whose backward refuses a
+        gradient: a penalty computed before the next forward would otherwise be lost)."""
+        if self.changed is None or not torch.is_grad_enabled():
+            return param
+        return self.changed(self.entries[name])
+
     def clear(self) -> None:
-        self.make = self.entries = self.anchors = self.versions = self.recomputed = None
+        self.make = self.entries = self.anchors = self.versions = self.recomputed = self.changed = None
 
     @contextlib.contextmanager
     def kept(self):
@@ -85,14 +95,18 @@ class AnchorSlot:
         if is_dtensor(param):
             return param  # FSDP2's sharded weight, read by FSDP2 itself between unshards
         if self.anchors is None:
+            if self.versions is not None and self.versions[name] != (id(param), _compat.version(param)):
+                return self._changed(name, param)
             return self.make(self.entries[name])
         anchor = self.anchors.get(name)
         if self.versions is not None:
             made_from, version = self.versions[name]
             if anchor is None and made_from != id(param):  # FSDP2's gathered weight, first read
                 self.versions[name] = made_from, version = id(param), _compat.version(param)
-            if made_from != id(param) or version != _compat.version(param):
-                return param  # the weight changed since that forward: its anchor is stale
+            if made_from != id(param):
+                return param
+            if version != _compat.version(param):
+                return self._changed(name, param)
         if anchor is None:
             if not torch.is_grad_enabled():
                 return param  # nothing to route: a later read with gradients makes the anchor

@@ -228,3 +228,19 @@ def test_projected_layers_the_user_froze_deliver_nothing_and_that_is_no_error():
     opt.step()
     assert torch.equal(weight, model.module[0]._parameters["weight"])
     assert not torch.equal(bias, model.module[0].bias)
+
+
+@pytest.mark.parametrize("backend", ["eager", "aot_eager"])
+def test_a_penalty_computed_before_the_forward_raises_instead_of_being_dropped(backend):
+    """After a step, the weight has changed and the next forward may pick new rows: a gradient
+    through a read made then has no rows to go to (it used to be dropped in eager mode)."""
+    model = grassfx.compile(_net(), rank=4, update_freq=2, backend=backend)
+    opt = grassfx.optim.AdamW(model.parameters(), lr=1e-2)
+    x = _batches(1)[0]
+    model(x).sum().backward()
+    opt.step()
+    opt.zero_grad()
+    penalty = model.module[0].weight.pow(2).sum()  # before the next forward
+    loss = model(x).sum() + penalty
+    with pytest.raises(grassfx.GrassError, match="before the model's next forward"):
+        loss.backward()
