@@ -21,6 +21,7 @@ import datetime
 import json
 import platform
 import statistics
+import sys
 import time
 
 import torch
@@ -90,7 +91,7 @@ def main(argv=None) -> dict:
     alone = (time.perf_counter() - start) / calls
 
     result = {
-        "command": "python benchmarks/invariant_cost.py " + " ".join(argv or []),
+        "command": "python benchmarks/invariant_cost.py " + " ".join(sys.argv[1:] if argv is None else argv),
         "date": datetime.date.today().isoformat(),
         "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
         "model": f"tiny LLaMA preset, {len(model.sites)} projected weights, batch 4 x 128, backend {args.backend}",
