@@ -6,7 +6,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.grassfx-installed
 
-.PHONY: demo test setup clean
+.PHONY: demo test setup clean lint compat
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -23,6 +23,20 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q -x tests
+
+# Static checks: ruff (rules in pyproject.toml) and mypy over the public API, pinned versions.
+RUFF_VERSION ?= 0.17.6
+MYPY_VERSION ?= 2.4.1
+lint: $(STAMP)
+	$(PY) -m pip install -q ruff==$(RUFF_VERSION) mypy==$(MYPY_VERSION)
+	$(PY) -m ruff check .
+	$(PY) -m mypy
+
+# A fast subset of the tests against each torch version listed, each in a venv of its own
+# under .venv-compat/ (several GB per version); results in benchmarks/results/compat.json.
+COMPAT_TORCH ?= 2.13.0 2.14.1
+compat:
+	$(PYTHON) tools/compat.py $(COMPAT_TORCH)
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info
