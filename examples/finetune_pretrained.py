@@ -48,8 +48,9 @@ def main() -> int:
     plan = finetune.batch_plan(train, steps, batch_size, seed=0)
 
     model = finetune.load_model(folder, seed=0)  # BertForSequenceClassification, 2 labels
-    # The new classifier head trains densely; every other nn.Linear keeps `rank` rows.
-    model = grassfx.compile(model, rank=args.rank, update_freq=100, backend="eager", exclude=["*classifier*"])
+    # Every nn.Linear of the encoder keeps `rank` rows; the new classifier head (a task head)
+    # and the embeddings train densely.
+    model = grassfx.compile(model, rank=args.rank, update_freq=100, backend="eager")
     opt = grassfx.optim.AdamW(model.parameters(), lr=args.lr)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, finetune.schedule(steps))
 
