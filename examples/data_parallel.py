@@ -9,6 +9,7 @@ selects the same rows. See docs/distributed.md.
 """
 
 import argparse
+import gc
 import os
 
 import torch
@@ -18,18 +19,8 @@ from torch import nn
 import grassfx
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tiny", action="store_true", default=os.environ.get("GRASSFX_EXAMPLE_TINY") == "1")
-    args = parser.parse_args()
-    steps, backend = (6, "eager") if args.tiny else (100, "inductor")
-
-    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+def train(steps: int, backend: str, device) -> None:
     rank, world = dist.get_rank(), dist.get_world_size()
-    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() else None
-    if device is not None:
-        torch.cuda.set_device(device)
-
     torch.manual_seed(0)  # the same initial weights on every rank
     teacher = nn.Linear(32, 4).to(device)
     model = nn.Sequential(nn.Linear(32, 128), nn.GELU(), nn.Linear(128, 4)).to(device)
@@ -53,6 +44,24 @@ def main() -> None:
     assert all(torch.equal(c, weight) for c in copies), "ranks diverged"
     if rank == 0:
         print(f"{world} ranks trained identical weights")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tiny", action="store_true", default=os.environ.get("GRASSFX_EXAMPLE_TINY") == "1")
+    args = parser.parse_args()
+    steps, backend = (6, "eager") if args.tiny else (100, "inductor")
+
+    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() else None
+    if device is not None:
+        torch.cuda.set_device(device)
+
+    train(steps, backend, device)
+    # Tear down in order: gloo work objects that outlive the process group can abort a
+    # process at interpreter exit. train()'s model and optimizer are gone once it returns.
+    gc.collect()
+    dist.barrier()
     dist.destroy_process_group()
 
 

@@ -9,6 +9,7 @@ the projected optimizer state. See docs/distributed.md.
 """
 
 import argparse
+import gc
 import os
 
 import torch
@@ -42,18 +43,8 @@ class Net(nn.Module):
         return self.head(x)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tiny", action="store_true", default=os.environ.get("GRASSFX_EXAMPLE_TINY") == "1")
-    args = parser.parse_args()
-    steps, backend = (6, "eager") if args.tiny else (100, "inductor")
-
-    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+def train(steps: int, backend: str, device) -> None:
     rank, world = dist.get_rank(), dist.get_world_size()
-    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() else None
-    if device is not None:
-        torch.cuda.set_device(device)
-
     torch.manual_seed(0)  # the same initial weights on every rank
     teacher = nn.Linear(32, 4).to(device)
     model = Net().to(device)
@@ -75,6 +66,24 @@ def main() -> None:
 
     if rank == 0:
         print(f"trained {steps} steps with FSDP2 on {world} ranks")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tiny", action="store_true", default=os.environ.get("GRASSFX_EXAMPLE_TINY") == "1")
+    args = parser.parse_args()
+    steps, backend = (6, "eager") if args.tiny else (100, "inductor")
+
+    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() else None
+    if device is not None:
+        torch.cuda.set_device(device)
+
+    train(steps, backend, device)
+    # Tear down in order: gloo work objects that outlive the process group can abort a
+    # process at interpreter exit. train()'s model and optimizer are gone once it returns.
+    gc.collect()
+    dist.barrier()
     dist.destroy_process_group()
 
 
