@@ -13,13 +13,13 @@ LOCK := requirements/lock.txt
 LATEST_VENV ?= .venv-latest
 LOCK_VENV ?= .venv-lock
 
-.PHONY: demo test setup clean test-latest lock
+.PHONY: demo test setup clean test-latest lock lint compat
 
 $(STAMP): pyproject.toml $(LOCK)
 	rm -rf $(VENV)
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q -c $(LOCK) --upgrade pip
-	# The CPU build of torch 2.13.0 (the package itself only asks for torch>=2.6).
+	# The CPU build of torch 2.13.0 (the package itself asks for torch>=2.13).
 	$(PY) -m pip install -q -r $(LOCK)
 	$(PY) -m pip install -q -c $(LOCK) -e '.[test,train]'
 	touch $(STAMP)
@@ -51,6 +51,20 @@ lock:
 	{ sed -n '/^#/p' $(LOCK); $(LOCK_VENV)/bin/python -m pip freeze --all --exclude-editable \
 	  | grep -vE '^(setuptools|wheel)==' | sed 's/^torch==\(.*\)+cpu$$/torch==\1/'; } > $(LOCK).new
 	mv $(LOCK).new $(LOCK)
+
+# Static checks: ruff (rules in pyproject.toml) and mypy over the public API, pinned versions.
+RUFF_VERSION ?= 0.17.6
+MYPY_VERSION ?= 2.4.1
+lint: $(STAMP)
+	$(PY) -m pip install -q ruff==$(RUFF_VERSION) mypy==$(MYPY_VERSION)
+	$(PY) -m ruff check .
+	$(PY) -m mypy
+
+# A fast subset of the tests against each torch version listed, each in a venv of its own
+# under .venv-compat/ (several GB per version); results in benchmarks/results/compat.json.
+COMPAT_TORCH ?= 2.13.0 2.14.1
+compat:
+	$(PYTHON) tools/compat.py $(COMPAT_TORCH)
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

@@ -22,7 +22,6 @@ import json
 import os
 import socket
 import statistics
-import sys
 import time
 
 import torch
@@ -53,8 +52,9 @@ def worker(rank, world, port, args, method, out):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
-    import grassfx
     from torch.distributed.algorithms.ddp_comm_hooks import default_hooks, powerSGD_hook
+
+    import grassfx
 
     net = make_model(args)
     counter = [0]

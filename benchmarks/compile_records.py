@@ -31,9 +31,9 @@ import time
 import types
 
 import torch
+from compile_breakdown import build  # the same small Llama (this folder is on sys.path when run as a script)
 
 import grassfx
-from compile_breakdown import build  # the same small Llama (this folder is on sys.path when run as a script)
 
 try:  # this tree
     import grassfx.compiler.backend as backend_mod

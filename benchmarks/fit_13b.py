@@ -176,6 +176,7 @@ def worker(method: str, args) -> dict:
     out = dict(method=method, cap_bytes=cap, phase="materialize", steps_done=0, step_seconds=[])
     # everything imported before the cap: the cap is for what the run allocates
     import transformers.models.llama.modeling_llama  # noqa: F401
+
     import grassfx.optim  # noqa: F401
     if method == "galore":
         from recipes.train import import_galore

@@ -51,8 +51,8 @@ def project(name, d, ffn, layers, rank):
 
 
 def main():
-    print(f"| model | rank | params | r/m (by size) | all-reduce bytes dense -> grassfx | compute/step dense -> grassfx "
-          f"| link | comm dense -> grassfx | throughput ratio (no overlap / full overlap) |")
+    print("| model | rank | params | r/m (by size) | all-reduce bytes dense -> grassfx | compute/step dense -> grassfx "
+          "| link | comm dense -> grassfx | throughput ratio (no overlap / full overlap) |")
     print("|---|---|---|---|---|---|---|---|---|")
     for name, (d, ffn, layers, rank) in CONFIGS.items():
         params, ratio, db, gb, c, gc, rows = project(name, d, ffn, layers, rank)

@@ -24,7 +24,7 @@ from .errors import (
 )
 from .instrument import GrassModel, unwrap
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"  # the one place the version is written (pyproject.toml reads it)
 
 __all__ = [
     "compile",

@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .config import GrassConfig
 from . import fsdp
+from .config import GrassConfig
 from .errors import ConfigError, UnsupportedModelError
 from .instrument import GrassModel, registry
 from .instrument.targets import plan_targets, targets_of

@@ -135,6 +135,7 @@ def _write_outputs(d, args: argparse.Namespace) -> None:
 def _model_and_inputs(parser: argparse.ArgumentParser, args: argparse.Namespace) -> tuple:
     """Build (or load) the model, compile it with the command's options, and its inputs."""
     import grassfx
+
     from .recipes.demos import get_demo
 
     if (args.target is None) == (args.demo is None):

@@ -6,9 +6,9 @@ this order. ``GRASSFX_DISABLE=name,...`` skips passes by name.
 
 from __future__ import annotations
 
-from .infra import ALL_REDUCE, Change, PassContext, PassResult, Settings, Skip, settings
 from .compact_embedding_grad import compact_embedding_grad
 from .compress_allreduce import compress_allreduce
+from .infra import ALL_REDUCE, Change, PassContext, PassResult, Settings, Skip, settings
 from .sparsify_wgrad import sparsify_wgrad
 
 # The pipeline, in order.

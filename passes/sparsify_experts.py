@@ -42,6 +42,7 @@ import torch.fx as fx
 from grassfx import _compat
 
 from .infra import Change, PassResult, Skip, meta_val, norm_args
+
 # sparsify_wgrad imports this module after its own rules are defined (at its end)
 from .sparsify_wgrad import SAME, Push, Rule, WgradSite, _count_gemms, _Emitter, _erase_dead, _plan
 

@@ -48,7 +48,18 @@ import torch.fx as fx
 from grassfx import _compat
 from grassfx.errors import PassError
 
-from .infra import PassContext, PassResult, Change, Skip, graph_fake_mode, make_node, meta_val, norm_args, prod, same_size
+from .infra import (
+    Change,
+    PassContext,
+    PassResult,
+    Skip,
+    graph_fake_mode,
+    make_node,
+    meta_val,
+    norm_args,
+    prod,
+    same_size,
+)
 
 aten = torch.ops.aten
 prims = torch.ops.prims

@@ -45,8 +45,15 @@ from . import data as data_mod
 from . import presets as presets_mod
 from .launch import barrier, init_distributed, launch
 from .measure import PeakMemory, Throughput, compiled_graphs, fmt_bytes, keep_freed_memory, optimizer_state_bytes, sync
-from .options import (RunSpec, grass_compile_settings, grass_optimizer_settings, grass_setting, parse_args, run_specs,
-                      setting)
+from .options import (
+    RunSpec,
+    grass_compile_settings,
+    grass_optimizer_settings,
+    grass_setting,
+    parse_args,
+    run_specs,
+    setting,
+)
 from .report import json_default, plot_losses, results_table
 
 WARMUP_FRACTION = 0.1

@@ -11,6 +11,6 @@ from __future__ import annotations
 
 from .diff import Diff, GraphDiff, StageDiff, diff
 from .explain import explain
-from .report import T, Report, Unprojected, WeightRow
+from .report import Report, T, Unprojected, WeightRow
 
 __all__ = ["explain", "diff", "Report", "WeightRow", "Unprojected", "Diff", "GraphDiff", "StageDiff", "T"]

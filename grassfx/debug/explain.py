@@ -23,13 +23,13 @@ from grassfx import _compat, fsdp
 from grassfx.compiler.records import Recorder
 from grassfx.errors import ConfigError
 from grassfx.instrument import GrassModel
+from grassfx.instrument.blocks import describe_selection
 from grassfx.instrument.expert_targets import expert_reason
 from grassfx.instrument.experts import ExpertSite
-from grassfx.instrument.blocks import describe_selection
 from grassfx.instrument.guard import snapshot_handle_versions
 
 from .common import projected_shapes, require_grass_model, trace_artifact
-from .report import T, Report, Unprojected, WeightRow
+from .report import Report, T, Unprojected, WeightRow
 
 __all__ = ["explain"]
 

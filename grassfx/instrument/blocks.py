@@ -196,7 +196,8 @@ def detect_layout(module: nn.Module, leaf: str, attr: str, shape: tuple, dim: in
         fused_dim, rule = 1, _c_attn
     elif isinstance(module, nn.Linear) and attr == "weight" and leaf in _BY_NAME:
         fused_dim, kind = 0, _BY_NAME[leaf]
-        rule = lambda f, o: kind(config, f, o)
+        def rule(f, o):
+            return kind(config, f, o)
     else:
         return LayoutChoice(None)
     layout, why = rule(shape[fused_dim], shape[1 - fused_dim])

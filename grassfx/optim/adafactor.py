@@ -18,12 +18,21 @@ __all__ = ["Adafactor"]
 class Adafactor(GrassOptimizer):
     """Adafactor (Shazeer & Stern, 2018) with factored (r,) + (n,) second moments.
 
-    Follows ``torch.optim.Adafactor``'s formulation (``lr``, ``beta2_decay``,
-    ``eps=(eps1, eps2)``, ``d``, decoupled ``weight_decay``), so with every row selected
-    it matches it. For a projected weight the parameter-scale term ``RMS(W)`` is taken
-    over the selected rows. ``rho_scaling``: ``"once"`` (default) or ``"twice"`` (the
-    paper's form), see :func:`grassfx.optim.base.row_weights`. ``update_in_backward``: as
-    :class:`grassfx.optim.AdamW`'s (updates inside backward, :mod:`grassfx.optim.inbackward`).
+    Follows ``torch.optim.Adafactor``'s formulation, so with every row selected it matches
+    it. For a projected weight the parameter-scale term ``RMS(W)`` is taken over the
+    selected rows.
+
+    Args:
+        params: ``model.parameters()`` of a model from :func:`grassfx.compile` (groups ok).
+        lr, beta2_decay, d: as ``torch.optim.Adafactor``.
+        eps: the pair ``(eps1, eps2)`` of ``torch.optim.Adafactor`` (``eps1=None``: the
+            gradient dtype's machine epsilon).
+        weight_decay: decoupled, as ``torch.optim.Adafactor``.
+        nonfinite: ``"raise"`` (default) or ``"skip"`` a step whose gradients hold NaN/Inf.
+        rho_scaling: ``"once"`` (default) or ``"twice"`` (the paper's form), see
+            :func:`grassfx.optim.base.row_weights`.
+        update_in_backward: as :class:`grassfx.optim.AdamW`'s (updates inside backward,
+            :mod:`grassfx.optim.inbackward`).
 
     Example:
         >>> import torch, grassfx

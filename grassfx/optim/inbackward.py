@@ -37,6 +37,7 @@ import torch
 from grassfx.errors import ConfigError, GrassError, NonFiniteGradientError
 from grassfx.instrument import registry
 from grassfx.instrument.experts import matrix_of
+
 from .base import finite_flags
 
 __all__ = ["BackwardUpdates"]

@@ -18,9 +18,15 @@ __all__ = ["SGD"]
 class SGD(GrassOptimizer):
     """SGD with momentum (optionally Nesterov) and (r x n) momentum buffers.
 
-    Args match ``torch.optim.SGD``: ``lr``, ``momentum``, ``dampening``,
-    ``weight_decay`` (L2 on the gradient), ``nesterov``. ``update_in_backward``: as
-    :class:`grassfx.optim.AdamW`'s (updates inside backward, :mod:`grassfx.optim.inbackward`).
+    Args:
+        params: ``model.parameters()`` of a model from :func:`grassfx.compile` (groups ok).
+        lr, momentum, dampening, nesterov: as ``torch.optim.SGD`` (``nesterov=True`` needs
+            ``momentum > 0`` and ``dampening = 0``).
+        weight_decay: L2 added to the gradient, as in ``torch.optim.SGD`` (for a projected
+            weight, ``rho * weight_decay * W[idx]`` is added to the selected rows' gradient).
+        nonfinite: ``"raise"`` (default) or ``"skip"`` a step whose gradients hold NaN/Inf.
+        update_in_backward: as :class:`grassfx.optim.AdamW`'s (updates inside backward,
+            :mod:`grassfx.optim.inbackward`).
 
     Example:
         >>> import torch, grassfx

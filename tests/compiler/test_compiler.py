@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import grassfx
+
 import zoo
 from conftest import llama_batch, make_gpt2, make_llama
 

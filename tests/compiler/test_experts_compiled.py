@@ -11,6 +11,7 @@ import torch.fx as fx
 import grassfx
 from grassfx.instrument.experts import ExpertSite
 from grassfx.passes.sparsify_wgrad import find_weight_grad_sites
+
 from moe_zoo import make_llama4, make_loop_experts, make_mixtral, mixtral_batch
 
 

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 import grassfx
+
 from conftest import llama_batch, make_gpt2
 
 _log = logging.getLogger("grassfx.tests.chatty")

@@ -11,6 +11,7 @@ import torch
 
 import grassfx
 from grassfx import _compat
+
 from hf_zoo import ZOO, loss_of
 
 #: weights each architecture must project (substrings of site names), beyond plain Linears

@@ -16,9 +16,10 @@ from torch import nn
 import grassfx
 import grassfx.passes
 import grassfx.recipes
-import zoo
 from grassfx import cli
 from grassfx.passes import infra
+
+import zoo
 from conftest import llama_batch, make_llama, make_mlp
 
 

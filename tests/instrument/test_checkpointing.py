@@ -17,6 +17,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 import grassfx
+
 import zoo
 from conftest import llama_batch, make_llama
 

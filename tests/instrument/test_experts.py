@@ -11,6 +11,7 @@ from torch import nn
 import grassfx
 from grassfx.instrument.experts import ExpertSite, select_expert_rows
 from grassfx.instrument.targets import plan_targets
+
 from moe_zoo import make_loop_experts, make_mixtral, mixtral_batch
 
 EXPERT_NAMES = {f"model.layers.{i}.mlp.experts.{p}" for i in range(2) for p in ("gate_up_proj", "down_proj")}

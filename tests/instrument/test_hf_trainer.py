@@ -36,8 +36,10 @@ def _trainer(tmp_path, max_steps):
         output_dir=str(tmp_path), max_steps=max_steps, per_device_train_batch_size=2, save_steps=3,
         report_to=[], use_cpu=True, seed=0,
     )
-    collate = lambda rows: {k: torch.stack([r[k] for r in rows]) for k in ("input_ids", "labels")
-                            if k in rows[0]} | {k: [r[k] for r in rows] for k in rows[0] if k == "text"}
+    def collate(rows):
+        return ({k: torch.stack([r[k] for r in rows]) for k in ("input_ids", "labels") if k in rows[0]}
+                | {k: [r[k] for r in rows] for k in rows[0] if k == "text"})
+
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0)
     return transformers.Trainer(model=model, args=args, train_dataset=_Rows(), data_collator=collate,
                                 optimizers=(opt, sched)), model

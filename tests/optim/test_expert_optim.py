@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import grassfx
+
 from moe_zoo import make_loop_experts
 
 LR, BETAS, EPS = 1e-2, (0.9, 0.999), 1e-8

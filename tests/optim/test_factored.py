@@ -307,8 +307,7 @@ def test_bad_full_state_and_sharded_parameters_are_refused(monkeypatch):
 
 
 def test_train_flag_reaches_the_optimizer():
-    from recipes.options import parse_args
-    from recipes.options import run_specs
+    from recipes.options import parse_args, run_specs
     from recipes.train import make_grass
 
     args = parse_args(["--preset", "test", "--steps", "2", "--backend", "eager", "--rank", "4",
