@@ -10,6 +10,7 @@ about once in 3.5 million runs).
 
 from __future__ import annotations
 
+import copy
 import io
 import math
 
