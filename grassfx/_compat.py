@@ -238,8 +238,16 @@ def set_class(module: torch.nn.Module, cls: type) -> None:
 
 
 def set_parameter_class(param: torch.nn.Parameter, cls: type) -> None:
-    """Swap one Parameter instance's class (the tensor and its storage stay as they are)."""
+    """Swap one Parameter instance's class (the tensor and its storage stay as they are).
+
+    Dynamo keeps the shapes of parameters static only when ``type(p) is nn.Parameter``
+    (``force_parameter_static_shapes``); a subclass would get symbolic shapes under
+    ``dynamic=True`` (and a weight view by symbolic sizes the rewrite cannot push through),
+    so the swapped Parameter is marked static explicitly, as a plain one is treated.
+    """
     param.__class__ = cls
+    if cls is not torch.nn.Parameter:
+        torch._dynamo.mark_static(param)
 
 
 def quiet_logging_calls():
