@@ -101,15 +101,17 @@ def _describe(optimizer) -> str:
     return f"{cls.__module__}.{cls.__qualname__}({', '.join(flags)})"
 
 
-def check_optimizer(optimizer) -> None:
-    """Raise :class:`grassfx.OptimizerMisuseError` if ``optimizer`` would step a grassfx model wrongly."""
+def check_optimizer(optimizer, error: type = OptimizerMisuseError) -> None:
+    """Raise :class:`grassfx.OptimizerMisuseError` if ``optimizer`` would step a grassfx model wrongly
+    (``error`` instead for a projected weight given without its handle: a grassfx optimizer's
+    constructor raises :class:`grassfx.ConfigError`, a bad argument)."""
     aware = getattr(optimizer, "grassfx_aware", False)
     params = [p for group in optimizer.param_groups for p in group["params"]]
     given = {id(p) for p in params}
     for p in params:
         site = registry.target_of(p)
         if site is not None and id(site.handle) not in given:
-            raise OptimizerMisuseError(
+            raise error(
                 f"{_describe(optimizer)} holds {site.name!r}, a weight grassfx.compile has frozen "
                 "(its gradient goes to a small handle), but not its handle, so it would never "
                 "train it: it was built before grassfx.compile (or from the inner module's "

@@ -242,10 +242,9 @@ class GrassOptimizer(torch.optim.Optimizer):
 
     def _classify(self) -> None:
         self._group_handles_with_weights()
-        schedules, given = {}, set()
+        schedules = {}
         for group in self.param_groups:
             for p in group["params"]:
-                given.add(id(p))
                 site = registry.site_of(p)
                 if site is not None and site.schedule is not None:
                     schedules[id(site.schedule)] = site.schedule
@@ -259,15 +258,7 @@ class GrassOptimizer(torch.optim.Optimizer):
             from .sharded import check_supported
 
             check_supported(self, sharded)
-        for group in self.param_groups:
-            for p in group["params"]:
-                site = registry.target_of(p)
-                if site is not None and id(site.handle) not in given:
-                    raise ConfigError(
-                        f"{site.name!r} is a grassfx-projected weight but its gradient handle "
-                        "was not passed to the optimizer, so it would never train: pass "
-                        "model.parameters() of the model grassfx.compile returned"
-                    )
+        guard.check_optimizer(self, error=ConfigError)  # a projected weight without its handle
 
     def add_param_group(self, param_group):
         super().add_param_group(param_group)
