@@ -131,8 +131,11 @@ def check_optimizer(optimizer, error: type = OptimizerMisuseError) -> None:
 def check_gradients_delivered(schedule) -> None:
     """Raise :class:`grassfx.LostGradientError` if ``schedule``'s model's other parameters received
     gradients and none of its handles did (flags only: one ``grad is None`` in the common case)."""
+    for site in schedule.sites:  # the common case ends at the first trainable site
+        if site.trainable and site.handle.grad is not None:
+            return
     sites = [s for s in schedule.sites if s.trainable]  # a weight the user froze gets no gradient
-    if not sites or any(s.handle.grad is not None for s in sites):
+    if not sites:
         return
     model = schedule.model
     if not any(p.grad is not None for p in model.module.parameters()):
