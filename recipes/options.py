@@ -43,8 +43,10 @@ RECOMMENDED = {
                   optimizer="muon"),
     # dense Muon (torch.optim.Muon on the attention/MLP matrices, AdamW on the rest;
     # recipes/muon.py): ``lr`` for AdamW, ``lr * scale`` for Muon with torch's
-    # adjust_lr_fn="match_rms_adamw", the step size convention of grassfx.optim.Muon
-    "muon": dict(lr=64e-3, scale=0.0625),
+    # adjust_lr_fn="match_rms_adamw", the step size convention of grassfx.optim.Muon.
+    # Tuned on the same grid style (plan tiny-dense-muon): matrix step 4e-3 as grassfx's,
+    # dense lr half of grassfx's
+    "muon": dict(lr=32e-3, scale=0.125),
 }
 
 # What --demo stands for; flags given next to --demo override these. The run of the
