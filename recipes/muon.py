@@ -28,7 +28,7 @@ Settings, with the meaning grassfx's own Muon gives them, so that the two arms s
 * The Newton-Schulz iteration runs in float32 (:class:`Float32Muon`): torch's step casts
   the momentum to bfloat16 and iterates there, and on CPUs without bfloat16 matrix
   instructions (this project's reference machine) a bfloat16 matmul is about 60x slower
-  than a float32 one (256 x 256: 79 ms against 1.3 ms, one thread), which put one step of
+  than a float32 one (256 x 256: 79 ms against 1.3 ms, one thread, other jobs running), which put one step of
   the tiny preset at about 25 s. In float32 it is the iteration ``grassfx.optim.Muon`` runs
   on its (r x n) momentum (:func:`grassfx.optim.muon.orthogonalize`: the same quintic
   coefficients, Frobenius normalization and orientation), so row selection is the only
@@ -37,9 +37,9 @@ Settings, with the meaning grassfx's own Muon gives them, so that the two arms s
 
 from __future__ import annotations
 
-import torch
-
 import math
+
+import torch
 
 from grassfx.optim.muon import NS_COEFFICIENTS, orthogonalize
 
