@@ -281,6 +281,29 @@ PLANS = {
         },
         reference="grass-muon",
     ),
+    # Dense Muon (grassfx train --optimizer muon: torch.optim.Muon on the attention/MLP matrices,
+    # one (m x n) momentum each, AdamW on the rest) against grassfx's Muon rows and AdamW at
+    # their tuned points (plan tiny-defaults): what row selection costs. Its grid is the
+    # others' style around grassfx's point (same lr / scale meaning: torch's
+    # adjust_lr_fn="match_rms_adamw" is grassfx.optim.Muon's step size): matrix step x0.5 and
+    # x2, dense lr x0.5 and x2 at the matrix step kept; the halved dense lr won, at the edge,
+    # so a second round walked one step further from it (dense lr x0.5 again; matrix step
+    # x0.5). Then single-option ablations of grass at its point, paired with it: twice the
+    # rank, twice as many refreshes.
+    "tiny-dense-muon": dict(
+        preset="tiny", steps=300, batch_size=4, seq_len=128, eval_every=50, eval_windows=32, rank=64,
+        arms={
+            "muon": dict(flags=["--optimizer", "muon"],
+                         grid=_scales("64e-3", "0.0625", "0.03125", "0.125") + _dense_lr_probes("64e-3", "0.0625")
+                         + _scales("0.016", "0.25") + _scales("0.032", "0.0625")),
+            "grass": dict(flags=_MUON + _DEFAULTS, point=["--lr", "64e-3", "--scale", "0.0625"]),
+            "adamw": dict(flags=_ADAMW, point=["--lr", "16e-3", "--scale", "0.015625"]),
+            "grass-rank128": dict(flags=_MUON + _DEFAULTS + ["--rank", "128"], like="grass"),
+            "grass-freq6": dict(flags=_MUON + _DEFAULTS + ["--update-freq", "6"], like="grass"),
+        },
+        reference="muon",
+        second="adamw",
+    ),
     # CI smoke: the whole procedure on the test preset in a few steps.
     "smoke": dict(
         preset="test", steps=4, batch_size=2, seq_len=32, eval_every=2, eval_windows=2, rank=8,
@@ -289,6 +312,7 @@ PLANS = {
             "grass": dict(flags=["--optimizer", "grass"], grid=_LR(3e-3)),
             "grass-cover": dict(flags=["--optimizer", "grass", "--explore", "0.25"], like="grass"),
             "grass-adamw-rows": dict(flags=["--optimizer", "grass", "--grass-optimizer", "adamw"], like="grass"),
+            "muon": dict(flags=["--optimizer", "muon"], grid=_LR(3e-3)),
         },
         reference="adamw",
         second="grass",

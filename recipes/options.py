@@ -20,7 +20,7 @@ __all__ = ["OPTIMIZERS", "SELECTIONS", "BACKENDS", "RECOMMENDED", "DEMO_DEFAULTS
            "grass_setting", "grass_compile_settings", "grass_optimizer_settings", "check_run_settings",
            "training_settings", "build_parser", "parse_args", "run_optimizers", "run_specs"]
 
-OPTIMIZERS = ("adamw", "galore", "grass")
+OPTIMIZERS = ("adamw", "galore", "grass", "muon")
 SELECTIONS = ("top_r", "multinorm", "multinorm_nr", "uniform")
 BACKENDS = ("eager", "aot_eager", "inductor")
 
@@ -41,6 +41,12 @@ RECOMMENDED = {
     "galore": dict(lr=16e-3, scale=0.25, windows=25),
     "grass": dict(lr=64e-3, scale=0.0625, windows=25, moments="reset", explore=0.0, rewarmup=0,
                   optimizer="muon"),
+    # dense Muon (torch.optim.Muon on the attention/MLP matrices, AdamW on the rest;
+    # recipes/muon.py): ``lr`` for AdamW, ``lr * scale`` for Muon with torch's
+    # adjust_lr_fn="match_rms_adamw", the step size convention of grassfx.optim.Muon.
+    # Tuned on the same grid style (plan tiny-dense-muon): matrix step 4e-3 as grassfx's,
+    # dense lr half of grassfx's
+    "muon": dict(lr=32e-3, scale=0.125),
 }
 
 # What --demo stands for; flags given next to --demo override these. The run of the
@@ -173,7 +179,7 @@ def grass_optimizer_settings(args: argparse.Namespace) -> dict:
 def check_run_settings(args: argparse.Namespace) -> None:
     """Build every run's settings through the checks of the code that will use them, before any
     run starts: ``grassfx.config.GrassConfig`` (what ``grassfx.compile`` checks) and the grass
-    optimizer (``grassfx.optim``) on a stand-in parameter; ``torch.optim.AdamW`` for the baseline.
+    optimizer (``grassfx.optim``) on a stand-in parameter; ``torch.optim.AdamW`` / ``Muon`` for the baselines.
     Raises ``ValueError`` (``grassfx.ConfigError`` for grass) naming the run and the setting."""
     import torch
 
@@ -190,6 +196,11 @@ def check_run_settings(args: argparse.Namespace) -> None:
             elif spec.optimizer == "adamw":
                 torch.optim.AdamW(stand_in, lr=setting(args, "lr", "adamw") * setting(args, "scale", "adamw"),
                                   weight_decay=args.weight_decay)
+            elif spec.optimizer == "muon":
+                from .muon import MuonAdamW
+
+                MuonAdamW([torch.nn.Parameter(torch.zeros(1, 1))], stand_in, lr=setting(args, "lr", "muon"),
+                          scale=setting(args, "scale", "muon"), weight_decay=args.weight_decay)
         except ValueError as exc:
             raise ValueError(f"the {spec.name} run: {exc}") from None
 
@@ -242,11 +253,13 @@ def build_parser() -> argparse.ArgumentParser:
                "'grassfx train --resume OUT' then goes on where it stopped (finished runs kept), with the "
                "losses of a run never stopped. See --save-every and --resume.")
     p.add_argument("--demo", action="store_true",
-                   help="adamw vs galore vs grass on the tiny preset, sized to finish in under "
+                   help="adamw vs galore vs grass vs muon on the tiny preset, sized to finish in under "
                         "10 minutes on 2 CPU cores (other flags override its settings)")
     p.add_argument("--optimizer", action="append", choices=OPTIMIZERS, dest="optimizers",
                    help="optimizer to run (repeatable; default: grass)")
-    p.add_argument("--compare", action="store_true", help="run adamw, galore and grass")
+    p.add_argument("--compare", action="store_true",
+                   help="run adamw, galore, grass and muon (dense torch.optim.Muon on the attention/MLP "
+                        "matrices, AdamW on the rest)")
     p.add_argument("--preset", default="tiny", choices=list(presets_mod.PRESETS),
                    help="model size (default: tiny)")
     p.add_argument("--arch", default="llama", choices=list(presets_mod.ARCHS),
@@ -262,8 +275,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="grass: which dim of each weight is sampled (default: auto, the larger; "
                         "smaller: the smaller, as GaLore projects)")
     p.add_argument("--scale", type=_per_optimizer(_positive_float), action=_MergeDicts, default=None,
-                   help="update scale alpha of the projected weights of galore and grass (for adamw: "
-                        "the learning-rate multiplier of the same attention/MLP weights): X, or "
+                   help="update scale alpha of the projected weights of galore and grass (for adamw and "
+                        "muon: the learning-rate multiplier of the same attention/MLP weights): X, or "
                         "OPTIMIZER=X (repeatable; default: each optimizer's recommended value)")
     p.add_argument("--moments", default=None, choices=["reset", "keep_overlap"],
                    help="grass: Adam moments at a refresh (default: the recommended one)")

@@ -10,11 +10,13 @@ optimizer differs:
   of the attention/MLP weight gradients);
 * ``grass``  -- the model goes through ``grassfx.compile`` (structured sparse
   projection of those gradients inside the backward graph) and is trained with
-  ``grassfx.optim.AdamW``.
+  ``grassfx.optim.Muon`` (AdamW rows with ``--grass-optimizer adamw``);
+* ``muon``   -- ``torch.optim.Muon`` on those weights, AdamW on the rest (dense
+  baseline of grassfx's Muon rows; :mod:`grassfx.recipes.muon`).
 
 Usage::
 
-    python -m grassfx.train --demo                 # adamw vs galore vs grass, tiny model, < 10 min on 2 CPU cores
+    python -m grassfx.train --demo                 # adamw vs galore vs grass vs muon, tiny model, 2 CPU cores
     python -m grassfx.train --compare --preset small --steps 2000
     python -m grassfx.train --optimizer grass --selection top_r --selection multinorm
     python -m grassfx.train --data my_texts/ --optimizer adamw
@@ -45,6 +47,7 @@ from . import data as data_mod
 from . import presets as presets_mod
 from .launch import barrier, init_distributed, launch
 from .measure import PeakMemory, Throughput, compiled_graphs, fmt_bytes, keep_freed_memory, optimizer_state_bytes, sync
+from .muon import make_muon
 from .options import (
     RunSpec,
     grass_compile_settings,
@@ -128,6 +131,12 @@ def make_grass(model: torch.nn.Module, spec: RunSpec, args: argparse.Namespace):
     return model, grassfx.optim.AdamW(params, **common)
 
 
+def _fused(model: torch.nn.Module, args: argparse.Namespace) -> bool:
+    """The baseline at its fastest: torch's fused AdamW kernel (CPU and CUDA), except under DDP's
+    bucketed gradients where torch's default (foreach) is the tested path."""
+    return getattr(args, "world_size", 1) == 1 and next(model.parameters()).device.type in ("cpu", "cuda")
+
+
 def make_optimizer(model: torch.nn.Module, spec: RunSpec, args: argparse.Namespace):
     """Return ``(model, optimizer)`` for ``spec``; the model may come back wrapped or compiled."""
     if spec.optimizer == "grass":
@@ -138,9 +147,9 @@ def make_optimizer(model: torch.nn.Module, spec: RunSpec, args: argparse.Namespa
         model = torch.compile(model, backend=args.backend)
     if spec.optimizer == "galore":
         return model, make_galore(model, args)
-    # the baseline at its fastest: the fused kernel (CPU and CUDA), except under DDP's
-    # bucketed gradients where torch's default (foreach) is the tested path
-    fused = getattr(args, "world_size", 1) == 1 and next(model.parameters()).device.type in ("cpu", "cuda")
+    if spec.optimizer == "muon":  # the same split and fused AdamW as below, Muon for the matrices
+        return model, make_muon(model, [p for _, p in lowrank_weights(model)], args, fused=_fused(model, args))
+    fused = _fused(model, args)
     # --scale: the lr multiplier of the attention/MLP weights (what GaLore and grass project),
     # so every method can give them and the rest (embeddings, norms) different rates
     lr, scale = setting(args, "lr", "adamw"), setting(args, "scale", "adamw")
@@ -303,9 +312,10 @@ def train_run(spec: RunSpec, corpus, eval_set, args, device, log, out: Path, sta
         train_time_s=speed.seconds + sum(speed.compiling), first_step_s=speed.first_step_s,
         compile_s=speed.compile_s, backend=args.backend)
     summary["lr"] = setting(args, "lr", spec.optimizer)
+    if spec.optimizer in ("galore", "grass"):
+        summary.update(rank=args.rank, update_freq=setting(args, "update_freq", spec.optimizer))
     if spec.optimizer != "adamw":
-        summary.update(rank=args.rank, update_freq=setting(args, "update_freq", spec.optimizer),
-                       scale=setting(args, "scale", spec.optimizer))
+        summary["scale"] = setting(args, "scale", spec.optimizer)
     if spec.selection:
         summary["selection"] = spec.selection
     return summary
@@ -388,8 +398,8 @@ SPEED_WARMUP = 4  # untimed steps of each run first: compile (a refresh graph, t
 
 
 def refresh_interval(spec: RunSpec, args: argparse.Namespace):
-    """Steps between the projection refreshes of ``spec``'s run (None: AdamW has none)."""
-    return None if spec.optimizer == "adamw" else setting(args, "update_freq", spec.optimizer)
+    """Steps between the projection refreshes of ``spec``'s run (None: AdamW and Muon have none)."""
+    return setting(args, "update_freq", spec.optimizer) if spec.optimizer in ("galore", "grass") else None
 
 
 def speed_steps(specs: list[RunSpec], args: argparse.Namespace) -> tuple[int, str]:

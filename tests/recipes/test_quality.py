@@ -58,7 +58,7 @@ def test_quality_harness_smoke(tmp_path, monkeypatch):
     result = quality.main(["--plan", "smoke", "--data", str(text), "--seeds", "0", "1", "--tune-seeds", "5",
                            "--out", str(out), "--inprocess"])
     summary = result["summary"]
-    assert set(summary) == {"adamw", "grass", "grass-cover", "grass-adamw-rows"}
+    assert set(summary) == {"adamw", "grass", "grass-cover", "grass-adamw-rows", "muon"}
     assert summary["grass-cover"]["point"] == summary["grass"]["point"]  # "like": the base arm's tuned lr
     for arm, row in summary.items():
         assert row["seeds"] == [0, 1] and all(math.isfinite(v) for v in row["eval_loss"])
@@ -74,7 +74,8 @@ def test_quality_harness_smoke(tmp_path, monkeypatch):
     assert summary["adamw"]["point"][1] == min(tuned, key=tuned.get)
     assert json.loads((out / "quality.json").read_text())["summary"].keys() == summary.keys()
     md = (out / "quality.md").read_text()
-    assert md.count("\n") == 6 and "Δ vs grass (paired, nats)" in md
+    assert summary["muon"]["optimizer_state_bytes"] > summary["grass"]["optimizer_state_bytes"]  # dense Muon
+    assert md.count("\n") == 7 and "Δ vs grass (paired, nats)" in md
 
 
 def test_fixed_point_arms_and_the_model_option():

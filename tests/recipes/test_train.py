@@ -16,7 +16,7 @@ from grassfx.recipes import data, measure, options, presets, train
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 HAS_GALORE = importlib.util.find_spec("galore_torch") is not None
-SMOKE_OPTIMIZERS = ["adamw", "grass"] + (["galore"] if HAS_GALORE else [])
+SMOKE_OPTIMIZERS = ["adamw", "grass", "muon"] + (["galore"] if HAS_GALORE else [])
 SUMMARY_KEYS = {"eval_loss", "eval_ppl", "train_loss", "tokens_per_s", "peak_mem_bytes",
                 "optimizer_state_bytes", "steps", "tokens", "params", "train_time_s"}
 
@@ -61,7 +61,7 @@ def check_outputs(out, summary):
     first = [r["loss"] for r in records if r["step"] == 1]
     assert max(first) - min(first) < 1e-5
     assert (out / "loss.png").read_bytes()[:8] == PNG_MAGIC
-    # The low-rank optimizers keep less state than AdamW.
+    # The low-rank optimizers keep less state than AdamW, and so does Muon (one buffer per matrix).
     for name in SMOKE_OPTIMIZERS:
         if name != "adamw":
             assert on_disk[name]["optimizer_state_bytes"] < on_disk["adamw"]["optimizer_state_bytes"]
