@@ -29,8 +29,10 @@ setup: $(STAMP)
 demo: $(STAMP)
 	$(PY) -m grassfx.train --demo
 
+# The suite, then the static checks (ruff, mypy over the public API; pinned in the lock).
 test: $(STAMP)
 	$(PY) -m pytest -q -x tests
+	$(MAKE) --no-print-directory lint
 
 # Upstream moved? Newest releases of everything but torch, a fast subset of the tests.
 test-latest:
@@ -52,11 +54,8 @@ lock:
 	  | grep -vE '^(setuptools|wheel)==' | sed 's/^torch==\(.*\)+cpu$$/torch==\1/'; } > $(LOCK).new
 	mv $(LOCK).new $(LOCK)
 
-# Static checks: ruff (rules in pyproject.toml) and mypy over the public API, pinned versions.
-RUFF_VERSION ?= 0.17.6
-MYPY_VERSION ?= 2.4.1
+# Static checks: ruff (rules in pyproject.toml) and mypy over the public API, at the lock's versions.
 lint: $(STAMP)
-	$(PY) -m pip install -q ruff==$(RUFF_VERSION) mypy==$(MYPY_VERSION)
 	$(PY) -m ruff check .
 	$(PY) -m mypy
 
