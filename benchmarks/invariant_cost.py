@@ -27,7 +27,8 @@ import time
 import torch
 
 import grassfx
-from grassfx.instrument import guard
+from grassfx.instrument import guard, surgery
+from grassfx.instrument import model as grass_model
 from grassfx.recipes.presets import build_model, get_preset
 
 
@@ -89,6 +90,16 @@ def main(argv=None) -> dict:
             guard.check_gradients_delivered(schedule)
         guard.check_handles_untouched(model.sites)
     alone = (time.perf_counter() - start) / calls
+    # per forward, not switchable: replaced-module/freeze check and the anchors left for reads outside the graph
+    start = time.perf_counter()
+    for _ in range(calls):
+        surgery.check(model)
+    surgery_us = (time.perf_counter() - start) / calls * 1e6
+    start = time.perf_counter()
+    for _ in range(calls):
+        model._slot.begin(grass_model._make_anchor, model._entries(None), upfront=False, eager=True,
+                          changed=grass_model._changed_anchor)
+    slot_us = (time.perf_counter() - start) / calls * 1e6
 
     result = {
         "command": "python benchmarks/invariant_cost.py " + " ".join(sys.argv[1:] if argv is None else argv),
@@ -101,6 +112,8 @@ def main(argv=None) -> dict:
         "ratio_on_over_off": statistics.median(on) / statistics.median(off),
         "checks_alone_us_per_step": alone * 1e6,
         "checks_alone_share_of_step": alone / statistics.median(off),
+        "per_forward_surgery_check_us": surgery_us,
+        "per_forward_outside_anchors_us": slot_us,
     }
     print(json.dumps(result, indent=2))
     if args.out:
