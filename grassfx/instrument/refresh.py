@@ -42,7 +42,6 @@ class RefreshSchedule:
         self.generation = 0  # counts forwards with gradients on; a refresh's probes carry theirs
         self.superseded = set()  # generations whose refresh a later forward replaced
         self.advanced_by = None  # (generation, optimizer id) of the last advance: one per forward
-        self.forwards = 0  # forwards with gradients on since the last optimizer step (guard's check)
 
     @property
     def model(self):
@@ -57,6 +56,11 @@ class RefreshSchedule:
         return self.model.sites
 
     @property
+    def forwards(self) -> int:
+        """Forwards with gradients on since the last optimizer step."""
+        return self.generation - (self.advanced_by[0] if self.advanced_by is not None else 0)
+
+    @property
     def step(self) -> int:
         return int(self.model.grass_step)
 
@@ -69,7 +73,6 @@ class RefreshSchedule:
     def advance(self) -> None:
         """One optimizer step has been applied."""
         self.model.grass_step.add_(1)
-        self.forwards = 0
 
     def refresh_seen(self) -> None:
         """The optimizer is about to step with rows committed by a refresh."""
@@ -84,7 +87,6 @@ class RefreshSchedule:
             self.superseded.add(self.generation)
             self.pending.clear()
         self.generation += 1
-        self.forwards += 1
         if not self.due():
             return None
         step = int(model.grass_step)
