@@ -109,3 +109,12 @@ def test_every_package_is_shipped():
     packages |= {"grassfx.passes", "grassfx.recipes"}
     assert packages == set(config["packages"])
     assert config["package-dir"] == {"grassfx": "grassfx", "grassfx.passes": "passes", "grassfx.recipes": "recipes"}
+
+
+def test_test_files_have_unique_basenames():
+    """tests/ has no __init__.py: pytest imports test files by basename, so two files with one
+    name in different folders fail collection of the whole suite."""
+    from collections import Counter
+
+    names = Counter(p.name for p in (ROOT / "tests").rglob("test_*.py"))
+    assert not [n for n, c in names.items() if c > 1], names
