@@ -11,6 +11,8 @@ Each function names what it wraps and why grassfx needs it.
 from __future__ import annotations
 
 import contextlib
+import os
+import re
 import sys
 import types
 
@@ -52,11 +54,46 @@ def post_grad_pre_passes(ours, user) -> tuple:
     return (ours, *get_custom_graph_passes(user))
 
 
-def compile_fx(gm, example_inputs, config_patches: dict):
-    """Inductor's compiler entry point with per-compile config patches."""
+def compile_fx(gm, example_inputs, config_patches: dict, cache_functions_of: str | None = None):
+    """Inductor's compiler entry point with per-compile config patches.
+
+    ``cache_functions_of``: a directory. When every custom ``autograd.Function`` in the
+    Dynamo graph ``gm`` was called from a source file under it (grassfx's anchors), the
+    AOTAutograd cache may store and serve this graph: the cache refuses custom Functions
+    unless ``autograd_cache_allow_custom_autograd_functions`` is set, a global switch that
+    is set here for this one compile only. Dynamo traces a Function's forward and
+    backward into subgraphs of the ``autograd_function_apply`` node, so both are part of
+    the graph the cache key hashes. A graph holding a Function called from anywhere else
+    (the user's own) keeps torch's default.
+    """
+    import torch._functorch.config as functorch_config
     from torch._inductor.compile_fx import compile_fx as inductor_compile_fx
 
-    return inductor_compile_fx(gm, example_inputs, config_patches=config_patches)
+    scope = contextlib.nullcontext()
+    if cache_functions_of is not None and _functions_called_from(gm, cache_functions_of):
+        scope = functorch_config.patch(autograd_cache_allow_custom_autograd_functions=True)
+    with scope:
+        return inductor_compile_fx(gm, example_inputs, config_patches=config_patches)
+
+
+def _functions_called_from(gm, directory: str) -> bool:
+    """Whether ``gm`` holds custom autograd Functions, each applied from a file under ``directory``."""
+    from torch._functorch.autograd_function import AutogradFunctionApply
+
+    root = os.path.join(os.path.realpath(directory), "")
+    found = False
+    for node in gm.graph.nodes:
+        if node.op != "call_function":
+            continue
+        if node.target is torch.autograd.function.FunctionCtx:
+            return False  # a Function whose ctx escaped into the graph: not one of ours
+        if not isinstance(node.target, AutogradFunctionApply):
+            continue
+        files = re.findall(r'File "([^"]+)"', node.meta.get("stack_trace") or "")
+        if not files or not os.path.realpath(files[-1]).startswith(root):
+            return False
+        found = True
+    return found
 
 
 def mode_options(mode, dynamic) -> dict:
@@ -296,6 +333,14 @@ def compiled_graph_count() -> int:
     from torch._dynamo.utils import counters
 
     return int(counters["stats"]["unique_graphs"])
+
+
+def aot_cache_counts() -> dict:
+    """This process's AOTAutograd cache outcomes so far: ``hit``, ``miss``, ``bypass``."""
+    from torch._dynamo.utils import counters
+
+    aot = counters["aot_autograd"]
+    return {k: int(aot[f"autograd_cache_{k}"]) for k in ("hit", "miss", "bypass")}
 
 
 def allocation_events(prof, device_type: str = "cpu") -> list:

@@ -15,6 +15,7 @@ should average gradients across ranks (``model.graph_collectives()``).
 from __future__ import annotations
 
 import itertools
+import os
 import weakref
 
 import torch
@@ -28,6 +29,8 @@ from .records import Recorder
 from .report import CompileReport
 
 __all__ = ["install_compiled_runner", "inductor_patches", "grass_post_grad_pass"]
+
+_PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # grassfx/
 
 
 def _collectives_of(model_ref):
@@ -85,7 +88,9 @@ def _inductor_backend(report: CompileReport, cfg, collectives):
             # not list the compressed gradients it averages and the eager hooks would reduce
             # them a second time: data-parallel graphs are always compiled
             extra["fx_graph_cache"] = False
-        return _compat.compile_fx(gm, example_inputs, {**patches, **extra})
+        # the anchors are autograd Functions: let the AOTAutograd cache keep this graph
+        # for the next process when they are the only ones in it (warm restarts)
+        return _compat.compile_fx(gm, example_inputs, {**patches, **extra}, cache_functions_of=_PACKAGE_DIR)
 
     return backend
 
