@@ -18,6 +18,14 @@ cache directory, and their lines. ``--base PATH`` adds the variant ``grassfx@bas
 worktree`` of an older commit), interleaved with the others, for before/after
 comparisons within one run.
 
+The ``train_*`` variants measure the main job instead: ``grassfx train``'s model and
+optimizer at the demo's run shape (tiny preset, 4 x 128 tokens, a refresh every 12 steps),
+``TRAIN_STEPS`` steps: ``train_adamw`` (its baseline: AdamW, ``torch.compile``) against
+``train_grass`` (its defaults: Muon rows, refresh steps eager) and
+``train_grass_refresh_compiled`` (``--refresh compiled``: a second graph for refresh
+steps). For grass they also report what refresh steps cost over a run: a refresh step's
+time beyond a steady step, as a share of its window's steps.
+
 Example:
     python benchmarks/compile_time.py --repeats 3 --out benchmarks/results/compile_time.json
 """
@@ -35,6 +43,11 @@ import time
 
 VARIANTS = {
     "dense": {},
+    # the main job (``grassfx train``, its defaults, the demo's run shape): AdamW through
+    # torch.compile, against grass (Muon rows; refresh steps eager, the default, or compiled)
+    "train_adamw": dict(train=["--optimizer", "adamw"]),
+    "train_grass": dict(train=["--optimizer", "grass"]),
+    "train_grass_refresh_compiled": dict(train=["--optimizer", "grass", "--refresh", "compiled"]),
     "grassfx": dict(refresh="eager", opt_compiled=False),
     "grassfx_refresh_compiled": dict(refresh="compiled", opt_compiled=False),
     "grassfx_opt_compiled": dict(refresh="eager", opt_compiled=True),
@@ -53,6 +66,46 @@ def _build(layers: int, hidden: int):
     return LlamaForCausalLM(cfg)
 
 
+# the main job's run shape: the demo's (``grassfx train --demo``: tiny preset, 300 steps of
+# 4 x 128 tokens, so a refresh every 12 steps); TRAIN_STEPS of them are run, two refreshes
+TRAIN_ARGS = ["--preset", "tiny", "--steps", "300", "--batch-size", "4", "--seq-len", "128", "--no-progress"]
+TRAIN_STEPS = 26
+
+
+def measure_train(variant: str) -> dict:
+    """One process, a main-job variant: ``grassfx train``'s model and optimizer, its steps timed."""
+    import torch
+
+    from grassfx import _compat
+    from grassfx.recipes import data as data_mod
+    from grassfx.recipes import options, presets, train
+
+    torch.set_num_threads(int(os.environ.get("THREADS", "2")))
+    args = options.parse_args(TRAIN_ARGS + VARIANTS[variant]["train"])
+    corpus = data_mod.load_corpus(args.data, vocab_size=presets.get_preset(args.preset).vocab_size)
+    spec = options.run_specs(args)[0]
+    device = torch.device("cpu")
+    model, opt, sched, _ = train.build_run(spec, corpus, args, device)
+    sampler = data_mod.BatchSampler(corpus.train, args.batch_size, args.seq_len, seed=1)
+    every = train.refresh_interval(spec, args)
+    times, compiled = [], []
+    for _ in range(TRAIN_STEPS):
+        before = _compat.compiled_graph_count()
+        _, dt, _ = train.timed_step(model, opt, sched, next(sampler), device)
+        times.append(dt)
+        compiled.append(_compat.compiled_graph_count() != before)
+    refresh = [bool(every) and i % every == 0 for i in range(TRAIN_STEPS)]
+    steady = statistics.median(t for t, c, r in zip(times, compiled, refresh) if not c and not r)
+    compile_s = sum(t - steady for t, c in zip(times, compiled) if c)
+    # what a refresh step not compiling costs beyond a steady step, as a share of the steps
+    # of its window: the cost of refresh steps over a run
+    extra = [t - steady for t, c, r in zip(times, compiled, refresh) if r and not c]
+    share = statistics.mean(extra) / (every * steady) if extra else None
+    return dict(variant=variant, step_s=times, compiled=compiled, refresh=refresh, steady_s=steady,
+                compile_s=compile_s, refresh_every=every, refresh_extra_s=extra, refresh_share=share,
+                phases_s=_phases(), grassfx_from=os.path.dirname(os.path.dirname(_compat.__file__)))
+
+
 def measure(variant: str, layers: int, hidden: int, steps: int, rank: int) -> dict:
     """One process, one variant: per-step seconds and which steps compiled."""
     import torch
@@ -61,6 +114,8 @@ def measure(variant: str, layers: int, hidden: int, steps: int, rank: int) -> di
     from grassfx import _compat
 
     variant = variant.split("@")[0]  # grassfx@base: the same variant, another checkout
+    if "train" in VARIANTS[variant]:
+        return measure_train(variant)
     torch.set_num_threads(int(os.environ.get("THREADS", "2")))
     model = _build(layers, hidden)
     g = torch.Generator().manual_seed(1)
@@ -161,7 +216,7 @@ def main(argv=None):
                 warm = _child(variant, cache, args)
             runs.append(dict(variant=variant, repeat=repeat, cold=cold, warm=warm))
             cpp = cold["generated_cpp"]
-            print(f"{variant:>26} repeat {repeat}: cold {cold['compile_s']:.1f} s, warm {warm['compile_s']:.1f} s, "
+            print(f"{variant:>28} repeat {repeat}: cold {cold['compile_s']:.1f} s, warm {warm['compile_s']:.1f} s, "
                   f"steady {cold['steady_s']:.3f} s/step; {cpp['files']} C++ files, {cpp['lines']} lines; cold phases "
                   + ", ".join(f"{k} {v:.1f} s" for k, v in cold["phases_s"].items()), flush=True)
     table = {}
@@ -171,13 +226,19 @@ def main(argv=None):
             assert all(r["cold"]["grassfx_from"] == args.base_shim for r in mine), "the base variant imported another grassfx"
         table[variant] = {kind: statistics.median(r[kind]["compile_s"] for r in mine) for kind in ("cold", "warm")}
         table[variant]["steady_s"] = statistics.median(r["cold"]["steady_s"] for r in mine)
-    dense = table.get("dense")
+        shares = [r[kind]["refresh_share"] for r in mine for kind in ("cold", "warm")
+                  if r[kind].get("refresh_share") is not None]
+        if shares:  # refresh steps' cost over a run, from every process of the variant
+            table[variant]["refresh_share"] = statistics.median(shares)
     print("\nmedians:")
     for variant, row in table.items():
-        ratio = (f"  ({row['cold'] / dense['cold']:.2f}x cold, {row['warm'] / dense['warm']:.2f}x warm vs dense)"
-                 if dense and variant != "dense" else "")
-        print(f"{variant:>26}: cold {row['cold']:.1f} s, warm {row['warm']:.1f} s, steady {row['steady_s']:.3f} s/step"
-              f"{ratio}")
+        base = "train_adamw" if "train" in VARIANTS[variant.split("@")[0]] else "dense"
+        ref = table.get(base)
+        ratio = (f"  ({row['cold'] / ref['cold']:.2f}x cold, {row['warm'] / ref['warm']:.2f}x warm vs {base})"
+                 if ref and variant != base else "")
+        share = f", refresh steps {100 * row['refresh_share']:.1f}% of step time" if "refresh_share" in row else ""
+        print(f"{variant:>28}: cold {row['cold']:.1f} s, warm {row['warm']:.1f} s, steady {row['steady_s']:.3f} s/step"
+              f"{share}{ratio}")
     if args.out:
         with open(args.out, "w") as f:
             json.dump(dict(args=vars(args), table=table, runs=runs, threads=os.environ.get("THREADS", "2"),

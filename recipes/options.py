@@ -297,13 +297,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--embedding-full-state", default=None, choices=["adam", "factored", "factored_nomomentum"],
                    help="grass: the input embedding's state, when it should differ from --full-state (an untied "
                         "head keeps --full-state)")
+    p.add_argument("--lean", action="store_true",
+                   help="grass: least optimizer memory, i.e. --full-state factored --embedding-full-state "
+                        "factored_nomomentum (444M pure bf16: 0.24x of dense AdamW's peak above the weights "
+                        "against 0.34x by default, for +0.034 nats on the small preset; benchmarks/RESULTS.md)")
     p.add_argument("--rewarmup", type=int, default=None,
                    help="grass: steps over which a newly selected row's update ramps up from 0 "
                         "(0: off; default: the recommended value)")
     p.add_argument("--refresh", default="auto", choices=["auto", "eager", "compiled"],
                    help="grass: how refresh steps run (grassfx.compile(refresh=)): compiled (a refresh graph "
                         "of its own: more compile time, faster refresh steps), eager (one training graph to "
-                        "compile) or auto (default: compiled with a compiled --backend, else eager)")
+                        "compile; eager refresh steps cost ~1.4 steady steps each, 25 per run) or auto "
+                        "(default: eager; benchmarks/RESULTS.md, the main job's compile)")
     p.add_argument("--steps", type=_positive_int, default=1000, help="optimizer steps per run (default: %(default)s)")
     p.add_argument("--lr", type=_per_optimizer(_positive_float), action=_MergeDicts, default=None,
                    help="peak learning rate: X (every optimizer) or OPTIMIZER=X (repeatable; default: "
@@ -436,8 +441,12 @@ def _parse(argv: list[str]) -> argparse.Namespace:
         parser.error("--selection only applies to grass runs (add --optimizer grass or --compare)")
     if args.refresh == "compiled" and args.backend == "eager":
         parser.error("--refresh compiled needs a compiled backend (--backend inductor or aot_eager)")
-    if args.refresh == "auto":
-        args.refresh = "eager" if args.backend == "eager" else "compiled"
+    if args.refresh == "auto":  # one training graph: a refresh graph doubles the compile for ~3% faster steps
+        args.refresh = "eager"
+    if args.lean:
+        if args.full_state != "adam" or args.embedding_full_state is not None:
+            parser.error("--lean sets --full-state and --embedding-full-state: give either --lean or those")
+        args.full_state, args.embedding_full_state = "factored", "factored_nomomentum"
     if args.seq_len > presets_mod.get_preset(args.preset).max_position_embeddings:
         parser.error(f"--seq-len {args.seq_len} is too long for preset {args.preset!r}")
     if args.save_every and args.nproc > 1:

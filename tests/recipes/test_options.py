@@ -34,10 +34,21 @@ def test_run_specs_and_cli_errors(capsys):
         options.parse_args(["--refresh", "compiled", "--backend", "eager"])
     assert "--refresh compiled needs a compiled backend" in capsys.readouterr().err
     assert options.parse_args(["--refresh", "compiled"]).refresh == "compiled"
-    assert options.parse_args([]).refresh == "compiled"  # the default backend compiles: refresh steps too
-    assert options.parse_args(["--demo"]).refresh == "compiled"
+    assert options.parse_args([]).refresh == "eager"  # one training graph to compile, refresh steps eager
+    assert options.parse_args(["--demo"]).refresh == "eager"
     assert options.parse_args(["--backend", "eager"]).refresh == "eager"
     assert options.parse_args(["--refresh", "eager"]).refresh == "eager"
+
+
+def test_lean_is_the_split_factored_state(capsys):
+    lean = options.parse_args(["--lean"])
+    assert (lean.full_state, lean.embedding_full_state) == ("factored", "factored_nomomentum")
+    plain = options.parse_args([])
+    assert (plain.full_state, plain.embedding_full_state) == ("adam", None)
+    for clash in (["--lean", "--full-state", "factored_nomomentum"], ["--lean", "--embedding-full-state", "adam"]):
+        with pytest.raises(SystemExit):
+            options.parse_args(clash)
+        assert "--lean sets --full-state and --embedding-full-state" in capsys.readouterr().err
 
 
 def test_per_optimizer_flags():
