@@ -13,7 +13,7 @@ LOCK := requirements/lock.txt
 LATEST_VENV ?= .venv-latest
 LOCK_VENV ?= .venv-lock
 
-.PHONY: demo test setup clean test-latest lock lint compat
+.PHONY: demo test setup clean test-latest lock lint compat gpu-check
 
 $(STAMP): pyproject.toml $(LOCK)
 	rm -rf $(VENV)
@@ -64,6 +64,47 @@ lint: $(STAMP)
 COMPAT_TORCH ?= 2.13.0 2.14.1
 compat:
 	$(PYTHON) tools/compat.py $(COMPAT_TORCH)
+
+# The GPU check (docs/gpu-check.md): GPU tests, Triton gradients against eager, step time and peak
+# memory at d 2048 and 4096, the 13B-under-40-GB fit; one JSON (benchmarks/results/gpu_check.json)
+# the README's GPU rows come from. Without a CUDA device: a dry run (build/gpu_check_dry_run.json).
+# Its Python, the first that applies:
+#   make gpu-check PY=/path/python   -- a Python with a CUDA torch and this checkout installed
+#   make gpu-check GPU_PYTHON=...    -- the same, from the environment
+#   nvidia-smi present               -- .venv-gpu, built here: torch 2.13.0 from the default index
+#                                       (its CUDA build; GPU_TORCH_INDEX=URL picks another index), then the lock
+#   otherwise                        -- .venv (CPU torch): the dry run
+# GPU_CHECK_ARGS passes options on, e.g. GPU_CHECK_ARGS='--sections correctness'.
+GPU_VENV ?= .venv-gpu
+GPU_STAMP := $(GPU_VENV)/.grassfx-installed
+GPU_TORCH_INDEX ?=
+GPU_CHECK_ARGS ?=
+NVIDIA_SMI := $(shell command -v nvidia-smi 2>/dev/null)
+ifeq ($(origin PY),command line)
+GPU_CHECK_PY := $(PY)
+GPU_CHECK_DEPS :=
+else ifneq ($(GPU_PYTHON),)
+GPU_CHECK_PY := $(GPU_PYTHON)
+GPU_CHECK_DEPS :=
+else ifneq ($(NVIDIA_SMI),)
+GPU_CHECK_PY := $(GPU_VENV)/bin/python
+GPU_CHECK_DEPS := $(GPU_STAMP)
+else
+GPU_CHECK_PY := $(PY)
+GPU_CHECK_DEPS := $(STAMP)
+endif
+
+$(GPU_STAMP): pyproject.toml $(LOCK)
+	rm -rf $(GPU_VENV)
+	$(PYTHON) -m venv $(GPU_VENV)
+	$(GPU_VENV)/bin/python -m pip install -q -c $(LOCK) --upgrade pip
+	$(GPU_VENV)/bin/python -m pip install -q torch==2.13.0 $(if $(GPU_TORCH_INDEX),--index-url $(GPU_TORCH_INDEX))
+	$(GPU_VENV)/bin/python -m pip install -q -c $(LOCK) -e '.[test,train]'
+	$(GPU_VENV)/bin/python -c "import torch; assert torch.version.cuda, f'torch {torch.__version__} is not a CUDA build'"
+	touch $(GPU_STAMP)
+
+gpu-check: $(GPU_CHECK_DEPS)
+	$(GPU_CHECK_PY) benchmarks/gpu_check.py $(if $(NVIDIA_SMI),--require-gpu) $(GPU_CHECK_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

@@ -51,16 +51,22 @@ class MLPStack(nn.Module):
         return x.float().pow(2).mean()
 
 
+def llama_config(args):
+    """The LLaMA shape asked for: heads of 64, untied head, no dropout."""
+    from transformers import LlamaConfig
+
+    return LlamaConfig(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.inter,
+                       num_hidden_layers=args.layers, num_attention_heads=args.hidden // 64,
+                       num_key_value_heads=args.hidden // 64, max_position_embeddings=args.seq,
+                       attention_dropout=0.0, tie_word_embeddings=False)
+
+
 def build(args):
     torch.manual_seed(0)
     if args.model == "llama":
-        from transformers import LlamaConfig, LlamaForCausalLM
+        from transformers import LlamaForCausalLM
 
-        cfg = LlamaConfig(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.inter,
-                          num_hidden_layers=args.layers, num_attention_heads=args.hidden // 64,
-                          num_key_value_heads=args.hidden // 64, max_position_embeddings=args.seq,
-                          attention_dropout=0.0, tie_word_embeddings=False)
-        model = LlamaForCausalLM(cfg)
+        model = LlamaForCausalLM(llama_config(args))
         g = torch.Generator().manual_seed(1)
         batches = []
         for _ in range(4):
