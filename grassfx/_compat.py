@@ -54,46 +54,121 @@ def post_grad_pre_passes(ours, user) -> tuple:
     return (ours, *get_custom_graph_passes(user))
 
 
-def compile_fx(gm, example_inputs, config_patches: dict, cache_functions_of: str | None = None):
+def compile_fx(gm, example_inputs, config_patches: dict, cache_functions_of: str | None = None,
+               cache_key: str = ""):
     """Inductor's compiler entry point with per-compile config patches.
 
     ``cache_functions_of``: a directory. When every custom ``autograd.Function`` in the
-    Dynamo graph ``gm`` was called from a source file under it (grassfx's anchors), the
-    AOTAutograd cache may store and serve this graph: the cache refuses custom Functions
-    unless ``autograd_cache_allow_custom_autograd_functions`` is set, a global switch that
-    is set here for this one compile only. Dynamo traces a Function's forward and
-    backward into subgraphs of the ``autograd_function_apply`` node, so both are part of
-    the graph the cache key hashes. A graph holding a Function called from anywhere else
-    (the user's own) keeps torch's default.
+    Dynamo graph ``gm`` is defined in a module under it (grassfx's anchors), the
+    AOTAutograd cache may store and serve this graph; it refuses custom Functions by
+    default. Two kinds are let in, for this one compile only (config patches):
+
+    * Functions Dynamo traced (an ``autograd_function_apply`` node whose subgraphs hold
+      their forward and backward, so both are in the graph the cache key hashes):
+      ``autograd_cache_allow_custom_autograd_functions``;
+    * Functions kept opaque (:func:`opaque_function`: one call node, Dynamo does not trace
+      their bodies): each call node is pointed at the module-level function registered
+      for its class (Dynamo's own target is a closure, which the cache key cannot name),
+      and that function is marked cacheable under ``cache_key``, which must change
+      whenever the Function's code does (grassfx passes its pipeline's uuid, which hashes
+      the anchors' source).
+
+    A graph holding any other custom Function (the user's own) keeps torch's defaults.
     """
     import torch._functorch.config as functorch_config
     from torch._inductor.compile_fx import compile_fx as inductor_compile_fx
 
     scope = contextlib.nullcontext()
-    if cache_functions_of is not None and _functions_called_from(gm, cache_functions_of):
+    cached = config_patches.get("fx_graph_cache", True)  # the AOTAutograd cache stores only with it
+    kinds = _custom_functions(gm, cache_functions_of) if cached and cache_functions_of is not None else None
+    if kinds:
         scope = functorch_config.patch(autograd_cache_allow_custom_autograd_functions=True)
+        appliers = _point_at_appliers(gm)
+        if appliers:
+            marked = dict(config_patches.get("unsafe_marked_cacheable_functions", {}))
+            marked.update({f"{fn.__module__}.{fn.__name__}": cache_key for fn in appliers})
+            config_patches = {**config_patches, "unsafe_marked_cacheable_functions": marked}
     with scope:
         return inductor_compile_fx(gm, example_inputs, config_patches=config_patches)
 
 
-def _functions_called_from(gm, directory: str) -> bool:
-    """Whether ``gm`` holds custom autograd Functions, each applied from a file under ``directory``."""
+# the call node Dynamo makes for an autograd.Function it keeps opaque (allow_in_graph)
+_TRAMPOLINE = "torch._dynamo.variables.misc.trampoline_autograd_apply"
+
+
+_APPLIERS: dict = {}  # opaque autograd.Function class -> its module-level apply function
+
+
+def opaque_function(cls, applier) -> None:
+    """Let Dynamo put ``cls.apply`` (an autograd.Function) in its graph as one call, without
+    tracing its forward and backward (they run when AOTAutograd traces the joint graph).
+
+    ``applier``: a module-level function calling ``cls.apply`` with its arguments; compiled
+    graphs call it instead of Dynamo's closure, so the AOTAutograd cache can name it.
+    """
+    import torch._dynamo
+
+    torch._dynamo.allow_in_graph(cls)
+    _APPLIERS[cls] = applier
+
+
+def _function_class(target):
+    """The autograd.Function class behind Dynamo's call node target for an opaque Function."""
+    cells = [c.cell_contents for c in (getattr(target, "__closure__", None) or ())]
+    classes = [c for c in cells if isinstance(c, type) and issubclass(c, torch.autograd.Function)]
+    return classes[0] if len(classes) == 1 else None
+
+
+def _point_at_appliers(gm) -> set:
+    """Point Dynamo's call nodes of registered opaque Functions at their appliers; return those used."""
+    used = set()
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and _qualname(node.target) == _TRAMPOLINE:
+            applier = _APPLIERS.get(_function_class(node.target))
+            if applier is not None:
+                node.target = applier
+                used.add(applier)
+    if used:
+        gm.recompile()
+    return used
+
+
+def _qualname(target) -> str:
+    return f"{getattr(target, '__module__', '')}.{getattr(target, '__name__', '')}"
+
+
+def _custom_functions(gm, directory: str) -> set | None:
+    """The kinds (``"traced"``, ``"opaque"``) of custom autograd Functions in ``gm``, or None
+    when there are none or any of them is defined outside ``directory``."""
     from torch._functorch.autograd_function import AutogradFunctionApply
 
     root = os.path.join(os.path.realpath(directory), "")
-    found = False
+    kinds = set()
     for node in gm.graph.nodes:
         if node.op != "call_function":
             continue
-        if node.target is torch.autograd.function.FunctionCtx:
-            return False  # a Function whose ctx escaped into the graph: not one of ours
-        if not isinstance(node.target, AutogradFunctionApply):
-            continue
-        files = re.findall(r'File "([^"]+)"', node.meta.get("stack_trace") or "")
-        if not files or not os.path.realpath(files[-1]).startswith(root):
-            return False
-        found = True
-    return found
+        target = node.target
+        if target is torch.autograd.function.FunctionCtx:
+            return None  # a Function whose ctx escaped into the graph: not one of ours
+        if isinstance(target, AutogradFunctionApply):
+            files = re.findall(r'File "([^"]+)"', node.meta.get("stack_trace") or "")
+            if not files or not os.path.realpath(files[-1]).startswith(root):
+                return None
+            kinds.add("traced")
+        elif _qualname(target) == _TRAMPOLINE:
+            cls = _function_class(target)
+            module = sys.modules.get(cls.__module__) if cls in _APPLIERS else None
+            path = getattr(module, "__file__", None)
+            if path is None or not os.path.realpath(path).startswith(root):
+                return None
+            kinds.add("opaque")
+    return kinds or None
+
+
+def load_inductor() -> None:
+    """Import Inductor's compiler now (as ``torch.compile(backend="inductor")`` does when
+    called), not inside the first training step that compiles."""
+    import torch._inductor.compile_fx  # noqa: F401
 
 
 def mode_options(mode, dynamic) -> dict:

@@ -90,7 +90,8 @@ def _inductor_backend(report: CompileReport, cfg, collectives):
             extra["fx_graph_cache"] = False
         # the anchors are autograd Functions: let the AOTAutograd cache keep this graph
         # for the next process when they are the only ones in it (warm restarts)
-        return _compat.compile_fx(gm, example_inputs, {**patches, **extra}, cache_functions_of=_PACKAGE_DIR)
+        return _compat.compile_fx(gm, example_inputs, {**patches, **extra}, cache_functions_of=_PACKAGE_DIR,
+                                  cache_key=pipeline_uuid(collectives()))
 
     return backend
 
@@ -130,6 +131,7 @@ def install_compiled_runner(model) -> None:
     model.compile_report = report
     collectives = _collectives_of(weakref.ref(model))
     if cfg.backend == "inductor":
+        _compat.load_inductor()
         backend = _inductor_backend(report, cfg, collectives)
     elif cfg.backend == "aot_eager":
         backend = _aot_eager_backend(report, collectives)

@@ -90,6 +90,16 @@ class Anchor(torch.autograd.Function):
         return None, compressed, None, None, None, None
 
 
+def apply_anchor(weight, handle, idx, rho, dim: int, name: str):
+    """``Anchor.apply``: what compiled graphs call (a name the compile caches can store)."""
+    return Anchor.apply(weight, handle, idx, rho, dim, name)
+
+
+# one call in Dynamo's graph, its body traced by AOTAutograd: less for Dynamo to trace per
+# weight, and cacheable across processes (_compat.compile_fx)
+_compat.opaque_function(Anchor, apply_anchor)
+
+
 class RefreshAnchor(torch.autograd.Function):
     """Anchor used on a refresh step: the dense gradient picks the new rows.
 
