@@ -69,9 +69,9 @@ def compile_fx(gm, example_inputs, config_patches: dict, cache_functions_of: str
     * Functions kept opaque (:func:`opaque_function`: one call node, Dynamo does not trace
       their bodies): each call node is pointed at the module-level function registered
       for its class (Dynamo's own target is a closure, which the cache key cannot name),
-      and that function is marked cacheable under ``cache_key``, which must change
-      whenever the Function's code does (grassfx passes its pipeline's uuid, which hashes
-      the anchors' source).
+      and that function is marked cacheable under ``cache_key`` (grassfx passes its
+      pipeline's uuid) and a hash of the source of the module defining it and its
+      Function, so changed anchors never get an old graph.
 
     A graph holding any other custom Function (the user's own) keeps torch's defaults.
     """
@@ -86,7 +86,7 @@ def compile_fx(gm, example_inputs, config_patches: dict, cache_functions_of: str
         appliers = _point_at_appliers(gm)
         if appliers:
             marked = dict(config_patches.get("unsafe_marked_cacheable_functions", {}))
-            marked.update({f"{fn.__module__}.{fn.__name__}": cache_key for fn in appliers})
+            marked.update({f"{fn.__module__}.{fn.__name__}": f"{cache_key}:{_source_hash(fn)}" for fn in appliers})
             config_patches = {**config_patches, "unsafe_marked_cacheable_functions": marked}
     with scope:
         return inductor_compile_fx(gm, example_inputs, config_patches=config_patches)
@@ -131,6 +131,14 @@ def _point_at_appliers(gm) -> set:
     if used:
         gm.recompile()
     return used
+
+
+def _source_hash(fn) -> str:
+    """Hash of the source of the module defining ``fn`` (and its Function): in the cache key."""
+    import hashlib
+    import inspect
+
+    return hashlib.sha256(inspect.getsource(sys.modules[fn.__module__]).encode()).hexdigest()
 
 
 def _qualname(target) -> str:
