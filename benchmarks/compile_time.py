@@ -95,15 +95,26 @@ def measure_train(variant: str) -> dict:
         times.append(dt)
         compiled.append(_compat.compiled_graph_count() != before)
     refresh = [bool(every) and i % every == 0 for i in range(TRAIN_STEPS)]
-    steady = statistics.median(t for t, c, r in zip(times, compiled, refresh) if not c and not r)
+    row = dict(variant=variant, step_s=times, compiled=compiled, refresh=refresh, refresh_every=every)
+    return dict(row, **step_costs(row), phases_s=_phases(),
+                grassfx_from=os.path.dirname(os.path.dirname(_compat.__file__)))
+
+
+def step_costs(row: dict) -> dict:
+    """Steady step, compile time and (grass) the cost of refresh steps of one main-job process.
+
+    ``refresh_extra_s``: each refresh step's time beyond a steady step, for refresh steps
+    that compiled nothing, the first step of the process left out (it also warms the
+    allocator up); ``refresh_share``: their mean over the steps of a window (``refresh_every``
+    steady steps), i.e. what refresh steps add to the time of a run.
+    """
+    times, compiled, refresh, every = row["step_s"], row["compiled"], row["refresh"], row["refresh_every"]
+    later = [i > 0 for i in range(len(times))]
+    steady = statistics.median(t for t, c, r, k in zip(times, compiled, refresh, later) if k and not c and not r)
     compile_s = sum(t - steady for t, c in zip(times, compiled) if c)
-    # what a refresh step not compiling costs beyond a steady step, as a share of the steps
-    # of its window: the cost of refresh steps over a run
-    extra = [t - steady for t, c, r in zip(times, compiled, refresh) if r and not c]
+    extra = [t - steady for t, c, r, k in zip(times, compiled, refresh, later) if k and r and not c]
     share = statistics.mean(extra) / (every * steady) if extra else None
-    return dict(variant=variant, step_s=times, compiled=compiled, refresh=refresh, steady_s=steady,
-                compile_s=compile_s, refresh_every=every, refresh_extra_s=extra, refresh_share=share,
-                phases_s=_phases(), grassfx_from=os.path.dirname(os.path.dirname(_compat.__file__)))
+    return dict(steady_s=steady, compile_s=compile_s, refresh_extra_s=extra, refresh_share=share)
 
 
 def measure(variant: str, layers: int, hidden: int, steps: int, rank: int) -> dict:

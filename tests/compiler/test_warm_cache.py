@@ -107,3 +107,12 @@ def test_a_changed_pipeline_is_not_served_a_cached_graph(caches_on, monkeypatch)
 def test_a_users_own_function_keeps_torchs_default(caches_on):
     _, _, counts = _train(Net(own_function=True))
     assert counts == {"hit": 0, "miss": 0, "bypass": 1}
+
+
+def test_changed_anchor_code_is_not_served_a_cached_graph(caches_on, monkeypatch):
+    net = Net()
+    _train(net)
+    real = _compat._source_hash
+    monkeypatch.setattr(_compat, "_source_hash", lambda fn: "edited:" + real(fn))  # as after an edit of anchors.py
+    _, _, counts = _train(net)
+    assert counts["hit"] == 0 and counts["miss"] == 1
