@@ -89,16 +89,10 @@ def test_one_way_dependencies(package, forbidden):
     """The optimizer does not know the model, the compiler does not know the runtime, passes know neither."""
     found = {}
     for path in _modules(ROOT / package):
-        bad = sorted(n for n in _imports(path) if n.startswith(forbidden) and not _allowed_lazy(path, n))
+        bad = sorted(n for n in _imports(path) if n.startswith(forbidden))
         if bad:
             found[str(path.relative_to(ROOT))] = bad
     assert found == {}
-
-
-def _allowed_lazy(path: Path, name: str) -> bool:
-    # the compiler reads the marker op's module to hash it into the cache key
-    return path.name == "pipeline.py" and name in ("grassfx.instrument", "grassfx.instrument.anchors",
-                                                   "grassfx.instrument.experts")
 
 
 def test_every_package_is_shipped():

@@ -21,12 +21,13 @@ from torch import nn
 
 from grassfx import _compat
 from grassfx.config import GrassConfig
+from grassfx.core.decay import settle
 from grassfx.errors import GrassError
 
 from . import guard, registry, surgery, swap
 from .anchors import Anchor, FullAnchor, RefreshAnchor, RefusingAnchor
 from .blocks import plan_layouts
-from .experts import ExpertSite, make_expert_anchor, make_site, matrix_of
+from .experts import ExpertSite, make_expert_anchor, make_site
 from .refresh import RefreshSchedule
 from .site import Site
 
@@ -385,10 +386,8 @@ class _Forward:
 @torch.no_grad()
 def _settle_site(site) -> None:
     """Pay a site's owed decay: rows outside the selection the debt accrued under."""
-    from grassfx.optim.decay import settle
-
     # after a refresh the optimizer has not handled yet, the debt is that of the old rows
-    site = matrix_of(site)  # an expert stack: the same rules on its (E*m, n) view
+    site = site.matrix()  # an expert stack: the same rules on its (E*m, n) view
     settle(site, site.prev_idx if site.refreshed and site.prev_idx is not None else site.idx)
 
 
