@@ -130,9 +130,9 @@ def compile(  # noqa: A001 - the promised public name
                           "across them; leave data_parallel at None")
     grass_model = GrassModel(model, targets_of(decisions, model), config, decisions)
     if config.backend != "eager":
-        from .compiler import install_compiled_runner
+        from .compiler import compile_runner
 
-        install_compiled_runner(grass_model)
+        grass_model.compile_with(compile_runner)
     return grass_model
 
 
