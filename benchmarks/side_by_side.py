@@ -39,6 +39,24 @@ def _run(tree: Path, step_args: list) -> dict:
     return {r["model"] if "model" in r else str(i): r for i, r in enumerate(runs)}
 
 
+def _summarize(samples: dict, trees: dict, args) -> dict:
+    summary = {}
+    for side, runs in samples.items():
+        for model in runs[0]:
+            for who in ("dense", "grassfx"):
+                for key in ("median_step_s", "compile_s"):
+                    values = [r[model][who][key] for r in runs]
+                    summary.setdefault(model, {}).setdefault(f"{who}_{key}", {})[side] = {
+                        "median": statistics.median(values), "values": values}
+    result = {"machine": f"{platform.machine()}, {os.cpu_count()} cores", "date": time.strftime("%Y-%m-%d"),
+              "argv": sys.argv[1:], "base": str(trees["base"]), "repeats_done": len(samples["base"]),
+              "summary": summary}
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=1)
+    return result
+
+
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--base", required=True, help="the other checkout (e.g. a git worktree of the starting commit)")
@@ -49,28 +67,17 @@ def main(argv=None) -> dict:
     step_args = [a for a in args.step_args if a != "--"]
     trees = {"base": Path(args.base).resolve(), "this": ROOT}
     samples = {"base": [], "this": []}
+    result = {}
     for i in range(args.repeats):
         order = ["base", "this"] if i % 2 == 0 else ["this", "base"]
         for side in order:
             samples[side].append(_run(trees[side], step_args))
             print(f"repeat {i + 1}/{args.repeats}: {side} done", flush=True)
-    summary = {}
-    for side, runs in samples.items():
-        for model in runs[0]:
-            for who in ("dense", "grassfx"):
-                for key in ("median_step_s", "compile_s"):
-                    values = [r[model][who][key] for r in runs]
-                    summary.setdefault(model, {}).setdefault(f"{who}_{key}", {})[side] = {
-                        "median": statistics.median(values), "values": values}
-    for model, rows in summary.items():
+        result = _summarize(samples, trees, args)  # written after every repeat: a cut run keeps its data
+    for model, rows in result["summary"].items():
         for key, sides in rows.items():
             b, t = sides["base"]["median"], sides["this"]["median"]
             print(f"{model} {key}: base {b:.4f}  this {t:.4f}  (this/base {t / b:.3f})")
-    result = {"machine": f"{platform.machine()}, {os.cpu_count()} cores", "date": time.strftime("%Y-%m-%d"),
-              "argv": sys.argv[1:], "base": str(trees["base"]), "summary": summary}
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=1)
     return result
 
 
