@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from . import optim
 from .api import compile
+from .config import Refresh, Selection
 from .errors import (
     ConfigError,
     GrassError,
@@ -28,6 +29,8 @@ __version__ = "0.2.0"  # the one place the version is written (pyproject.toml re
 
 __all__ = [
     "compile",
+    "Selection",
+    "Refresh",
     "unwrap",
     "optim",
     "GrassModel",

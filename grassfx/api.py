@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from . import fsdp
-from .config import GrassConfig
+from .config import GrassConfig, grouped, option_docs
 from .errors import ConfigError, UnsupportedModelError
 from .instrument import GrassModel, registry
 from .instrument.targets import plan_targets, targets_of
@@ -16,75 +16,31 @@ __all__ = ["compile"]
 
 def compile(  # noqa: A001 - the promised public name
     model: nn.Module,
-    rank=256,
+    rank=GrassConfig.rank,
     *,
-    selection: str = "top_r",
-    update_freq: int = 200,
-    scale: float = 1.0,
-    proj_dim: str = "auto",
+    selection=GrassConfig.selection,
+    update_freq: int = GrassConfig.update_freq,
+    scale: float = GrassConfig.scale,
+    proj_dim: str = GrassConfig.proj_dim,
     targets=None,
     exclude=None,
-    seed: int = 0,
-    backend: str = "inductor",
-    mode=None,
-    moments: str = "reset",
-    explore: float = 0.0,
-    dynamic=None,
+    seed: int = GrassConfig.seed,
+    backend: str = GrassConfig.backend,
+    mode=GrassConfig.mode,
+    moments: str = GrassConfig.moments,
+    explore: float = GrassConfig.explore,
+    dynamic=GrassConfig.dynamic,
     options: dict | None = None,
-    data_parallel=None,
-    record: bool = False,
-    refresh: str = "eager",
-    blocks=None,
+    data_parallel=GrassConfig.data_parallel,
+    record: bool = GrassConfig.record,
+    refresh=GrassConfig.refresh,
+    blocks=GrassConfig.blocks,
 ) -> GrassModel:
     """Make ``model`` train by Grass: only r rows of each weight gradient are computed.
 
     Args:
         model: any ``nn.Module`` (Hugging Face models included); it is not edited.
-        rank: rows kept per weight (int >= 1; ``rank >= rows`` keeps all) or a fraction
-            of the rows (float in (0, 1]).
-        selection: ``"top_r"``, ``"multinorm"``, ``"multinorm_nr"`` or ``"uniform"``.
-        update_freq: optimizer steps between refreshes of the selected rows.
-        scale: the update scale alpha applied by grassfx.optim.
-        proj_dim: ``"rows"`` (dim 0 of the weight), ``"cols"`` (dim 1), ``"auto"``
-            (the larger dim, which keeps the optimizer state smallest: r x min(m, n)) or
-            ``"smaller"`` (the smaller dim, as GaLore projects: r of min(m, n) rows or
-            columns train per window, state r x max(m, n)).
-        targets / exclude: name globs or predicates ``f(name, param)`` choosing weights
-            (``targets=None``: automatic; ``targets=[]`` is an error). Frozen weights
-            (``requires_grad=False``) are never projected.
-        seed: seeds the stochastic selectors (same seed -> same rows in every process).
-        backend: ``"inductor"`` (compiled, rewritten), ``"aot_eager"`` (rewritten graphs
-            without Inductor) or ``"eager"`` (no compilation; dense fallback).
-        mode: passed to ``torch.compile`` (``None``, ``"default"``, ``"reduce-overhead"``,
-            ``"max-autotune"`` or ``"max-autotune-no-cudagraphs"``).
-        moments: ``"reset"`` (zero optimizer moments at a refresh) or ``"keep_overlap"``
-            (keep the moments, and the per-row step counts, of rows selected before and
-            after; new rows start fresh).
-        explore: share of each rank (a float in [0, 1)) given, at every refresh, to the
-            rows that went unselected longest (``top_r`` and ``multinorm_nr``), so every
-            row trains now and then; 0 selects by the selector alone.
-        dynamic: passed to ``torch.compile`` (``None``, ``True`` or ``False``).
-        options: extra Inductor options passed to ``torch.compile``.
-        data_parallel: ``None`` (default): average gradients across ranks whenever
-            ``torch.distributed`` is initialised with more than one process, sending only
-            compressed gradients for projected weights (see ``grassfx.distributed``);
-            ``False``: never communicate.
-        record: keep node snapshots of every compiled graph before and after each pass
-            (for ``grassfx.diff(model)``); off by default (compile time and memory).
-            ``GRASSFX_DEBUG>=1`` turns it on too.
-        refresh: how a compiled model runs its refresh steps (one every ``update_freq``
-            steps, where the dense gradients pick the rows): ``"eager"`` (default: no
-            second graph to compile, so compiling costs about what ``torch.compile``
-            costs; each weight's dense gradient is reduced to row norms and freed as soon
-            as it is produced) or ``"compiled"`` (a refresh graph of its own, compiled
-            with ``backend``). Both pick the same rows.
-        blocks: fused weights (q|k|v, gate|up) select rows per logical block, each block
-            getting its share of the rank. ``None`` (default): detect the layouts of
-            Hugging Face and ``nn.MultiheadAttention`` fused weights (docs/layouts.md);
-            ``False``: never split; a dict ``{name glob: [sizes] or None}`` sets the block
-            sizes along the selected dim of the weights a glob matches (``None``: no
-            blocks), others are detected. A glob that matches no projected weight, or
-            sizes that do not sum to the selected dim, raise :class:`ConfigError`.
+{options}
 
     Returns:
         A :class:`grassfx.GrassModel`, called like ``model``.
@@ -102,24 +58,10 @@ def compile(  # noqa: A001 - the promised public name
     _check_not_instrumented(model)
     if options is not None and not isinstance(options, dict):
         raise ConfigError(f"options={options!r}: expected a dict of Inductor options")
-    config = GrassConfig(
-        rank=rank,
-        selection=selection,
-        update_freq=update_freq,
-        scale=scale,
-        proj_dim=proj_dim,
-        seed=seed,
-        backend=backend,
-        mode=mode,
-        moments=moments,
-        explore=explore,
-        dynamic=dynamic,
-        compile_options=dict(options or {}),
-        data_parallel=data_parallel,
-        record=record,
-        refresh=refresh,
-        blocks=blocks,
-    )
+    settings = grouped(selection, refresh, dict(rank=rank, update_freq=update_freq, proj_dim=proj_dim, seed=seed,
+                                                moments=moments, explore=explore, blocks=blocks))
+    config = GrassConfig(**settings, scale=scale, backend=backend, mode=mode, dynamic=dynamic,
+                         compile_options=dict(options or {}), data_parallel=data_parallel, record=record)
     fsdp.refuse_fsdp1(model)
     _check_materialized(model)
     decisions = plan_targets(model, targets=targets, exclude=exclude)
@@ -130,9 +72,9 @@ def compile(  # noqa: A001 - the promised public name
                           "across them; leave data_parallel at None")
     grass_model = GrassModel(model, targets_of(decisions, model), config, decisions)
     if config.backend != "eager":
-        from .compiler import install_compiled_runner
+        from .compiler import compile_runner
 
-        install_compiled_runner(grass_model)
+        grass_model.compile_with(compile_runner)
     return grass_model
 
 
@@ -158,3 +100,7 @@ def _check_materialized(model: nn.Module) -> None:
             f"{meta[0]!r}): materialize the model first (model.to_empty(device=...) and "
             "initialise or load its weights), then call grassfx.compile"
         )
+
+
+if compile.__doc__:  # the one text of each keyword (config.py); None under python -OO
+    compile.__doc__ = compile.__doc__.replace("{options}", option_docs(8))

@@ -42,20 +42,12 @@ import torch.fx as fx
 from grassfx import _compat
 
 from .infra import Change, PassResult, Skip, meta_val, norm_args
-
-# sparsify_wgrad imports this module after its own rules are defined (at its end)
-from .sparsify_wgrad import SAME, Push, Rule, WgradSite, _count_gemms, _Emitter, _erase_dead, _plan
+from .rowpush import SAME, Emitter, Push, Rule, WgradSite, count_gemms, erase_dead, plan_push
 
 aten = torch.ops.aten
 prims = torch.ops.prims
 
-__all__ = ["expertsel_op", "expert_site", "plan_expert_grad", "rewrite_expert_site", "EXPERT_RULES"]
-
-
-def expertsel_op():
-    import grassfx.instrument.experts  # noqa: F401  (registers grassfx::expertsel)
-
-    return torch.ops.grassfx.expertsel.default
+__all__ = ["expert_site", "plan_expert_grad", "rewrite_expert_site", "EXPERT_RULES"]
 
 
 _CASTS = (aten.alias, aten.clone, prims.convert_element_type, aten._to_copy)
@@ -213,7 +205,7 @@ def _plan_select_backward(node, group, args, shape, pk):
     """``select_backward(g, (E, m, n), 0, e)``: rows ``idx[e]`` of the 2-D gradient ``g``."""
     if args["dim"] != 0 or not isinstance(args["index"], int):
         return "expert gradient selected along another dim or by a tensor index"
-    sub = _plan(args["grad_output"], (0, 1), False)
+    sub = plan_push(args["grad_output"], (0, 1), False)
     if isinstance(sub, str):
         return sub
     return Push(node, group, EXPERT_SELECT, [("grad_output", sub, (0, 1))])
@@ -250,7 +242,7 @@ def expert_site(node: fx.Node):
     else:
         site.plan = plan
         sub = plan.children[0][1] if plan.children else None
-        site.gemms = _count_gemms(sub) if sub is not None else 1
+        site.gemms = count_gemms(sub) if sub is not None else 1
     return site
 
 
@@ -288,13 +280,13 @@ def _producer(node) -> str:
 # -- rewrite --------------------------------------------------------------------------------
 def rewrite_expert_site(graph: fx.Graph, site, fake_mode, result: PassResult) -> Change:
     """Replace one expertsel node by its per-expert computation (or the dense fallback)."""
-    em = _Emitter(graph, site, fake_mode, fold_rho=False)  # rho scales the (E, r, n) result below
+    em = Emitter(graph, site, fake_mode, fold_rho=False)  # rho scales the (E, r, n) result below
     em.r = _shape(site.idx)[1]
     with graph.inserting_before(site.rowsel):
         if site.plan is not None and site.plan.rule is EXPERT_SELECT:
             # below the select: the 2-D rules, gathering rows idx[e] of this expert
             idx_e = em.node(aten.select.int, (site.idx, 0, norm_args(site.plan.node)["index"]))
-            inner = _Emitter(graph, dataclasses.replace(site, idx=idx_e), fake_mode, fold_rho=False)
+            inner = Emitter(graph, dataclasses.replace(site, idx=idx_e), fake_mode, fold_rho=False)
             picked_e = inner.emit(site.plan.children[0][1])
             em.created += inner.created
             picked = _emit_select_backward(em, site.plan, norm_args(site.plan.node), {"grad_output": picked_e})
@@ -312,7 +304,7 @@ def rewrite_expert_site(graph: fx.Graph, site, fake_mode, result: PassResult) ->
         action, detail = "fallback", site.reason
     out.meta["grassfx"]["role"] = "compressed_grad"
     site.rowsel.replace_all_uses_with(out)
-    erased = _erase_dead(graph, site.rowsel)
+    erased = erase_dead(graph, site.rowsel)
     return Change(site.weight, action, detail, em.created, erased)
 
 

@@ -43,9 +43,7 @@ import torch
 
 from grassfx.optim.muon import NS_COEFFICIENTS, orthogonalize
 
-from .options import setting
-
-__all__ = ["Float32Muon", "MuonAdamW", "make_muon", "ADJUST_LR_FN"]
+__all__ = ["Float32Muon", "MuonAdamW", "ADJUST_LR_FN"]
 
 ADJUST_LR_FN = "match_rms_adamw"
 
@@ -150,11 +148,3 @@ class MuonAdamW(torch.optim.Optimizer):
         for linked, loaded in zip(groups, self.param_groups):
             linked.update(loaded)
         self._link()
-
-
-def make_muon(model: torch.nn.Module, matrices: list, args, fused: bool = False) -> MuonAdamW:
-    """:class:`MuonAdamW` for ``grassfx train``'s muon run: Muon on ``matrices`` (the attention/MLP
-    weights) at ``--lr`` x ``--scale``, AdamW on every other parameter of ``model`` at ``--lr``."""
-    chosen = {id(p) for p in matrices}
-    return MuonAdamW(matrices, [p for p in model.parameters() if id(p) not in chosen], lr=setting(args, "lr", "muon"),
-                     scale=setting(args, "scale", "muon"), weight_decay=args.weight_decay, fused=fused or None)

@@ -47,7 +47,7 @@ from . import data as data_mod
 from . import presets as presets_mod
 from .launch import barrier, init_distributed, launch
 from .measure import PeakMemory, Throughput, compiled_graphs, fmt_bytes, keep_freed_memory, optimizer_state_bytes, sync
-from .muon import make_muon
+from .optimizers import make_muon
 from .options import (
     RunSpec,
     grass_compile_settings,

@@ -89,16 +89,10 @@ def test_one_way_dependencies(package, forbidden):
     """The optimizer does not know the model, the compiler does not know the runtime, passes know neither."""
     found = {}
     for path in _modules(ROOT / package):
-        bad = sorted(n for n in _imports(path) if n.startswith(forbidden) and not _allowed_lazy(path, n))
+        bad = sorted(n for n in _imports(path) if n.startswith(forbidden))
         if bad:
             found[str(path.relative_to(ROOT))] = bad
     assert found == {}
-
-
-def _allowed_lazy(path: Path, name: str) -> bool:
-    # the compiler reads the marker op's module to hash it into the cache key
-    return path.name == "pipeline.py" and name in ("grassfx.instrument", "grassfx.instrument.anchors",
-                                                   "grassfx.instrument.experts")
 
 
 def test_every_package_is_shipped():
@@ -118,3 +112,50 @@ def test_test_files_have_unique_basenames():
 
     names = Counter(p.name for p in (ROOT / "tests").rglob("test_*.py"))
     assert not [n for n, c in names.items() if c > 1], names
+
+
+# -- the floors of the house (tools/house.py draws them; docs/architecture.md shows the drawing) --
+def _house():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("grassfx_house", ROOT / "tools" / "house.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+HOUSE = _house()
+GRAPH = {name: HOUSE.imports_of(name, path, HOUSE.modules()) for name, path in HOUSE.modules().items()}
+
+
+def test_the_house_sees_every_module_and_import():
+    assert "grassfx.core.ops" in GRAPH and "grassfx.passes.sparsify_wgrad" in GRAPH
+    assert "grassfx.core.ops" in GRAPH["grassfx.passes.sparsify_wgrad"]
+    assert "grassfx.instrument.registry" in GRAPH["grassfx.optim.base"]
+    # a function-level import counts as much as a module-level one
+    assert "grassfx.compiler" in GRAPH["grassfx.api"]
+
+
+def test_no_import_cycles_anywhere():
+    """Module-level and function-level imports both count (tools/house.py)."""
+    assert HOUSE.cycles(GRAPH) == []
+    assert HOUSE.cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]  # the check sees one
+
+
+def test_instrument_never_imports_the_compiler():
+    found = {m: sorted(t for t in ts if t.startswith("grassfx.compiler"))
+             for m, ts in GRAPH.items() if m.startswith("grassfx.instrument")}
+    assert {m: ts for m, ts in found.items() if ts} == {}
+
+
+def test_passes_import_only_the_ground_floor_and_their_infrastructure():
+    allowed = ("grassfx.passes", "grassfx.core", "grassfx._compat", "grassfx.errors")
+    found = {m: sorted(t for t in ts if not t.startswith(allowed))
+             for m, ts in GRAPH.items() if m.startswith("grassfx.passes")}
+    assert {m: ts for m, ts in found.items() if ts} == {}
+
+
+def test_no_import_runs_up_a_floor_or_across_rooms_or_breaks_a_rule():
+    house = HOUSE.house()
+    assert house["up"] == [] and house["across"] == [] and house["broken"] == []
+    assert house["climbs"] == []  # an optimizer step never goes back up

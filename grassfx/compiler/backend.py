@@ -7,9 +7,10 @@
 * ``aot_eager``: AOTAutograd with forward/backward compilers that run the same pipeline
   on the joint-partitioned graphs and then execute them without Inductor.
 
-Both fill the model's :class:`~grassfx.compiler.report.CompileReport`; the only thing
-they read from the model is its configuration and, per graph, whether compiled graphs
-should average gradients across ranks (``model.graph_collectives()``).
+:func:`compile_runner` returns what it made, the runner and the
+:class:`~grassfx.compiler.report.CompileReport` its graphs fill; it reads the model's
+configuration and, per graph, whether compiled graphs should average gradients across
+ranks (a ``collectives()`` callable), and never touches the model.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from __future__ import annotations
 import itertools
 import os
 import weakref
+from typing import Callable, Optional
 
 import torch
 import torch.fx as fx
@@ -28,17 +30,9 @@ from .pipeline import graph_kind, pipeline_uuid, run_pipeline
 from .records import Recorder
 from .report import CompileReport
 
-__all__ = ["install_compiled_runner", "inductor_patches", "grass_post_grad_pass"]
+__all__ = ["compile_runner", "inductor_patches", "grass_post_grad_pass"]
 
 _PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # grassfx/
-
-
-def _collectives_of(model_ref):
-    def collectives():
-        model = model_ref()
-        return model.graph_collectives() if model is not None else None
-
-    return collectives
 
 
 def grass_post_grad_pass(report: CompileReport, frame_id: int, collectives):
@@ -119,17 +113,19 @@ def _aot_eager_backend(report: CompileReport, collectives):
     return backend
 
 
-def install_compiled_runner(model) -> None:
-    """Compile ``model._run`` with the grassfx backend chosen by its config.
+def compile_runner(run: Callable, cfg, collectives: Optional[Callable] = None):
+    """Compile ``run`` (a model's runner, ``GrassModel._run``) with the grassfx backend ``cfg``
+    (a :class:`grassfx.config.GrassConfig`) chooses; return ``(runner, report)``.
 
-    Fills ``model.compile_report``; node snapshots are recorded only with
-    ``compile(..., record=True)`` or ``GRASSFX_DEBUG>=1``.
+    ``runner`` is called as ``run`` is; ``report`` (a :class:`CompileReport`) fills as its
+    graphs compile. ``collectives()`` says, per graph, whether compiled graphs should average
+    gradients (``(group name, world size)``) or not (None, also when not given). Node
+    snapshots are recorded only with ``compile(..., record=True)`` or ``GRASSFX_DEBUG>=1``.
     """
-    cfg = model.grass_config
     recording = cfg.record or settings().debug >= 1
     report = CompileReport(records=Recorder() if recording else None)
-    model.compile_report = report
-    collectives = _collectives_of(weakref.ref(model))
+    if collectives is None:
+        collectives = _no_collectives
     if cfg.backend == "inductor":
         _compat.load_inductor()
         backend = _inductor_backend(report, cfg, collectives)
@@ -137,7 +133,7 @@ def install_compiled_runner(model) -> None:
         backend = _aot_eager_backend(report, collectives)
     else:  # pragma: no cover - validated by GrassConfig
         raise ValueError(cfg.backend)
-    compiled = torch.compile(_compat.own_code(model._run), backend=backend, dynamic=cfg.dynamic)
+    compiled = torch.compile(_compat.own_code(run), backend=backend, dynamic=cfg.dynamic)
 
     def runner(refresh, args, kwargs):
         # a library's logging call, or its context variable set and reset in a checkpointed
@@ -145,4 +141,8 @@ def install_compiled_runner(model) -> None:
         with _compat.quiet_logging_calls(), _compat.checkpoint_side_effects_once():
             return compiled(refresh, args, kwargs)
 
-    model._runner = runner
+    return runner, report
+
+
+def _no_collectives():
+    return None

@@ -20,6 +20,8 @@ import sys
 import torch.fx as fx
 
 from grassfx import passes as _passes
+from grassfx.core import ops as _ops
+from grassfx.core import rows as _rows
 from grassfx.errors import GrassError, PassError
 from grassfx.passes import PassContext, PassResult, settings
 
@@ -100,15 +102,14 @@ def _pass_modules() -> list:
         mod = sys.modules[fn.__module__]
         if mod not in mods:
             mods.append(mod)
-    # helper modules of the passes (e.g. sparsify_experts, which sparsify_wgrad imports)
+    # helper modules of the passes (rowpush, sparsify_experts, which sparsify_wgrad imports)
     mods += [m for m in vars(_passes).values() if inspect.ismodule(m) and m not in mods]
-    from grassfx.instrument import anchors, experts  # the marker ops the passes rewrite
-
-    return mods + [anchors, experts]
+    return mods + [_ops, _rows]  # the contract: the marker ops the passes rewrite, and their eager form
 
 
 def pipeline_uuid(collectives=None, extra: str = "") -> str:
-    """Hash of the pipeline (pass names in order, their modules' sources) and the settings.
+    """Hash of the pipeline (pass names in order, their modules' sources, the marker ops'
+    module :mod:`grassfx.core.ops` and the row helpers they run) and the settings.
 
     Inductor's FX graph cache keys compiled graphs on it, so a changed pass, a disabled
     pass or data parallelism never gets a graph built by another pipeline.

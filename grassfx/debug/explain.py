@@ -94,8 +94,6 @@ class _InPlace:
     model is explained before its first training step.
     """
 
-    _SCHEDULE = ("pending", "pending_ok", "generation", "superseded", "advanced_by")
-
     def __init__(self, model: GrassModel):
         if model.grass_config.backend != "eager" and model.compile_report is not None \
                 and model.compile_report.frames:
@@ -107,7 +105,7 @@ class _InPlace:
         self.grads = [(p, p.grad) for p in model.parameters()]
         self.buffers = {name: b.clone() for name, b in model.named_buffers()}  # grassfx's, and the model's
         self.sites = [(site, site.prev_idx, site.refreshed) for site in model.sites]
-        self.schedule = {key: copy.copy(getattr(model._schedule, key)) for key in self._SCHEDULE}
+        self.schedule = model.schedule_snapshot()
         self.records = model.compile_report.records if model.compile_report is not None else None
         self.sent = dict(model._dp.bytes_sent) if model._dp is not None else None
 
@@ -120,8 +118,7 @@ class _InPlace:
             p.grad = grad
         for site, prev_idx, refreshed in self.sites:
             site.prev_idx, site.refreshed = prev_idx, refreshed
-        for key, value in self.schedule.items():
-            setattr(model._schedule, key, value)
+        model.restore_schedule(self.schedule)
         if model.compile_report is not None:
             model.compile_report.records = self.records
         if model._dp is not None:  # the reducer's counters: as before (zero if the probe made it)

@@ -1,10 +1,10 @@
-"""The marker op and the anchors that route a weight's gradient through it.
+"""The anchors that route a weight's gradient through the marker op.
 
-``grassfx::rowsel(grad, idx, rho, dim)`` is the contract between eager mode and the
-compiler: eagerly it selects ``idx`` along ``dim`` of a dense gradient and scales by
-``rho`` (the dense fallback); the ``sparsify_wgrad`` pass finds it in the backward graph
-and pushes the selection into the GEMM that produced ``grad``, so the dense gradient is
-never formed.
+``grassfx::rowsel(grad, idx, rho, dim)`` (:mod:`grassfx.core.ops`) is the contract between
+eager mode and the compiler: eagerly it selects ``idx`` along ``dim`` of a dense gradient
+and scales by ``rho`` (the dense fallback); the ``sparsify_wgrad`` pass finds it in the
+backward graph and pushes the selection into the GEMM that produced ``grad``, so the dense
+gradient is never formed.
 
 Anchors are autograd Functions. Their forward returns a view of the frozen weight; their
 backward hands the weight's gradient to ``rowsel`` and returns the result as the gradient
@@ -19,58 +19,12 @@ import torch
 
 from grassfx import _compat
 from grassfx import select as _select
+from grassfx.core.ops import rowsel
+from grassfx.core.rows import broadcast_along, select_scaled, squared_norms
 from grassfx.errors import GrassError
 
 __all__ = ["rowsel", "select_scaled", "broadcast_along", "squared_norms", "Anchor", "RefreshAnchor", "FullAnchor",
            "RefusingAnchor"]
-
-
-def broadcast_along(vec: torch.Tensor, ndim: int, dim: int) -> torch.Tensor:
-    """View a 1-D ``vec`` so that it broadcasts along ``dim`` of an ``ndim``-D tensor."""
-    shape = [1] * ndim
-    shape[dim] = -1
-    return vec.reshape(shape)
-
-
-def select_scaled(grad: torch.Tensor, idx: torch.Tensor, rho: torch.Tensor, dim: int) -> torch.Tensor:
-    """``rho * grad.index_select(dim, idx)``: the compressed gradient (rho broadcast along ``dim``)."""
-    picked = grad.index_select(dim, idx)
-    return picked * broadcast_along(rho, grad.dim(), dim).to(picked.dtype)
-
-
-def squared_norms(grad: torch.Tensor, reduce_dim: int, row_dim: int) -> torch.Tensor:
-    """float32 squared norms of ``grad`` over ``reduce_dim``, with no temporary as large as ``grad``.
-
-    A refresh holds one dense gradient at a time; squaring it first (``(g * g).sum()``)
-    would hold a second one. float32/float64 gradients reduce in one ``vector_norm`` (no
-    copy). bfloat16/float16 ones accumulate in float32, which needs a cast: eagerly an
-    eighth of the rows (``row_dim``) is cast at a time (a float32 copy of 1/8 of the
-    gradient, 1/4 of its bytes); traced into a compiled refresh, Inductor fuses the cast
-    into the reduction.
-    """
-    if grad.dtype in (torch.float32, torch.float64):
-        return torch.linalg.vector_norm(grad, dim=reduce_dim).float().square()
-    if torch.compiler.is_compiling():
-        return torch.linalg.vector_norm(grad, dim=reduce_dim, dtype=torch.float32).square()
-    step = max(1, -(-grad.shape[row_dim] // 8))
-    parts = [torch.linalg.vector_norm(part, dim=reduce_dim, dtype=torch.float32) for part in grad.split(step, row_dim)]
-    return torch.cat(parts, dim=row_dim if row_dim < reduce_dim else row_dim - 1).square()
-
-
-@torch.library.custom_op("grassfx::rowsel", mutates_args=())
-def rowsel(grad: torch.Tensor, idx: torch.Tensor, rho: torch.Tensor, dim: int, name: str) -> torch.Tensor:
-    """``rho * grad.index_select(dim, idx)`` (rho broadcast along ``dim``).
-
-    ``name`` is the weight's qualified name; it only labels the graph node.
-    """
-    return select_scaled(grad, idx, rho, dim)
-
-
-@rowsel.register_fake
-def _rowsel_fake(grad, idx, rho, dim, name):
-    shape = list(grad.shape)
-    shape[dim] = idx.shape[0]
-    return grad.new_empty(shape)
 
 
 class Anchor(torch.autograd.Function):

@@ -13,10 +13,10 @@ Rows are always rows of each expert matrix (dim 1 of ``W``); ``proj_dim`` applie
 (E, m) row norms of the dense gradient (``topk`` over dim 1); the others, and
 ``explore``, raise :class:`grassfx.ConfigError` for expert stacks until supported.
 
-The marker op ``grassfx::expertsel(grad, idx, rho, name)`` plays ``rowsel``'s role: eagerly
+The marker op ``grassfx::expertsel(grad, idx, rho, name)`` (:mod:`grassfx.core.ops`) plays ``rowsel``'s role: eagerly
 it gathers the rows of each expert from the dense (E, m, n) gradient (the dense
 fallback); the ``sparsify_wgrad`` pass pushes it into the expert GEMMs where the graph
-allows. An optimizer sees an expert site through :func:`matrix_of`: the same state as a
+allows. An optimizer sees an expert site through ``site.matrix()`` (a :class:`MatrixFace`): the same state as a
 2-D site of ``E * m`` rows (the stack viewed as (E*m, n), ``idx`` offset by
 ``e * m``), so every 2-D rule (updates, decay, moments at a refresh) applies unchanged.
 """
@@ -26,43 +26,23 @@ from __future__ import annotations
 import math
 
 import torch
-from torch import nn
 
 from grassfx import _compat
 from grassfx import select as _select
 from grassfx.config import GrassConfig
+from grassfx.core.ops import expertsel
+from grassfx.core.rows import select_experts, squared_norms
 from grassfx.errors import ConfigError
 
-from .anchors import squared_norms
 from .blocks import LayoutChoice
 from .site import Site
 from .targets import TargetSpec
 
 __all__ = ["ExpertSite", "EXPERT_SELECTORS", "expertsel", "select_experts", "select_expert_rows",
-           "ExpertAnchor", "ExpertRefreshAnchor", "make_site", "make_expert_anchor", "matrix_of", "flat"]
+           "ExpertAnchor", "ExpertRefreshAnchor", "make_site", "make_expert_anchor", "MatrixFace"]
 
 #: selectors that work on expert stacks (per-expert selection over dim 1 of the (E, m) norms)
 EXPERT_SELECTORS = ("top_r", "multinorm_nr")
-
-
-def select_experts(grad: torch.Tensor, idx: torch.Tensor, rho: torch.Tensor) -> torch.Tensor:
-    """``rho[e, j] * grad[e, idx[e, j], :]``: (E, r, n) from (E, m, n) and (E, r)."""
-    picked = torch.take_along_dim(grad, idx.unsqueeze(-1), dim=1)  # (E, r, n)
-    return picked * rho.unsqueeze(-1).to(picked.dtype)
-
-
-@torch.library.custom_op("grassfx::expertsel", mutates_args=())
-def expertsel(grad: torch.Tensor, idx: torch.Tensor, rho: torch.Tensor, name: str) -> torch.Tensor:
-    """``rho[..., None] * take_along_dim(grad, idx[..., None], 1)``: the rows of each expert.
-
-    ``name`` is the weight's qualified name; it only labels the graph node.
-    """
-    return select_experts(grad, idx, rho)
-
-
-@expertsel.register_fake
-def _expertsel_fake(grad, idx, rho, name):
-    return grad.new_empty((grad.shape[0], idx.shape[1], grad.shape[2]))
 
 
 def select_expert_rows(sq_norms: torch.Tensor, noise: torch.Tensor, r: int, method: str):
@@ -94,44 +74,37 @@ def select_expert_rows(sq_norms: torch.Tensor, noise: torch.Tensor, r: int, meth
 class ExpertSite(Site):
     """Grass state of one expert stack (E, m, n): r rows of each expert (module docstring)."""
 
+    per_expert = True
+
     def __init__(self, spec: TargetSpec, index: int, weight: torch.Tensor, config: GrassConfig):
-        nn.Module.__init__(self)
         if weight.dim() != 3:
             raise ConfigError(f"{spec.name!r}: an expert stack is 3-D (experts, rows, cols), got {tuple(weight.shape)}")
+        # rows are selected per expert; fused blocks inside an expert (gate|up) are not split
+        super().__init__(spec, index, weight, config, LayoutChoice(None, "expert stack: r rows of each expert"))
+
+    def _geometry(self, weight: torch.Tensor, config: GrassConfig):
         experts, rows, cols = (int(s) for s in weight.shape)
-        self.name, self.module_name, self.attr, self.kind = spec.name, spec.module_name, spec.attr, spec.kind
-        self.index = index
         self.experts = experts
         self.dim = 0  # rows of each expert matrix (dim 1 of the stack)
         self.rows = rows
         self.rank = config.rows_kept(rows)
         self.full = self.rank >= rows
-        self.method = config.selection
         if not self.full and self.method not in EXPERT_SELECTORS:
             raise ConfigError(
-                f"selection={self.method!r} is not supported for the expert stack {spec.name!r} yet: use "
-                f"one of {EXPERT_SELECTORS}, or exclude=[{spec.name!r}] to train it densely"
+                f"selection={self.method!r} is not supported for the expert stack {self.name!r} yet: use "
+                f"one of {EXPERT_SELECTORS}, or exclude=[{self.name!r}] to train it densely"
             )
         if config.explore and not self.full:
-            raise ConfigError(f"explore={config.explore} is not supported for the expert stack {spec.name!r} "
-                              f"yet: use explore=0, or exclude=[{spec.name!r}]")
+            raise ConfigError(f"explore={config.explore} is not supported for the expert stack {self.name!r} "
+                              f"yet: use explore=0, or exclude=[{self.name!r}]")
         self.explore = 0
-        self.scale = float(config.scale)
         self.sharded = False  # grassfx.fsdp refuses sharded expert stacks
-        self.moments = config.moments
-        dev = weight.device
-        self.handle = nn.Parameter(torch.zeros(experts, self.rank, cols, dtype=weight.dtype, device=dev))
-        self.register_buffer("idx", torch.arange(self.rank, device=dev).repeat(experts, 1))
-        self.register_buffer("rho", torch.ones(experts, self.rank, device=dev))
-        self.register_buffer("decay_pending", torch.ones((), dtype=torch.float64, device=dev))
-        self.register_buffer("last_seen", torch.full((experts, rows), -1, dtype=torch.int64, device=dev))
-        # rows are selected per expert; fused blocks inside an expert (gate|up) are not split
-        self._set_blocks(LayoutChoice(None, "expert stack: r rows of each expert"), dev)
-        self.prev_idx = None
-        self.refreshed = False
-        self.handle_version = _compat.version(self.handle)
-        self.schedule = None
-        self._owner = None
+        return (experts, self.rank, cols), (experts, self.rank), (experts, rows)
+
+    def matrix(self):
+        """The stack as the optimizer's 2-D rules see it: its :class:`MatrixFace` (every row
+        kept: the stack itself, updated whole)."""
+        return self if self.full else MatrixFace(self)
 
     def extra_repr(self) -> str:
         return f"{self.name!r}, {self.experts} experts x rows {self.rank}/{self.rows}, selection={self.method}"
@@ -268,6 +241,9 @@ class MatrixFace:
     def rank(self) -> int:
         return self.site.experts * self.site.rank
 
+    def matrix(self):
+        return self
+
     def flat(self, t: torch.Tensor) -> torch.Tensor:
         site = self.site
         if t.dim() == 3:
@@ -275,15 +251,3 @@ class MatrixFace:
         if tuple(t.shape) == (site.experts, site.rank):
             return t.view(-1)
         return t
-
-
-def matrix_of(site):
-    """What an optimizer updates: a 2-D site as is, an expert site as its :class:`MatrixFace`."""
-    if isinstance(site, ExpertSite) and not site.full:
-        return MatrixFace(site)
-    return site
-
-
-def flat(site, t: torch.Tensor) -> torch.Tensor:
-    """``t`` as the optimizer's 2-D rules see it (a :class:`MatrixFace` flattens; else ``t``)."""
-    return site.flat(t) if isinstance(site, MatrixFace) else t

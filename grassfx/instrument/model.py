@@ -15,18 +15,20 @@ from __future__ import annotations
 import contextlib
 import copy
 import inspect
+import weakref
 
 import torch
 from torch import nn
 
 from grassfx import _compat
 from grassfx.config import GrassConfig
+from grassfx.core.decay import settle
 from grassfx.errors import GrassError
 
 from . import guard, registry, surgery, swap
 from .anchors import Anchor, FullAnchor, RefreshAnchor, RefusingAnchor
 from .blocks import plan_layouts
-from .experts import ExpertSite, make_expert_anchor, make_site, matrix_of
+from .experts import ExpertSite, make_expert_anchor, make_site
 from .refresh import RefreshSchedule
 from .site import Site
 
@@ -62,6 +64,7 @@ class GrassModel(nn.Module):
         guard.install_optimizer_check()
         self._runner = self._run
         self.compile_report = None  # a grassfx.compiler.CompileReport for compiled backends
+        self._compiler = None  # what made the runner (compile_with); called again for a copy
         self._dp = None  # grassfx.distributed.DataParallel once a process group is seen
         self._dp_checked = False
 
@@ -125,14 +128,37 @@ class GrassModel(nn.Module):
         self._dp, self._dp_checked = None, False
         self._settle_hook = None  # the copied module carries a copy of the hook
         self._load_hooks = []  # and copies of these
-        if self.grass_config.backend != "eager":
-            from grassfx.compiler import install_compiled_runner
+        self.compile_with(self.__dict__.get("_compiler"))  # (absent: a model pickled before it existed)
 
-            install_compiled_runner(self)
+    def compile_with(self, compiler) -> None:
+        """Run this model through ``compiler(run, config, collectives) -> (runner, report)``
+        (``grassfx.compile`` passes :func:`grassfx.compiler.compile_runner`): forwards call the
+        runner, ``compile_report`` is the report. Kept, and called again for a deep copy or an
+        unpickled model (their compiled code is not copied). None, or the eager backend: no-op."""
+        self._compiler = compiler
+        if compiler is None or self.grass_config.backend == "eager":
+            return
+        ref = weakref.ref(self)
+
+        def collectives():
+            model = ref()
+            return model.graph_collectives() if model is not None else None
+
+        self._runner, self.compile_report = compiler(self._run, self.grass_config, collectives)
 
     @property
     def step(self) -> int:
         return int(self.grass_step)
+
+    def schedule_snapshot(self) -> dict:
+        """A copy of the refresh schedule's bookkeeping (pending refreshes, forward generations),
+        for :meth:`restore_schedule`: ``grassfx.explain`` runs a probe on the model itself and
+        puts everything back."""
+        return self._schedule.snapshot()
+
+    def restore_schedule(self, snapshot: dict) -> None:
+        """Put back the bookkeeping :meth:`schedule_snapshot` copied."""
+        self._schedule.restore(snapshot)
 
     # -- forward ------------------------------------------------------------------------
     def _forward(self, *args, **kwargs):
@@ -385,10 +411,8 @@ class _Forward:
 @torch.no_grad()
 def _settle_site(site) -> None:
     """Pay a site's owed decay: rows outside the selection the debt accrued under."""
-    from grassfx.optim.decay import settle
-
     # after a refresh the optimizer has not handled yet, the debt is that of the old rows
-    site = matrix_of(site)  # an expert stack: the same rules on its (E*m, n) view
+    site = site.matrix()  # an expert stack: the same rules on its (E*m, n) view
     settle(site, site.prev_idx if site.refreshed and site.prev_idx is not None else site.idx)
 
 

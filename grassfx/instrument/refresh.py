@@ -20,6 +20,7 @@ committed are replaced, and the optimizer still sees the rows of before the refr
 
 from __future__ import annotations
 
+import copy
 import weakref
 
 import torch
@@ -42,6 +43,19 @@ class RefreshSchedule:
         self.generation = 0  # counts forwards with gradients on; a refresh's probes carry theirs
         self.superseded = set()  # generations whose refresh a later forward replaced
         self.advanced_by = None  # (generation, optimizer id) of the last advance: one per forward
+
+    #: the bookkeeping a step changes (:meth:`snapshot` / :meth:`restore`)
+    _BOOKKEEPING = ("pending", "pending_ok", "generation", "superseded", "advanced_by")
+
+    def snapshot(self) -> dict:
+        """A copy of the bookkeeping forwards and steps change (pending refreshes, forward
+        generations, the last advance), for :meth:`restore`."""
+        return {key: copy.copy(getattr(self, key)) for key in self._BOOKKEEPING}
+
+    def restore(self, snapshot: dict) -> None:
+        """Put back what :meth:`snapshot` copied."""
+        for key in self._BOOKKEEPING:
+            setattr(self, key, snapshot[key])
 
     @property
     def model(self):

@@ -49,28 +49,47 @@ class Site(nn.Module):
         self.attr = spec.attr
         self.kind = spec.kind
         self.index = index
-        self.dim = config.select_dim(tuple(weight.shape))
-        self.rows = int(weight.shape[self.dim])
-        self.rank = config.rows_kept(self.rows)
-        self.full = self.rank >= self.rows
         self.method = config.selection
-        self.explore = config.explored(self.rank) if not self.full else 0  # rows reserved for coverage
         self.scale = float(config.scale)
-        self.sharded = fsdp.is_dtensor(weight)  # an FSDP2 shard when grassfx.compile ran
         self.moments = config.moments
-        shape = list(weight.shape)
-        shape[self.dim] = self.rank
-        self.handle = nn.Parameter(torch.zeros(shape, dtype=weight.dtype, device=weight.device))
-        self.register_buffer("idx", torch.arange(self.rank, device=weight.device))
-        self.register_buffer("rho", torch.ones(self.rank, device=weight.device))
-        self.register_buffer("decay_pending", torch.ones((), dtype=torch.float64, device=weight.device))
-        self.register_buffer("last_seen", torch.full((self.rows,), -1, dtype=torch.int64, device=weight.device))
+        dev = weight.device
+        handle, selection, rows = self._geometry(weight, config)
+        self.handle = nn.Parameter(torch.zeros(handle, dtype=weight.dtype, device=dev))
+        self.register_buffer("idx", torch.arange(self.rank, device=dev).repeat(*selection[:-1], 1))
+        self.register_buffer("rho", torch.ones(selection, device=dev))
+        self.register_buffer("decay_pending", torch.ones((), dtype=torch.float64, device=dev))
+        self.register_buffer("last_seen", torch.full(rows, -1, dtype=torch.int64, device=dev))
         self._set_blocks(layout or LayoutChoice(None), weight.device)
         self.prev_idx = None  # rows selected before the last refresh (set when one commits)
         self.refreshed = False  # a refresh committed and the optimizer has not seen it yet
         self.handle_version = _compat.version(self.handle)
         self.schedule = None  # the model's RefreshSchedule (set by link)
         self._owner = None  # weakref to the module that owns the weight (set by link)
+
+    def _geometry(self, weight: torch.Tensor, config: GrassConfig):
+        """Set ``dim``, ``rows``, ``rank``, ``full``, ``explore``, ``sharded``; return the shapes
+        ``(handle, selection, rows)``: of the handle, of ``idx``/``rho``, of ``last_seen``."""
+        self.dim = config.select_dim(tuple(weight.shape))
+        self.rows = int(weight.shape[self.dim])
+        self.rank = config.rows_kept(self.rows)
+        self.full = self.rank >= self.rows
+        self.explore = config.explored(self.rank) if not self.full else 0  # rows reserved for coverage
+        self.sharded = fsdp.is_dtensor(weight)  # an FSDP2 shard when grassfx.compile ran
+        shape = list(weight.shape)
+        shape[self.dim] = self.rank
+        return tuple(shape), (self.rank,), (self.rows,)
+
+    #: an expert stack (:class:`~grassfx.instrument.experts.ExpertSite`): rows of each expert
+    per_expert = False
+
+    def matrix(self):
+        """What an optimizer updates: the site as a 2-D weight with rows ``idx`` along ``dim``
+        (itself; an expert stack answers with its (E*m, n) view)."""
+        return self
+
+    def flat(self, t: torch.Tensor) -> torch.Tensor:
+        """``t`` (a handle-shaped tensor) as :meth:`matrix`'s rules see it: unchanged here."""
+        return t
 
     def _set_blocks(self, choice: LayoutChoice, device) -> None:
         """Install a block layout: labels, names and per-block ``(size, quota, explore)``."""

@@ -1,10 +1,13 @@
 """Subspace-aware optimizers: one object trains projected and ordinary parameters.
 
 * :mod:`.base`: ``GrassOptimizer`` (classification, finite checks, refresh handling, stepping);
-* :mod:`.adamw`: ``AdamW`` and ``adamw_step``, the one AdamW kernel (eager or compiled);
+  below it, and knowing no optimizer: :mod:`.checks` (settings, finite flags, saved ranks),
+  :mod:`.rows` (per-row factors), :mod:`.kernel` (``adamw_step``, the one AdamW kernel, eager
+  or compiled), :mod:`.sharded` (``ShardedRows``: FSDP2-sharded weights behind one object);
+* :mod:`.adamw`: ``AdamW``, its step strategies chosen once;
 * :mod:`.muon`: ``Muon``, orthogonalized momentum of the selected rows (AdamW for the rest);
 * :mod:`.sgd`: ``SGD`` (momentum, Nesterov); :mod:`.adafactor`: ``Adafactor``;
-* :mod:`.decay`: decoupled weight decay of projected weights and its debt;
+* decoupled weight decay of projected weights and its debt: :mod:`grassfx.core.decay`;
 * :mod:`.rounding`: how bf16/fp16 weights receive updates (``AdamW(update_rounding=...)``):
   pure bf16 training without a float32 master copy (``docs/precision.md``);
 * :mod:`.inbackward`: updates inside backward (``update_in_backward=True``).

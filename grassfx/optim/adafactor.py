@@ -6,11 +6,11 @@ import math
 
 import torch
 
+from grassfx.core.decay import decay_selected
 from grassfx.errors import ConfigError
-from grassfx.instrument.experts import flat
 
-from .base import GrassOptimizer, check_number, check_rho_scaling
-from .decay import decay_selected
+from .base import GrassOptimizer
+from .checks import check_number, check_rho_scaling
 
 __all__ = ["Adafactor"]
 
@@ -108,7 +108,7 @@ class Adafactor(GrassOptimizer):
 
     def _update_projected(self, handle, site, group):
         weight = site.weight
-        grad = flat(site, handle.grad)  # an expert stack: (E*r, n)
+        grad = site.flat(handle.grad)  # an expert stack: (E*r, n)
         state = self._state(handle, grad)
         rows = weight if site.full else weight.index_select(site.dim, site.idx)
         alpha = self._step_size(group, state, self._rms(rows))

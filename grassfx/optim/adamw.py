@@ -29,130 +29,19 @@ import math
 import torch
 
 from grassfx import _compat
-from grassfx import select as _select
+from grassfx.core.decay import owe
 from grassfx.errors import ConfigError
 from grassfx.fsdp import local
 from grassfx.instrument import registry
-from grassfx.instrument.experts import flat
 
-from .base import GrassOptimizer, check_adam_settings, check_rho_scaling, row_weights
-from .decay import owe
+from .base import GrassOptimizer
+from .checks import check_adam_settings, check_rho_scaling
 from .factored import check_full_state, factored_state, factored_step, state_mode
-from .rounding import add_to_rows, check_state_dtype, check_update_rounding, first_copies, round_update, rounding_of
-from .sharded import adamw_site_step
+from .kernel import FlatLists, adamw_step, row_factors
+from .rounding import check_state_dtype, check_update_rounding, rounding_of
+from .rows import row_weights
 
 __all__ = ["AdamW", "adamw_step", "row_factors"]
-
-
-def row_factors(row_step: torch.Tensor, alpha, beta1: float, beta2: float, rewarmup: int, weight=None):
-    """Per-row step factors of projected AdamW from each row's own step count ``row_step`` (r,).
-
-    Returns ``(factor, bc2)`` (float32, (r,)): the update of row j is
-    ``factor_j * m_j / (sqrt(v_j) / bc2_j + eps)`` with
-    ``factor_j = alpha * w_j * min(1, t_j / rewarmup) / (1 - beta1^t_j)`` and
-    ``bc2_j = sqrt(1 - beta2^t_j)``: every row is bias-corrected by its own age, so a row
-    that joined at the last refresh is treated as the fresh Adam state it is, and with
-    ``rewarmup > 0`` its step ramps up linearly over its first ``rewarmup`` steps.
-    ``w`` is ``weight`` (:func:`grassfx.optim.base.row_weights`; None: 1). ``alpha`` may be
-    a float or a 0-d tensor (the kernel passes tensors).
-    """
-    t = row_step.to(torch.float64)
-    factor = alpha / (1 - torch.pow(beta1, t))
-    if rewarmup:
-        factor = factor * (t / rewarmup).clamp(max=1.0)
-    if weight is not None:
-        factor = factor * weight.to(torch.float64)
-    return factor.float(), torch.sqrt(1 - torch.pow(beta2, t)).float()
-
-
-def _moments(exp_avg, exp_avg_sq, grad, beta1: float, beta2: float, bc2, eps: float):
-    """Advance both moments by ``grad``; return the denominator ``sqrt(v) / bc2 + eps``."""
-    grad = grad.to(exp_avg.dtype)  # the gradient itself when the state has the parameter's dtype
-    exp_avg.lerp_(grad, 1 - beta1)
-    exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-    return (exp_avg_sq.sqrt() / bc2).add_(eps)
-
-
-def adamw_step(dense, proj, beta1: float, beta2: float, eps: float, decays: bool = True, rewarmup: int = 0) -> None:
-    """One AdamW step over flat lists (see the module docstring).
-
-    ``dense``: ``(params, grads, exp_avgs, exp_avg_sqs, nums, modes, comps)``, parameters
-    updated in full; ``nums[:, i]`` = (step size ``-lr * scale / bc1``, ``sqrt(bc2)``, decay
-    factor), float64.
-    ``proj``: ``(weights, grads, exp_avgs, exp_avg_sqs, nums, modes, comps, dims, idxs,
-    row_steps, row_weights, firsts)``, projected weights: grads and moments are (r, n) (or
-    (m, r)); each row is bias-corrected by its own step count (``row_steps[i]``, advanced
-    here; :func:`row_factors`, with ``row_weights[i]`` or None), the update goes to the
-    selected rows and decoupled decay hits each selected row once (the caller records the
-    other rows' debt); ``nums[:, i]`` = (``-lr * scale``, decay factor), float64.
-    ``modes[i]``: how the new value is rounded into the weight (:mod:`.rounding`; fp32
-    weights always ``"nearest"``), ``comps[i]`` its Kahan buffer or None, ``firsts[i]``
-    (:func:`~grassfx.optim.rounding.first_copies`) or None where no row is drawn twice.
-    ``decays=False`` (every decay factor is 1) leaves the decay code out.
-    """
-    params, grads, exp_avgs, exp_avg_sqs, nums, modes, comps = dense
-    for i in range(len(params)):
-        p, step, bc2, factor = params[i], nums[0, i].float(), nums[1, i].float(), nums[2, i].float()
-        if modes[i] == "nearest":  # torch.optim.AdamW's arithmetic, in the weight's dtype
-            if decays:
-                p.mul_(factor)
-            denom = _moments(exp_avgs[i], exp_avg_sqs[i], grads[i], beta1, beta2, bc2, eps)
-            p.add_(exp_avgs[i] * step / denom)
-            continue
-        denom = _moments(exp_avgs[i], exp_avg_sqs[i], grads[i], beta1, beta2, bc2, eps)
-        new = p.float() * factor if decays else p.float()  # the new value in float32, rounded once
-        p.copy_(round_update(modes[i], new + (exp_avgs[i] * step / denom).float(), p.dtype, comps[i]))
-    weights, grads, exp_avgs, exp_avg_sqs, nums, modes, comps, dims, idxs, row_steps, weights_, firsts = proj
-    for i in range(len(weights)):
-        w, dim, idx = weights[i], dims[i], idxs[i]
-        row_steps[i].add_(1)
-        factor, bc2 = row_factors(row_steps[i], nums[0, i], beta1, beta2, rewarmup, weights_[i])
-        denom = _moments(exp_avgs[i], exp_avg_sqs[i], grads[i], beta1, beta2, bc2.unsqueeze(1 - dim), eps)
-        update = exp_avgs[i] / denom * factor.unsqueeze(1 - dim)  # (r, n)
-        add_to_rows(w, dim, idx, update, modes[i], comps[i], firsts[i], nums[1, i].float() if decays else None)
-
-class _Lists:
-    """Flat lists for :func:`adamw_step` (one entry per parameter)."""
-
-    def __init__(self):
-        self.params, self.grads, self.exp_avgs, self.exp_avg_sqs = [], [], [], []
-        self.nums = []  # per parameter: the float64 column of adamw_step's ``nums``
-        self.modes, self.comps = [], []
-        self.dims, self.idxs, self.row_steps, self.row_weights, self.firsts, self.sites = [], [], [], [], [], []
-
-    def add(self, param, grad, state, mode, *nums):
-        # FSDP2's sharded parameters and their state: the local shards (views)
-        self.params.append(local(param))
-        self.grads.append(local(grad))
-        self.exp_avgs.append(local(state["exp_avg"]))
-        self.exp_avg_sqs.append(local(state["exp_avg_sq"]))
-        self.modes.append(mode)
-        self.comps.append(local(state.get("kahan_comp")))
-        self.nums.append(nums)
-
-    def add_projected(self, site, grad, state, mode, row_weight, *nums):
-        # an expert stack's (E, r, n) gradient and state as (E*r, n) views of its flat rows
-        views = {k: flat(site, state[k]) for k in ("exp_avg", "exp_avg_sq", "kahan_comp") if k in state}
-        self.add(site.weight, flat(site, grad), views, mode, *nums)
-        self.dims.append(site.dim)
-        self.idxs.append(site.idx)
-        self.row_steps.append(state["row_step"])
-        self.row_weights.append(row_weight)
-        drawn_twice = mode != "nearest" and site.method in _select.WITH_REPLACEMENT
-        self.firsts.append(first_copies(site.idx, site.weight.shape[site.dim]) if drawn_twice else None)
-        self.sites.append(site)
-
-    def _nums(self):
-        if not self.params:
-            return None
-        return torch.tensor(self.nums, dtype=torch.float64, device=self.params[0].device).t()
-
-    def dense_args(self):
-        return self.params, self.grads, self.exp_avgs, self.exp_avg_sqs, self._nums(), tuple(self.modes), self.comps
-
-    def proj_args(self):
-        return (self.params, self.grads, self.exp_avgs, self.exp_avg_sqs, self._nums(), tuple(self.modes),
-                self.comps, tuple(self.dims), self.idxs, self.row_steps, self.row_weights, self.firsts)
 
 
 class AdamW(GrassOptimizer):
@@ -220,7 +109,16 @@ class AdamW(GrassOptimizer):
                         full_state=self.full_state)
         super().__init__(params, defaults, update_in_backward)
 
+    def _sharding_refusal(self):
+        if self._compiled_flag:
+            return ("AdamW(compiled=True) with FSDP2-sharded weights: the sharded step runs eagerly; "
+                    "pass compiled=False (or leave the default)")
+        if self.update_rounding == "kahan":
+            return "update_rounding='kahan' with FSDP2-sharded weights is not supported: use 'stochastic' or 'nearest'"
+        return None
+
     def _classify(self) -> None:
+        self._steps = None  # chosen again (below) at the next step
         super()._classify()
         modes = [check_full_state(group["full_state"]) for group in self.param_groups]
         if self._sharded and any(mode != "adam" for mode in modes):
@@ -310,9 +208,7 @@ class AdamW(GrassOptimizer):
 
     def _create_state(self, p, site, group) -> None:
         if site is not None and site.sharded:
-            from .sharded import adamw_state, layout_of
-
-            adamw_state(self, p, site, layout_of(site))
+            self._shards.state(self.state[p], p, site, self.state_dtype)
         else:
             self._state(p, site, self._mode(group, p, site))
 
@@ -341,24 +237,46 @@ class AdamW(GrassOptimizer):
         for ((beta1, beta2), eps), items in by_consts.items():
             self._apply_lists(items, beta1, beta2, eps)
 
-    def _apply_lists(self, work, beta1: float, beta2: float, eps: float) -> None:
+    def _choose_steps(self) -> tuple:
+        """The step implementations, in order, each taking the items it updates and returning
+        the rest; chosen once per classification (not per step). What is left goes to
+        :func:`adamw_step` (eager or compiled, :meth:`_kernel`)."""
+        steps = [self._factored_items]  # a group's full_state (it may change: refused by _state)
+        if self._shards is not None:
+            steps.append(self._sharded_items)  # FSDP2-sharded projected weights (grassfx.optim.sharded)
+        if not self._use_compiled():
+            steps.append(self._fused_dense)  # torch's fused kernel for what is trained in full
+        return tuple(steps)
+
+    def _factored_items(self, work, beta1: float, beta2: float, eps: float) -> list:
+        """Factored state: eagerly, a block of rows at a time (grassfx.optim.factored)."""
         rest = []
-        for group, p, site in work:  # factored: eagerly, a block of rows at a time (grassfx.optim.factored)
+        for group, p, site in work:
             mode = self._mode(group, p, site)
             if mode == "adam":
                 rest.append((group, p, site))
                 continue
             factored_step(p, p.grad, self._state(p, site, mode), lr=group["lr"], beta1=beta1, beta2=beta2, eps=eps,
                           weight_decay=group["weight_decay"], mode=self._rounding(p))
-        work = rest
-        if self._sharded:  # FSDP2-sharded projected weights: their own step (grassfx.optim.sharded)
-            sharded = [item for item in work if item[2] is not None and item[2].sharded]
-            work = [item for item in work if item[2] is None or not item[2].sharded]
-            for group, p, site in sharded:
-                adamw_site_step(self, group, p, site, beta1, beta2, eps)
-        if not self._use_compiled():
-            work = self._fused_dense(work, beta1, beta2, eps)
-        dense, proj = _Lists(), _Lists()
+        return rest
+
+    def _sharded_items(self, work, beta1: float, beta2: float, eps: float) -> list:
+        """FSDP2-sharded projected weights: the sharding layer's step."""
+        rest = []
+        for group, p, site in work:
+            if site is None or not site.sharded:
+                rest.append((group, p, site))
+                continue
+            self._shards.adamw_step(self.state[p], group, p, site, beta1, beta2, eps, mode=self._rounding(p, site),
+                                    rho_scaling=self.rho_scaling, rewarmup=self.rewarmup, dtype=self.state_dtype)
+        return rest
+
+    def _apply_lists(self, work, beta1: float, beta2: float, eps: float) -> None:
+        if self._steps is None:
+            self._steps = self._choose_steps()
+        for step in self._steps:
+            work = step(work, beta1, beta2, eps)
+        dense, proj = FlatLists(), FlatLists()
         for group, p, site in work:
             state = self._state(p, site)
             scale = 1.0 if site is None else site.scale

@@ -35,161 +35,31 @@ empty keeps its settings and updates nothing.
 from __future__ import annotations
 
 import itertools
-import math
 
 import torch
 
 from grassfx import _compat, fsdp
-from grassfx import select as _select
+from grassfx.core import decay
+from grassfx.core.rows import broadcast_along
 from grassfx.errors import ConfigError, NonFiniteGradientError
 from grassfx.instrument import guard, registry
-from grassfx.instrument.anchors import broadcast_along
-from grassfx.instrument.experts import flat, matrix_of
 
-from . import decay
+from .checks import (
+    RHO_SCALINGS,
+    check_adam_settings,
+    check_nonfinite,
+    check_number,
+    check_rho_scaling,
+    check_saved_ranks,
+    finite_flags,
+)
+from .inbackward import BackwardUpdates
 from .rounding import index_add_along
+from .rows import matrix, overlap_sources, row_weights
+from .sharded import ShardedRows
 
-__all__ = ["GrassOptimizer", "check_adam_settings", "check_number", "check_rho_scaling", "row_weights", "overlap_sources", "RHO_SCALINGS"]
-
-_NONFINITE = ("raise", "skip")
-RHO_SCALINGS = ("once", "twice")
-
-
-def check_number(name, value, low=None, high=None, low_open=False):
-    """Raise :class:`grassfx.ConfigError` unless ``value`` is a finite number in range."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ConfigError(f"{name}={value!r}: expected a finite number")
-    if low is not None and (value < low or (low_open and value == low)):
-        raise ConfigError(f"{name}={value!r}: must be {'>' if low_open else '>='} {low}")
-    if high is not None and value >= high:
-        raise ConfigError(f"{name}={value!r}: must be < {high}")
-
-
-def check_adam_settings(lr, betas, eps, weight_decay, rewarmup) -> int:
-    """Check the settings AdamW-style optimizers share (ConfigError naming the bad one);
-    returns ``rewarmup``."""
-    check_number("lr", lr, low=0.0)
-    if isinstance(rewarmup, bool) or not isinstance(rewarmup, int) or rewarmup < 0:
-        raise ConfigError(f"rewarmup={rewarmup!r}: expected an int >= 0 (steps; 0 turns it off)")
-    if not (isinstance(betas, (tuple, list)) and len(betas) == 2):
-        raise ConfigError(f"betas={betas!r}: expected a pair (beta1, beta2)")
-    check_number("betas[0]", betas[0], low=0.0, high=1.0)
-    check_number("betas[1]", betas[1], low=0.0, high=1.0)
-    check_number("eps", eps, low=0.0)
-    check_number("weight_decay", weight_decay, low=0.0)
-    return rewarmup
-
-
-def check_rho_scaling(rho_scaling) -> str:
-    """Raise :class:`grassfx.ConfigError` unless ``rho_scaling`` is one of :data:`RHO_SCALINGS`."""
-    if rho_scaling not in RHO_SCALINGS:
-        raise ConfigError(f"rho_scaling={rho_scaling!r}: allowed values: {', '.join(RHO_SCALINGS)}")
-    return rho_scaling
-
-
-def row_weights(site, rho_scaling: str):
-    """Per-entry factor of a projected update (r,), or None where it is 1 everywhere.
-
-    ``"twice"`` is the paper's ``W -= lr * P step(Pᵀ G)``: ``rho`` scales the compressed
-    gradient and again the update. An adaptive optimizer divides the first ``rho`` out
-    (its step does not depend on the gradient's scale), so with ``"twice"`` a selector with
-    ``rho != 1`` moves its rows by ``rho`` times the step of one with ``rho = 1`` (``uniform``
-    at r = m/8: 2.8x). ``"once"`` (the adaptive optimizers' default) keeps ``rho`` in the
-    gradient only and gives each selected row one step, split evenly between the copies
-    of a row drawn more than once, so every selector runs at the same learning rate.
-    """
-    if rho_scaling == "twice":
-        return None if site.method in _select.UNIT_RHO else site.rho
-    if site.method not in _select.WITH_REPLACEMENT:
-        return None
-    counts = torch.zeros(site.rows, dtype=torch.float32, device=site.idx.device)
-    counts.index_add_(0, site.idx, torch.ones(site.rank, dtype=torch.float32, device=site.idx.device))
-    return counts[site.idx].reciprocal()
-
-
-def overlap_sources(site) -> torch.Tensor:
-    """For each slot of the new selection, the slot the same row had before the refresh
-    (``site.prev_idx``), or -1 for a row that was not selected (int64, (r,))."""
-    src = torch.full((site.rows,), -1, dtype=torch.long, device=site.idx.device)
-    src[site.prev_idx] = torch.arange(site.rank, device=site.idx.device)
-    return src[site.idx]
-
-
-def finite_flags(tensors: list) -> list[bool]:
-    """Whether each tensor holds only finite numbers, with one reduction per tensor and one sync.
-
-    ``isfinite().all()`` reads a tensor several times and allocates a bool copy of it; a
-    float32 (float64) sum is finite when every entry is and NaN/Inf otherwise, unless finite
-    entries overflow it, so a non-finite sum is confirmed entry by entry. bf16 and fp16
-    tensors are checked by their smallest and largest entries (``aminmax``, in their own
-    dtype: no overflow, no float32 copy, NaN propagates; ``vector_norm(t, inf)``, which also
-    reads a tensor once, ran 11x slower on CPU: 24.6 vs 2.2 ms for a bf16 8192 x 2048
-    gradient, ``benchmarks/finite_check.py``). Empty tensors are finite.
-    """
-    if not tensors:
-        return []
-    owners, by_dtype = [], {}  # per summary value: (dtype, place in its group, tensor); one stack per dtype
-    for i, t in enumerate(tensors):
-        if t.numel() == 0:
-            continue
-        if t.dtype in (torch.bfloat16, torch.float16):
-            # in their own dtype: sum(dtype=float32) would first copy the tensor to float32
-            # (250 MiB for a 32000 x 2048 gradient)
-            values = torch.aminmax(t)
-        else:
-            values = (t.sum(dtype=torch.float64 if t.dtype == torch.float64 else torch.float32),)
-        for v in values:
-            group = by_dtype.setdefault(v.dtype, [])
-            owners.append((v.dtype, len(group), i))
-            group.append(v)
-    ok = [True] * len(tensors)
-    if by_dtype:
-        device = next(iter(by_dtype.values()))[0].device
-        finite = {dtype: torch.isfinite(torch.stack([v.to(device) for v in values]))
-                  for dtype, values in by_dtype.items()}
-        flags = torch.cat(list(finite.values())).tolist()  # the one sync
-        offsets = dict(zip(finite, itertools.accumulate([0] + [len(v) for v in by_dtype.values()])))
-        for dtype, position, i in owners:
-            ok[i] = ok[i] and flags[offsets[dtype] + position]
-        for i, t in enumerate(tensors):  # a non-finite float32/float64 sum may be an overflow
-            if not ok[i] and t.dtype not in (torch.bfloat16, torch.float16):
-                ok[i] = bool(torch.isfinite(t).all())
-    return ok
-
-
-def check_saved_ranks(state_dict, param_groups) -> None:
-    """Refuse a checkpoint whose state of a projected weight was made at another rank (or
-    another selected dim): it would load, and fail at the next step with a shape mismatch.
-
-    Every state tensor of a handle with the handle's number of dims must match it along each
-    dim (or be 1 there: Adafactor's factored variances); a 1-D one (``row_step``) has one
-    entry per selected row.
-    """
-    saved = itertools.chain.from_iterable(g["params"] for g in state_dict["param_groups"])
-    mine = itertools.chain.from_iterable(g["params"] for g in param_groups)
-    for key, handle in zip(saved, mine):
-        site = registry.site_of(handle)
-        if site is None or site.sharded:
-            continue
-        rows = matrix_of(site).rank if not site.full else None
-        axis = handle.dim() - 2 + site.dim  # the selected dim of the handle
-        for name, value in state_dict["state"].get(key, {}).items():
-            if not torch.is_tensor(value) or value.dim() == 0:
-                continue
-            if value.dim() == handle.dim():
-                ok = all(a in (b, 1) for a, b in zip(value.shape, handle.shape))
-                saved_rank = value.shape[axis]
-            else:
-                ok = value.dim() == 1 and value.numel() == rows
-                experts = handle.shape[0] if handle.dim() == 3 else 1  # an expert stack's (E, r, n)
-                saved_rank = value.numel() // experts if value.dim() == 1 else "?"
-            if not ok:
-                raise ConfigError(
-                    f"the optimizer state of {site.name!r} was saved at rank {saved_rank} (state {name!r} of shape "
-                    f"{tuple(value.shape)}); this optimizer's model selects {site.rank} of {site.rows} "
-                    f"{'rows' if site.dim == 0 else 'columns'} (gradient handle {tuple(handle.shape)}). Compile the "
-                    f"model with the checkpoint's rank (and proj_dim) to resume, or start from a fresh optimizer"
-                )
+__all__ = ["GrassOptimizer", "check_adam_settings", "check_number", "check_rho_scaling", "row_weights", "overlap_sources",
+           "finite_flags", "check_saved_ranks", "RHO_SCALINGS"]
 
 
 class GrassOptimizer(torch.optim.Optimizer):
@@ -199,22 +69,19 @@ class GrassOptimizer(torch.optim.Optimizer):
     grassfx_aware = True
 
     def __init__(self, params, defaults, update_in_backward: bool = False):
-        nonfinite = defaults.get("nonfinite", "raise")
-        if nonfinite not in _NONFINITE:
-            raise ConfigError(f"nonfinite={nonfinite!r}: allowed values: raise, skip")
+        check_nonfinite(defaults.get("nonfinite", "raise"))
         if update_in_backward not in (True, False):
             raise ConfigError(f"update_in_backward={update_in_backward!r}: expected True or False")
         super().__init__(params, defaults)
         self.skipped_steps = 0
         self._schedules = []
         self._in_backward = None
+        self._shards = None  # the sharding layer (grassfx.optim.sharded) when weights are FSDP2-sharded
         self._classify()
         if update_in_backward and self._sharded:
             raise ConfigError("update_in_backward=True with FSDP2-sharded parameters is not supported: "
                               "FSDP2 reduce-scatters gradients after the backward; pass update_in_backward=False")
         if update_in_backward:
-            from .inbackward import BackwardUpdates
-
             self._in_backward = BackwardUpdates(self)
 
     # -- setup --------------------------------------------------------------------------
@@ -255,9 +122,11 @@ class GrassOptimizer(torch.optim.Optimizer):
         sharded = [site for site in sites if site.sharded]
         self._sharded = bool(sharded) or any(fsdp.is_dtensor(p) for g in self.param_groups for p in g["params"])
         if sharded:
-            from .sharded import check_supported
-
-            check_supported(self, sharded)
+            refusal = self._sharding_refusal()
+            if refusal is not None:
+                raise ConfigError(refusal.format(site=sharded[0].name))
+            if self._shards is None:
+                self._shards = ShardedRows()
         guard.check_optimizer(self, error=ConfigError)  # a projected weight without its handle
 
     def add_param_group(self, param_group):
@@ -266,6 +135,30 @@ class GrassOptimizer(torch.optim.Optimizer):
             self._classify()
         if getattr(self, "_in_backward", None) is not None:
             self._in_backward.install()
+
+    def _sharding_refusal(self):
+        """Why this optimizer cannot step FSDP2-sharded projected weights (a message with
+        ``{site}``), or None when it can (:mod:`grassfx.optim.sharded`)."""
+        return (f"grassfx.optim.{type(self).__name__} with FSDP2-sharded weights ({{site!r}}, ...) is not "
+                "supported: use grassfx.optim.AdamW (its state is sharded like the weights; docs/distributed.md)")
+
+    @property
+    def schedules(self) -> tuple:
+        """The refresh schedules of the models this optimizer trains."""
+        return tuple(self._schedules)
+
+    def trains_through_handle(self, p) -> bool:
+        """Whether ``p`` is a projected weight (its handle carries its gradient)."""
+        return id(p) in self._target_ids
+
+    def update_now(self, group, p, site) -> bool:
+        """Update one parameter at once (``site``: :func:`.rows.matrix` of its site); returns
+        whether a committed refresh was handled first (:mod:`.inbackward`)."""
+        refreshed = site is not None and site.refreshed
+        if refreshed:
+            self._on_refresh(p, site)
+        self._apply([(group, p, site)])
+        return refreshed
 
     @property
     def update_in_backward(self) -> bool:
@@ -334,7 +227,7 @@ class GrassOptimizer(torch.optim.Optimizer):
             # gradients and lr 0: create the state, change nothing else (not the model's step
             # counter, not a pending refresh)
             for group, p in self._grads():
-                self._create_state(p, matrix_of(registry.site_of(p)), group)
+                self._create_state(p, matrix(registry.site_of(p)), group)
             return loss
         if self._in_backward is not None:
             self._in_backward.finish()  # the updates ran in backward; gradients set by hand still apply
@@ -346,7 +239,7 @@ class GrassOptimizer(torch.optim.Optimizer):
             return loss
         work, refreshed = [], False
         for group, p in self._grads():
-            site = matrix_of(registry.site_of(p))  # an expert stack: seen as (E*m, n), flat rows
+            site = matrix(registry.site_of(p))  # an expert stack: seen as (E*m, n), flat rows
             if site is not None and site.refreshed:
                 self._on_refresh(p, site)
                 refreshed = True
@@ -379,9 +272,7 @@ class GrassOptimizer(torch.optim.Optimizer):
         state = self.state[handle]
         if state:
             if site.moments == "keep_overlap" and site.prev_idx is not None and site.sharded:
-                from .sharded import remap
-
-                remap(state, site)
+                self._shards.remap(state, site)
             elif site.moments == "keep_overlap" and site.prev_idx is not None:
                 self._remap_moments(state, handle, site)
             else:
@@ -393,9 +284,9 @@ class GrassOptimizer(torch.optim.Optimizer):
         """Keep the state of rows selected before and after the refresh; zero the rest."""
         src = overlap_sources(site)
         keep = broadcast_along(src >= 0, 2, site.dim)
-        shape = flat(site, handle).shape
+        shape = site.flat(handle).shape
         for value in state.values():
-            value = flat(site, value) if torch.is_tensor(value) else value  # views: copy_ writes through
+            value = site.flat(value) if torch.is_tensor(value) else value  # views: copy_ writes through
             if torch.is_tensor(value) and value.shape == shape:
                 moved = value.index_select(site.dim, src.clamp_min(0))
                 value.copy_(torch.where(keep, moved, torch.zeros_like(moved)))

@@ -36,9 +36,9 @@ import torch
 
 from grassfx.errors import ConfigError, GrassError, NonFiniteGradientError
 from grassfx.instrument import registry
-from grassfx.instrument.experts import matrix_of
 
-from .base import finite_flags
+from .checks import finite_flags
+from .rows import matrix
 
 __all__ = ["BackwardUpdates"]
 
@@ -84,19 +84,19 @@ class BackwardUpdates:
     def install(self) -> None:
         """Hook every trainable parameter (again after ``add_param_group``)."""
         opt = self.opt
-        _check_single_process(opt._schedules)
+        _check_single_process(opt.schedules)
         for hook in self._hooks:
             hook.remove()
         self._hooks = []
         self.group_of = {}
         for group in opt.param_groups:
             for p in group["params"]:
-                if id(p) in opt._target_ids or not p.requires_grad:
+                if opt.trains_through_handle(p) or not p.requires_grad:
                     continue  # projected weights are frozen: their handles carry the gradient
                 self.group_of[id(p)] = group
                 self._hooks.append(p.register_post_accumulate_grad_hook(self._ready))
         me = weakref.ref(self)
-        for schedule in opt._schedules:
+        for schedule in opt.schedules:
             if id(schedule) not in self._callbacks:
                 self._callbacks.add(id(schedule))
                 schedule.on_commit.append(lambda s, i, me=me: me() is not None and me()._committed(s, i))
@@ -121,17 +121,17 @@ class BackwardUpdates:
                 "backward, or use update_in_backward=False to accumulate"
             )
         if not self.done:
-            _check_single_process(self.opt._schedules)
+            _check_single_process(self.opt.schedules)
         raw = registry.site_of(p)
         if raw is not None and raw.schedule is not None and raw.index in raw.schedule.pending:
             self.waiting[(id(raw.schedule), raw.index)] = p  # its refresh commits the rows first
             return
-        self._update(p, matrix_of(raw))
+        self._update(p, matrix(raw))
 
     def _committed(self, schedule, index: int) -> None:
         p = self.waiting.pop((id(schedule), index), None)
         if p is not None:
-            self._update(p, matrix_of(registry.site_of(p)))
+            self._update(p, matrix(registry.site_of(p)))
 
     def _update(self, p: torch.Tensor, site) -> None:
         opt = self.opt
@@ -144,10 +144,8 @@ class BackwardUpdates:
                 "parameters whose gradients arrived earlier in this backward were already updated)"
             )
         with torch.no_grad():
-            if site is not None and site.refreshed:
-                opt._on_refresh(p, site)
+            if opt.update_now(self.group_of[id(p)], p, site):
                 self.refreshed = True
-            opt._apply([(self.group_of[id(p)], p, site)])
         p.grad = None
 
     # -- step() -----------------------------------------------------------------------------
@@ -156,9 +154,9 @@ class BackwardUpdates:
         for key in list(self.waiting):
             p = self.waiting.pop(key)
             if p.grad is not None:
-                self._update(p, matrix_of(registry.site_of(p)))
+                self._update(p, matrix(registry.site_of(p)))
         if self.refreshed:
-            for schedule in self.opt._schedules:
+            for schedule in self.opt.schedules:
                 schedule.refresh_seen()
         self.refreshed = False
         self.done.clear()

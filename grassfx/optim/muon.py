@@ -39,15 +39,16 @@ import math
 import torch
 
 from grassfx import _compat
+from grassfx.core.decay import owe
+from grassfx.core.rows import broadcast_along
 from grassfx.errors import ConfigError
-from grassfx.instrument.anchors import broadcast_along
-from grassfx.instrument.experts import MatrixFace, flat
 from grassfx.select import WITH_REPLACEMENT
 
 from .adamw import AdamW
-from .base import check_number, row_weights
-from .decay import owe
+from .base import GrassOptimizer
+from .checks import check_number
 from .rounding import add_to_rows, first_copies, index_add_along, round_update
+from .rows import row_weights
 
 __all__ = ["Muon", "orthogonalize", "orthogonalize_many", "shape_chunks", "NS_COEFFICIENTS"]
 
@@ -265,6 +266,9 @@ class Muon(AdamW):
         {'row_step': (4,), 'momentum_buffer': (4, 32)}
     """
 
+    #: sharded weights: not supported (the AdamW sharded step is not Muon's)
+    _sharding_refusal = GrassOptimizer._sharding_refusal
+
     def __init__(self, params, lr=2e-3, momentum=0.95, nesterov=True, ns_steps=5, rms=0.2, betas=(0.9, 0.999),
                  eps=1e-8, weight_decay=0.0, *, nonfinite="raise", rewarmup=0, update_rounding="nearest",
                  state_dtype=None, update_in_backward=False, compiled=False, full_state="adam"):
@@ -315,7 +319,7 @@ class Muon(AdamW):
     def _plain(self, group, handle, site) -> bool:
         """Whether one weight's step is :func:`_rows_step`'s: plain rows, nearest rounding, no
         re-warmup, no weight decay, each row drawn once, momentum in the handle's dtype."""
-        return (not site.full and not isinstance(site, MatrixFace) and not self.rewarmup
+        return (not site.full and not site.per_expert and not self.rewarmup
                 and group["weight_decay"] == 0 and site.method not in WITH_REPLACEMENT
                 and self._rounding(handle, site) == "nearest"
                 and self.state[handle]["momentum_buffer"].dtype == handle.dtype)
@@ -381,10 +385,10 @@ class Muon(AdamW):
         """Write the orthogonalized step ``ortho`` (handle-shaped) into one weight's selected rows."""
         state, mode = self.state[handle], self._rounding(handle, site)
         alpha = -group["lr"] * site.scale * self.rms * math.sqrt(max(ortho.shape[-2:]))
-        update = flat(site, ortho)  # an expert stack: (E*r, n), rows as the weight's flat view
+        update = site.flat(ortho)  # an expert stack: (E*r, n), rows as the weight's flat view
         decay = 1 - group["lr"] * group["weight_decay"]
         weight, comp = site.weight, state.get("kahan_comp")
-        comp = None if comp is None else flat(site, comp)
+        comp = None if comp is None else site.flat(comp)
         if site.full:
             weight.copy_(round_update(mode, weight.float() * decay + update * alpha, weight.dtype, comp))
             return

@@ -30,9 +30,8 @@ from __future__ import annotations
 
 import torch
 
+from grassfx.core.decay import decay_rows
 from grassfx.errors import ConfigError
-
-from .decay import decay_rows
 
 __all__ = ["index_add_along", "UPDATE_ROUNDINGS", "STATE_DTYPES", "check_update_rounding", "check_state_dtype", "rounding_of",
            "stochastic_round", "nearest_value", "kahan_round", "round_update", "add_to_rows", "first_copies"]

@@ -6,11 +6,11 @@ selected rows' L2 term ``rho * wd * W[idx]`` is added to ``C``.
 
 from __future__ import annotations
 
+from grassfx.core.rows import broadcast_along
 from grassfx.errors import ConfigError
-from grassfx.instrument.anchors import broadcast_along
-from grassfx.instrument.experts import flat
 
-from .base import GrassOptimizer, check_number
+from .base import GrassOptimizer
+from .checks import check_number
 
 __all__ = ["SGD"]
 
@@ -65,7 +65,7 @@ class SGD(GrassOptimizer):
         p.add_(self._direction(p, grad, group), alpha=-group["lr"])
 
     def _update_projected(self, handle, site, group):
-        grad = flat(site, handle.grad)  # an expert stack: (E*r, n)
+        grad = site.flat(handle.grad)  # an expert stack: (E*r, n)
         if group["weight_decay"]:
             rows = site.weight.index_select(site.dim, site.idx)
             rows = rows * broadcast_along(site.rho, rows.dim(), site.dim).to(rows.dtype)
