@@ -299,8 +299,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "head keeps --full-state)")
     p.add_argument("--lean", action="store_true",
                    help="grass: least optimizer memory, i.e. --full-state factored --embedding-full-state "
-                        "factored_nomomentum (444M pure bf16: 0.24x of dense AdamW's peak above the weights "
-                        "against 0.34x by default, for +0.034 nats on the small preset; benchmarks/RESULTS.md)")
+                        "factored_nomomentum (444M LLaMA: 0.21x of dense AdamW's peak above the weights in "
+                        "fp32 against 0.34x by default, 0.24x in pure bf16; +0.034 nats on the small preset; "
+                        "benchmarks/RESULTS.md)")
     p.add_argument("--rewarmup", type=int, default=None,
                    help="grass: steps over which a newly selected row's update ramps up from 0 "
                         "(0: off; default: the recommended value)")
