@@ -59,7 +59,8 @@ def compile_fx(gm, example_inputs, config_patches: dict, cache_functions_of: str
     """Inductor's compiler entry point with per-compile config patches.
 
     ``cache_functions_of``: a directory. When every custom ``autograd.Function`` in the
-    Dynamo graph ``gm`` is defined in a module under it (grassfx's anchors), the
+    Dynamo graph ``gm`` is grassfx's (a traced one applied from a file under it, an opaque
+    one registered here and defined under it), the
     AOTAutograd cache may store and serve this graph; it refuses custom Functions by
     default. Two kinds are let in, for this one compile only (config patches):
 

@@ -290,7 +290,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="grass: how the selected rows are updated: adamw (per-element Adam moments) or "
                         "muon (orthogonalized momentum, grassfx.optim.Muon; half the state); every other "
                         "parameter is trained by AdamW either way (default: the recommended one)")
-    p.add_argument("--full-state", default="adam", choices=["adam", "factored", "factored_nomomentum"],
+    p.add_argument("--full-state", default=None, choices=["adam", "factored", "factored_nomomentum"],
                    help="grass: optimizer state of the embeddings and an untied LM head (the matrices trained "
                         "in full): adam (default: both moments), factored (first moment; second moment as row "
                         "and column means) or factored_nomomentum (the factored second moment only)")
@@ -308,7 +308,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--refresh", default="auto", choices=["auto", "eager", "compiled"],
                    help="grass: how refresh steps run (grassfx.compile(refresh=)): compiled (a refresh graph "
                         "of its own: more compile time, faster refresh steps), eager (one training graph to "
-                        "compile; eager refresh steps cost ~1.4 steady steps each, 25 per run) or auto "
+                        "compile; an eager refresh step costs ~1.3 steady steps, 25 per run) or auto "
                         "(default: eager; benchmarks/RESULTS.md, the main job's compile)")
     p.add_argument("--steps", type=_positive_int, default=1000, help="optimizer steps per run (default: %(default)s)")
     p.add_argument("--lr", type=_per_optimizer(_positive_float), action=_MergeDicts, default=None,
@@ -442,12 +442,14 @@ def _parse(argv: list[str]) -> argparse.Namespace:
         parser.error("--selection only applies to grass runs (add --optimizer grass or --compare)")
     if args.refresh == "compiled" and args.backend == "eager":
         parser.error("--refresh compiled needs a compiled backend (--backend inductor or aot_eager)")
-    if args.refresh == "auto":  # one training graph: a refresh graph doubles the compile for ~3% faster steps
+    if args.refresh == "auto":  # one training graph: a refresh graph costs ~2x the compile for ~1.3% faster steps
         args.refresh = "eager"
     if args.lean:
-        if args.full_state != "adam" or args.embedding_full_state is not None:
+        if args.full_state is not None or args.embedding_full_state is not None:
             parser.error("--lean sets --full-state and --embedding-full-state: give either --lean or those")
         args.full_state, args.embedding_full_state = "factored", "factored_nomomentum"
+    elif args.full_state is None:
+        args.full_state = "adam"
     if args.seq_len > presets_mod.get_preset(args.preset).max_position_embeddings:
         parser.error(f"--seq-len {args.seq_len} is too long for preset {args.preset!r}")
     if args.save_every and args.nproc > 1:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import inspect
+import warnings
 import weakref
 
 import torch
@@ -128,7 +129,11 @@ class GrassModel(nn.Module):
         self._dp, self._dp_checked = None, False
         self._settle_hook = None  # the copied module carries a copy of the hook
         self._load_hooks = []  # and copies of these
-        self.compile_with(self.__dict__.get("_compiler"))  # (absent: a model pickled before it existed)
+        if "_compiler" not in self.__dict__ and self.grass_config.backend != "eager":
+            warnings.warn(f"this grassfx model was pickled by an older grassfx and keeps no compiler: it runs "
+                          f"eagerly (correct, slower) instead of with backend={self.grass_config.backend!r}; "
+                          "grassfx.compile(grassfx.unwrap(model), ...) compiles it again", stacklevel=3)
+        self.compile_with(self.__dict__.get("_compiler"))
 
     def compile_with(self, compiler) -> None:
         """Run this model through ``compiler(run, config, collectives) -> (runner, report)``

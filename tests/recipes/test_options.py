@@ -45,7 +45,8 @@ def test_lean_is_the_split_factored_state(capsys):
     assert (lean.full_state, lean.embedding_full_state) == ("factored", "factored_nomomentum")
     plain = options.parse_args([])
     assert (plain.full_state, plain.embedding_full_state) == ("adam", None)
-    for clash in (["--lean", "--full-state", "factored_nomomentum"], ["--lean", "--embedding-full-state", "adam"]):
+    for clash in (["--lean", "--full-state", "factored_nomomentum"], ["--lean", "--full-state", "adam"],
+                  ["--lean", "--embedding-full-state", "adam"]):
         with pytest.raises(SystemExit):
             options.parse_args(clash)
         assert "--lean sets --full-state and --embedding-full-state" in capsys.readouterr().err
