@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import grassfx
+
 from conftest import make_mlp
 
 
