@@ -304,6 +304,28 @@ PLANS = {
         reference="muon",
         second="adamw",
     ),
+    # Closing the gap to dense Muon at a quarter of its matrix state (tiny preset): dense Muon's
+    # 28 momenta hold 12.06 MiB, so grassfx may keep 3.01 MiB, i.e. 108 rows of 256 per matrix
+    # (2.98 MiB with the row indices) against the default's 64 (1.76 MiB). grass-r108 is tuned
+    # around the default's point (matrix step x0.5, x2; dense lr x0.5 at the step kept); then
+    # single-option ablations at its point, paired with it: the same budget spread as one
+    # fraction of every weight's rows (--rank 0.245: 63 rows of each 256-row attention matrix,
+    # 169 of each 688-row MLP matrix, 2.99 MiB) and windows twice as long. Dense Muon, the
+    # default (rank 64) and AdamW rerun at their tuned points for pairing.
+    "tiny-muon-gap": dict(
+        preset="tiny", steps=300, batch_size=4, seq_len=128, eval_every=50, eval_windows=32, rank=64,
+        arms={
+            "muon": dict(flags=["--optimizer", "muon"], point=["--lr", "32e-3", "--scale", "0.125"]),
+            "grass": dict(flags=_MUON + _DEFAULTS, point=["--lr", "64e-3", "--scale", "0.0625"]),
+            "grass-r108": dict(flags=_MUON + _DEFAULTS + ["--rank", "108"],
+                               grid=_scales("64e-3", "0.0625", "0.03125", "0.125") + _scales("32e-3", "0.125")),
+            "grass-r108-fraction": dict(flags=_MUON + _DEFAULTS + ["--rank", "0.245"], like="grass-r108"),
+            "grass-r108-freq24": dict(flags=_MUON + _DEFAULTS + ["--rank", "108", "--update-freq", "24"],
+                                      like="grass-r108"),
+        },
+        reference="muon",
+        second="grass",
+    ),
     # CI smoke: the whole procedure on the test preset in a few steps.
     "smoke": dict(
         preset="test", steps=4, batch_size=2, seq_len=32, eval_every=2, eval_windows=2, rank=8,

@@ -87,6 +87,22 @@ def _nonnegative_int(text: str) -> int:
     return value
 
 
+def _rank(text: str) -> int | float:
+    """argparse type: rows kept per weight (an integer >= 1) or a fraction of each weight's rows
+    (a float in (0, 1), e.g. 0.25: the same share of every weight, as ``grassfx.compile`` takes it)."""
+    try:
+        return _positive_int(text)
+    except (ValueError, argparse.ArgumentTypeError):
+        pass
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0.0 < value < 1.0:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1 or a fraction in (0, 1), got {text}")
+    return value
+
+
 def _seq_len(text: str) -> int:
     """argparse type: an integer >= 2 (a 1-token sequence has no next token to predict)."""
     value = int(text)
@@ -264,8 +280,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="model size (default: tiny)")
     p.add_argument("--arch", default="llama", choices=list(presets_mod.ARCHS),
                    help="architecture built at the preset's size (default: llama; gpt2: fused c_attn, 4x MLP)")
-    p.add_argument("--rank", type=_positive_int, default=None,
-                   help="projection rank of galore and grass (default: the preset's, 64 for tiny)")
+    p.add_argument("--rank", type=_rank, default=None,
+                   help="projection rank of galore and grass (default: the preset's, 64 for tiny); for grass "
+                        "also a fraction of each weight's rows (e.g. 0.25: a quarter of every weight's rows)")
     p.add_argument("--selection", action="append", choices=SELECTIONS, dest="selections",
                    help="grass row selection (repeatable: one grass run per selection; default: top_r)")
     p.add_argument("--update-freq", type=_per_optimizer(_positive_int), action=_MergeDicts, default=None,
@@ -450,6 +467,8 @@ def _parse(argv: list[str]) -> argparse.Namespace:
         args.full_state, args.embedding_full_state = "factored", "factored_nomomentum"
     elif args.full_state is None:
         args.full_state = "adam"
+    if isinstance(args.rank, float) and "galore" in run_optimizers(args):
+        parser.error(f"--rank {args.rank}: a fraction of the rows is a grass setting; galore takes an integer rank")
     if args.seq_len > presets_mod.get_preset(args.preset).max_position_embeddings:
         parser.error(f"--seq-len {args.seq_len} is too long for preset {args.preset!r}")
     if args.save_every and args.nproc > 1:
