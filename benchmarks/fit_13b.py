@@ -151,7 +151,7 @@ def _optimizer(method: str, model, args):
     if method == "adamw":
         return model, torch.optim.AdamW(model.parameters(), lr=1e-4, foreach=False)
     if method == "galore":
-        from recipes.train import import_galore, lowrank_weights
+        from recipes.optimizers import import_galore, lowrank_weights
 
         lowrank = {id(p) for _, p in lowrank_weights(model)}
         groups = [{"params": [p for p in model.parameters() if id(p) not in lowrank]},
@@ -179,7 +179,7 @@ def worker(method: str, args) -> dict:
 
     import grassfx.optim  # noqa: F401
     if method == "galore":
-        from recipes.train import import_galore
+        from recipes.optimizers import import_galore
 
         import_galore()
     rss_start = _status("VmRSS")

@@ -307,7 +307,8 @@ PLANS = {
     # Closing the gap to dense Muon at a quarter of its matrix state (tiny preset): dense Muon's
     # 28 momenta hold 12.06 MiB, so grassfx may keep 3.01 MiB, i.e. 108 rows of 256 per matrix
     # (2.98 MiB with the row indices) against the default's 64 (1.76 MiB). grass-r108 is tuned
-    # around the default's point (matrix step x0.5, x2; dense lr x0.5 at the step kept); then
+    # around the default's point (matrix step x0.5, x2; dense lr x0.5 at the step kept, which
+    # won at the edge, so a second round halved the dense lr again); then
     # single-option ablations at its point, paired with it: the same budget spread as one
     # fraction of every weight's rows (--rank 0.245: 63 rows of each 256-row attention matrix,
     # 169 of each 688-row MLP matrix, 2.99 MiB) and windows twice as long. Dense Muon, the
@@ -318,13 +319,49 @@ PLANS = {
             "muon": dict(flags=["--optimizer", "muon"], point=["--lr", "32e-3", "--scale", "0.125"]),
             "grass": dict(flags=_MUON + _DEFAULTS, point=["--lr", "64e-3", "--scale", "0.0625"]),
             "grass-r108": dict(flags=_MUON + _DEFAULTS + ["--rank", "108"],
-                               grid=_scales("64e-3", "0.0625", "0.03125", "0.125") + _scales("32e-3", "0.125")),
+                               grid=_scales("64e-3", "0.0625", "0.03125", "0.125") + _scales("32e-3", "0.125")
+                               + _scales("16e-3", "0.25")),
             "grass-r108-fraction": dict(flags=_MUON + _DEFAULTS + ["--rank", "0.245"], like="grass-r108"),
             "grass-r108-freq24": dict(flags=_MUON + _DEFAULTS + ["--rank", "108", "--update-freq", "24"],
                                       like="grass-r108"),
         },
         reference="muon",
         second="grass",
+    ),
+    # Dense Muon on the `small` preset (20.5M parameters; rank 128 puts grassfx's matrix state at
+    # 0.19 of dense Muon's: 56 (128 x 384) momenta against 56 full ones), tuned on the tiny
+    # plan's style around its tiny point and grassfx's small point: matrix step 2e-3, 4e-3 and
+    # 1e-3 at dense lr 32e-3, then the dense lr halved and doubled at 2e-3; 3 seeds, paired
+    # with grassfx at its tuned point of plan small (rerun here).
+    "small-dense-muon": dict(
+        preset="small", steps=300, batch_size=4, seq_len=128, eval_every=50, eval_windows=32, rank=128,
+        arms={
+            "muon": dict(flags=["--optimizer", "muon"],
+                         grid=_scales("32e-3", "0.0625", "0.125", "0.03125") + _dense_lr_probes("32e-3", "0.0625")),
+            "grass": dict(flags=_MUON + _DEFAULTS, point=["--lr", "0.064", "--scale", "0.03125"]),
+        },
+        reference="muon",
+    ),
+    # APOLLO and APOLLO-Mini (grassfx train --optimizer apollo / apollo-mini: the apollo-torch
+    # package, random projection, channel- / tensor-wise scaling; recipes/optimizers.py), tuned
+    # on the others' 2-D grid: the dense lr at GaLore's and grassfx's 16e-3, the matrix step
+    # (--scale, whose square is the package's ``scale``) in doublings around GaLore's point for
+    # APOLLO (rank 64, as GaLore's and grassfx's), and around the README's APOLLO-Mini setting
+    # (the package's scale 128, i.e. --scale 11.3 at its lr 1e-2: matrix step ~0.11) for
+    # APOLLO-Mini; then the dense lr halved and doubled at each one's best step. 3 seeds, paired
+    # with grassfx's default and AdamW at their tuned points (rerun here).
+    "tiny-apollo": dict(
+        preset="tiny", steps=300, batch_size=4, seq_len=128, eval_every=50, eval_windows=32, rank=64,
+        arms={
+            "apollo": dict(flags=["--optimizer", "apollo", "--update-freq", "12"],
+                           grid=_scales("16e-3", "0.125", "0.25", "0.5", "1")),
+            "apollo-mini": dict(flags=["--optimizer", "apollo-mini", "--update-freq", "12"],
+                                grid=_scales("16e-3", "2", "4", "8", "16")),
+            "grass": dict(flags=_MUON + _DEFAULTS, point=["--lr", "64e-3", "--scale", "0.0625"]),
+            "adamw": dict(flags=_ADAMW, point=["--lr", "16e-3", "--scale", "0.015625"]),
+        },
+        reference="grass",
+        second="adamw",
     ),
     # CI smoke: the whole procedure on the test preset in a few steps.
     "smoke": dict(

@@ -16,11 +16,15 @@ from pathlib import Path
 
 from . import presets as presets_mod
 
-__all__ = ["OPTIMIZERS", "SELECTIONS", "BACKENDS", "RECOMMENDED", "DEMO_DEFAULTS", "RunSpec", "setting",
-           "grass_setting", "grass_compile_settings", "grass_optimizer_settings", "check_run_settings",
+__all__ = ["OPTIMIZERS", "PROJECTED", "DEMO_OPTIMIZERS", "SELECTIONS", "BACKENDS", "RECOMMENDED", "DEMO_DEFAULTS", "RunSpec", "setting",
+           "grass_setting", "projection_rank", "grass_compile_settings", "grass_optimizer_settings", "check_run_settings",
            "training_settings", "build_parser", "parse_args", "run_optimizers", "run_specs"]
 
-OPTIMIZERS = ("adamw", "galore", "grass", "muon")
+OPTIMIZERS = ("adamw", "galore", "grass", "muon", "apollo", "apollo-mini")
+# the runs with a projection (a rank and a refresh interval)
+PROJECTED = ("galore", "grass", "apollo", "apollo-mini")
+# what --demo compares (--compare runs every optimizer)
+DEMO_OPTIMIZERS = ("adamw", "galore", "grass", "muon")
 SELECTIONS = ("top_r", "multinorm", "multinorm_nr", "uniform")
 BACKENDS = ("eager", "aot_eager", "inductor")
 
@@ -47,6 +51,10 @@ RECOMMENDED = {
     # Tuned on the same grid style (plan tiny-dense-muon): matrix step 4e-3 as grassfx's,
     # dense lr half of grassfx's
     "muon": dict(lr=32e-3, scale=0.125),
+    # APOLLO / APOLLO-Mini (recipes/optimizers.py): ``scale`` multiplies the matrices' step
+    # (the package's own ``scale`` is its square)
+    "apollo": dict(lr=16e-3, scale=0.25, windows=25),
+    "apollo-mini": dict(lr=16e-3, scale=4.0, windows=25),
 }
 
 # What --demo stands for; flags given next to --demo override these. The run of the
@@ -177,10 +185,17 @@ def grass_setting(args: argparse.Namespace, key: str):
     return RECOMMENDED["grass"][key] if value is None else value
 
 
+def projection_rank(optimizer: str, args: argparse.Namespace):
+    """The rank of a projected run: 1 for APOLLO-Mini (a rank-1 space, by definition), else
+    ``--rank`` or the preset's."""
+    if optimizer == "apollo-mini":
+        return 1
+    return presets_mod.get_preset(args.preset).rank if args.rank is None else args.rank
+
+
 def grass_compile_settings(args: argparse.Namespace, spec: RunSpec) -> dict:
     """The ``grassfx.compile`` keyword arguments of the grass run ``spec``."""
-    rank = presets_mod.get_preset(args.preset).rank if args.rank is None else args.rank
-    return dict(rank=rank, selection=spec.selection, update_freq=setting(args, "update_freq", "grass"),
+    return dict(rank=projection_rank("grass", args), selection=spec.selection, update_freq=setting(args, "update_freq", "grass"),
                 scale=setting(args, "scale", "grass"), proj_dim=args.proj_dim, moments=grass_setting(args, "moments"),
                 explore=grass_setting(args, "explore"), seed=args.seed, backend=args.backend,
                 blocks=None if args.blocks == "auto" else False, refresh=args.refresh)
@@ -212,6 +227,11 @@ def check_run_settings(args: argparse.Namespace) -> None:
             elif spec.optimizer == "adamw":
                 torch.optim.AdamW(stand_in, lr=setting(args, "lr", "adamw") * setting(args, "scale", "adamw"),
                                   weight_decay=args.weight_decay)
+            elif spec.optimizer in ("apollo", "apollo-mini"):
+                from .optimizers import apollo_groups, import_apollo
+
+                import_apollo()(apollo_groups([torch.nn.Parameter(torch.zeros(2, 2))], stand_in, args,
+                                              spec.optimizer == "apollo-mini"), lr=setting(args, "lr", spec.optimizer))
             elif spec.optimizer == "muon":
                 from .muon import MuonAdamW
 
@@ -274,14 +294,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--optimizer", action="append", choices=OPTIMIZERS, dest="optimizers",
                    help="optimizer to run (repeatable; default: grass)")
     p.add_argument("--compare", action="store_true",
-                   help="run adamw, galore, grass and muon (dense torch.optim.Muon on the attention/MLP "
-                        "matrices, AdamW on the rest)")
+                   help="run every optimizer: adamw, galore, grass, muon (dense torch.optim.Muon on the "
+                        "attention/MLP matrices, AdamW on the rest), apollo and apollo-mini (APOLLO and "
+                        "APOLLO-Mini, package apollo-torch); --demo --compare runs the first four")
     p.add_argument("--preset", default="tiny", choices=list(presets_mod.PRESETS),
                    help="model size (default: tiny)")
     p.add_argument("--arch", default="llama", choices=list(presets_mod.ARCHS),
                    help="architecture built at the preset's size (default: llama; gpt2: fused c_attn, 4x MLP)")
     p.add_argument("--rank", type=_rank, default=None,
-                   help="projection rank of galore and grass (default: the preset's, 64 for tiny); for grass "
+                   help="projection rank of galore, apollo and grass (default: the preset's, 64 for tiny); for grass "
                         "also a fraction of each weight's rows (e.g. 0.25: a quarter of every weight's rows)")
     p.add_argument("--selection", action="append", choices=SELECTIONS, dest="selections",
                    help="grass row selection (repeatable: one grass run per selection; default: top_r)")
@@ -467,8 +488,10 @@ def _parse(argv: list[str]) -> argparse.Namespace:
         args.full_state, args.embedding_full_state = "factored", "factored_nomomentum"
     elif args.full_state is None:
         args.full_state = "adam"
-    if isinstance(args.rank, float) and "galore" in run_optimizers(args):
-        parser.error(f"--rank {args.rank}: a fraction of the rows is a grass setting; galore takes an integer rank")
+    fixed_rank = [o for o in run_optimizers(args) if o in PROJECTED and o != "grass"]
+    if isinstance(args.rank, float) and fixed_rank:
+        parser.error(f"--rank {args.rank}: a fraction of the rows is a grass setting; {', '.join(fixed_rank)} "
+                     "take an integer rank")
     if args.seq_len > presets_mod.get_preset(args.preset).max_position_embeddings:
         parser.error(f"--seq-len {args.seq_len} is too long for preset {args.preset!r}")
     if args.save_every and args.nproc > 1:
@@ -485,7 +508,7 @@ def _parse(argv: list[str]) -> argparse.Namespace:
 
 def run_optimizers(args: argparse.Namespace) -> list[str]:
     """The optimizers to run, in order, without repeats."""
-    chosen = list(OPTIMIZERS) if args.compare else []
+    chosen = list(DEMO_OPTIMIZERS if args.demo and args.compare else OPTIMIZERS) if args.compare else []
     chosen += args.optimizers or []
     chosen = chosen or ["grass"]
     return list(dict.fromkeys(chosen))

@@ -30,13 +30,11 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import logging
 import math
 import os
 import statistics
 import sys
 import time
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -47,13 +45,15 @@ from . import data as data_mod
 from . import presets as presets_mod
 from .launch import barrier, init_distributed, launch
 from .measure import PeakMemory, Throughput, compiled_graphs, fmt_bytes, keep_freed_memory, optimizer_state_bytes, sync
-from .optimizers import make_muon
+from .optimizers import check_imports, lowrank_weights, make_apollo, make_galore, make_muon
 from .options import (
+    PROJECTED,
     RunSpec,
     grass_compile_settings,
     grass_optimizer_settings,
     grass_setting,
     parse_args,
+    projection_rank,
     run_specs,
     setting,
 )
@@ -77,42 +77,6 @@ def lr_lambda(steps: int, warmup_fraction: float = WARMUP_FRACTION, min_ratio: f
         return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
     return factor
-
-
-def lowrank_weights(model: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:
-    """The 2-D weights of the attention and MLP linear layers (what GaLore and Grass project)."""
-    return [(n, p) for n, p in model.named_parameters()
-            if p.ndim == 2 and (".self_attn." in n or ".mlp." in n)]
-
-
-def import_galore():
-    """Import ``GaLoreAdamW`` or raise an error that says how to install it."""
-    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            from galore_torch import GaLoreAdamW
-    except ImportError as exc:
-        raise RuntimeError(
-            "--optimizer galore needs the galore-torch package (which imports bitsandbytes): "
-            "pip install galore-torch==1.0 bitsandbytes  "
-            f"(import failed: {exc})") from exc
-    return GaLoreAdamW
-
-
-def make_galore(model: torch.nn.Module, args: argparse.Namespace) -> torch.optim.Optimizer:
-    """GaLoreAdamW with the attention/MLP weights in a projected group, the rest in a plain one."""
-    galore_adamw = import_galore()
-    lowrank = {id(p) for _, p in lowrank_weights(model)}
-    galore_params = [p for p in model.parameters() if id(p) in lowrank]
-    other_params = [p for p in model.parameters() if id(p) not in lowrank]
-    groups = [
-        {"params": other_params},
-        {"params": galore_params, "rank": args.rank, "update_proj_gap": setting(args, "update_freq", "galore"),
-         "scale": setting(args, "scale", "galore"), "proj_type": "std"},
-    ]
-    return galore_adamw(groups, lr=setting(args, "lr", "galore"), betas=(0.9, 0.999), eps=1e-8,
-                        weight_decay=args.weight_decay, no_deprecation_warning=True)
 
 
 def make_grass(model: torch.nn.Module, spec: RunSpec, args: argparse.Namespace):
@@ -147,6 +111,8 @@ def make_optimizer(model: torch.nn.Module, spec: RunSpec, args: argparse.Namespa
         model = torch.compile(model, backend=args.backend)
     if spec.optimizer == "galore":
         return model, make_galore(model, args)
+    if spec.optimizer in ("apollo", "apollo-mini"):
+        return model, make_apollo(model, args, mini=spec.optimizer == "apollo-mini")
     if spec.optimizer == "muon":  # the same split and fused AdamW as below, Muon for the matrices
         return model, make_muon(model, [p for _, p in lowrank_weights(model)], args, fused=_fused(model, args))
     fused = _fused(model, args)
@@ -312,8 +278,8 @@ def train_run(spec: RunSpec, corpus, eval_set, args, device, log, out: Path, sta
         train_time_s=speed.seconds + sum(speed.compiling), first_step_s=speed.first_step_s,
         compile_s=speed.compile_s, backend=args.backend)
     summary["lr"] = setting(args, "lr", spec.optimizer)
-    if spec.optimizer in ("galore", "grass"):
-        summary.update(rank=args.rank, update_freq=setting(args, "update_freq", spec.optimizer))
+    if spec.optimizer in PROJECTED:
+        summary.update(rank=projection_rank(spec.optimizer, args), update_freq=setting(args, "update_freq", spec.optimizer))
     if spec.optimizer != "adamw":
         summary["scale"] = setting(args, "scale", spec.optimizer)
     if spec.selection:
@@ -347,15 +313,6 @@ def main(argv: list[str] | None = None) -> int:
         print("\ngrassfx train: interrupted", file=sys.stderr)
         return 130
     return 0
-
-
-def check_galore(specs: list[RunSpec]) -> None:
-    """Fail early, with the install command, when a galore run is asked for but cannot import."""
-    if any(s.optimizer == "galore" for s in specs):
-        try:
-            import_galore()
-        except RuntimeError as exc:
-            raise SystemExit(f"grassfx train: error: {exc}") from None
 
 
 def prepare_data(args: argparse.Namespace, preset):
@@ -399,7 +356,7 @@ SPEED_WARMUP = 4  # untimed steps of each run first: compile (a refresh graph, t
 
 def refresh_interval(spec: RunSpec, args: argparse.Namespace):
     """Steps between the projection refreshes of ``spec``'s run (None: AdamW and Muon have none)."""
-    return setting(args, "update_freq", spec.optimizer) if spec.optimizer in ("galore", "grass") else None
+    return setting(args, "update_freq", spec.optimizer) if spec.optimizer in PROJECTED else None
 
 
 def speed_steps(specs: list[RunSpec], args: argparse.Namespace) -> tuple[int, str]:
@@ -552,7 +509,7 @@ def run(argv: list[str] | None = None) -> dict:
     if args.rank is None:
         args.rank = preset.rank
     specs = run_specs(args)
-    check_galore(specs)
+    check_imports(specs)
     lead = args.proc_rank == 0
     say = print if lead else (lambda *a, **k: None)
     if not lead:

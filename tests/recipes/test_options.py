@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[2]  # the checkout: grassfx.train of thi
 
 def test_run_specs_and_cli_errors(capsys):
     specs = options.run_specs(options.parse_args(["--compare"]))
-    assert [s.name for s in specs] == ["adamw", "galore", "grass", "muon"]
+    assert [s.name for s in specs] == ["adamw", "galore", "grass", "muon", "apollo", "apollo-mini"]
     specs = options.run_specs(options.parse_args(
         ["--optimizer", "adamw", "--optimizer", "grass", "--selection", "top_r", "--selection", "uniform"]))
     assert [(s.name, s.selection) for s in specs] == [

@@ -16,7 +16,7 @@ from grassfx.recipes import data, measure, options, presets, train
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 HAS_GALORE = importlib.util.find_spec("galore_torch") is not None
-SMOKE_OPTIMIZERS = ["adamw", "grass", "muon"] + (["galore"] if HAS_GALORE else [])
+SMOKE_OPTIMIZERS = ["adamw", "grass", "muon", "apollo", "apollo-mini"] + (["galore"] if HAS_GALORE else [])
 SUMMARY_KEYS = {"eval_loss", "eval_ppl", "train_loss", "tokens_per_s", "peak_mem_bytes",
                 "optimizer_state_bytes", "steps", "tokens", "params", "train_time_s"}
 
