@@ -330,33 +330,34 @@ PLANS = {
     ),
     # Dense Muon on the `small` preset (20.5M parameters; rank 128 puts grassfx's matrix state at
     # 0.19 of dense Muon's: 56 (128 x 384) momenta against 56 full ones), tuned on the tiny
-    # plan's style around its tiny point and grassfx's small point: matrix step 2e-3, 4e-3 and
-    # 1e-3 at dense lr 32e-3, then the dense lr halved and doubled at 2e-3; 3 seeds, paired
-    # with grassfx at its tuned point of plan small (rerun here).
+    # plan's style around its tiny point and grassfx's small point: matrix step 2e-3 and 4e-3
+    # at dense lr 32e-3, and the dense lr doubled at 2e-3 (grassfx's point on small); 3 seeds,
+    # paired with grassfx at its point on small (plan small-full-state's grass-muon: the same
+    # flags and seeds, whose runs repeat exactly between processes).
     "small-dense-muon": dict(
         preset="small", steps=300, batch_size=4, seq_len=128, eval_every=50, eval_windows=32, rank=128,
         arms={
             "muon": dict(flags=["--optimizer", "muon"],
-                         grid=_scales("32e-3", "0.0625", "0.125", "0.03125") + _dense_lr_probes("32e-3", "0.0625")),
+                         grid=_scales("32e-3", "0.0625", "0.125") + _scales("64e-3", "0.03125")),
             "grass": dict(flags=_MUON + _DEFAULTS, point=["--lr", "0.064", "--scale", "0.03125"]),
         },
         reference="muon",
     ),
     # APOLLO and APOLLO-Mini (grassfx train --optimizer apollo / apollo-mini: the apollo-torch
     # package, random projection, channel- / tensor-wise scaling; recipes/optimizers.py), tuned
-    # on the others' 2-D grid: the dense lr at GaLore's and grassfx's 16e-3, the matrix step
-    # (--scale, whose square is the package's ``scale``) in doublings around GaLore's point for
-    # APOLLO (rank 64, as GaLore's and grassfx's), and around the README's APOLLO-Mini setting
-    # (the package's scale 128, i.e. --scale 11.3 at its lr 1e-2: matrix step ~0.11) for
-    # APOLLO-Mini; then the dense lr halved and doubled at each one's best step. 3 seeds, paired
-    # with grassfx's default and AdamW at their tuned points (rerun here).
+    # on one axis of the others' grid: the dense lr at GaLore's 16e-3, the matrix step (--scale,
+    # whose square is the package's ``scale``) in doublings: for APOLLO (rank 64, as GaLore's and
+    # grassfx's) from GaLore's point, and downward after it lost at 0.25; for APOLLO-Mini around
+    # the package README's setting (its scale 128 at lr 1e-2 is a matrix step of ~0.11; here
+    # 0.032-0.128). The dense lr is not tuned (CPU time). 3 seeds, paired by hand with grassfx's
+    # default and AdamW, whose runs at the same seeds repeat exactly between processes.
     "tiny-apollo": dict(
         preset="tiny", steps=300, batch_size=4, seq_len=128, eval_every=50, eval_windows=32, rank=64,
         arms={
             "apollo": dict(flags=["--optimizer", "apollo", "--update-freq", "12"],
-                           grid=_scales("16e-3", "0.125", "0.25", "0.5", "1")),
+                           grid=_scales("16e-3", "0.125", "0.25", "0.0625")),
             "apollo-mini": dict(flags=["--optimizer", "apollo-mini", "--update-freq", "12"],
-                                grid=_scales("16e-3", "2", "4", "8", "16")),
+                                grid=_scales("16e-3", "2", "4", "8")),
             "grass": dict(flags=_MUON + _DEFAULTS, point=["--lr", "64e-3", "--scale", "0.0625"]),
             "adamw": dict(flags=_ADAMW, point=["--lr", "16e-3", "--scale", "0.015625"]),
         },
