@@ -349,15 +349,15 @@ PLANS = {
     # whose square is the package's ``scale``) in doublings: for APOLLO (rank 64, as GaLore's and
     # grassfx's) from GaLore's point, and downward after it lost at 0.25; for APOLLO-Mini around
     # the package README's setting (its scale 128 at lr 1e-2 is a matrix step of ~0.11; here
-    # 0.032-0.128). The dense lr is not tuned (CPU time). 3 seeds, paired by hand with grassfx's
+    # 0.032-0.128), and downward after 4 lost to 2. The dense lr is not tuned (CPU time). 3 seeds, paired by hand with grassfx's
     # default and AdamW, whose runs at the same seeds repeat exactly between processes.
     "tiny-apollo": dict(
         preset="tiny", steps=300, batch_size=4, seq_len=128, eval_every=50, eval_windows=32, rank=64,
         arms={
             "apollo": dict(flags=["--optimizer", "apollo", "--update-freq", "12"],
-                           grid=_scales("16e-3", "0.125", "0.25", "0.0625")),
+                           grid=_scales("16e-3", "0.0625", "0.125", "0.25")),
             "apollo-mini": dict(flags=["--optimizer", "apollo-mini", "--update-freq", "12"],
-                                grid=_scales("16e-3", "2", "4", "8")),
+                                grid=_scales("16e-3", "2", "4", "8", "1", "0.5")),
             "grass": dict(flags=_MUON + _DEFAULTS, point=["--lr", "64e-3", "--scale", "0.0625"]),
             "adamw": dict(flags=_ADAMW, point=["--lr", "16e-3", "--scale", "0.015625"]),
         },

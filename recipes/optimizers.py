@@ -21,15 +21,14 @@ Every one trains the hidden matrices (:func:`lowrank_weights`) its own way and e
 from __future__ import annotations
 
 import argparse
-import logging
-import warnings
 
 import torch
 
+from .baselines import apollo_param_groups, import_apollo, import_galore
 from .muon import MuonAdamW
 from .options import projection_rank, setting
 
-__all__ = ["lowrank_weights", "import_galore", "import_apollo", "make_galore", "make_apollo", "make_muon",
+__all__ = ["lowrank_weights", "import_galore", "import_apollo", "apollo_groups", "make_galore", "make_apollo", "make_muon",
            "check_imports"]
 
 EPS = 1e-8  # every run's Adam epsilon (APOLLO's own default is 1e-6)
@@ -48,29 +47,6 @@ def _split(model: torch.nn.Module) -> tuple[list, list]:
             [p for p in model.parameters() if id(p) not in lowrank])
 
 
-def _import(package: str, name: str, flag: str, install: str):
-    """``package.name``, or a RuntimeError that names the flag and how to install it."""
-    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            module = __import__(package, fromlist=[name])
-            return getattr(module, name)
-    except ImportError as exc:
-        raise RuntimeError(f"--optimizer {flag} needs the {install.split('==')[0]} package (which imports "
-                           f"bitsandbytes): pip install {install} bitsandbytes  (import failed: {exc})") from exc
-
-
-def import_galore():
-    """Import ``GaLoreAdamW`` or raise an error that says how to install it."""
-    return _import("galore_torch", "GaLoreAdamW", "galore", "galore-torch==1.0")
-
-
-def import_apollo():
-    """Import ``APOLLOAdamW`` or raise an error that says how to install it."""
-    return _import("apollo_torch", "APOLLOAdamW", "apollo", "apollo-torch==1.0.3")
-
-
 def make_galore(model: torch.nn.Module, args: argparse.Namespace) -> torch.optim.Optimizer:
     """GaLoreAdamW with the attention/MLP weights in a projected group, the rest in a plain one."""
     galore_adamw = import_galore()
@@ -85,12 +61,10 @@ def make_galore(model: torch.nn.Module, args: argparse.Namespace) -> torch.optim
 
 
 def apollo_groups(matrices: list, rest: list, args: argparse.Namespace, mini: bool) -> list[dict]:
-    """The parameter groups of an APOLLO (``mini``: APOLLO-Mini) run (see the module docstring)."""
+    """The parameter groups of an APOLLO (``mini``: APOLLO-Mini) run from the command line."""
     name = "apollo-mini" if mini else "apollo"
-    return [{"params": rest},
-            {"params": matrices, "rank": projection_rank(name, args), "proj": "random", "proj_type": "std",
-             "scale_type": "tensor" if mini else "channel", "update_proj_gap": setting(args, "update_freq", name),
-             "scale": setting(args, "scale", name) ** 2}]
+    return apollo_param_groups(matrices, rest, rank=projection_rank(name, args), mini=mini,
+                               update_freq=setting(args, "update_freq", name), scale=setting(args, "scale", name))
 
 
 def make_apollo(model: torch.nn.Module, args: argparse.Namespace, mini: bool = False) -> torch.optim.Optimizer:

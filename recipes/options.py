@@ -228,10 +228,14 @@ def check_run_settings(args: argparse.Namespace) -> None:
                 torch.optim.AdamW(stand_in, lr=setting(args, "lr", "adamw") * setting(args, "scale", "adamw"),
                                   weight_decay=args.weight_decay)
             elif spec.optimizer in ("apollo", "apollo-mini"):
-                from .optimizers import apollo_groups, import_apollo
+                from .baselines import apollo_param_groups, import_apollo
 
-                import_apollo()(apollo_groups([torch.nn.Parameter(torch.zeros(2, 2))], stand_in, args,
-                                              spec.optimizer == "apollo-mini"), lr=setting(args, "lr", spec.optimizer))
+                groups = apollo_param_groups([torch.nn.Parameter(torch.zeros(2, 2))], stand_in,
+                                             rank=projection_rank(spec.optimizer, args),
+                                             update_freq=setting(args, "update_freq", spec.optimizer),
+                                             scale=setting(args, "scale", spec.optimizer),
+                                             mini=spec.optimizer == "apollo-mini")
+                import_apollo()(groups, lr=setting(args, "lr", spec.optimizer))
             elif spec.optimizer == "muon":
                 from .muon import MuonAdamW
 
