@@ -108,6 +108,7 @@ from finetune_arms import (  # noqa: E402
 )
 from finetune_stats import summary, summary_table  # noqa: E402
 
+from grassfx.finetuning import FINETUNE  # noqa: E402
 from grassfx.recipes.data import DataUnavailableError, cache_dir, fetch_wheel  # noqa: E402
 
 DEFAULT_LR = {"adamw": 5e-5, "galore": 5e-5, "grass": 5e-5, "grass_ft": 1e-3, "lora8": 1e-3, "lora16": 1e-3}
@@ -284,15 +285,16 @@ def run(method: str, lr: float, seed: int, base, data, plan, eval_index, args) -
     print(f"  [{method} lr={lr:g}] accuracy {acc:.4f} on {len(eval_index)} held-out examples", flush=True)
     tail = losses[-LOSS_WINDOW:]
     grass = method == "grass"
+    preset = FINETUNE if method == "grass_ft" else {}
     return {
         "method": method,
         "seed": seed,
         "lr": lr,
-        "rank": args.rank if method in ("galore", "grass") else LORA_RANKS.get(method),
-        "update_freq": args.update_freq if method in ("galore", "grass") else None,
-        "scale": args.scale if method in ("galore", "grass") else None,
-        "selection": args.selection if grass else None,
-        "embeddings": args.embeddings if grass else None,
+        "rank": args.rank if method in ("galore", "grass") else preset.get("rank", LORA_RANKS.get(method)),
+        "update_freq": args.update_freq if method in ("galore", "grass") else preset.get("update_freq"),
+        "scale": args.scale if method in ("galore", "grass") else (1.0 if preset else None),
+        "selection": args.selection if grass else ("top_r" if preset else None),
+        "embeddings": args.embeddings if grass else preset.get("embeddings"),
         "grass_optimizer": args.grass_optimizer if grass else None,
         "trainable_params": trainable(model, opt),
         "accuracy": acc,
