@@ -66,7 +66,7 @@ Output
     settings; running the same command again replaces its entry, other entries are kept.
 
 Examples
-    python benchmarks/finetune.py --methods adamw galore grass      # the three methods of 2026-11-28
+    python benchmarks/finetune.py                                   # adamw, galore, grass (2026-11-28)
     python benchmarks/finetune.py --methods galore grass --rank 32
     python benchmarks/finetune.py --lr-check 1e-4,3e-4,1e-3 --methods grass
     python benchmarks/finetune.py --methods adamw lora8 grass_ft --seeds 0 1 2   # paired, 3 seeds
@@ -357,7 +357,8 @@ def write_json(path: Path, section: str, payload: dict) -> None:
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS), help="methods to run")
+    p.add_argument("--methods", nargs="+", choices=METHODS, default=["adamw", "galore", "grass"],
+                   help="methods to run (default: adamw galore grass, the comparison of 2026-11-28)")
     p.add_argument("--steps", type=int, default=300, help="optimizer steps per method (default 300)")
     p.add_argument("--rank", type=int, default=8, help="GaLore / grassfx rank (default 8)")
     p.add_argument("--update-freq", type=int, default=50,
