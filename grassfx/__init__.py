@@ -23,12 +23,14 @@ from .errors import (
     PassError,
     UnsupportedModelError,
 )
+from .finetuning import finetune
 from .instrument import GrassModel, unwrap
 
 __version__ = "0.2.0"  # the one place the version is written (pyproject.toml reads it)
 
 __all__ = [
     "compile",
+    "finetune",
     "Selection",
     "Refresh",
     "unwrap",

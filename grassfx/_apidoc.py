@@ -20,6 +20,7 @@ __all__ = ["PUBLIC", "render", "documented_args", "main"]
 # (heading, dotted path): the order of docs/api.md.
 PUBLIC = (
     ("grassfx.compile", "grassfx.compile"),
+    ("grassfx.finetune", "grassfx.finetune"),
     ("grassfx.optim.AdamW", "grassfx.optim.AdamW"),
     ("grassfx.optim.Muon", "grassfx.optim.Muon"),
     ("grassfx.optim.SGD", "grassfx.optim.SGD"),
