@@ -84,17 +84,25 @@ def finetune(model: nn.Module, *, lr: float, rank=FINETUNE["rank"], update_freq:
     if not isinstance(model, nn.Module):
         raise ConfigError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
     tables = [m.weight for m in model.modules() if isinstance(m, nn.Embedding)]
+    frozen = None
     if embeddings == "frozen":
         if not hasattr(model, "get_input_embeddings"):
             raise ConfigError("embeddings='frozen' needs model.get_input_embeddings() (a Hugging Face model); "
                               "freeze the embedding yourself and pass embeddings='adam'")
-        model.get_input_embeddings().weight.requires_grad_(False)
+        frozen = model.get_input_embeddings().weight
+        was = frozen.requires_grad
+        frozen.requires_grad_(False)
 
     def small(name, param) -> bool:  # r x max(m, n) rows would hold at least m x n entries
         return isinstance(rank, numbers.Integral) and param.dim() == 2 and min(param.shape) <= rank
 
     drop = [small] + ([] if exclude is None else list(exclude) if isinstance(exclude, (list, tuple)) else [exclude])
-    grass_model = grass_compile(model, rank=rank, update_freq=update_freq, exclude=drop, **compile_options)
+    try:
+        grass_model = grass_compile(model, rank=rank, update_freq=update_freq, exclude=drop, **compile_options)
+    except BaseException:
+        if frozen is not None:  # a refused setting leaves the model as it came
+            frozen.requires_grad_(was)
+        raise
     params = [p for p in grass_model.parameters() if p.requires_grad]
     mode = "adam" if embeddings == "frozen" else embeddings
     ids = {id(t) for t in tables}

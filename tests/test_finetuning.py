@@ -124,3 +124,18 @@ def test_finetune_benchmark_grass_variants(tmp_path):
         runs += json.loads(out.read_text())["lr_check"][0]["runs"]
     assert [r["grass_optimizer"] for r in runs] == ["muon", "adamw"]
     assert runs[1]["trainable_params"] < runs[0]["trainable_params"]  # the 30k x 384 table is out
+
+
+def test_a_refused_compile_setting_leaves_the_embedding_trainable():
+    class Tiny(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb, self.lin = torch.nn.Embedding(50, 32), torch.nn.Linear(32, 32)
+
+        def get_input_embeddings(self):
+            return self.emb
+
+    model = Tiny()
+    with pytest.raises(grassfx.ConfigError):
+        grassfx.finetune(model, lr=1e-3, embeddings="frozen", update_freq=0, backend="eager")
+    assert model.emb.weight.requires_grad
