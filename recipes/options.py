@@ -52,9 +52,10 @@ RECOMMENDED = {
     # dense lr half of grassfx's
     "muon": dict(lr=32e-3, scale=0.125),
     # APOLLO / APOLLO-Mini (recipes/optimizers.py): ``scale`` multiplies the matrices' step
-    # (the package's own ``scale`` is its square)
-    "apollo": dict(lr=16e-3, scale=0.25, windows=25),
-    "apollo-mini": dict(lr=16e-3, scale=4.0, windows=25),
+    # (the package's own ``scale`` is its square). Tuned along the matrix step at GaLore's
+    # dense lr (plan tiny-apollo; the dense lr not tuned): both best points interior
+    "apollo": dict(lr=16e-3, scale=0.125, windows=25),
+    "apollo-mini": dict(lr=16e-3, scale=1.0, windows=25),
 }
 
 # What --demo stands for; flags given next to --demo override these. The run of the
