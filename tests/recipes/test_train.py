@@ -234,7 +234,8 @@ def test_speed_steps_cover_whole_refresh_windows():
 
     assert steps("--demo") == (48, "")  # 300 steps: every projection window 12 steps
     assert steps("--compare", "--steps", "1000") == (80, "")  # windows of 40: 48 rounded up
-    assert steps("--compare", "--update-freq", "grass=10", "--update-freq", "galore=15") == (60, "")  # lcm 30
+    assert steps("--compare", "--update-freq", "grass=10", "--update-freq", "galore=15", "--update-freq", "apollo=10",
+                 "--update-freq", "apollo-mini=15") == (60, "")  # lcm 30
     assert steps("--optimizer", "adamw", "--optimizer", "grass", "--update-freq", "7") == (49, "")
     assert steps("--optimizer", "grass", "--selection", "top_r", "--selection", "uniform") == (80, "")
     assert steps("--optimizer", "grass") == (0, "one run")
