@@ -26,9 +26,9 @@ import torch
 
 from .baselines import apollo_param_groups, import_apollo, import_galore
 from .muon import MuonAdamW
-from .options import projection_rank, setting
+from .options import apollo_settings, projection_rank, setting
 
-__all__ = ["lowrank_weights", "import_galore", "import_apollo", "apollo_groups", "make_galore", "make_apollo", "make_muon",
+__all__ = ["lowrank_weights", "import_galore", "import_apollo", "make_galore", "make_apollo", "make_muon",
            "check_imports"]
 
 EPS = 1e-8  # every run's Adam epsilon (APOLLO's own default is 1e-6)
@@ -53,27 +53,20 @@ def make_galore(model: torch.nn.Module, args: argparse.Namespace) -> torch.optim
     matrices, rest = _split(model)
     groups = [
         {"params": rest},
-        {"params": matrices, "rank": args.rank, "update_proj_gap": setting(args, "update_freq", "galore"),
+        {"params": matrices, "rank": projection_rank("galore", args), "update_proj_gap": setting(args, "update_freq", "galore"),
          "scale": setting(args, "scale", "galore"), "proj_type": "std"},
     ]
     return galore_adamw(groups, lr=setting(args, "lr", "galore"), betas=(0.9, 0.999), eps=EPS,
                         weight_decay=args.weight_decay, no_deprecation_warning=True)
 
 
-def apollo_groups(matrices: list, rest: list, args: argparse.Namespace, mini: bool) -> list[dict]:
-    """The parameter groups of an APOLLO (``mini``: APOLLO-Mini) run from the command line."""
-    name = "apollo-mini" if mini else "apollo"
-    return apollo_param_groups(matrices, rest, rank=projection_rank(name, args), mini=mini,
-                               update_freq=setting(args, "update_freq", name), scale=setting(args, "scale", name))
-
-
 def make_apollo(model: torch.nn.Module, args: argparse.Namespace, mini: bool = False) -> torch.optim.Optimizer:
     """APOLLOAdamW on the attention/MLP weights (channel-wise scaling, or tensor-wise at rank 1 for
     ``mini``), plain AdamW inside the same optimizer for everything else."""
-    apollo_adamw = import_apollo()
-    groups = apollo_groups(*_split(model), args, mini)
-    return apollo_adamw(groups, lr=setting(args, "lr", "apollo-mini" if mini else "apollo"), betas=(0.9, 0.999),
-                        eps=EPS, weight_decay=args.weight_decay, scale_front=mini)
+    name = "apollo-mini" if mini else "apollo"
+    groups = apollo_param_groups(*_split(model), **apollo_settings(args, name))
+    return import_apollo()(groups, lr=setting(args, "lr", name), betas=(0.9, 0.999), eps=EPS,
+                           weight_decay=args.weight_decay, scale_front=mini)
 
 
 def make_muon(model: torch.nn.Module, matrices: list, args, fused: bool = False) -> MuonAdamW:

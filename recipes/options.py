@@ -17,7 +17,7 @@ from pathlib import Path
 from . import presets as presets_mod
 
 __all__ = ["OPTIMIZERS", "PROJECTED", "DEMO_OPTIMIZERS", "SELECTIONS", "BACKENDS", "RECOMMENDED", "DEMO_DEFAULTS", "RunSpec", "setting",
-           "grass_setting", "projection_rank", "grass_compile_settings", "grass_optimizer_settings", "check_run_settings",
+           "grass_setting", "projection_rank", "apollo_settings", "grass_compile_settings", "grass_optimizer_settings", "check_run_settings",
            "training_settings", "build_parser", "parse_args", "run_optimizers", "run_specs"]
 
 OPTIMIZERS = ("adamw", "galore", "grass", "muon", "apollo", "apollo-mini")
@@ -194,6 +194,12 @@ def projection_rank(optimizer: str, args: argparse.Namespace):
     return presets_mod.get_preset(args.preset).rank if args.rank is None else args.rank
 
 
+def apollo_settings(args: argparse.Namespace, optimizer: str) -> dict:
+    """The keyword arguments of ``baselines.apollo_param_groups`` for an apollo / apollo-mini run."""
+    return dict(rank=projection_rank(optimizer, args), update_freq=setting(args, "update_freq", optimizer),
+                scale=setting(args, "scale", optimizer), mini=optimizer == "apollo-mini")
+
+
 def grass_compile_settings(args: argparse.Namespace, spec: RunSpec) -> dict:
     """The ``grassfx.compile`` keyword arguments of the grass run ``spec``."""
     return dict(rank=projection_rank("grass", args), selection=spec.selection, update_freq=setting(args, "update_freq", "grass"),
@@ -232,10 +238,7 @@ def check_run_settings(args: argparse.Namespace) -> None:
                 from .baselines import apollo_param_groups, import_apollo
 
                 groups = apollo_param_groups([torch.nn.Parameter(torch.zeros(2, 2))], stand_in,
-                                             rank=projection_rank(spec.optimizer, args),
-                                             update_freq=setting(args, "update_freq", spec.optimizer),
-                                             scale=setting(args, "scale", spec.optimizer),
-                                             mini=spec.optimizer == "apollo-mini")
+                                             **apollo_settings(args, spec.optimizer))
                 import_apollo()(groups, lr=setting(args, "lr", spec.optimizer))
             elif spec.optimizer == "muon":
                 from .muon import MuonAdamW
